@@ -1,0 +1,35 @@
+"""Compressed experts for Mixture-of-Experts language models (He et al., 2025).
+
+For each token keep the ``k - n_ce`` most important routed experts and replace the other
+``n_ce`` by tiny learned vectors. Public API::
+
+    import compressed_experts as ce
+    model = ce.from_pretrained("allenai/OLMoE-1B-7B-0924", n_ce=4)   # or ce.convert(model, ce.CEConfig(4))
+    ce.active_parameters(model)
+    model.save_pretrained("olmoe-ce")                                  # ce.from_pretrained("olmoe-ce")
+"""
+
+from .architectures import FAMILIES
+from .checkpoint import from_pretrained
+from .config import CEConfig
+from .convert import ce_config_of, convert
+from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
+from .layer import CompressedExperts
+from .parameters import active_parameters
+from .tiny import tiny_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "CEConfig",
+    "CheckpointError",
+    "CompressedExperts",
+    "CompressedExpertsError",
+    "UnsupportedModelError",
+    "active_parameters",
+    "ce_config_of",
+    "convert",
+    "from_pretrained",
+    "tiny_model",
+]

@@ -1,0 +1,187 @@
+"""Loading compressed-experts checkpoints (and plain MoE checkpoints) back.
+
+Saving needs no code here: after :func:`convert`, the model's own ``save_pretrained`` writes
+safetensors in transformers' hub layout plus a config.json whose ``model_type`` is
+``compressed_experts`` and whose ``compressed_experts`` section names the family and ``n_ce``.
+Loading goes through transformers' own loader (which fuses per-expert weights back), with
+the model converted before the weights arrive so the loader fills the compressed experts too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
+from .convert import convert
+from .errors import CheckpointError, CompressedExpertsError
+
+#: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
+_CE_SUFFIXES = (".ce_gate", ".ce_up", ".ce_down")
+TINY_PREFIX = "tiny:"
+
+
+def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    path = Path(source)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{source} is not a model directory: it has no config.json "
+            f"(expected a directory written by save_pretrained, or a hub id)"
+        )
+    looks_local = path.is_absolute() or source.startswith(".") or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise CheckpointError(f"no such model directory: {source}")
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the config of {source!r}: {err}") from err
+    return config_dict
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    """The header of a safetensors file, after checking that the file holds all the bytes it names."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file} is truncated or not a safetensors file: re-save or re-download it")
+        (length,) = struct.unpack("<Q", raw)
+        if 8 + length > size:
+            raise CheckpointError(f"{file} is truncated or corrupt (header runs past the end): re-save or re-download it")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file} has a corrupt header ({err}): re-save or re-download it") from err
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(
+            f"{file} is truncated or corrupt: its header describes {expected} bytes, the file has {size}; "
+            f"re-save or re-download it"
+        )
+    return header
+
+
+def _local_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of every safetensors file in a local checkpoint directory (integrity-checked)."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no *.safetensors weights")
+    shapes = {}
+    for file in files:
+        for key, entry in _safetensors_header(file).items():
+            if key != "__metadata__":
+                shapes[key] = tuple(entry["shape"])
+    return shapes
+
+
+def _check_compressed_shapes(
+    saved: dict[str, tuple[int, ...]], model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CEConfig
+) -> None:
+    """Compare the checkpoint's compressed experts with those its config implies, before loading."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        skeleton = convert(model_cls(copy.deepcopy(config)), ce)
+    # Compare by (kind, shape): on save, some families rename module paths (Mixtral's
+    # ".mlp." becomes ".block_sparse_moe."), so in-memory and saved names differ.
+    def kinds(items) -> Counter:
+        return Counter((k.rsplit(".", 1)[-1], tuple(shape)) for k, shape in items if k.endswith(_CE_SUFFIXES))
+
+    expected = kinds((k, v.shape) for k, v in skeleton.state_dict().items())
+    found = kinds(saved.items())
+    blocks_expected = sum(n for (kind, _), n in expected.items() if kind == "ce_gate")
+    blocks_found = sum(n for (kind, _), n in found.items() if kind == "ce_gate")
+    if blocks_found != blocks_expected:
+        raise CheckpointError(
+            f"the checkpoint has compressed experts for {blocks_found} MoE blocks but its config describes "
+            f"{blocks_expected}: the weights and config.json do not belong together"
+        )
+    if found != expected:
+        show = lambda c: ", ".join(f"{kind} {list(shape)}" for kind, shape in sorted(c))  # noqa: E731
+        raise CheckpointError(
+            f"compressed-expert shapes disagree with config.json: found {show(found)}; "
+            f"the config implies {show(expected)}"
+        )
+
+
+def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTrainedModel]:
+    """``model_cls`` converted at construction, so that transformers' loader fills the compressed experts."""
+
+    def __init__(self, config, *args, **kwargs):
+        model_cls.__init__(self, config, *args, **kwargs)
+        convert(self, ce)
+
+    return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
+
+
+def _load_compressed(source: str, config_dict: dict[str, Any], n_ce: int | None, kwargs: dict[str, Any]):
+    section = dict(config_dict.get(SECTION) or {})
+    base_type = section.pop("base_model_type", None)
+    if base_type is None:
+        raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
+    ce = CEConfig.from_dict(section)
+    if n_ce is not None and n_ce != ce.n_ce:
+        raise CompressedExpertsError(
+            f"{source} already has compressed experts with n_ce={ce.n_ce}; got n_ce={n_ce}. "
+            f"Leave n_ce out, or convert the original model again"
+        )
+    plain = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
+    try:
+        config = AutoConfig.for_model(base_type, **plain)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: unknown base model type {base_type!r} ({err})") from err
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if Path(source).is_dir():
+        _check_compressed_shapes(_local_shapes(Path(source)), model_cls, config, ce)
+    model, info = _loader_class(model_cls, ce).from_pretrained(
+        source, config=config, output_loading_info=True, **kwargs
+    )
+    model.__class__ = model_cls  # the loader subclass added nothing but its constructor
+    missing = sorted(k for k in info["missing_keys"])
+    if missing:
+        raise CheckpointError(f"{source} is missing weights: {', '.join(missing[:5])}")
+    return model
+
+
+def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
+    """Load a causal LM: a saved compressed-experts model, or a plain MoE checkpoint.
+
+    ``source`` is a local directory, a hub id, or ``tiny:<family>`` for a tiny model with
+    random weights (offline try-outs and tests). A plain checkpoint is converted when
+    ``n_ce`` is given. Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
+    go to transformers' ``from_pretrained``.
+    """
+    source = os.fspath(source)
+    if source.startswith(TINY_PREFIX):
+        from .tiny import tiny_model
+
+        model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
+        return convert(model, CEConfig(n_ce)) if n_ce is not None else model
+    if n_ce is not None:
+        CEConfig(n_ce)  # validate before any download or load
+    config_dict = _read_config(source, kwargs)
+    if config_dict.get("model_type") == SAVED_MODEL_TYPE:
+        return _load_compressed(source, config_dict, n_ce, kwargs)
+    if Path(source).is_dir():
+        saved = _local_shapes(Path(source))
+        if any(k.endswith(_CE_SUFFIXES) for k in saved):
+            raise CheckpointError(
+                f"{source} holds compressed-expert weights but its config.json has no compressed_experts "
+                f"section: restore the config.json that was saved with it"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load {source!r}: {err}") from err
+    return convert(model, CEConfig(n_ce)) if n_ce is not None else model

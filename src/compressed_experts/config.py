@@ -1,0 +1,93 @@
+"""The compressed-experts settings, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import CompressedExpertsError
+
+#: Version of the ``compressed_experts`` section written into a saved model's config.json.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CEConfig:
+    """How many of each token's routed experts become compressed experts.
+
+    ``n_ce`` auxiliary experts per token are replaced by their compressed experts; the
+    ``m = top_k - n_ce`` highest-weighted ones stay full ("main") experts. ``n_ce = 0``
+    leaves the model's output unchanged. Whether ``n_ce`` fits a model is only known once
+    the model's top-k is, so :func:`compressed_experts.convert` checks that part.
+    """
+
+    n_ce: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_ce, bool) or not isinstance(self.n_ce, int):
+            raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}")
+        if self.n_ce < 0:
+            raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}")
+
+    def check_top_k(self, top_k: int) -> None:
+        """Raise if this config cannot apply to a model that routes each token to ``top_k`` experts."""
+        if self.n_ce >= top_k:
+            raise CompressedExpertsError(
+                f"n_ce={self.n_ce} must be smaller than the model's top-k ({top_k}): at least one "
+                f"full expert must stay per token; use n_ce between 0 and {top_k - 1}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section stored under ``compressed_experts`` in a saved config.json."""
+        return {**asdict(self), "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any]) -> "CEConfig":
+        """Read back what :meth:`to_dict` wrote; refuses sections from a newer format."""
+        version = section.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise CompressedExpertsError(
+                f"this checkpoint uses compressed-experts format {version}, newer than this "
+                f"library's ({FORMAT_VERSION}): upgrade compressed-experts"
+            )
+        if "n_ce" not in section:
+            raise CompressedExpertsError("the compressed_experts section of config.json has no n_ce")
+        return cls(n_ce=section["n_ce"])
+
+
+#: Key of the section that a converted model's config carries, and the ``model_type`` it is
+#: saved under: transformers does not know that type, so a plain ``AutoModelForCausalLM``
+#: refuses the directory instead of silently loading it as the full top-k model.
+SECTION = "compressed_experts"
+SAVED_MODEL_TYPE = "compressed_experts"
+_SAVING_CLASSES: dict[type, type] = {}
+
+
+def _saving_class(base: type) -> type:
+    """A subclass of ``base`` whose serialised form carries the section under our model_type.
+
+    In memory ``config.model_type`` stays the family's own (transformers uses it to find the
+    expert weight conversions on save and load); only ``to_dict``, and so config.json, changes.
+    """
+    if base in _SAVING_CLASSES.values():
+        return base
+    if base not in _SAVING_CLASSES:
+
+        def to_dict(self) -> dict[str, Any]:
+            out = base.to_dict(self)
+            if isinstance(out.get(SECTION), dict):
+                out[SECTION] = {**out[SECTION], "base_model_type": out["model_type"]}
+                out["model_type"] = SAVED_MODEL_TYPE
+            return out
+
+        name = f"CompressedExperts{base.__name__}"
+        cls = type(name, (base,), {"to_dict": to_dict, "__module__": __name__, "__qualname__": name})
+        globals()[name] = cls  # importable by name, so a pickled config loads back
+        _SAVING_CLASSES[base] = cls
+    return _SAVING_CLASSES[base]
+
+
+def mark_config(model_config: Any, ce_config: CEConfig) -> None:
+    """Record ``ce_config`` in a transformers model config so that save_pretrained writes it."""
+    setattr(model_config, SECTION, ce_config.to_dict())
+    model_config.__class__ = _saving_class(type(model_config))

@@ -1,0 +1,62 @@
+"""Walk a transformers MoE model and swap each block's experts for compressed experts."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from .architectures import family_of, moe_blocks
+from .config import CEConfig, mark_config
+from .errors import CompressedExpertsError, UnsupportedModelError
+from .layer import CompressedExperts
+
+
+def _check_experts_layout(name: str, experts) -> None:
+    """Refuse expert modules whose weights are not the plain fused [E, 2I, H] / [E, H, I] layout."""
+    fused = getattr(experts, "gate_up_proj", None)
+    down = getattr(experts, "down_proj", None)
+    odd = (
+        fused is None
+        or down is None
+        or fused.dim() != 3
+        or getattr(experts, "is_transposed", False)
+        or getattr(experts, "has_bias", False)
+        or not getattr(experts, "has_gate", True)
+    )
+    if odd:
+        raise UnsupportedModelError(
+            f"{name}.experts does not hold its weights as gate_up_proj [E, 2I, H] and down_proj "
+            f"[E, H, I] without biases; this layout is not supported"
+        )
+
+
+def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
+    """Give every MoE block of ``model`` compressed experts, in place, and return ``model``.
+
+    Each block keeps its router, shared experts and expert weights; only its ``experts``
+    submodule is replaced. With ``config.n_ce = 0`` the outputs are unchanged; with fresh
+    compressed experts (all 1.0) the model runs the top ``k - n_ce`` experts of each token
+    with the router's weights as they are (not renormalised).
+    """
+    if not isinstance(config, CEConfig):
+        raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")
+    family = family_of(model)
+    blocks = list(moe_blocks(model, family))
+    if not blocks:
+        raise UnsupportedModelError(f"found no {family.block_class} in this {family.name} model")
+    if any(isinstance(block.experts, CompressedExperts) for _, block in blocks):
+        raise CompressedExpertsError(
+            "this model already has compressed experts; load the original model to convert it again"
+        )
+    config.check_top_k(model.config.num_experts_per_tok)
+    for name, block in blocks:
+        _check_experts_layout(name, block.experts)
+    for _, block in blocks:
+        block.experts = CompressedExperts(block.experts, config.n_ce)
+    mark_config(model.config, config)
+    return model
+
+
+def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
+    """The compressed-experts settings of a converted model, or None for a plain one."""
+    layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    return CEConfig(n_ce=layers[0].n_ce) if layers else None

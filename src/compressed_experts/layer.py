@@ -1,0 +1,89 @@
+"""The compressed-experts experts module: split main/auxiliary, aggregate, run the main experts.
+
+It replaces the ``experts`` submodule of a transformers MoE block and takes the same call,
+``experts(hidden_states, top_k_index, top_k_weights)``. The block's own forward is left as it
+is, so each family's router (softmax/top-k, renormalisation, PhiMoE's sparsemixer,
+DeepSeek's grouped routing) and shared experts run exactly as before; this module only
+changes what is done with the routing it is handed. It knows nothing of any one family.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dispatch import Grouping, grouped_linear
+
+
+class CompressedExperts(nn.Module):
+    """Run the ``m = k - n_ce`` heaviest routed experts in full, modulated by compressed experts.
+
+    Parameters are the original expert weights (shared, not copied) plus three vectors per
+    expert, ``ce_gate`` ``[E, H]``, ``ce_up`` ``[E, H]`` and ``ce_down`` ``[E, I]``, which start
+    at 1.0 so that a fresh conversion only changes how many full experts run.
+    """
+
+    def __init__(self, experts: nn.Module, n_ce: int) -> None:
+        super().__init__()
+        self.gate_up_proj = experts.gate_up_proj  # [E, 2I, H], gate rows first
+        self.down_proj = experts.down_proj  # [E, H, I]
+        self.act_fn = experts.act_fn
+        self.num_experts, two_i, self.hidden_dim = self.gate_up_proj.shape
+        self.intermediate_dim = two_i // 2
+        self.n_ce = n_ce
+        like = dict(dtype=self.gate_up_proj.dtype, device=self.gate_up_proj.device)
+        self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
+        self.ce_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
+        self.ce_down = nn.Parameter(torch.ones(self.num_experts, self.intermediate_dim, **like))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}"
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.n_ce == 0:
+            return self._run_main(hidden_states, top_k_index, top_k_weights, None)
+        main = top_k_index.shape[-1] - self.n_ce
+        # Routers do not all return their experts sorted (sparsemixer, grouped routing do not).
+        weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
+        index = top_k_index.gather(-1, order)
+        scales = self._aggregate(index[:, main:], weights[:, main:])
+        return self._run_main(hidden_states, index[:, :main], weights[:, :main], scales)
+
+    def _aggregate(
+        self, aux_index: torch.Tensor, aux_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token gate/up/down scales: the auxiliary compressed experts averaged by routing weight."""
+        total = aux_weights.sum(dim=-1, keepdim=True)
+        # A token whose auxiliary weights are all zero averages them uniformly instead of dividing by 0.
+        share = torch.where(total > 0, aux_weights / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0 / self.n_ce)
+        share = share.to(self.ce_gate.dtype).unsqueeze(-1)  # [T, n_ce, 1]
+        return tuple((share * vectors[aux_index]).sum(dim=1) for vectors in (self.ce_gate, self.ce_up, self.ce_down))
+
+    def _run_main(
+        self,
+        hidden_states: torch.Tensor,
+        index: torch.Tensor,
+        weights: torch.Tensor,
+        scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once."""
+        groups = Grouping.build(index, self.num_experts)
+        rows = hidden_states[groups.token]
+        inter = self.intermediate_dim
+        if scales is None:
+            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets).split(inter, dim=-1)
+        else:
+            scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
+            gate = grouped_linear(rows * scale_gate[groups.token], self.gate_up_proj[:, :inter], groups.offsets)
+            up = grouped_linear(rows * scale_up[groups.token], self.gate_up_proj[:, inter:], groups.offsets)
+        inner = self.act_fn(gate) * up
+        if scales is not None:
+            inner = inner * scale_down[groups.token]
+        out = grouped_linear(inner, self.down_proj, groups.offsets)
+        out = out * weights.reshape(-1)[groups.order].unsqueeze(-1).to(out.dtype)
+        return groups.combine(out, hidden_states.shape[0])

@@ -1,0 +1,69 @@
+"""Parameter accounting: how many parameters a token actually touches."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from .architectures import family_of, moe_blocks
+from .layer import CompressedExperts
+
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+
+
+def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
+    """Total parameters, parameters active per token by part, and the unconverted model's figure.
+
+    Keys: ``total``; ``active`` (per token) and its parts ``embeddings`` (input and output,
+    counted whole as is the custom for "active parameters"), ``attention``, ``routers``,
+    ``main_experts`` (the ``m`` full experts a token runs), ``shared_experts``,
+    ``compressed_experts`` (the ``n_ce`` vectors a token averages), ``other`` (norms, dense
+    MLP layers); ``active_full_topk`` (the same model running all ``k`` routed experts, no
+    compressed experts) and ``active_saving`` (the fraction of it saved).
+    """
+    family = family_of(model)
+    top_k = model.config.num_experts_per_tok
+    parts = dict.fromkeys(
+        ("embeddings", "attention", "routers", "main_experts", "shared_experts", "compressed_experts", "other"), 0
+    )
+    total = 0
+    full_experts = 0  # routed-expert parameters per token when running all k experts
+    owner: dict[str, str] = {}  # parameter name prefix -> part, for parameters inside MoE blocks
+    for name, block in moe_blocks(model, family):
+        experts = block.experts
+        num_experts = experts.gate_up_proj.shape[0]
+        per_expert = sum(getattr(experts, w).numel() for w in _EXPERT_WEIGHTS) // num_experts
+        n_ce = experts.n_ce if isinstance(experts, CompressedExperts) else 0
+        parts["main_experts"] += (top_k - n_ce) * per_expert
+        full_experts += top_k * per_expert
+        if n_ce:
+            hidden, inter = experts.hidden_dim, experts.intermediate_dim
+            parts["compressed_experts"] += n_ce * (2 * hidden + inter)
+        owner[f"{name}.experts."] = "experts"
+        owner[f"{name}.{family.router_attr}."] = "routers"
+        for attr in family.shared_attrs:
+            owner[f"{name}.{attr}."] = "shared_experts"
+    embedding_ids = {
+        id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()
+    }
+    for name, param in model.named_parameters():
+        total += param.numel()
+        part = next((p for prefix, p in owner.items() if name.startswith(prefix)), None)
+        if part == "experts":
+            continue  # counted per token above
+        if part is None:
+            if id(param) in embedding_ids:
+                part = "embeddings"
+            elif ".self_attn." in name or ".attention." in name:
+                part = "attention"
+            else:
+                part = "other"
+        parts[part] += param.numel()
+    active = sum(parts.values())
+    active_full = active - parts["main_experts"] - parts["compressed_experts"] + full_experts
+    return {
+        "total": total,
+        "active": active,
+        **parts,
+        "active_full_topk": active_full,
+        "active_saving": 1.0 - active / active_full,
+    }

@@ -1,0 +1,26 @@
+"""Tiny random-weight models of every supported family, for offline try-outs and tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .architectures import family_by_name
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """A freshly initialised, tiny causal LM of ``family`` (e.g. "olmoe"), same weights for the same seed.
+
+    Weights start at a larger scale than transformers' default (std 0.1 instead of 0.02) so
+    that routing weights are far from uniform and each expert visibly changes the logits:
+    otherwise numerical checks at 1e-5 would pass against almost anything.
+    """
+    config = family_by_name(family).tiny_config()
+    config.initializer_range = 0.1
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    return model.eval()
