@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
@@ -76,29 +76,22 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
 
 def _local_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of every safetensors file in a local checkpoint directory (integrity-checked)."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} holds no *.safetensors weights")
     shapes = {}
-    for file in files:
+    for file in sorted(directory.glob("*.safetensors")):
         for key, entry in _safetensors_header(file).items():
             if key != "__metadata__":
                 shapes[key] = tuple(entry["shape"])
     return shapes
 
 
-def _check_compressed_shapes(
-    saved: dict[str, tuple[int, ...]], model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CEConfig
-) -> None:
+def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: PreTrainedModel) -> None:
     """Compare the checkpoint's compressed experts with those its config implies, before loading."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        skeleton = convert(model_cls(copy.deepcopy(config)), ce)
     # Compare by (kind, shape): on save, some families rename module paths (Mixtral's
     # ".mlp." becomes ".block_sparse_moe."), so in-memory and saved names differ.
     def kinds(items) -> Counter:
         return Counter((k.rsplit(".", 1)[-1], tuple(shape)) for k, shape in items if k.endswith(_CE_SUFFIXES))
 
-    expected = kinds((k, v.shape) for k, v in skeleton.state_dict().items())
+    expected = kinds((k, v.shape) for k, v in expected_model.state_dict().items())
     found = kinds(saved.items())
     blocks_expected = sum(n for (kind, _), n in expected.items() if kind == "ce_gate")
     blocks_found = sum(n for (kind, _), n in found.items() if kind == "ce_gate")
@@ -125,7 +118,16 @@ def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTra
     return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
 
 
-def _load_compressed(source: str, config_dict: dict[str, Any], n_ce: int | None, kwargs: dict[str, Any]):
+def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tuple[PretrainedConfig, CEConfig | None]:
+    """The plain transformers config of a checkpoint and its compressed-experts settings, if any."""
+    if config_dict.get("model_type") != SAVED_MODEL_TYPE:
+        if n_ce is not None:
+            CEConfig(n_ce)  # validate before any download or load
+        try:
+            config = AutoConfig.for_model(config_dict.get("model_type"), **{k: v for k, v in config_dict.items() if k != "model_type"})
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{source}: transformers does not know this model ({err})") from err
+        return config, (CEConfig(n_ce) if n_ce is not None else None)
     section = dict(config_dict.get(SECTION) or {})
     base_type = section.pop("base_model_type", None)
     if base_type is None:
@@ -141,17 +143,32 @@ def _load_compressed(source: str, config_dict: dict[str, Any], n_ce: int | None,
         config = AutoConfig.for_model(base_type, **plain)
     except ValueError as err:
         raise CheckpointError(f"{source}: unknown base model type {base_type!r} ({err})") from err
-    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    if Path(source).is_dir():
-        _check_compressed_shapes(_local_shapes(Path(source)), model_cls, config, ce)
-    model, info = _loader_class(model_cls, ce).from_pretrained(
-        source, config=config, output_loading_info=True, **kwargs
-    )
-    model.__class__ = model_cls  # the loader subclass added nothing but its constructor
-    missing = sorted(k for k in info["missing_keys"])
-    if missing:
-        raise CheckpointError(f"{source} is missing weights: {', '.join(missing[:5])}")
-    return model
+    return config, ce
+
+
+def _causal_lm_class(source: str, config: PretrainedConfig) -> type[PreTrainedModel]:
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError as err:
+        raise CheckpointError(f"{source}: {type(config).__name__} has no causal-LM model class") from err
+
+
+def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CEConfig | None) -> PreTrainedModel:
+    """The model's structure on the meta device: shapes and parameter counts without weights."""
+    with torch.device("meta"):
+        model = model_cls(copy.deepcopy(config))
+    return convert(model, ce) if ce is not None else model
+
+
+def skeleton(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
+    """A checkpoint's model built on the meta device from its config alone (converted when it is
+    a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
+    parameters of a large model without reading its weights."""
+    source = os.fspath(source)
+    if source.startswith(TINY_PREFIX):
+        return from_pretrained(source, n_ce=n_ce)
+    config, ce = _resolve(source, _read_config(source, kwargs), n_ce)
+    return _skeleton(_causal_lm_class(source, config), config, ce)
 
 
 def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
@@ -168,20 +185,34 @@ def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs
 
         model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
         return convert(model, CEConfig(n_ce)) if n_ce is not None else model
-    if n_ce is not None:
-        CEConfig(n_ce)  # validate before any download or load
     config_dict = _read_config(source, kwargs)
-    if config_dict.get("model_type") == SAVED_MODEL_TYPE:
-        return _load_compressed(source, config_dict, n_ce, kwargs)
-    if Path(source).is_dir():
-        saved = _local_shapes(Path(source))
-        if any(k.endswith(_CE_SUFFIXES) for k in saved):
+    config, ce = _resolve(source, config_dict, n_ce)
+    model_cls = _causal_lm_class(source, config)
+    # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
+    expected = _skeleton(model_cls, config, ce) if ce is not None else None
+    saved = _local_shapes(Path(source)) if Path(source).is_dir() else None
+    if config_dict.get("model_type") != SAVED_MODEL_TYPE:
+        if saved and any(k.endswith(_CE_SUFFIXES) for k in saved):
             raise CheckpointError(
                 f"{source} holds compressed-expert weights but its config.json has no compressed_experts "
                 f"section: restore the config.json that was saved with it"
             )
+        try:
+            model = model_cls.from_pretrained(source, config=config, **kwargs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot load {source!r}: {err}") from err
+        return convert(model, ce) if ce is not None else model
+    if saved is not None:
+        if not saved:
+            raise CheckpointError(f"{source} holds no *.safetensors weights")
+        _check_compressed_shapes(saved, expected)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = _loader_class(model_cls, ce).from_pretrained(
+            source, config=config, output_loading_info=True, **kwargs
+        )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source!r}: {err}") from err
-    return convert(model, CEConfig(n_ce)) if n_ce is not None else model
+    model.__class__ = model_cls  # the loader subclass added nothing but its constructor
+    if info["missing_keys"]:
+        raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
+    return model

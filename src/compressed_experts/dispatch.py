@@ -45,19 +45,20 @@ class Grouping:
         return unsorted.view(num_tokens, -1, rows.shape[-1]).sum(dim=1)
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return all(stride * t.element_size() % 16 == 0 for stride in t.stride() if stride != 1)
+
+
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not _HAS_GROUPED_MM:
+    """Whether ``F.grouped_mm`` takes these operands: it wants 16-byte aligned rows everywhere."""
+    if not _HAS_GROUPED_MM or not (_aligned(x) and _aligned(weight)):
+        return False
+    if weight.shape[-2] * x.element_size() % 16:  # the output's rows
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if x.device.type == "cuda":
-        # The CUDA kernel needs bf16, Hopper or newer, and 16-byte aligned rows.
-        return (
-            x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and x.shape[-1] % 8 == 0
-            and weight.shape[-2] % 8 == 0
-        )
+    if x.device.type == "cuda":  # the CUDA kernel needs bf16 and Hopper or newer
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return False
 
 

@@ -67,3 +67,23 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         "active_full_topk": active_full,
         "active_saving": 1.0 - active / active_full,
     }
+
+
+def describe(model: PreTrainedModel) -> dict[str, int | float | str]:
+    """:func:`active_parameters` plus the structure a user checks first: family, blocks, experts, top-k, n_ce.
+
+    Works on a model built on the meta device (no weights), so large checkpoints can be described cheaply.
+    """
+    family = family_of(model)
+    blocks = [block for _, block in moe_blocks(model, family)]
+    top_k = model.config.num_experts_per_tok
+    n_ce = next((b.experts.n_ce for b in blocks if isinstance(b.experts, CompressedExperts)), 0)
+    return {
+        "family": family.name,
+        "moe_blocks": len(blocks),
+        "experts": blocks[0].experts.gate_up_proj.shape[0] if blocks else 0,
+        "top_k": top_k,
+        "n_ce": n_ce,
+        "main_experts_per_token": top_k - n_ce,
+        **active_parameters(model),
+    }

@@ -1,0 +1,150 @@
+"""The compressed-experts module on its own: semantics, gradients and both matmul paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compressed_experts.dispatch as dispatch
+from compressed_experts import CompressedExperts
+from conftest import reference_experts
+
+E, H, I, K = 8, 16, 24, 4
+
+
+class PlainExperts(nn.Module):
+    """The attributes a transformers experts module has, with random weights."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I, generator=g) / I**0.5)
+        self.act_fn = nn.SiLU()
+
+
+def routing(tokens, seed=0, skip=()):
+    """Random top-K routing (unsorted weights) over the experts not in ``skip``."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(E) if e not in skip])
+    scores = torch.rand(tokens, len(allowed), generator=g)
+    top = scores.topk(K, dim=-1).indices
+    index = allowed[top]
+    weights = torch.rand(tokens, K, generator=g).softmax(-1)  # not sorted: the layer must sort
+    return index, weights
+
+
+def layer(n_ce, seed=0):
+    module = CompressedExperts(PlainExperts(seed), n_ce)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for vec in (module.ce_gate, module.ce_up, module.ce_down):
+            vec.copy_(torch.empty(vec.shape).uniform_(0.3, 1.7, generator=g))
+    return module
+
+
+def reference(module, x, index, weights):
+    return reference_experts(
+        x, module.gate_up_proj, module.down_proj, module.act_fn, index, weights,
+        module.n_ce, module.ce_gate, module.ce_up, module.ce_down,
+    )
+
+
+def test_parameters_start_at_one_and_share_the_expert_weights():
+    plain = PlainExperts()
+    module = CompressedExperts(plain, 2)
+    assert module.gate_up_proj is plain.gate_up_proj and module.down_proj is plain.down_proj
+    assert module.ce_gate.shape == (E, H) and module.ce_up.shape == (E, H) and module.ce_down.shape == (E, I)
+    for vec in (module.ce_gate, module.ce_up, module.ce_down):
+        assert torch.equal(vec, torch.ones_like(vec))
+
+
+@pytest.mark.parametrize("n_ce", [0, 1, 3])
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_matches_reference(n_ce, tokens):
+    module = layer(n_ce)
+    x = torch.randn(tokens, H)
+    index, weights = routing(tokens, skip=(2, 5))  # experts 2 and 5 get no token
+    torch.testing.assert_close(module(x, index, weights).double(), reference(module, x, index, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_depends_on_auxiliary_vectors_only_through_their_weighted_average():
+    module = layer(2)
+    x = torch.randn(3, H)  # 3 tokens x 2 auxiliary slots: at most 6 of the 8 experts are auxiliary
+    index, weights = routing(3)
+    before = module(x, index, weights)
+    # Experts never auxiliary for any token: their vectors must not matter at all.
+    aux = set(index.gather(-1, weights.argsort(-1, descending=True))[:, K - 2 :].flatten().tolist())
+    never = [e for e in range(E) if e not in aux]
+    assert never
+    with torch.no_grad():
+        module.ce_gate[never] = 5.0
+        module.ce_down[never] = -3.0
+    torch.testing.assert_close(module(x, index, weights), before, rtol=0, atol=0)
+    # For one token, swapping the two auxiliary experts' vectors and weights together changes nothing.
+    t = index[:1], weights[:1]
+    one = module(x[:1], *t)
+    flipped_weights = t[1].clone()
+    order = t[1].argsort(-1, descending=True)[0]
+    a, b = order[K - 2], order[K - 1]
+    flipped_index = t[0].clone()
+    flipped_index[0, a], flipped_index[0, b] = t[0][0, b], t[0][0, a]
+    flipped_weights[0, a], flipped_weights[0, b] = t[1][0, b], t[1][0, a]
+    torch.testing.assert_close(module(x[:1], flipped_index, flipped_weights), one, rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_match_the_reference():
+    module = layer(2)
+    x = torch.randn(33, H, requires_grad=True)
+    index, weights = routing(33, skip=(0,))
+    weights.requires_grad_(True)
+    probe = torch.randn(33, H)
+    (module(x, index, weights) * probe).sum().backward()
+    params = [module.gate_up_proj, module.down_proj, module.ce_gate, module.ce_up, module.ce_down]
+    ours = [p.grad.clone() for p in params] + [x.grad.clone(), weights.grad.clone()]
+    for p in params:
+        p.grad = None
+    x.grad = weights.grad = None
+    (reference(module, x, index, weights) * probe.double()).sum().backward()
+    theirs = [p.grad for p in params] + [x.grad, weights.grad]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    assert module.ce_gate.grad[0].abs().sum() == 0  # expert 0 never routed: no gradient
+
+
+def test_all_zero_auxiliary_weights_fall_back_to_a_uniform_average():
+    module = layer(2)
+    x = torch.randn(3, H)
+    index, weights = routing(3)
+    weights = weights.sort(-1, descending=True).values
+    weights[:, 2:] = 0.0
+    out = module(x, index, weights)
+    assert torch.isfinite(out).all()
+    uniform = reference(module, x, index, weights.where(weights > 0, torch.full_like(weights, 1e-9)))
+    torch.testing.assert_close(out.double(), uniform, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fallback_matmul_agrees_with_grouped_mm(monkeypatch, dtype, tol):
+    module = layer(1).to(dtype)
+    x = torch.randn(64, H, dtype=dtype, requires_grad=True)
+    index, weights = routing(64, skip=(3,))
+    weights = weights.to(dtype)
+    assert dispatch._grouped_mm_supported(x, module.down_proj) == dispatch._HAS_GROUPED_MM
+    runs = []
+    for has_grouped in (dispatch._HAS_GROUPED_MM, False):
+        monkeypatch.setattr(dispatch, "_HAS_GROUPED_MM", has_grouped)
+        module.zero_grad()
+        x.grad = None
+        out = module(x, index, weights)
+        out.float().square().sum().backward()
+        runs.append((out.detach(), x.grad.clone(), module.gate_up_proj.grad.clone(), module.ce_up.grad.clone()))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def test_grouping_with_no_rows_for_most_experts():
+    groups = dispatch.Grouping.build(torch.tensor([[6], [6], [1]]), E)
+    assert groups.offsets.tolist() == [0, 1, 1, 1, 1, 1, 3, 3]
+    assert groups.token.tolist() == [2, 0, 1]
