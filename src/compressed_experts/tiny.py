@@ -18,9 +18,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype | str | None = Non
     config = family_by_name(family).tiny_config()
     config.initializer_range = 0.1
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype):
-        model = model.to(dtype)
-    return model.eval()
+    if isinstance(dtype, str):
+        dtype = None if dtype == "auto" else getattr(torch, dtype)
+    # Built in ``dtype`` (not cast afterwards) so buffers such as rotary frequencies stay as a load makes them.
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

@@ -1,0 +1,141 @@
+"""Saving with the model's own save_pretrained and loading back with from_pretrained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import compressed_experts as ce
+from conftest import compressed_layers, randomise_compressed_experts, tokens
+
+
+def saved(tmp_path, family="olmoe", n_ce=2, dtype=None):
+    model = ce.from_pretrained(f"tiny:{family}", n_ce=n_ce, dtype=dtype)
+    randomise_compressed_experts(model)
+    model.save_pretrained(tmp_path / "model")
+    return model, tmp_path / "model"
+
+
+def test_round_trip_gives_identical_logits(tmp_path, family):
+    model, path = saved(tmp_path, family, n_ce=1)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "compressed_experts"
+    assert config["compressed_experts"]["n_ce"] == 1
+    assert config["compressed_experts"]["base_model_type"] == model.config.model_type
+    loaded = ce.from_pretrained(path)
+    assert type(loaded) is type(model) and ce.ce_config_of(loaded) == ce.CEConfig(1)
+    for a, b in zip(compressed_layers(model), compressed_layers(loaded)):
+        assert torch.equal(a.ce_gate, b.ce_gate) and torch.equal(a.ce_down, b.ce_down)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # A loaded model saves again to the same format.
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "compressed_experts"
+
+
+def test_round_trip_in_bfloat16(tmp_path):
+    model, path = saved(tmp_path, "qwen2_moe", dtype=torch.bfloat16)
+    loaded = ce.from_pretrained(path, dtype=torch.bfloat16)
+    assert compressed_layers(loaded)[0].ce_up.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens()).logits, model(tokens()).logits)
+
+
+def test_plain_transformers_refuses_a_compressed_checkpoint(tmp_path):
+    _, path = saved(tmp_path)
+    with pytest.raises(ValueError, match="compressed_experts"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_plain_checkpoint_loads_plain_or_converted(tmp_path):
+    plain = ce.tiny_model("mixtral")
+    plain.save_pretrained(tmp_path / "plain")
+    assert ce.ce_config_of(ce.from_pretrained(tmp_path / "plain")) is None
+    converted = ce.from_pretrained(tmp_path / "plain", n_ce=3)
+    assert ce.ce_config_of(converted) == ce.CEConfig(3)
+    with torch.no_grad():
+        reference = ce.convert(plain, ce.CEConfig(3))(tokens()).logits
+        assert torch.equal(converted(tokens()).logits, reference)
+
+
+def test_asking_for_another_n_ce_than_saved_is_an_error(tmp_path):
+    _, path = saved(tmp_path, n_ce=2)
+    with pytest.raises(ce.CompressedExpertsError, match="already has compressed experts with n_ce=2; got n_ce=3"):
+        ce.from_pretrained(path, n_ce=3)
+    assert ce.ce_config_of(ce.from_pretrained(path, n_ce=2)) == ce.CEConfig(2)
+
+
+def test_n_ce_out_of_range_is_caught_before_loading(tmp_path):
+    plain = ce.tiny_model("olmoe")
+    plain.save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"")  # loading it would fail differently
+    with pytest.raises(ce.CompressedExpertsError, match=r"n_ce=8 must be smaller than the model's top-k \(8\)"):
+        ce.from_pretrained(tmp_path / "plain", n_ce=8)
+
+
+def test_truncated_safetensors_is_reported(tmp_path):
+    _, path = saved(tmp_path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ce.CheckpointError, match="truncated or corrupt"):
+        ce.from_pretrained(path)
+
+
+def test_corrupt_safetensors_header_is_reported(tmp_path):
+    _, path = saved(tmp_path)
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:20] = b"not json!!!!"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ce.CheckpointError, match="corrupt"):
+        ce.from_pretrained(path)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_compressed_expert_count_disagreeing_with_config(tmp_path):
+    _, path = saved(tmp_path)
+    _edit_config(path, num_hidden_layers=3)
+    with pytest.raises(ce.CheckpointError, match="compressed experts for 2 MoE blocks but its config describes 3"):
+        ce.from_pretrained(path)
+
+
+def test_compressed_expert_shapes_disagreeing_with_config(tmp_path):
+    _, path = saved(tmp_path)
+    _edit_config(path, num_experts=32)
+    with pytest.raises(ce.CheckpointError, match="shapes disagree"):
+        ce.from_pretrained(path)
+
+
+def test_compressed_weights_without_their_config_section(tmp_path):
+    _, path = saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = config.pop("compressed_experts")["base_model_type"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ce.CheckpointError, match="no compressed_experts section"):
+        ce.from_pretrained(path)
+
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ce.CheckpointError, match="not a model directory"):
+        ce.from_pretrained(tmp_path)
+    with pytest.raises(ce.CheckpointError, match="is a file"):
+        ce.from_pretrained(tmp_path / "notes.txt")
+    with pytest.raises(ce.CheckpointError, match="no such model directory"):
+        ce.from_pretrained(tmp_path / "missing")
+
+
+def test_weights_missing_from_a_compressed_checkpoint(tmp_path):
+    _, path = saved(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ce.CheckpointError, match="no \\*.safetensors"):
+        ce.from_pretrained(path)
