@@ -139,3 +139,55 @@ def test_weights_missing_from_a_compressed_checkpoint(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(ce.CheckpointError, match="no \\*.safetensors"):
         ce.from_pretrained(path)
+
+
+def test_header_that_is_json_but_not_a_safetensors_header(tmp_path):
+    _, path = saved(tmp_path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    fake = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [4]}}).encode().ljust(length)
+    weights.write_bytes(data[:8] + fake + data[8 + length :])
+    with pytest.raises(ce.CheckpointError, match="corrupt header"):
+        ce.from_pretrained(path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    model = ce.from_pretrained("tiny:olmoe", n_ce=2)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(ce.CheckpointError, match=f"lacks shard.*{shards[-1].name}"):
+        ce.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: [c], "not a transformers model config"),
+        (lambda c: {**c, "compressed_experts": [4]}, "no base model type"),
+        (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "format_version": "1"}}, "bad format_version"),
+        (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "format_version": 99}}, "upgrade"),
+        (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "base_model_type": "nonsense"}}, "unknown base model type"),
+    ],
+)
+def test_odd_config_contents(tmp_path, change, message):
+    _, path = saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(change(config)))
+    with pytest.raises(ce.CompressedExpertsError, match=message):
+        ce.from_pretrained(path)
+
+
+def test_bad_arguments():
+    with pytest.raises(ce.CompressedExpertsError, match="source must be"):
+        ce.from_pretrained(None)
+    with pytest.raises(ce.CompressedExpertsError, match="dtype must be"):
+        ce.from_pretrained("tiny:olmoe", dtype="fp16")
+    with pytest.raises(ce.CompressedExpertsError, match="take only dtype"):
+        ce.from_pretrained("tiny:olmoe", device_map="auto")
+    with pytest.raises(ce.CheckpointError, match="no such model directory: olmoe-typo"):
+        ce.from_pretrained("olmoe-typo")
+    with pytest.raises(ce.CompressedExpertsError, match="loaded transformers model"):
+        ce.convert(None, ce.CEConfig(1))

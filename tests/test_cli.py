@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from typer.testing import CliRunner
 
@@ -26,17 +28,35 @@ def test_convert_then_info(tmp_path):
     assert result.exit_code == 0, result.output
     for text in ("OLMoE", "64", "active saving", "compressed experts"):
         assert text in result.output
-    assert "│ n ce                         │       4 │" in result.output
+    assert re.search(r"n ce\s*│\s*4\s*│", result.output)
 
 
-def test_convert_refuses_a_non_empty_output(tmp_path):
+def test_convert_never_destroys_what_is_not_a_model(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    result = runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "1", "--out", str(tmp_path)])
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "1", "--out", str(tmp_path), *extra])
+        assert result.exit_code == 2
+        assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert "only replaces a model directory" in " ".join(result.output.split())
+
+
+def test_overwrite_replaces_an_earlier_model(tmp_path):
+    out = tmp_path / "model"
+    assert runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "1", "--out", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "2", "--out", str(out)])
     assert result.exit_code == 2 and "not empty" in result.output
-    assert (tmp_path / "keep.txt").read_text() == "mine"
-    result = runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "1", "--out", str(tmp_path), "--overwrite"])
+    result = runner.invoke(app, ["convert", "tiny:mixtral", "--n-ce", "2", "--out", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "keep.txt").exists()
+    assert ce.ce_config_of(ce.from_pretrained(out)) == ce.CEConfig(2)
+
+
+def test_info_on_a_dense_model(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "has no MoE blocks" in " ".join(result.output.split())
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
@@ -45,7 +65,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["info", str(tmp_path / "missing")], "no such model directory"),
         (["info", "tiny:llama"], "unknown model family"),
         (["convert", "tiny:olmoe", "--n-ce", "1", "--out", str(tmp_path / "y"), "--dtype", "int8"], "--dtype must be"),
+        (["convert", "tiny:olmoe", "--n-ce", "1", "--out", str(tmp_path / "file.txt")], "is a file"),
+        (["bench", "--shapes", "gpt"], "unknown value(s) gpt"),
+        (["bench", "--repeats", "2"], "at least 5"),
     ]
+    (tmp_path / "file.txt").write_text("x")
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output

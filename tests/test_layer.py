@@ -108,8 +108,8 @@ def test_gradients_match_the_reference():
     x.grad = weights.grad = None
     (reference(module, x, index, weights) * probe.double()).sum().backward()
     theirs = [p.grad for p in params] + [x.grad, weights.grad]
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, theirs):  # float32 sums of a few hundred terms against float64
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
     assert module.ce_gate.grad[0].abs().sum() == 0  # expert 0 never routed: no gradient
 
 
@@ -131,15 +131,21 @@ def test_fallback_matmul_agrees_with_grouped_mm(monkeypatch, dtype, tol):
     x = torch.randn(64, H, dtype=dtype, requires_grad=True)
     index, weights = routing(64, skip=(3,))
     weights = weights.to(dtype)
-    assert dispatch._grouped_mm_supported(x, module.down_proj) == dispatch._HAS_GROUPED_MM
+    if not dispatch._HAS_GROUPED_MM:
+        pytest.skip("this torch build has no grouped_mm")
+    calls = []
+    real = dispatch.F.grouped_mm
+    monkeypatch.setattr(dispatch.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
-    for has_grouped in (dispatch._HAS_GROUPED_MM, False):
+    for has_grouped in (True, False):
         monkeypatch.setattr(dispatch, "_HAS_GROUPED_MM", has_grouped)
         module.zero_grad()
         x.grad = None
         out = module(x, index, weights)
         out.float().square().sum().backward()
         runs.append((out.detach(), x.grad.clone(), module.gate_up_proj.grad.clone(), module.ce_up.grad.clone()))
+        if has_grouped:
+            assert len(calls) == 3  # gate, up and down all took the grouped_mm path
     for a, b in zip(*runs):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
@@ -148,3 +154,20 @@ def test_grouping_with_no_rows_for_most_experts():
     groups = dispatch.Grouping.build(torch.tensor([[6], [6], [1]]), E)
     assert groups.offsets.tolist() == [0, 1, 1, 1, 1, 1, 3, 3]
     assert groups.token.tolist() == [2, 0, 1]
+
+
+def test_equal_weights_keep_the_routers_order():
+    module = layer(2)
+    x = torch.randn(1, H)
+    index = torch.tensor([[5, 1, 6, 2]])
+    weights = torch.full((1, K), 0.25)
+    # All weights tied: the reference's stable sort keeps 5 and 1 as main, 6 and 2 as auxiliary.
+    out = module(x, index, weights)
+    torch.testing.assert_close(out.double(), reference(module, x, index, weights), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, module(x, index.flip(-1), weights))  # so the order is what decided
+
+
+def test_no_tokens():
+    module = layer(2)
+    out = module(torch.zeros(0, H), torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K))
+    assert out.shape == (0, H)

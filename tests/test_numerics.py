@@ -16,12 +16,13 @@ def logits(model, ids, **kwargs):
         return model(ids, **kwargs).logits.float()
 
 
-def test_n_ce_zero_reproduces_the_unconverted_model(family):
-    model = ce.tiny_model(family)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_n_ce_zero_reproduces_the_unconverted_model(family, dtype, tol):
+    model = ce.tiny_model(family, dtype=dtype)
     ids = tokens()
     before = logits(model, ids)
     converted = ce.convert(copy.deepcopy(model), ce.CEConfig(0))
-    torch.testing.assert_close(logits(converted, ids), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(converted, ids), before, rtol=0, atol=tol)
     # The tolerance means something: dropping experts moves the logits far more than it.
     fewer = ce.convert(copy.deepcopy(model), ce.CEConfig(model.config.num_experts_per_tok - 1))
     assert (logits(fewer, ids) - before).abs().max() > 1e-2
@@ -82,8 +83,9 @@ def test_random_compressed_experts_match_the_reference(family, dtype, tol):
     recorder.check(rtol=tol, atol=tol)
 
 
-def test_padding_in_the_batch(family):
-    model = ce.convert(ce.tiny_model(family), ce.CEConfig(1))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_padding_in_the_batch(family, dtype, tol):
+    model = ce.convert(ce.tiny_model(family, dtype=dtype), ce.CEConfig(1))
     randomise_compressed_experts(model)
     short, long = tokens(1, 5, seed=1), tokens(1, 9, seed=2)
     pad = model.config.pad_token_id
@@ -91,13 +93,15 @@ def test_padding_in_the_batch(family):
     mask = (torch.arange(9) >= torch.tensor([[4], [0]])).long()
     recorder = Recorder(model)
     padded = logits(model, batch, attention_mask=mask)
-    recorder.check(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(padded[0, 4:], logits(model, short)[0], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(padded[1], logits(model, long)[0], rtol=1e-4, atol=1e-4)
+    recorder.check(rtol=tol, atol=tol)
+    alone = 1e-4 if dtype == torch.float32 else 0.1  # bf16 attention over a padded batch rounds differently
+    torch.testing.assert_close(padded[0, 4:], logits(model, short)[0], rtol=alone, atol=alone)
+    torch.testing.assert_close(padded[1], logits(model, long)[0], rtol=alone, atol=alone)
 
 
-def test_generate_with_kv_cache(family):
-    model = ce.convert(ce.tiny_model(family), ce.CEConfig(1))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_generate_with_kv_cache(family, dtype, tol):
+    model = ce.convert(ce.tiny_model(family, dtype=dtype), ce.CEConfig(1))
     randomise_compressed_experts(model)
     prompt = tokens(2, 5)
     recorder = Recorder(model)
@@ -105,9 +109,10 @@ def test_generate_with_kv_cache(family):
     cached = model.generate(prompt, use_cache=True, **settings)
     decode_calls = [c for c in recorder.calls if c[1][0].shape[0] == 2]  # one token per sequence
     assert decode_calls, "generation never ran a one-token (cached) step"
-    recorder.check(rtol=1e-5, atol=1e-5)
-    uncached = model.generate(prompt, use_cache=False, **settings)
-    assert torch.equal(cached, uncached)
+    recorder.check(rtol=tol, atol=tol)
+    if dtype == torch.float32:  # in bf16 a near-tie between two tokens may break either way
+        uncached = model.generate(prompt, use_cache=False, **settings)
+        assert torch.equal(cached, uncached)
 
 
 def test_gradients_reach_compressed_experts_experts_and_router(family):

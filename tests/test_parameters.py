@@ -7,7 +7,6 @@ import json
 import pytest
 
 import compressed_experts as ce
-from compressed_experts.parameters import describe
 
 # The published configs' shape fields (the rest are defaults that do not change parameter counts).
 OLMOE_1B_7B = dict(
@@ -45,12 +44,23 @@ def test_phi_35_moe_matches_the_worked_example(tmp_path):
     assert counts["active_saving"] == pytest.approx(0.38, abs=0.01)  # "about 38%"
 
 
-def test_parts_add_up_and_the_total_is_every_parameter(family):
+def test_parts_against_counts_from_the_config(family):
     model = ce.convert(ce.tiny_model(family), ce.CEConfig(1))
-    counts = ce.active_parameters(model)
-    parts = ("embeddings", "attention", "routers", "main_experts", "shared_experts", "compressed_experts", "other")
-    assert counts["active"] == sum(counts[p] for p in parts)
-    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    config, counts = model.config, ce.active_parameters(model)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    tied = config.tie_word_embeddings
+    assert counts["embeddings"] == vocab * hidden * (1 if tied else 2)
+    assert counts["attention"] > 0
+    experts = ce.describe(model)["moe_blocks"]
+    inter = next(m for m in model.modules() if isinstance(m, ce.CompressedExperts)).intermediate_dim
+    assert counts["main_experts"] == experts * (config.num_experts_per_tok - 1) * 3 * hidden * inter
+    assert counts["compressed_experts"] == experts * (2 * hidden + inter)
+    num_experts = ce.describe(model)["experts"]
+    assert counts["routers"] == experts * num_experts * hidden  # one [E, H] router weight per block
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n and "self_attn" not in n)
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n and ".experts." not in n
+                and "gate.weight" not in n and "router" not in n and "shared" not in n)
+    assert counts["other"] == norms + dense
     assert (counts["shared_experts"] > 0) == (family in ("qwen2_moe", "deepseek_v3"))
     plain = ce.active_parameters(ce.tiny_model(family))
     assert plain["active"] == plain["active_full_topk"] == counts["active_full_topk"]
@@ -58,6 +68,6 @@ def test_parts_add_up_and_the_total_is_every_parameter(family):
 
 
 def test_describe_reports_the_structure():
-    info = describe(ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)))
+    info = ce.describe(ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)))
     assert (info["family"], info["moe_blocks"], info["experts"], info["top_k"], info["n_ce"]) == ("OLMoE", 2, 64, 8, 4)
     assert info["main_experts_per_token"] == 4

@@ -15,7 +15,7 @@ from .config import CEConfig
 from .convert import ce_config_of, convert
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts
-from .parameters import active_parameters
+from .parameters import active_parameters, describe
 from .tiny import tiny_model
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "active_parameters",
     "ce_config_of",
     "convert",
+    "describe",
     "from_pretrained",
     "tiny_model",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -28,30 +29,39 @@ from .errors import CheckpointError, CompressedExpertsError
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
 _CE_SUFFIXES = (".ce_gate", ".ce_up", ".ce_down")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TINY_PREFIX = "tiny:"
 
 
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    path = Path(source)
+    path = Path(source, kwargs.get("subfolder") or "")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(
-            f"{source} is not a model directory: it has no config.json "
+            f"{path} is not a model directory: it has no config.json "
             f"(expected a directory written by save_pretrained, or a hub id)"
         )
-    looks_local = path.is_absolute() or source.startswith(".") or source.count("/") > 1
-    if looks_local and not path.exists():
-        raise CheckpointError(f"no such model directory: {source}")
+    # Hub ids of MoE models are "org/name"; anything else that does not exist is a mistyped folder.
+    if not path.exists() and not _HUB_ID.fullmatch(source):
+        raise CheckpointError(f"no such model directory: {source} (and it is not a hub id of the form org/name)")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the config of {source!r}: {err}") from err
+        raise CheckpointError(f"cannot read the config of {source!r}: {_first_line(err)}") from err
+    if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
+        raise CheckpointError(f"{source}: config.json is not a transformers model config (no model_type)")
     return config_dict
 
 
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    """The header of a safetensors file, after checking that the file holds all the bytes it names."""
+def _first_line(err: Exception) -> str:
+    """transformers' messages can list hundreds of model types; the first sentence says enough."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, after checking that the file holds all the bytes it names."""
     size = file.stat().st_size
     with file.open("rb") as handle:
         raw = handle.read(8)
@@ -64,23 +74,41 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{file} has a corrupt header ({err}): re-save or re-download it") from err
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    try:
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+        shapes = {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as err:
+        raise CheckpointError(f"{file} has a corrupt header: re-save or re-download it") from err
     expected = 8 + length + max(ends, default=0)
     if size != expected:
         raise CheckpointError(
             f"{file} is truncated or corrupt: its header describes {expected} bytes, the file has {size}; "
             f"re-save or re-download it"
         )
-    return header
+    return shapes
 
 
 def _local_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of every safetensors file in a local checkpoint directory (integrity-checked)."""
+    """Tensor shapes of a local checkpoint's safetensors files (integrity-checked), by tensor name.
+
+    A sharded checkpoint is read through its index, so that a missing shard is named and a
+    stray file beside the shards is not counted.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({directory / name for name in weight_map.values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is corrupt: re-save or re-download the checkpoint") from err
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory} lacks shard(s) {', '.join(missing)} named in its index")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     shapes = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        for key, entry in _safetensors_header(file).items():
-            if key != "__metadata__":
-                shapes[key] = tuple(entry["shape"])
+    for file in files:
+        shapes.update(_safetensors_shapes(file))
     return shapes
 
 
@@ -126,11 +154,12 @@ def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tupl
         try:
             config = AutoConfig.for_model(config_dict.get("model_type"), **{k: v for k, v in config_dict.items() if k != "model_type"})
         except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{source}: transformers does not know this model ({err})") from err
+            raise CheckpointError(f"{source}: transformers does not know this model ({_first_line(err)})") from err
         return config, (CEConfig(n_ce) if n_ce is not None else None)
-    section = dict(config_dict.get(SECTION) or {})
+    section = config_dict.get(SECTION)
+    section = dict(section) if isinstance(section, dict) else {}
     base_type = section.pop("base_model_type", None)
-    if base_type is None:
+    if not isinstance(base_type, str):
         raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
     ce = CEConfig.from_dict(section)
     if n_ce is not None and n_ce != ce.n_ce:
@@ -142,7 +171,7 @@ def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tupl
     try:
         config = AutoConfig.for_model(base_type, **plain)
     except ValueError as err:
-        raise CheckpointError(f"{source}: unknown base model type {base_type!r} ({err})") from err
+        raise CheckpointError(f"{source}: unknown base model type {base_type!r} ({_first_line(err)})") from err
     return config, ce
 
 
@@ -163,7 +192,7 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
 def skeleton(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
     a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
-    parameters of a large model without reading its weights."""
+    parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
     source = os.fspath(source)
     if source.startswith(TINY_PREFIX):
         return from_pretrained(source, n_ce=n_ce)
@@ -179,10 +208,15 @@ def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs
     ``n_ce`` is given. Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
     source = os.fspath(source)
     if source.startswith(TINY_PREFIX):
         from .tiny import tiny_model
 
+        unsupported = sorted(set(kwargs) - {"dtype"})
+        if unsupported:
+            raise CompressedExpertsError(f"tiny: models take only dtype, not {', '.join(unsupported)}")
         model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
         return convert(model, CEConfig(n_ce)) if n_ce is not None else model
     config_dict = _read_config(source, kwargs)
@@ -197,22 +231,23 @@ def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs
                 f"{source} holds compressed-expert weights but its config.json has no compressed_experts "
                 f"section: restore the config.json that was saved with it"
             )
-        try:
-            model = model_cls.from_pretrained(source, config=config, **kwargs)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"cannot load {source!r}: {err}") from err
+        model = _load(model_cls, source, config, kwargs)
         return convert(model, ce) if ce is not None else model
     if saved is not None:
         if not saved:
             raise CheckpointError(f"{source} holds no *.safetensors weights")
         _check_compressed_shapes(saved, expected)
-    try:
-        model, info = _loader_class(model_cls, ce).from_pretrained(
-            source, config=config, output_loading_info=True, **kwargs
-        )
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load {source!r}: {err}") from err
+    model = _load(_loader_class(model_cls, ce), source, config, kwargs)
     model.__class__ = model_cls  # the loader subclass added nothing but its constructor
+    return model
+
+
+def _load(model_cls: type[PreTrainedModel], source: str, config: PretrainedConfig, kwargs: dict[str, Any]):
+    """transformers' loader, with its failures and any missing weight turned into a CheckpointError."""
+    try:
+        model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load {source!r}: {_first_line(err)}") from err
     if info["missing_keys"]:
         raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
     return model

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
-from .checkpoint import from_pretrained, skeleton
+from .checkpoint import TINY_PREFIX, from_pretrained, skeleton
 from .errors import CompressedExpertsError
 from .parameters import describe
 
@@ -47,11 +49,30 @@ def _show(summary: dict[str, Any], title: str) -> None:
 
 
 def _run(action) -> None:
-    """Turn the library's user errors into one red line and exit code 2, not a traceback."""
+    """Turn the library's user errors (and file-system errors) into one red line and exit code 2."""
     try:
         action()
-    except CompressedExpertsError as err:
+    except (CompressedExpertsError, OSError) as err:
         _fail(str(err))
+
+
+def _check_output(out: Path, source: str, overwrite: bool) -> None:
+    """Refuse an output that would destroy something: --overwrite only ever replaces a saved model."""
+    target = out.resolve()
+    if target.exists() and not target.is_dir():
+        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
+    if not target.exists() or not any(target.iterdir()):
+        return
+    if not overwrite:
+        raise CompressedExpertsError(f"{out} is not empty: choose another --out or pass --overwrite")
+    if not (target / "config.json").is_file():
+        raise CompressedExpertsError(
+            f"--overwrite only replaces a model directory (one with config.json); {out} holds other files"
+        )
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise CompressedExpertsError(f"--out {out} is the working directory or above it: choose a subdirectory")
+    if not source.startswith(TINY_PREFIX) and Path(source).resolve() == target:
+        raise CompressedExpertsError("--out is the source model itself: choose another directory")
 
 
 @app.command()
@@ -71,8 +92,7 @@ def convert(
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
 
     def action() -> None:
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise CompressedExpertsError(f"{out} is not empty: choose another --out or pass --overwrite")
+        _check_output(out, source, overwrite)
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise CompressedExpertsError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
         with console.status(f"loading {source}"):
@@ -94,9 +114,59 @@ def convert(
     _run(action)
 
 
+def _csv(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> tuple:
+    values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise CompressedExpertsError(f"unknown value(s) {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+    if not values:
+        raise CompressedExpertsError("an empty list was given")
+    return values
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    shapes: Annotated[str, typer.Option(help="Layer shapes: olmoe, phimoe.")] = "olmoe,phimoe",
+    dtypes: Annotated[str, typer.Option(help="bfloat16, float32.")] = "bfloat16,float32",
+    tokens: Annotated[str, typer.Option(help="Token counts per call.")] = "1,16,512",
+    modes: Annotated[str, typer.Option(help="forward, forward+backward.")] = "forward,forward+backward",
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported), after 2 warm-ups.")] = 5,
+    end_to_end: Annotated[bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")] = True,
+    out_dir: Annotated[Path, typer.Option(help="Where <device>.json goes.")] = Path("benchmarks"),
+    doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path("BENCHMARKS.md"),
+) -> None:
+    """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
+    from . import bench as benchmark
+
+    def action() -> None:
+        if repeats < 5:
+            raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
+        if device not in ("auto", "cpu", "cuda"):
+            raise CompressedExpertsError(f"--device must be auto, cpu or cuda, not {device!r}")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+        command = "compressed-experts bench " + " ".join(sys.argv[2:])
+        with console.status("benchmarking") as status:
+            result = benchmark.run(
+                device, _csv(shapes, tuple(benchmark.SHAPES)), _csv(dtypes, ("bfloat16", "float32")),
+                _csv(tokens, kind=int), _csv(modes, ("forward", "forward+backward")), repeats, end_to_end,
+                command, progress=lambda text: status.update(f"benchmarking: {text}"),
+            )
+        benchmark.write_report(result, out_dir, doc)
+        console.print(Markdown(benchmark.markdown(result)))
+        console.print(f"wrote {out_dir / (result['device'] + '.json')} and {doc}")
+
+    _run(action)
+
+
 def _save_tokenizer(source: str, directory: Path) -> None:
     """Copy the source's tokenizer along, so the converted directory is usable on its own."""
-    if source.startswith("tiny:"):
+    if source.startswith(TINY_PREFIX):
         return
     from transformers import AutoTokenizer
 

@@ -45,6 +45,8 @@ class CEConfig:
     def from_dict(cls, section: dict[str, Any]) -> "CEConfig":
         """Read back what :meth:`to_dict` wrote; refuses sections from a newer format."""
         version = section.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int):
+            raise CompressedExpertsError(f"the compressed_experts section has a bad format_version: {version!r}")
         if version > FORMAT_VERSION:
             raise CompressedExpertsError(
                 f"this checkpoint uses compressed-experts format {version}, newer than this "

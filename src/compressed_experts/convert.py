@@ -39,6 +39,8 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     """
     if not isinstance(config, CEConfig):
         raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")
+    if not isinstance(model, PreTrainedModel):
+        raise CompressedExpertsError(f"convert takes a loaded transformers model, got {type(model).__name__}")
     family = family_of(model)
     blocks = list(moe_blocks(model, family))
     if not blocks:

@@ -28,21 +28,26 @@ class Grouping:
     order: torch.Tensor
     token: torch.Tensor
     offsets: torch.Tensor
+    slots: int
 
     @classmethod
     def build(cls, expert_index: torch.Tensor, num_experts: int) -> "Grouping":
-        """Group the ``[tokens, slots]`` expert ids by expert (stable, so equal ids keep token order)."""
+        """Group the ``[tokens, slots]`` expert ids by expert (stable, so equal ids keep token order).
+
+        Ids must lie in ``0..num_experts-1`` (expert parallelism's "dropped" id is not supported).
+        """
         slots = expert_index.shape[-1]
         flat = expert_index.reshape(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=num_experts)
-        offsets = counts.cumsum(0).to(torch.int32)
-        return cls(order=order, token=order // slots, offsets=offsets)
+        # searchsorted, not bincount: no device-to-host sync on CUDA.
+        bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=flat.dtype)
+        offsets = torch.searchsorted(flat[order], bounds, right=False).to(torch.int32)
+        return cls(order=order, token=order // slots, offsets=offsets, slots=slots)
 
     def combine(self, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Sum each token's rows back into one ``[tokens, hidden]`` tensor (deterministic, no atomics)."""
         unsorted = torch.empty_like(rows).index_copy_(0, self.order, rows)
-        return unsorted.view(num_tokens, -1, rows.shape[-1]).sum(dim=1)
+        return unsorted.view(num_tokens, self.slots, rows.shape[-1]).sum(dim=1)
 
 
 def _aligned(t: torch.Tensor) -> bool:

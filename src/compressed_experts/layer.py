@@ -58,6 +58,7 @@ class CompressedExperts(nn.Module):
         self, aux_index: torch.Tensor, aux_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token gate/up/down scales: the auxiliary compressed experts averaged by routing weight."""
+        aux_weights = aux_weights.float()  # renormalise in float32 whatever the router's dtype
         total = aux_weights.sum(dim=-1, keepdim=True)
         # A token whose auxiliary weights are all zero averages them uniformly instead of dividing by 0.
         share = torch.where(total > 0, aux_weights / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0 / self.n_ce)
@@ -85,5 +86,7 @@ class CompressedExperts(nn.Module):
         if scales is not None:
             inner = inner * scale_down[groups.token]
         out = grouped_linear(inner, self.down_proj, groups.offsets)
-        out = out * weights.reshape(-1)[groups.order].unsqueeze(-1).to(out.dtype)
-        return groups.combine(out, hidden_states.shape[0])
+        # Weight and sum at the routing weights' precision (float32 for some routers), round once.
+        wide = torch.promote_types(out.dtype, weights.dtype)
+        out = out.to(wide) * weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
+        return groups.combine(out, hidden_states.shape[0]).to(hidden_states.dtype)

@@ -22,6 +22,6 @@ class Family:
     model_types: tuple[str, ...]  #: ``config.model_type`` values of this family
     block_class: str  #: class name of its sparse MoE block
     router_attr: str  #: the block's router submodule
+    #: a tiny config of this family, for tests and offline try-outs (``tiny:<family>``)
+    tiny_config: Callable[[], PretrainedConfig] = field(compare=False)
     shared_attrs: tuple[str, ...] = ()  #: the block's shared-expert submodules, if any
-    #: a tiny config with random weights, for tests and the offline demo
-    tiny_config: Callable[[], PretrainedConfig] = field(default=lambda: None, compare=False)

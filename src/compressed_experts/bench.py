@@ -1,0 +1,319 @@
+"""Side-by-side timings: transformers' own MoE block, and this library's full top-k, top-m and
+compressed experts, on real layer shapes; plus end-to-end prefill and decode of a small model.
+
+Every ratio compares variants measured in the same run on the same machine, on the same
+random weights, inputs and routing. Analytic FLOPs and the bytes of expert weights read per
+token come with each row so that measured times can be held against the physical floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
+
+from .config import CEConfig
+from .convert import convert
+from .layer import CompressedExperts
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    config: Callable[[], object]
+    block_class: str
+    n_ce: int
+
+
+SHAPES = {
+    "olmoe": Shape(
+        "OLMoE-1B-7B layer (H 2048, I 1024, E 64, k 8, n_ce 4)",
+        lambda: OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8),
+        "OlmoeSparseMoeBlock",
+        4,
+    ),
+    "phimoe": Shape(
+        "Phi-3.5-MoE layer (H 4096, I 6400, E 16, k 2, n_ce 1)",
+        lambda: PhimoeConfig(hidden_size=4096, intermediate_size=6400, num_local_experts=16, num_experts_per_tok=2),
+        "PhimoeSparseMoeBlock",
+        1,
+    ),
+}
+TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+def machine() -> str:
+    """A one-line description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {text}"
+    return text
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _TopM(nn.Module):
+    """The top-m baseline: run only each token's m heaviest experts, weights as the router gave them."""
+
+    def __init__(self, experts: nn.Module, main: int) -> None:
+        super().__init__()
+        self.experts, self.main = experts, main
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        weights, order = top_k_weights.sort(dim=-1, descending=True)
+        return self.experts(hidden_states, top_k_index.gather(-1, order)[:, : self.main], weights[:, : self.main])
+
+
+def _with_experts(block: nn.Module, experts: nn.Module) -> nn.Module:
+    """A shallow copy of ``block`` (same router, same weights) with another experts module."""
+    twin = copy.copy(block)
+    twin._modules = dict(block._modules)
+    twin.experts = experts
+    return twin
+
+
+def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> dict[str, nn.Module]:
+    torch.manual_seed(seed)
+    config = shape.config()
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    with torch.device(device):
+        block = getattr(module, shape.block_class)(config).to(dtype)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.normal_(0.0, 0.02)
+    top_k = config.num_experts_per_tok
+    main = top_k - shape.n_ce
+    compressed = CompressedExperts(block.experts, shape.n_ce)
+    with torch.no_grad():
+        for vec in (compressed.ce_gate, compressed.ce_up, compressed.ce_down):
+            vec.uniform_(0.5, 1.5)
+    variants = {}
+    for impl in TRANSFORMERS_IMPLEMENTATIONS:
+        twin = _with_experts(block, copy.copy(block.experts))
+        twin.experts.config = copy.copy(block.experts.config)
+        twin.experts.config._experts_implementation = impl
+        variants[f"transformers:{impl}"] = twin
+    variants["full"] = _with_experts(block, CompressedExperts(block.experts, 0))
+    variants["top-m"] = _with_experts(block, _TopM(CompressedExperts(block.experts, 0), main))
+    variants["ce"] = _with_experts(block, compressed)
+    return variants
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    tokens: int
+    mode: str  # "forward" or "forward+backward"
+    variant: str
+    ms: float
+    gflop_per_token: float  # analytic, expert matmuls only
+    expert_mb_per_token: float  # expert weights read, from the experts this routing hit
+
+
+def _expert_cost(block: nn.Module, x: torch.Tensor, experts_per_token: int, dtype: torch.dtype) -> tuple[float, float]:
+    _, two_i, hidden = block.experts.gate_up_proj.shape
+    per_expert = 3 * hidden * (two_i // 2)
+    router = block.gate if hasattr(block, "gate") else block.router
+    with torch.no_grad():
+        _, weights, index = router(x)
+    top = index.gather(-1, weights.argsort(-1, descending=True))[:, :experts_per_token]
+    hit = top.unique().numel()
+    size = torch.finfo(dtype).bits // 8
+    return 2 * per_expert * experts_per_token / 1e9, hit * per_expert * size / x.shape[0] / 1e6
+
+
+def bench_layers(
+    shapes: Iterable[str], dtypes: Iterable[torch.dtype], tokens: Iterable[int], modes: Iterable[str],
+    device: torch.device, repeats: int = 5, progress: Callable[[str], None] = lambda _: None,
+) -> list[Row]:
+    rows = []
+    for shape_key in shapes:
+        shape = SHAPES[shape_key]
+        for dtype in dtypes:
+            variants = _variants(shape, dtype, device, seed=0)
+            top_k = shape.config().num_experts_per_tok
+            for count in tokens:
+                x = torch.randn(1, count, variants["full"].experts.hidden_dim, dtype=dtype, device=device)
+                for mode in modes:
+                    for name, block in variants.items():
+                        progress(f"{shape_key} {dtype} {count} tokens {mode} {name}")
+                        if mode == "forward":
+                            def run(block=block):
+                                with torch.no_grad():
+                                    block(x)
+                        else:
+                            x_grad = x.clone().requires_grad_(True)
+                            probe = torch.randn_like(x)
+
+                            def run(block=block, x_grad=x_grad, probe=probe):
+                                (block(x_grad) * probe).sum().backward()
+                                block.zero_grad(set_to_none=True)
+                        ms = median_seconds(run, device, repeats) * 1e3
+                        per_token = top_k - shape.n_ce if name in ("top-m", "ce") else top_k
+                        gflop, mb = _expert_cost(variants["full"], x.view(-1, x.shape[-1]), per_token, dtype)
+                        rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name, ms,
+                                        gflop * (3 if mode != "forward" else 1), mb))
+            del variants
+    return rows
+
+
+def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = 512, new_tokens: int = 32,
+                     repeats: int = 5, n_ce: int = 4, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Prefill and greedy-decode tokens/s of a 4-layer model of OLMoE-1B-7B's shape, full top-k then n_ce."""
+    torch.manual_seed(0)
+    config = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                         num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
+    short = ids[:, :16]
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=config.pad_token_id)
+    result = {}
+    for name in ("full", "ce"):
+        if name == "ce":
+            convert(model, CEConfig(n_ce))
+        progress(f"end to end {name}: prefill")
+        with torch.no_grad():
+            prefill = median_seconds(lambda: model(ids), device, repeats)
+            progress(f"end to end {name}: decode")
+            first = median_seconds(lambda: model.generate(short, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                                                          pad_token_id=config.pad_token_id), device, repeats)
+            decode = median_seconds(lambda: model.generate(short, **settings), device, repeats)
+        # Decode rate excludes the prompt's prefill (the 1-new-token generate) from the time.
+        result[name] = {"prefill_tokens_per_s": prompt / prefill,
+                        "decode_tokens_per_s": (new_tokens - 1) / max(decode - first, 1e-9)}
+    return result
+
+
+# ---------------------------------------------------------------- reporting
+
+TARGETS = (  # (what, shape, dtype, tokens, mode, numerator, denominator, bound, "max" or "min"), CPU targets of the issue
+    ("compressed experts / full top-k", "olmoe", "bfloat16", 1, "forward", "ce", "full", 0.60, "max"),
+    ("compressed experts / full top-k", "olmoe", "bfloat16", 512, "forward", "ce", "full", 0.60, "max"),
+    ("compressed experts / full top-k, training step", "olmoe", "bfloat16", 512, "forward+backward", "ce", "full", 0.70, "max"),
+) + tuple(
+    ("full top-k / transformers' fastest", "olmoe", "bfloat16", n, "forward", "full", "transformers", 1.0, "max")
+    for n in (1, 16, 512)
+)
+
+
+def _time(rows: list[dict], shape, dtype, tokens, mode, variant) -> float | None:
+    """Time of one variant; "transformers" means the fastest of its experts implementations."""
+    found = [r["ms"] for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == (shape, dtype, tokens, mode)
+             and (r["variant"] == variant or (variant == "transformers" and r["variant"].startswith("transformers:")))]
+    return min(found) if found else None
+
+
+def markdown(result: dict) -> str:
+    """One device's results as Markdown: the layer table with ratios, end to end, and the targets."""
+    rows, lines = result["rows"], [f"### {result['device']}: {result['machine']}", "", f"Command: `{result['command']}`", ""]
+    lines += ["| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
+              "ce/full | top-m/full | full/transformers | expert GFLOP/token full, ce | expert MB read/token full, ce |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["shape"], r["dtype"], r["tokens"], r["mode"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[3], k[2]))
+    for key in keys:
+        t = {v: _time(rows, *key, v) for v in ("transformers", "full", "top-m", "ce")}
+        best = min((r for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == key
+                    and r["variant"].startswith("transformers:")), key=lambda r: r["ms"])
+        cost = {r["variant"]: r for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == key}
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best['variant'].split(':')[1]}) | "
+            f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {t['ce'] / t['full']:.2f} | "
+            f"{t['top-m'] / t['full']:.2f} | {t['full'] / t['transformers']:.2f} | "
+            f"{cost['full']['gflop_per_token']:.3f}, {cost['ce']['gflop_per_token']:.3f} | "
+            f"{cost['full']['expert_mb_per_token']:.1f}, {cost['ce']['expert_mb_per_token']:.1f} |"
+        )
+    e2e = result.get("end_to_end")
+    if e2e:
+        lines += ["", f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
+                  f"{e2e['new_tokens']} greedy tokens):", "",
+                  "| | full top-8 | compressed experts (n_ce 4) | ratio |", "|---|---|---|---|"]
+        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            full, ce_ = e2e["full"][metric], e2e["ce"][metric]
+            lines.append(f"| {metric.replace('_', ' ')} | {full:.1f} | {ce_:.1f} | {ce_ / full:.2f} |")
+    checks = targets(result)
+    if checks:
+        lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
+        lines += [f"| {name} | {value:.2f} | {kind} {bound} | {'yes' if ok else 'no'} |" for name, value, bound, kind, ok in checks]
+    return "\n".join(lines) + "\n"
+
+
+def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
+    """The issue's CPU targets that this result can speak to, with the measured ratios."""
+    if result["device"] != "cpu":
+        return []
+    out = []
+    for what, shape, dtype, tokens, mode, num, den, bound, kind in TARGETS:
+        a, b = _time(result["rows"], shape, dtype, tokens, mode, num), _time(result["rows"], shape, dtype, tokens, mode, den)
+        if a is not None and b is not None:
+            value = a / b
+            out.append((f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})", value, bound, kind, value <= bound))
+    e2e = result.get("end_to_end")
+    if e2e:
+        value = e2e["ce"]["decode_tokens_per_s"] / e2e["full"]["decode_tokens_per_s"]
+        out.append(("decode tokens/s, compressed experts / full top-k (end to end)", value, 1.25, "min", value >= 1.25))
+    return out
+
+
+def write_report(result: dict, directory: Path, document: Path) -> None:
+    """Store ``result`` as ``directory/<device>.json`` and regenerate ``document`` from every stored result."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{result['device']}.json").write_text(json.dumps(result, indent=1))
+    results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+    parts = ["# Benchmarks", "", "Generated by `compressed-experts bench` from the JSON files in "
+             f"`{directory.as_posix()}/`; each section was measured on the machine it names, all variants of a row "
+             "in the same run. Times are medians of the stated repeats after warm-up; random weights and inputs. "
+             "GPU sections appear only where a GPU run was made.", ""]
+    document.write_text("\n".join(parts) + "\n".join(markdown(r) for r in results))
+
+
+def run(device: str = "auto", shapes=("olmoe", "phimoe"), dtypes=("bfloat16", "float32"), tokens=(1, 16, 512),
+        modes=("forward", "forward+backward"), repeats: int = 5, end_to_end: bool = True, command: str = "",
+        progress: Callable[[str], None] = lambda _: None) -> dict:
+    """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
+    result = {"device": "cpu" if dev.type == "cpu" else "cuda", "machine": machine(), "command": command,
+              "repeats": repeats, "rows": [asdict(r) for r in rows]}
+    if end_to_end:
+        e2e_dtype = torch.bfloat16
+        result["end_to_end"] = {"dtype": "bfloat16", "prompt": 512, "new_tokens": 32,
+                                **bench_end_to_end(dev, e2e_dtype, repeats=repeats, progress=progress)}
+    return result
