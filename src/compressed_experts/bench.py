@@ -49,6 +49,13 @@ SHAPES = {
         1,
     ),
 }
+#: A toy shape, for checking the benchmark itself quickly (tests); not part of the default run.
+SHAPES["tiny"] = Shape(
+    "toy layer (H 64, I 32, E 8, k 4, n_ce 2)",
+    lambda: OlmoeConfig(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=4),
+    "OlmoeSparseMoeBlock",
+    2,
+)
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
@@ -75,16 +82,27 @@ def _sync(device: torch.device) -> None:
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_medians({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time of each function, timed in turns (one run of each per round, the order
+    rotating) so that a slow spell of a shared machine falls on all of them alike."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class _TopM(nn.Module):
@@ -158,67 +176,78 @@ def _expert_cost(block: nn.Module, x: torch.Tensor, experts_per_token: int, dtyp
     return 2 * per_expert * experts_per_token / 1e9, hit * per_expert * size / x.shape[0] / 1e6
 
 
+def _runner(block: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    if mode == "forward":
+        def run() -> None:
+            with torch.no_grad():
+                block(x)
+        return run
+    x_grad = x.clone().requires_grad_(True)
+    probe = torch.randn_like(x)
+
+    def run() -> None:
+        (block(x_grad) * probe).sum().backward()
+        block.zero_grad(set_to_none=True)
+    return run
+
+
 def bench_layers(
     shapes: Iterable[str], dtypes: Iterable[torch.dtype], tokens: Iterable[int], modes: Iterable[str],
     device: torch.device, repeats: int = 5, progress: Callable[[str], None] = lambda _: None,
 ) -> list[Row]:
+    """Every variant of every (shape, dtype, tokens, mode), timed in turns on shared weights and inputs."""
     rows = []
     for shape_key in shapes:
         shape = SHAPES[shape_key]
+        top_k = shape.config().num_experts_per_tok
         for dtype in dtypes:
             variants = _variants(shape, dtype, device, seed=0)
-            top_k = shape.config().num_experts_per_tok
             for count in tokens:
                 x = torch.randn(1, count, variants["full"].experts.hidden_dim, dtype=dtype, device=device)
                 for mode in modes:
-                    for name, block in variants.items():
-                        progress(f"{shape_key} {dtype} {count} tokens {mode} {name}")
-                        if mode == "forward":
-                            def run(block=block):
-                                with torch.no_grad():
-                                    block(x)
-                        else:
-                            x_grad = x.clone().requires_grad_(True)
-                            probe = torch.randn_like(x)
-
-                            def run(block=block, x_grad=x_grad, probe=probe):
-                                (block(x_grad) * probe).sum().backward()
-                                block.zero_grad(set_to_none=True)
-                        ms = median_seconds(run, device, repeats) * 1e3
+                    progress(f"{shape_key}, {str(dtype).removeprefix('torch.')}, {count} tokens, {mode}")
+                    runs = {name: _runner(block, x, mode) for name, block in variants.items()}
+                    medians = interleaved_medians(runs, device, repeats)
+                    for name, seconds in medians.items():
                         per_token = top_k - shape.n_ce if name in ("top-m", "ce") else top_k
                         gflop, mb = _expert_cost(variants["full"], x.view(-1, x.shape[-1]), per_token, dtype)
-                        rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name, ms,
-                                        gflop * (3 if mode != "forward" else 1), mb))
+                        rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name,
+                                        seconds * 1e3, gflop * (3 if mode != "forward" else 1), mb))
             del variants
     return rows
 
 
 def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = 512, new_tokens: int = 32,
                      repeats: int = 5, n_ce: int = 4, progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Prefill and greedy-decode tokens/s of a 4-layer model of OLMoE-1B-7B's shape, full top-k then n_ce."""
+    """Prefill and greedy-decode tokens/s of a 4-layer model of OLMoE-1B-7B's shape: full top-8
+    against a converted copy (compressed experts at random values), timed in turns."""
     torch.manual_seed(0)
     config = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    full = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    compressed = convert(copy.deepcopy(full), CEConfig(n_ce))
+    with torch.no_grad():
+        for layer in compressed.modules():
+            if isinstance(layer, CompressedExperts):
+                for vec in (layer.ce_gate, layer.ce_up, layer.ce_down):
+                    vec.uniform_(0.5, 1.5)
+    models = {"full": full, "ce": compressed}
     ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
     short = ids[:, :16]
-    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                    pad_token_id=config.pad_token_id)
-    result = {}
-    for name in ("full", "ce"):
-        if name == "ce":
-            convert(model, CEConfig(n_ce))
-        progress(f"end to end {name}: prefill")
-        with torch.no_grad():
-            prefill = median_seconds(lambda: model(ids), device, repeats)
-            progress(f"end to end {name}: decode")
-            first = median_seconds(lambda: model.generate(short, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                                                          pad_token_id=config.pad_token_id), device, repeats)
-            decode = median_seconds(lambda: model.generate(short, **settings), device, repeats)
-        # Decode rate excludes the prompt's prefill (the 1-new-token generate) from the time.
-        result[name] = {"prefill_tokens_per_s": prompt / prefill,
-                        "decode_tokens_per_s": (new_tokens - 1) / max(decode - first, 1e-9)}
-    return result
+
+    def generate(model, count):
+        return lambda: model.generate(short, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                      pad_token_id=config.pad_token_id)
+
+    with torch.no_grad():
+        progress("end to end: prefill")
+        prefill = interleaved_medians({k: (lambda m=m: m(ids)) for k, m in models.items()}, device, repeats)
+        progress("end to end: decode")
+        first = interleaved_medians({k: generate(m, 1) for k, m in models.items()}, device, repeats)
+        decode = interleaved_medians({k: generate(m, new_tokens) for k, m in models.items()}, device, repeats)
+    # The decode rate leaves out the short prompt's prefill (timed as a one-token generate).
+    return {k: {"prefill_tokens_per_s": prompt / prefill[k],
+                "decode_tokens_per_s": (new_tokens - 1) / max(decode[k] - first[k], 1e-9)} for k in models}
 
 
 # ---------------------------------------------------------------- reporting

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import Grouping, grouped_linear
+from .dispatch import Grouping, grouped_linear, split_gate_up
 
 
 class CompressedExperts(nn.Module):
@@ -57,13 +57,18 @@ class CompressedExperts(nn.Module):
     def _aggregate(
         self, aux_index: torch.Tensor, aux_weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token gate/up/down scales: the auxiliary compressed experts averaged by routing weight."""
+        """Per-token gate/up/down scales: the auxiliary compressed experts averaged by routing weight.
+
+        One ``[T, E] @ [E, 2H + I]`` product with the renormalised weights scattered into a
+        sparse-as-dense matrix: fewer, larger operations than gathering ``n_ce`` vectors per token.
+        """
         aux_weights = aux_weights.float()  # renormalise in float32 whatever the router's dtype
         total = aux_weights.sum(dim=-1, keepdim=True)
         # A token whose auxiliary weights are all zero averages them uniformly instead of dividing by 0.
         share = torch.where(total > 0, aux_weights / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0 / self.n_ce)
-        share = share.to(self.ce_gate.dtype).unsqueeze(-1)  # [T, n_ce, 1]
-        return tuple((share * vectors[aux_index]).sum(dim=1) for vectors in (self.ce_gate, self.ce_up, self.ce_down))
+        mix = share.new_zeros(share.shape[0], self.num_experts).scatter_add_(1, aux_index, share)
+        vectors = torch.cat([self.ce_gate, self.ce_up, self.ce_down], dim=1)
+        return (mix.to(vectors.dtype) @ vectors).split([self.hidden_dim, self.hidden_dim, self.intermediate_dim], dim=1)
 
     def _run_main(
         self,
@@ -74,17 +79,18 @@ class CompressedExperts(nn.Module):
     ) -> torch.Tensor:
         """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once."""
         groups = Grouping.build(index, self.num_experts)
-        rows = hidden_states[groups.token]
-        inter = self.intermediate_dim
         if scales is None:
-            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets).split(inter, dim=-1)
+            rows = hidden_states[groups.token]
+            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets).split(self.intermediate_dim, dim=-1)
+            inner = self.act_fn(gate) * up
         else:
             scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
-            gate = grouped_linear(rows * scale_gate[groups.token], self.gate_up_proj[:, :inter], groups.offsets)
-            up = grouped_linear(rows * scale_up[groups.token], self.gate_up_proj[:, inter:], groups.offsets)
-        inner = self.act_fn(gate) * up
-        if scales is not None:
-            inner = inner * scale_down[groups.token]
+            # Scale per token, then gather per (token, expert) row: the scaling rides on the gather.
+            gate, up = split_gate_up(
+                (hidden_states * scale_gate)[groups.token], (hidden_states * scale_up)[groups.token],
+                self.gate_up_proj, groups.offsets,
+            )
+            inner = self.act_fn(gate) * up * scale_down[groups.token]
         out = grouped_linear(inner, self.down_proj, groups.offsets)
         # Weight and sum at the routing weights' precision (float32 for some routers), round once.
         wide = torch.promote_types(out.dtype, weights.dtype)

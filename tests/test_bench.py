@@ -1,0 +1,37 @@
+"""The benchmark machinery on a toy shape: it runs every variant, and its report says what it measured."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from compressed_experts import bench
+
+
+def test_layer_benchmark_on_a_toy_shape(tmp_path):
+    result = bench.run(device="cpu", shapes=("tiny",), dtypes=("float32",), tokens=(1, 8), repeats=5,
+                       end_to_end=False, command="test")
+    rows = result["rows"]
+    variants = {r["variant"] for r in rows}
+    assert variants == {"transformers:eager", "transformers:grouped_mm", "full", "top-m", "ce"}
+    assert len(rows) == 5 * 2 * 2  # variants x token counts x modes
+    assert all(r["ms"] > 0 for r in rows)
+    full = next(r for r in rows if r["variant"] == "full" and r["tokens"] == 1 and r["mode"] == "forward")
+    ce = next(r for r in rows if r["variant"] == "ce" and r["tokens"] == 1 and r["mode"] == "forward")
+    assert full["gflop_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e9  # k = 4 experts of 3 H x I matrices
+    assert ce["gflop_per_token"] == full["gflop_per_token"] / 2  # n_ce = 2 of 4
+    assert ce["expert_mb_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e6  # one token: 2 experts' float32 weights
+    bench.write_report(result, tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md")
+    stored = json.loads((tmp_path / "benchmarks" / "cpu.json").read_text())
+    assert stored["rows"] == rows and stored["machine"] == bench.machine()
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| tiny | float32 | 8 | forward |" in text and bench.machine() in text
+
+
+def test_interleaved_medians_time_every_function_alike():
+    calls = []
+    medians = bench.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                        torch.device("cpu"), repeats=5, warmup=1)
+    assert set(medians) == {"a", "b"} and calls.count("a") == calls.count("b") == 6
+    assert calls[2:6] == ["a", "b", "b", "a"]  # the order rotates from round to round
