@@ -62,8 +62,10 @@ def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.device.type == "cpu":
         return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if a.device.type == "cuda":  # the CUDA kernel needs bf16 and Hopper or newer
-        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
+    if a.device.type == "cuda":  # Ampere or newer (as transformers' own check); bf16 also on older builds' Hopper kernel
+        return torch.cuda.get_device_capability(a.device) >= (8, 0) and a.dtype in (
+            torch.bfloat16, torch.float32, torch.float16
+        )
     return False
 
 
@@ -84,8 +86,36 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> t
     """
     if _grouped_mm_supported(a, b):
         return F.grouped_mm(a, b, offs=offsets)
-    out = [a[start:end] @ b[expert] for expert, start, end in _blocks(offsets)]
-    return torch.cat(out) if out else a.new_zeros(a.shape[0], b.shape[-1])
+    return _LoopGroupedMatmul.apply(a, b, offsets)
+
+
+class _LoopGroupedMatmul(torch.autograd.Function):
+    """The fallback: one matmul per expert that has rows, one host sync per call.
+
+    Its own backward, because autograd through ``b[expert]`` would build a zero tensor of the
+    whole weight's size for every expert and add them all up.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, offsets):
+        ctx.save_for_backward(a, b, offsets)
+        out = a.new_zeros(a.shape[0], b.shape[-1])
+        for expert, start, end in _blocks(offsets):
+            torch.mm(a[start:end], b[expert], out=out[start:end])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offsets = ctx.saved_tensors
+        needs_a, needs_b, _ = ctx.needs_input_grad
+        grad_a = torch.zeros_like(a) if needs_a else None
+        grad_b = torch.zeros_like(b) if needs_b else None
+        for expert, start, end in _blocks(offsets):
+            if needs_a:
+                torch.mm(grad[start:end], b[expert].T, out=grad_a[start:end])
+            if needs_b:
+                grad_b[expert] = a[start:end].T @ grad[start:end]
+        return grad_a, grad_b, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,12 @@ class CompressedExperts(nn.Module):
         One ``[T, E] @ [E, 2H + I]`` product with the renormalised weights scattered into a
         sparse-as-dense matrix: fewer, larger operations than gathering ``n_ce`` vectors per token.
         """
-        aux_weights = aux_weights.float()  # renormalise in float32 whatever the router's dtype
-        total = aux_weights.sum(dim=-1, keepdim=True)
-        # A token whose auxiliary weights are all zero averages them uniformly instead of dividing by 0.
-        share = torch.where(total > 0, aux_weights / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0 / self.n_ce)
-        mix = share.new_zeros(share.shape[0], self.num_experts).scatter_add_(1, aux_index, share)
+        # In float32 whatever the router's dtype. The tiny shift keeps the renormalisation finite
+        # for a token whose auxiliary weights are all zero (it then averages them uniformly) and
+        # changes nothing measurable otherwise.
+        mix = aux_weights.new_zeros(aux_weights.shape[0], self.num_experts, dtype=torch.float32)
+        mix.scatter_add_(1, aux_index, aux_weights.float() + 1e-30)
+        mix = mix / mix.sum(dim=-1, keepdim=True)
         vectors = torch.cat([self.ce_gate, self.ce_up, self.ce_down], dim=1)
         return (mix.to(vectors.dtype) @ vectors).split([self.hidden_dim, self.hidden_dim, self.intermediate_dim], dim=1)
 
