@@ -84,9 +84,15 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> t
     Differentiable. ``b`` may be a strided view (half of a fused ``gate_up_proj``, transposed):
     no copy of the expert weights is made.
     """
-    if _grouped_mm_supported(a, b):
+    if _grouped_mm_supported(a, b) and not _few_rows_on_cpu(a, b):
         return F.grouped_mm(a, b, offs=offsets)
     return _LoopGroupedMatmul.apply(a, b, offsets)
+
+
+def _few_rows_on_cpu(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
+    per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync)."""
+    return a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
 
 
 class _LoopGroupedMatmul(torch.autograd.Function):
@@ -126,10 +132,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up) -> torch.Tensor:
     """Gradient of a fused ``[E, 2I, H]`` weight, each expert's two halves written in place.
 
-    One buffer the size of the weight, filled by ``mm(..., out=)`` per expert (one host sync):
-    measured faster on CPU than two grouped products and a concatenation, whose extra
-    weight-sized temporaries cost more than the loop.
+    On CPU, one buffer the size of the weight filled by ``mm(..., out=)`` per expert (one host
+    sync) measured faster than two grouped products and a concatenation, whose weight-sized
+    temporaries cost more than the loop; on a GPU the loop's launches and sync cost more.
     """
+    if gate_up.device.type != "cpu" and _grouped_mm_supported(grad_gate.T, x_gate):
+        return torch.cat(
+            [F.grouped_mm(grad_gate.T, x_gate, offs=offsets), F.grouped_mm(grad_up.T, x_up, offs=offsets)], dim=1
+        )
     inter = gate_up.shape[1] // 2
     grad = torch.empty_like(gate_up)
     start = 0
