@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import compressed_experts.dispatch as dispatch
+import compressed_experts as ce
 from compressed_experts import CompressedExperts
 from conftest import reference_experts
 
@@ -125,30 +126,67 @@ def test_all_zero_auxiliary_weights_fall_back_to_a_uniform_average():
     torch.testing.assert_close(out.double(), uniform, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_ce", [0, 2])
+@pytest.mark.parametrize("tokens", [1, 3, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_fallback_matmul_agrees_with_grouped_mm(monkeypatch, dtype, tol):
-    module = layer(1).to(dtype)
-    x = torch.randn(64, H, dtype=dtype, requires_grad=True)
-    index, weights = routing(64, skip=(3,))
-    weights = weights.to(dtype)
+def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dtype, tol):
     if not dispatch._HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
+    module = layer(n_ce).to(dtype)
+    x = torch.randn(tokens, H, dtype=dtype, requires_grad=True)
+    index, weights = routing(tokens, skip=(3,))  # expert 3 gets nothing; loads are uneven
+    weights = weights.to(dtype)
     calls = []
     real = dispatch.F.grouped_mm
     monkeypatch.setattr(dispatch.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    runs = []
-    for has_grouped in (True, False):
-        monkeypatch.setattr(dispatch, "_HAS_GROUPED_MM", has_grouped)
+    runs = {}
+    for path in ("grouped", "loop", "auto"):
+        module.path = path
         module.zero_grad()
         x.grad = None
+        calls.clear()
         out = module(x, index, weights)
-        forward_calls = len(calls)
+        assert (len(calls) > 0) == (path == "grouped" or (path == "auto" and tokens * (K - n_ce) * 4 > E))
         out.float().square().sum().backward()
-        runs.append((out.detach(), x.grad.clone(), module.gate_up_proj.grad.clone(), module.ce_up.grad.clone()))
-        if has_grouped:  # gate, up and down took the grouped_mm path, and so did their backward
-            assert forward_calls == 3 and len(calls) > forward_calls
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+        grads = [x.grad, module.gate_up_proj.grad, module.down_proj.grad]
+        if n_ce:
+            grads += [module.ce_gate.grad, module.ce_up.grad, module.ce_down.grad]
+        runs[path] = [out.detach()] + [g.clone() for g in grads]
+    for path in ("loop", "auto"):
+        for a, b in zip(runs["grouped"], runs[path]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(runs["loop"][0].double(), reference(module, x, index, weights), rtol=tol, atol=tol)
+
+
+def test_forcing_a_path():
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4))
+    ce.set_compute_path(model, "loop")
+    assert {m.path for m in model.modules() if isinstance(m, CompressedExperts)} == {"loop"}
+    with pytest.raises(ce.CompressedExpertsError, match="choose from auto, grouped, loop"):
+        ce.set_compute_path(model, "triton")
+    with pytest.raises(ce.CompressedExpertsError, match="convert it first"):
+        ce.set_compute_path(ce.tiny_model("olmoe"), "loop")
+    odd = CompressedExperts(PlainExperts(), 1)  # I = 24 rows of bf16 are 48 bytes: aligned; make them not
+    odd.gate_up_proj = nn.Parameter(torch.randn(E, 2 * 12, H, dtype=torch.float16))
+    odd.down_proj = nn.Parameter(torch.randn(E, H, 12, dtype=torch.float16))
+    odd.intermediate_dim, odd.path = 12, "grouped"
+    odd.ce_down = nn.Parameter(torch.ones(E, 12, dtype=torch.float16))
+    odd.ce_gate.data, odd.ce_up.data = odd.ce_gate.data.half(), odd.ce_up.data.half()
+    index, weights = routing(4)
+    with pytest.raises(ce.CompressedExpertsError, match="grouped path cannot take"):
+        odd(torch.randn(4, H, dtype=torch.float16), index, weights.half())
+    odd.path = "auto"
+    assert odd(torch.randn(4, H, dtype=torch.float16), index, weights.half()).shape == (4, H)
+
+
+def test_frozen_experts_get_no_gradient_but_compressed_experts_do():
+    module = layer(2)
+    module.gate_up_proj.requires_grad_(False)
+    module.down_proj.requires_grad_(False)
+    index, weights = routing(40)
+    module(torch.randn(40, H), index, weights).square().sum().backward()
+    assert module.gate_up_proj.grad is None and module.down_proj.grad is None
+    assert module.ce_gate.grad.abs().sum() > 0 and module.ce_down.grad.abs().sum() > 0
 
 
 def test_grouping_with_no_rows_for_most_experts():

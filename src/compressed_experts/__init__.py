@@ -14,7 +14,7 @@ from .checkpoint import from_pretrained
 from .config import CEConfig
 from .convert import ce_config_of, convert
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
-from .layer import CompressedExperts
+from .layer import CompressedExperts, set_compute_path
 from .parameters import active_parameters, describe
 from .tiny import tiny_model
 
@@ -32,5 +32,6 @@ __all__ = [
     "convert",
     "describe",
     "from_pretrained",
+    "set_compute_path",
     "tiny_model",
 ]

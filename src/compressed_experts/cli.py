@@ -136,11 +136,16 @@ def bench(
     end_to_end: Annotated[bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")] = True,
     out_dir: Annotated[Path, typer.Option(help="Where <device>.json goes.")] = Path("benchmarks"),
     doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path("BENCHMARKS.md"),
+    report_only: Annotated[bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")] = False,
 ) -> None:
     """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
     from . import bench as benchmark
 
     def action() -> None:
+        if report_only:
+            benchmark.write_report(None, out_dir, doc)
+            console.print(f"regenerated {doc} from {out_dir}")
+            return
         if repeats < 5:
             raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
         if device not in ("auto", "cpu", "cuda"):

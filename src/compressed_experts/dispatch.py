@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import CompressedExpertsError
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -78,21 +80,36 @@ def _blocks(offsets: torch.Tensor):
         start = end
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+#: Compute paths: "auto" picks per call; "grouped" forces F.grouped_mm; "loop" one matmul per expert with rows.
+PATHS = ("auto", "grouped", "loop")
+
+
+def _use_grouped(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
+    if path == "loop":
+        return False
+    supported = _grouped_mm_supported(a, b)
+    if path == "grouped":
+        if not supported:
+            raise CompressedExpertsError(
+                f"the grouped path cannot take {a.dtype} operands of these shapes on {a.device} "
+                f"(grouped_mm needs 16-byte aligned rows; on CUDA an Ampere or newer GPU): use path 'auto' or 'loop'"
+            )
+        return True
+    # Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
+    # per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync).
+    few_rows_on_cpu = a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
+    return supported and not few_rows_on_cpu
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """``a[rows of e] @ b[e]`` for every expert ``e``; ``a`` is ``[rows, K]``, ``b`` is ``[E, K, N]``.
 
     Differentiable. ``b`` may be a strided view (half of a fused ``gate_up_proj``, transposed):
     no copy of the expert weights is made.
     """
-    if _grouped_mm_supported(a, b) and not _few_rows_on_cpu(a, b):
+    if _use_grouped(a, b, path):
         return F.grouped_mm(a, b, offs=offsets)
     return _LoopGroupedMatmul.apply(a, b, offsets)
-
-
-def _few_rows_on_cpu(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
-    per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync)."""
-    return a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
 
 
 class _LoopGroupedMatmul(torch.autograd.Function):
@@ -124,19 +141,19 @@ class _LoopGroupedMatmul(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:
     """``x[rows of e] @ weight[e].T`` for every expert ``e``; ``weight`` is ``[E, out, in]``."""
-    return grouped_matmul(x, weight.transpose(-2, -1), offsets)
+    return grouped_matmul(x, weight.transpose(-2, -1), offsets, path)
 
 
-def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up) -> torch.Tensor:
+def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, path) -> torch.Tensor:
     """Gradient of a fused ``[E, 2I, H]`` weight, each expert's two halves written in place.
 
     On CPU, one buffer the size of the weight filled by ``mm(..., out=)`` per expert (one host
     sync) measured faster than two grouped products and a concatenation, whose weight-sized
     temporaries cost more than the loop; on a GPU the loop's launches and sync cost more.
     """
-    if gate_up.device.type != "cpu" and _grouped_mm_supported(grad_gate.T, x_gate):
+    if path != "loop" and gate_up.device.type != "cpu" and _grouped_mm_supported(grad_gate.T, x_gate):
         return torch.cat(
             [F.grouped_mm(grad_gate.T, x_gate, offs=offsets), F.grouped_mm(grad_up.T, x_up, offs=offsets)], dim=1
         )
@@ -162,11 +179,12 @@ class _SplitGateUp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_gate, x_up, gate_up, offsets):
+    def forward(ctx, x_gate, x_up, gate_up, offsets, path):
         inter = gate_up.shape[1] // 2
         ctx.save_for_backward(x_gate, x_up, gate_up, offsets)
-        gate = grouped_linear(x_gate, gate_up[:, :inter], offsets)
-        up = grouped_linear(x_up, gate_up[:, inter:], offsets)
+        ctx.path = path
+        gate = grouped_linear(x_gate, gate_up[:, :inter], offsets, path)
+        up = grouped_linear(x_up, gate_up[:, inter:], offsets, path)
         return gate, up
 
     @staticmethod
@@ -174,14 +192,19 @@ class _SplitGateUp(torch.autograd.Function):
         x_gate, x_up, gate_up, offsets = ctx.saved_tensors
         inter = gate_up.shape[1] // 2
         grad_gate, grad_up = grad_gate.contiguous(), grad_up.contiguous()
-        needs_x_gate, needs_x_up, needs_weight, _ = ctx.needs_input_grad
-        d_gate = grouped_matmul(grad_gate, gate_up[:, :inter], offsets) if needs_x_gate else None
-        d_up = grouped_matmul(grad_up, gate_up[:, inter:], offsets) if needs_x_up else None
+        needs_x_gate, needs_x_up, needs_weight, _, _ = ctx.needs_input_grad
+        path = ctx.path
+        d_gate = grouped_matmul(grad_gate, gate_up[:, :inter], offsets, path) if needs_x_gate else None
+        d_up = grouped_matmul(grad_up, gate_up[:, inter:], offsets, path) if needs_x_up else None
         # Frozen experts (training only the compressed experts) skip the largest cost.
-        d_weight = _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up) if needs_weight else None
-        return d_gate, d_up, d_weight, None
+        d_weight = None
+        if needs_weight:
+            d_weight = _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, path)
+        return d_gate, d_up, d_weight, None, None
 
 
-def split_gate_up(x_gate: torch.Tensor, x_up: torch.Tensor, gate_up: torch.Tensor, offsets: torch.Tensor):
+def split_gate_up(
+    x_gate: torch.Tensor, x_up: torch.Tensor, gate_up: torch.Tensor, offsets: torch.Tensor, path: str = "auto"
+):
     """``(x_gate @ W_gate[e].T, x_up @ W_up[e].T)`` per expert block, with ``gate_up`` = ``[W_gate; W_up]``."""
-    return _SplitGateUp.apply(x_gate, x_up, gate_up, offsets)
+    return _SplitGateUp.apply(x_gate, x_up, gate_up, offsets, path)

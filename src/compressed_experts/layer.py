@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import Grouping, grouped_linear, split_gate_up
+from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
+from .errors import CompressedExpertsError
 
 
 class CompressedExperts(nn.Module):
@@ -31,6 +32,7 @@ class CompressedExperts(nn.Module):
         self.num_experts, two_i, self.hidden_dim = self.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.n_ce = n_ce
+        self.path = "auto"  # compute path of the expert matmuls, see set_compute_path
         like = dict(dtype=self.gate_up_proj.dtype, device=self.gate_up_proj.device)
         self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
         self.ce_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
@@ -39,7 +41,7 @@ class CompressedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}"
+            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, path={self.path}"
         )
 
     def forward(
@@ -83,18 +85,36 @@ class CompressedExperts(nn.Module):
         groups = Grouping.build(index, self.num_experts)
         if scales is None:
             rows = hidden_states[groups.token]
-            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets).split(self.intermediate_dim, dim=-1)
+            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets, self.path).split(
+                self.intermediate_dim, dim=-1
+            )
             inner = self.act_fn(gate) * up
         else:
             scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
             # Scale per token, then gather per (token, expert) row: the scaling rides on the gather.
             gate, up = split_gate_up(
                 (hidden_states * scale_gate)[groups.token], (hidden_states * scale_up)[groups.token],
-                self.gate_up_proj, groups.offsets,
+                self.gate_up_proj, groups.offsets, self.path,
             )
             inner = self.act_fn(gate) * up * scale_down[groups.token]
-        out = grouped_linear(inner, self.down_proj, groups.offsets)
+        out = grouped_linear(inner, self.down_proj, groups.offsets, self.path)
         # Weight and sum at the routing weights' precision (float32 for some routers), round once.
         wide = torch.promote_types(out.dtype, weights.dtype)
         out = out.to(wide) * weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
         return groups.combine(out, hidden_states.shape[0]).to(hidden_states.dtype)
+
+
+def set_compute_path(model: nn.Module, path: str) -> None:
+    """Force how every compressed-experts block of ``model`` multiplies its experts.
+
+    ``"auto"`` (the default) picks per call: ``grouped_mm`` where the build and device take the
+    operands, except decode-sized calls on CPU, which loop over the experts that have rows.
+    ``"grouped"`` always uses ``grouped_mm`` (an error where it cannot); ``"loop"`` always loops.
+    """
+    if path not in PATHS:
+        raise CompressedExpertsError(f"unknown compute path {path!r}; choose from {', '.join(PATHS)}")
+    layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    if not layers:
+        raise CompressedExpertsError("this model has no compressed-experts blocks: convert it first")
+    for layer in layers:
+        layer.path = path
