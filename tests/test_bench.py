@@ -24,9 +24,9 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path):
     assert ce["expert_mb_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e6  # one token: 2 experts' float32 weights
     bench.write_report(result, tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md")
     stored = json.loads((tmp_path / "benchmarks" / "cpu.json").read_text())
-    assert stored["rows"] == rows and stored["machine"] == bench.machine()
+    assert stored["rows"] == rows and stored["machine"] == bench.machine(torch.device("cpu"))
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "| tiny | float32 | 8 | forward |" in text and bench.machine() in text
+    assert "| tiny | float32 | 8 | forward |" in text and bench.machine(torch.device("cpu")) in text
 
 
 def test_interleaved_medians_time_every_function_alike():

@@ -68,6 +68,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["convert", "tiny:olmoe", "--n-ce", "1", "--out", str(tmp_path / "file.txt")], "is a file"),
         (["bench", "--shapes", "gpt"], "unknown value(s) gpt"),
         (["bench", "--repeats", "2"], "at least 5"),
+        (["bench", "--tokens", "x"], "comma-separated list of int"),
+        (["bench", "--tokens", "0,16"], "must be positive"),
+        (["bench", "--doc", str(tmp_path / "nowhere" / "B.md")], "does not exist"),
         (["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")], "no benchmark results"),
     ]
     (tmp_path / "file.txt").write_text("x")

@@ -133,7 +133,7 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
     if not dispatch._HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
     module = layer(n_ce).to(dtype)
-    x = torch.randn(tokens, H, dtype=dtype, requires_grad=True)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(dtype).requires_grad_(True)
     index, weights = routing(tokens, skip=(3,))  # expert 3 gets nothing; loads are uneven
     weights = weights.to(dtype)
     calls = []
@@ -155,7 +155,9 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
     for path in ("loop", "auto"):
         for a, b in zip(runs["grouped"], runs[path]):
             torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(runs["loop"][0].double(), reference(module, x, index, weights), rtol=tol, atol=tol)
+    # Against the float64 reference, bf16 rounding of the intermediate products adds up: 3e-2.
+    ref_tol = tol if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(runs["loop"][0].double(), reference(module, x, index, weights), rtol=ref_tol, atol=ref_tol)
 
 
 def test_forcing_a_path():

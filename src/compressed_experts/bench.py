@@ -12,6 +12,7 @@ import copy
 import importlib
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -60,8 +61,8 @@ SHAPES["tiny"] = Shape(
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm")
 
 
-def machine() -> str:
-    """A one-line description of where the numbers were measured."""
+def machine(device: torch.device | None = None) -> str:
+    """A one-line description of where the numbers were measured (the card, for a CUDA device)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -71,19 +72,14 @@ def machine() -> str:
     except OSError:
         pass
     text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); host {text}"
+    if device is not None and device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {text}"
     return text
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    return interleaved_medians({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def interleaved_medians(
@@ -114,7 +110,7 @@ class _TopM(nn.Module):
         self.experts, self.main = experts, main
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        weights, order = top_k_weights.sort(dim=-1, descending=True)
+        weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
         return self.experts(hidden_states, top_k_index.gather(-1, order)[:, : self.main], weights[:, : self.main])
 
 
@@ -132,6 +128,7 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     with torch.device(device):
         block = getattr(module, shape.block_class)(config).to(dtype)
+    block.eval()  # inference routing: PhiMoE's sparsemixer samples in training mode, changing routing per call
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0.0, 0.02)
@@ -220,19 +217,20 @@ def bench_layers(
 
 def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = 512, new_tokens: int = 32,
                      repeats: int = 5, n_ce: int = 4, progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Prefill and greedy-decode tokens/s of a 4-layer model of OLMoE-1B-7B's shape: full top-8
-    against a converted copy (compressed experts at random values), timed in turns."""
+    """Prefill and greedy-decode tokens/s of a 4-layer model of OLMoE-1B-7B's shape, timed in turns:
+    transformers' own model, this library's full top-8 (n_ce 0) and compressed experts (n_ce 4,
+    random vectors), all on the same weights."""
     torch.manual_seed(0)
     config = OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
-    full = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
-    compressed = convert(copy.deepcopy(full), CEConfig(n_ce))
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    models = {"transformers": plain, "full": convert(copy.deepcopy(plain), CEConfig(0)),
+              "ce": convert(copy.deepcopy(plain), CEConfig(n_ce))}
     with torch.no_grad():
-        for layer in compressed.modules():
+        for layer in models["ce"].modules():
             if isinstance(layer, CompressedExperts):
                 for vec in (layer.ce_gate, layer.ce_up, layer.ce_down):
                     vec.uniform_(0.5, 1.5)
-    models = {"full": full, "ce": compressed}
     ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
     short = ids[:, :16]
 
@@ -292,12 +290,19 @@ def markdown(result: dict) -> str:
         )
     e2e = result.get("end_to_end")
     if e2e:
+        names = {"transformers": "transformers' model", "full": "full top-8 (this library)",
+                 "ce": "compressed experts (n_ce 4)"}
+        present = [k for k in names if k in e2e]
         lines += ["", f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
                   f"{e2e['new_tokens']} greedy tokens):", "",
-                  "| | full top-8 | compressed experts (n_ce 4) | ratio |", "|---|---|---|---|"]
+                  "| | " + " | ".join(names[k] for k in present) + " | ce / full |", "|---" * (len(present) + 2) + "|"]
+        base = "full" if "full" in e2e else "transformers"
         for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            full, ce_ = e2e["full"][metric], e2e["ce"][metric]
-            lines.append(f"| {metric.replace('_', ' ')} | {full:.1f} | {ce_:.1f} | {ce_ / full:.2f} |")
+            values = " | ".join(f"{e2e[k][metric]:.1f}" for k in present)
+            lines.append(f"| {metric.replace('_', ' ')} | {values} | {e2e['ce'][metric] / e2e[base][metric]:.2f} |")
+        if base == "transformers":
+            lines += ["", "(Measured before this library's own full top-k was added to the end-to-end run: "
+                      "the ratio is against transformers' model.)"]
     checks = targets(result)
     if checks:
         lines += ["", "Targets (ratios of this run):", "", "| target | measured | bound | met | off by |", "|---|---|---|---|---|"]
@@ -310,7 +315,7 @@ def markdown(result: dict) -> str:
 
 def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
     """The issue's CPU targets that this result can speak to, with the measured ratios."""
-    if result["device"] != "cpu":
+    if result["device"] != "cpu":  # the issue's targets are for this project's 2-core CPU
         return []
     out = []
     for what, shape, dtype, tokens, mode, num, den, bound, kind in TARGETS:
@@ -320,16 +325,34 @@ def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
             out.append((f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})", value, bound, kind, value <= bound))
     e2e = result.get("end_to_end")
     if e2e:
-        value = e2e["ce"]["decode_tokens_per_s"] / e2e["full"]["decode_tokens_per_s"]
-        out.append(("decode tokens/s, compressed experts / full top-k (end to end)", value, 1.25, "min", value >= 1.25))
+        base = "full" if "full" in e2e else "transformers"
+        value = e2e["ce"]["decode_tokens_per_s"] / e2e[base]["decode_tokens_per_s"]
+        label = "full top-k" if base == "full" else "transformers' model"
+        out.append((f"decode tokens/s, compressed experts / {label} (end to end)", value, 1.25, "min", value >= 1.25))
     return out
+
+
+def _merge(stored: dict, new: dict) -> dict:
+    """``stored`` with the rows and end-to-end figures that ``new`` measured replaced by ``new``'s."""
+    key = lambda r: (r["shape"], r["dtype"], r["tokens"], r["mode"], r["variant"])  # noqa: E731
+    fresh = {key(r) for r in new["rows"]}
+    merged = dict(stored, machine=new["machine"], repeats=new["repeats"])
+    merged["rows"] = [r for r in stored["rows"] if key(r) not in fresh] + new["rows"]
+    commands = [c for c in (stored.get("command"), new.get("command")) if c]
+    merged["command"] = " ; ".join(dict.fromkeys(" ; ".join(commands).split(" ; ")))
+    if "end_to_end" in new:
+        merged["end_to_end"] = new["end_to_end"]
+    return merged
 
 
 def write_report(result: dict | None, directory: Path, document: Path) -> None:
     """Store ``result`` (if any) as ``directory/<device>.json`` and regenerate ``document`` from every stored result."""
     directory.mkdir(parents=True, exist_ok=True)
     if result is not None:
-        (directory / f"{result['device']}.json").write_text(json.dumps(result, indent=1))
+        path = directory / f"{result['device']}.json"
+        if path.exists():  # a partial run (some shapes, or end to end only) updates what it measured
+            result = _merge(json.loads(path.read_text()), result)
+        path.write_text(json.dumps(result, indent=1))
     results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
     if not results:
         raise CompressedExpertsError(f"no benchmark results in {directory}: run compressed-experts bench first")
@@ -346,7 +369,8 @@ def run(device: str = "auto", shapes=("olmoe", "phimoe"), dtypes=("bfloat16", "f
     """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
-    result = {"device": "cpu" if dev.type == "cpu" else "cuda", "machine": machine(), "command": command,
+    key = "cpu" if dev.type == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+    result = {"device": key, "machine": machine(dev), "command": command,
               "repeats": repeats, "rows": [asdict(r) for r in rows]}
     if end_to_end:
         e2e_dtype = torch.bfloat16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -115,7 +116,12 @@ def convert(
 
 
 def _csv(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> tuple:
-    values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise CompressedExpertsError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from err
+    if kind is int and any(v <= 0 for v in values):
+        raise CompressedExpertsError(f"token counts must be positive, got {text!r}")
     if allowed is not None:
         bad = [v for v in values if v not in allowed]
         if bad:
@@ -128,7 +134,7 @@ def _csv(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> tuple:
 @app.command()
 def bench(
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    shapes: Annotated[str, typer.Option(help="Layer shapes: olmoe, phimoe.")] = "olmoe,phimoe",
+    shapes: Annotated[str, typer.Option(help="Layer shapes: olmoe, phimoe; 'none' for end to end only.")] = "olmoe,phimoe",
     dtypes: Annotated[str, typer.Option(help="bfloat16, float32.")] = "bfloat16,float32",
     tokens: Annotated[str, typer.Option(help="Token counts per call.")] = "1,16,512",
     modes: Annotated[str, typer.Option(help="forward, forward+backward.")] = "forward,forward+backward",
@@ -155,10 +161,17 @@ def bench(
 
             if not torch.cuda.is_available():
                 raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+        # Fail on unwritable outputs now, not after a run of many minutes.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for target in (out_dir / ".write-test", doc):
+            if not target.parent.is_dir():
+                raise CompressedExpertsError(f"{target.parent} does not exist: create it or choose another --doc")
+            if target.exists() and not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK):
+                raise CompressedExpertsError(f"cannot write {target}")
         command = "compressed-experts bench " + " ".join(sys.argv[2:])
         with console.status("benchmarking") as status:
             result = benchmark.run(
-                device, _csv(shapes, tuple(benchmark.SHAPES)), _csv(dtypes, ("bfloat16", "float32")),
+                device, () if shapes == "none" else _csv(shapes, tuple(benchmark.SHAPES)), _csv(dtypes, ("bfloat16", "float32")),
                 _csv(tokens, kind=int), _csv(modes, ("forward", "forward+backward")), repeats, end_to_end,
                 command, progress=lambda text: status.update(f"benchmarking: {text}"),
             )

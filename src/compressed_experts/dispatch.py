@@ -64,7 +64,7 @@ def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.device.type == "cpu":
         return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if a.device.type == "cuda":  # Ampere or newer (as transformers' own check); bf16 also on older builds' Hopper kernel
+    if a.device.type == "cuda":  # F.grouped_mm (torch >= 2.10) takes these dtypes on Ampere or newer
         return torch.cuda.get_device_capability(a.device) >= (8, 0) and a.dtype in (
             torch.bfloat16, torch.float32, torch.float16
         )

@@ -91,7 +91,8 @@ class CompressedExperts(nn.Module):
             inner = self.act_fn(gate) * up
         else:
             scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
-            # Scale per token, then gather per (token, expert) row: the scaling rides on the gather.
+            # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
+            # pass over T rows rather than over T * m.
             gate, up = split_gate_up(
                 (hidden_states * scale_gate)[groups.token], (hidden_states * scale_up)[groups.token],
                 self.gate_up_proj, groups.offsets, self.path,
