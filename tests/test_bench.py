@@ -35,3 +35,18 @@ def test_interleaved_medians_time_every_function_alike():
                                         torch.device("cpu"), repeats=5, warmup=1)
     assert set(medians) == {"a", "b"} and calls.count("a") == calls.count("b") == 6
     assert calls[2:6] == ["a", "b", "b", "a"]  # the order rotates from round to round
+
+
+def test_end_to_end_on_a_toy_model():
+    from transformers import OlmoeConfig
+
+    config = OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4)
+    result = bench.bench_end_to_end(torch.device("cpu"), torch.float32, prompt=24, new_tokens=4, n_ce=2, config=config)
+    assert set(result) == {"transformers", "full", "ce"}
+    for figures in result.values():
+        assert figures["prefill_tokens_per_s"] > 0 and figures["decode_tokens_per_s"] > 0
+    report = bench.markdown({"device": "cpu", "machine": "m", "command": "c", "rows": [],
+                             "end_to_end": {"dtype": "float32", "prompt": 24, "new_tokens": 4, **result}})
+    ratio = result["ce"]["decode_tokens_per_s"] / result["full"]["decode_tokens_per_s"]
+    assert f"| {ratio:.2f} |" in report and "full top-8 (this library)" in report
