@@ -208,9 +208,10 @@ def bench_layers(
                     progress(f"{shape_key}, {str(dtype).removeprefix('torch.')}, {count} tokens, {mode}")
                     runs = {name: _runner(block, x, mode) for name, block in variants.items()}
                     medians = interleaved_medians(runs, device, repeats)
+                    costs = {n: _expert_cost(variants["full"], x.view(-1, x.shape[-1]), n, dtype)
+                             for n in (top_k, top_k - shape.n_ce)}
                     for name, seconds in medians.items():
-                        per_token = top_k - shape.n_ce if name in ("top-m", "ce") else top_k
-                        gflop, mb = _expert_cost(variants["full"], x.view(-1, x.shape[-1]), per_token, dtype)
+                        gflop, mb = costs[top_k - shape.n_ce if name in ("top-m", "ce") else top_k]
                         rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name,
                                         seconds * 1e3, gflop * (3 if mode != "forward" else 1), mb))
             del variants
