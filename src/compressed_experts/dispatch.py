@@ -3,8 +3,7 @@
 Rows (one per token and selected expert) are sorted by expert so that each expert's
 weights multiply one contiguous block of rows. ``torch.nn.functional.grouped_mm`` does all
 experts in one call where the build and device support it; elsewhere a loop over the
-experts' row blocks gives the same result with one host sync for the whole layer (never
-one per expert).
+experts' row blocks gives the same result with one host sync per call (never one per expert).
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ class _LoopGroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, offsets):
         ctx.save_for_backward(a, b, offsets)
-        out = a.new_zeros(a.shape[0], b.shape[-1])
+        out = a.new_empty(a.shape[0], b.shape[-1])  # every row lies in exactly one expert's block
         for expert, start, end in _blocks(offsets):
             torch.mm(a[start:end], b[expert], out=out[start:end])
         return out
@@ -131,14 +130,23 @@ class _LoopGroupedMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         a, b, offsets = ctx.saved_tensors
         needs_a, needs_b, _ = ctx.needs_input_grad
-        grad_a = torch.zeros_like(a) if needs_a else None
-        grad_b = torch.zeros_like(b) if needs_b else None
+        grad_a = torch.empty_like(a) if needs_a else None
+        grad_b = _empty_experts_zeroed(b, offsets) if needs_b else None
         for expert, start, end in _blocks(offsets):
             if needs_a:
                 torch.mm(grad[start:end], b[expert].T, out=grad_a[start:end])
             if needs_b:
                 grad_b[expert] = a[start:end].T @ grad[start:end]
         return grad_a, grad_b, None
+
+
+def _empty_experts_zeroed(like: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[E, ...]`` gradient buffer with the blocks of experts that got no row zeroed:
+    the others are about to be overwritten, so zeroing the whole weight-sized buffer would be a wasted pass."""
+    grad = torch.empty_like(like)
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    grad[counts == 0] = 0
+    return grad
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:
@@ -158,15 +166,10 @@ def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, path)
             [F.grouped_mm(grad_gate.T, x_gate, offs=offsets), F.grouped_mm(grad_up.T, x_up, offs=offsets)], dim=1
         )
     inter = gate_up.shape[1] // 2
-    grad = torch.empty_like(gate_up)
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end == start:
-            grad[expert].zero_()
-            continue
+    grad = _empty_experts_zeroed(gate_up, offsets)
+    for expert, start, end in _blocks(offsets):
         torch.mm(grad_gate[start:end].T, x_gate[start:end], out=grad[expert, :inter])
         torch.mm(grad_up[start:end].T, x_up[start:end], out=grad[expert, inter:])
-        start = end
     return grad
 
 
