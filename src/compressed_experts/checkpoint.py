@@ -34,7 +34,7 @@ TINY_PREFIX = "tiny:"
 
 
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    path = Path(source, kwargs.get("subfolder") or "")
+    path = Path(source, kwargs.get("subfolder") or "")  # as _local_dir sees it
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
@@ -146,33 +146,32 @@ def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTra
     return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
 
 
+def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: str) -> PretrainedConfig:
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source}: {what} {model_type!r} ({_first_line(err)})") from err
+
+
 def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tuple[PretrainedConfig, CEConfig | None]:
     """The plain transformers config of a checkpoint and its compressed-experts settings, if any."""
+    requested = CEConfig(n_ce) if n_ce is not None else None  # validated before any download or load
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
-        if n_ce is not None:
-            CEConfig(n_ce)  # validate before any download or load
-        try:
-            config = AutoConfig.for_model(config_dict.get("model_type"), **{k: v for k, v in config_dict.items() if k != "model_type"})
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"{source}: transformers does not know this model ({_first_line(err)})") from err
-        return config, (CEConfig(n_ce) if n_ce is not None else None)
+        fields = {k: v for k, v in config_dict.items() if k != "model_type"}
+        return _plain_config(source, config_dict.get("model_type"), fields, "transformers does not know model type"), requested
     section = config_dict.get(SECTION)
     section = dict(section) if isinstance(section, dict) else {}
     base_type = section.pop("base_model_type", None)
     if not isinstance(base_type, str):
         raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
     ce = CEConfig.from_dict(section)
-    if n_ce is not None and n_ce != ce.n_ce:
+    if requested is not None and requested != ce:
         raise CompressedExpertsError(
             f"{source} already has compressed experts with n_ce={ce.n_ce}; got n_ce={n_ce}. "
             f"Leave n_ce out, or convert the original model again"
         )
-    plain = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
-    try:
-        config = AutoConfig.for_model(base_type, **plain)
-    except ValueError as err:
-        raise CheckpointError(f"{source}: unknown base model type {base_type!r} ({_first_line(err)})") from err
-    return config, ce
+    fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
+    return _plain_config(source, base_type, fields, "unknown base model type"), ce
 
 
 def _causal_lm_class(source: str, config: PretrainedConfig) -> type[PreTrainedModel]:
@@ -189,11 +188,23 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
     return convert(model, ce) if ce is not None else model
 
 
+def _source(source: Any) -> str:
+    if not isinstance(source, (str, os.PathLike)):
+        raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
+    return os.fspath(source)
+
+
+def _local_dir(source: str, kwargs: dict[str, Any]) -> Path | None:
+    """The local directory holding the weights (``subfolder`` included), or None for a hub id."""
+    path = Path(source, kwargs.get("subfolder") or "")
+    return path if path.is_dir() else None
+
+
 def skeleton(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
     a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
     parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
-    source = os.fspath(source)
+    source = _source(source)
     if source.startswith(TINY_PREFIX):
         return from_pretrained(source, n_ce=n_ce)
     config, ce = _resolve(source, _read_config(source, kwargs), n_ce)
@@ -208,9 +219,7 @@ def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs
     ``n_ce`` is given. Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
     """
-    if not isinstance(source, (str, os.PathLike)):
-        raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
-    source = os.fspath(source)
+    source = _source(source)
     if source.startswith(TINY_PREFIX):
         from .tiny import tiny_model
 
@@ -224,7 +233,8 @@ def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None
-    saved = _local_shapes(Path(source)) if Path(source).is_dir() else None
+    local = _local_dir(source, kwargs)
+    saved = _local_shapes(local) if local is not None else None
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
         if saved and any(k.endswith(_CE_SUFFIXES) for k in saved):
             raise CheckpointError(
