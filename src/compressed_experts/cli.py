@@ -15,6 +15,7 @@ from rich.markdown import Markdown
 from rich.table import Table
 
 from .checkpoint import TINY_PREFIX, from_pretrained, skeleton
+from .config import check_dtype_name
 from .errors import CompressedExpertsError
 from .parameters import describe
 
@@ -94,8 +95,7 @@ def convert(
 
     def action() -> None:
         _check_output(out, source, overwrite)
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise CompressedExpertsError(f"--dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        check_dtype_name(dtype, "--dtype")
         with console.status(f"loading {source}"):
             model = from_pretrained(source, n_ce=n_ce, dtype=dtype)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,16 @@ class CEConfig:
         return cls(n_ce=section["n_ce"])
 
 
+#: Weight dtypes a user may name (as transformers' ``dtype=`` takes them); "auto" keeps the saved one.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype_name(name: str, label: str = "dtype") -> None:
+    """Refuse a dtype name before any model is built or read."""
+    if name not in DTYPE_NAMES:
+        raise CompressedExpertsError(f"{label} must be {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, not {name!r}")
+
+
 #: Key of the section that a converted model's config carries, and the ``model_type`` it is
 #: saved under: transformers does not know that type, so a plain ``AutoModelForCausalLM``
 #: refuses the directory instead of silently loading it as the full top-k model.

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .architectures import family_by_name
-from .errors import CompressedExpertsError
+from .config import check_dtype_name
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
@@ -20,8 +20,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype | str | None = Non
     config.initializer_range = 0.1
     torch.manual_seed(seed)
     if isinstance(dtype, str):
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise CompressedExpertsError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+        check_dtype_name(dtype)
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     # Built in ``dtype`` (not cast afterwards) so buffers such as rotary frequencies stay as a load makes them.
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
