@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
 
+from .architectures import family_by_name
 from .config import CEConfig
 from .errors import CompressedExpertsError
 from .convert import convert
@@ -31,9 +32,8 @@ from .layer import CompressedExperts
 
 @dataclass(frozen=True)
 class Shape:
-    name: str
-    config: Callable[[], object]
-    block_class: str
+    name: str  #: shown in the report's legend
+    config: Callable[[], object]  #: a config of the family whose MoE block is timed
     n_ce: int
 
 
@@ -41,13 +41,11 @@ SHAPES = {
     "olmoe": Shape(
         "OLMoE-1B-7B layer (H 2048, I 1024, E 64, k 8, n_ce 4)",
         lambda: OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8),
-        "OlmoeSparseMoeBlock",
         4,
     ),
     "phimoe": Shape(
         "Phi-3.5-MoE layer (H 4096, I 6400, E 16, k 2, n_ce 1)",
         lambda: PhimoeConfig(hidden_size=4096, intermediate_size=6400, num_local_experts=16, num_experts_per_tok=2),
-        "PhimoeSparseMoeBlock",
         1,
     ),
 }
@@ -55,7 +53,6 @@ SHAPES = {
 SHAPES["tiny"] = Shape(
     "toy layer (H 64, I 32, E 8, k 4, n_ce 2)",
     lambda: OlmoeConfig(hidden_size=64, intermediate_size=32, num_experts=8, num_experts_per_tok=4),
-    "OlmoeSparseMoeBlock",
     2,
 )
 #: transformers' experts implementations raced for "transformers (fastest)". batched_mm is left out:
@@ -129,7 +126,7 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     config = shape.config()
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     with torch.device(device):
-        block = getattr(module, shape.block_class)(config).to(dtype)
+        block = getattr(module, family_by_name(config.model_type).block_class)(config).to(dtype)
     block.eval()  # inference routing: PhiMoE's sparsemixer samples in training mode, changing routing per call
     with torch.no_grad():
         for param in block.parameters():
@@ -164,10 +161,14 @@ class Row:
     expert_mb_per_token: float  # expert weights read, from the experts this routing hit
 
 
-def _expert_cost(block: nn.Module, x: torch.Tensor, experts_per_token: int, dtype: torch.dtype) -> tuple[float, float]:
+def _expert_cost(
+    block: nn.Module, router_attr: str, x: torch.Tensor, experts_per_token: int, dtype: torch.dtype
+) -> tuple[float, float]:
+    """Analytic GFLOP per token of the expert matmuls, and MB of expert weights read per token
+    (the distinct experts this routing hits, shared by all tokens of the call)."""
     _, two_i, hidden = block.experts.gate_up_proj.shape
     per_expert = 3 * hidden * (two_i // 2)
-    router = block.gate if hasattr(block, "gate") else block.router
+    router = getattr(block, router_attr)
     with torch.no_grad():
         _, weights, index = router(x)
     top = index.gather(-1, weights.argsort(-1, descending=True))[:, :experts_per_token]
@@ -199,7 +200,8 @@ def bench_layers(
     rows = []
     for shape_key in shapes:
         shape = SHAPES[shape_key]
-        top_k = shape.config().num_experts_per_tok
+        config = shape.config()
+        top_k, router_attr = config.num_experts_per_tok, family_by_name(config.model_type).router_attr
         for dtype in dtypes:
             variants = _variants(shape, dtype, device, seed=0)
             for count in tokens:
@@ -208,7 +210,7 @@ def bench_layers(
                     progress(f"{shape_key}, {str(dtype).removeprefix('torch.')}, {count} tokens, {mode}")
                     runs = {name: _runner(block, x, mode) for name, block in variants.items()}
                     medians = interleaved_medians(runs, device, repeats)
-                    costs = {n: _expert_cost(variants["full"], x.view(-1, x.shape[-1]), n, dtype)
+                    costs = {n: _expert_cost(variants["full"], router_attr, x.view(-1, x.shape[-1]), n, dtype)
                              for n in (top_k, top_k - shape.n_ce)}
                     for name, seconds in medians.items():
                         gflop, mb = costs[top_k - shape.n_ce if name in ("top-m", "ce") else top_k]
@@ -224,7 +226,11 @@ def end_to_end_config() -> OlmoeConfig:
                        num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
 
 
-def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = 512, new_tokens: int = 32,
+#: The end-to-end run's settings, in one place for the measurement and its report.
+E2E_DTYPE, E2E_PROMPT, E2E_NEW_TOKENS = "bfloat16", 512, 32
+
+
+def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = E2E_PROMPT, new_tokens: int = E2E_NEW_TOKENS,
                      repeats: int = 5, n_ce: int = 4, progress: Callable[[str], None] = lambda _: None,
                      config: OlmoeConfig | None = None) -> dict:
     """Prefill and greedy-decode tokens/s of ``config`` (default :func:`end_to_end_config`), timed in
@@ -270,32 +276,43 @@ TARGETS = (  # (what, shape, dtype, tokens, mode, numerator, denominator, bound,
 )
 
 
-def _time(rows: list[dict], shape, dtype, tokens, mode, variant) -> float | None:
+def _grouped_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Rows by (shape, dtype, tokens, mode), then by variant."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["dtype"], r["tokens"], r["mode"]), {})[r["variant"]] = r
+    return groups
+
+
+def _fastest_transformers(variants: dict[str, dict]) -> dict:
+    return min((r for name, r in variants.items() if name.startswith("transformers:")), key=lambda r: r["ms"])
+
+
+def _ms(variants: dict[str, dict], variant: str) -> float | None:
     """Time of one variant; "transformers" means the fastest of its experts implementations."""
-    found = [r["ms"] for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == (shape, dtype, tokens, mode)
-             and (r["variant"] == variant or (variant == "transformers" and r["variant"].startswith("transformers:")))]
-    return min(found) if found else None
+    if variant == "transformers":
+        return _fastest_transformers(variants)["ms"]
+    return variants[variant]["ms"] if variant in variants else None
 
 
 def markdown(result: dict) -> str:
     """One device's results as Markdown: the layer table with ratios, end to end, and the targets."""
-    rows, lines = result["rows"], [f"### {result['device']}: {result['machine']}", "", f"Command: `{result['command']}`", ""]
-    lines += ["| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
+    groups = _grouped_rows(result["rows"])
+    lines = [f"### {result['device']}: {result['machine']}", "", f"Command: `{result['command']}`", ""]
+    lines += [f"- `{key}`: {SHAPES[key].name}" for key in sorted({k[0] for k in groups}) if key in SHAPES]
+    lines += ["", "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
               "ce/full | top-m/full | full/transformers | expert GFLOP/token full, ce | expert MB read/token full, ce |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["shape"], r["dtype"], r["tokens"], r["mode"]) for r in rows},
-                  key=lambda k: (k[0], k[1], k[3], k[2]))
-    for key in keys:
-        t = {v: _time(rows, *key, v) for v in ("transformers", "full", "top-m", "ce")}
-        best = min((r for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == key
-                    and r["variant"].startswith("transformers:")), key=lambda r: r["ms"])
-        cost = {r["variant"]: r for r in rows if (r["shape"], r["dtype"], r["tokens"], r["mode"]) == key}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])):
+        v = groups[key]
+        t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce")}
+        best = _fastest_transformers(v)["variant"].split(":")[1]
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best['variant'].split(':')[1]}) | "
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best}) | "
             f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {t['ce'] / t['full']:.2f} | "
             f"{t['top-m'] / t['full']:.2f} | {t['full'] / t['transformers']:.2f} | "
-            f"{cost['full']['gflop_per_token']:.3f}, {cost['ce']['gflop_per_token']:.3f} | "
-            f"{cost['full']['expert_mb_per_token']:.1f}, {cost['ce']['expert_mb_per_token']:.1f} |"
+            f"{v['full']['gflop_per_token']:.3f}, {v['ce']['gflop_per_token']:.3f} | "
+            f"{v['full']['expert_mb_per_token']:.1f}, {v['ce']['expert_mb_per_token']:.1f} |"
         )
     e2e = result.get("end_to_end")
     if e2e:
@@ -327,10 +344,11 @@ def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
     if result["device"] != "cpu":  # the issue's targets are for this project's 2-core CPU
         return []
     out = []
+    groups = _grouped_rows(result["rows"])
     for what, shape, dtype, tokens, mode, num, den, bound, kind in TARGETS:
-        a, b = _time(result["rows"], shape, dtype, tokens, mode, num), _time(result["rows"], shape, dtype, tokens, mode, den)
-        if a is not None and b is not None:
-            value = a / b
+        variants = groups.get((shape, dtype, tokens, mode))
+        if variants:
+            value = _ms(variants, num) / _ms(variants, den)
             out.append((f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})", value, bound, kind, value <= bound))
     e2e = result.get("end_to_end")
     if e2e:
@@ -382,7 +400,6 @@ def run(device: str = "auto", shapes=("olmoe", "phimoe"), dtypes=("bfloat16", "f
     result = {"device": key, "machine": machine(dev), "command": command,
               "repeats": repeats, "rows": [asdict(r) for r in rows]}
     if end_to_end:
-        e2e_dtype = torch.bfloat16
-        result["end_to_end"] = {"dtype": "bfloat16", "prompt": 512, "new_tokens": 32,
-                                **bench_end_to_end(dev, e2e_dtype, repeats=repeats, progress=progress)}
+        result["end_to_end"] = {"dtype": E2E_DTYPE, "prompt": E2E_PROMPT, "new_tokens": E2E_NEW_TOKENS,
+                                **bench_end_to_end(dev, getattr(torch, E2E_DTYPE), repeats=repeats, progress=progress)}
     return result
