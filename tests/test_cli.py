@@ -70,6 +70,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["bench", "--repeats", "2"], "at least 5"),
         (["bench", "--tokens", "x"], "comma-separated list of int"),
         (["bench", "--tokens", "0,16"], "must be positive"),
+        (["bench", "--shapes", "none", "--no-end-to-end"], "measures nothing"),
         (["bench", "--doc", str(tmp_path / "nowhere" / "B.md")], "does not exist"),
         (["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")], "no benchmark results"),
     ]

@@ -161,19 +161,22 @@ def bench(
 
             if not torch.cuda.is_available():
                 raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
-        # Fail on unwritable outputs now, not after a run of many minutes.
+        # Every argument and output is checked now, not after a run of many minutes.
+        layer_shapes = () if shapes == "none" else _csv(shapes, tuple(benchmark.SHAPES))
+        settings = (_csv(dtypes, ("bfloat16", "float32")), _csv(tokens, kind=int), _csv(modes, ("forward", "forward+backward")))
+        if not layer_shapes and not end_to_end:
+            raise CompressedExpertsError("--shapes none with --no-end-to-end measures nothing")
+        if not doc.parent.is_dir():
+            raise CompressedExpertsError(f"{doc.parent} does not exist: create it or choose another --doc")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for target in (out_dir / ".write-test", doc):
-            if not target.parent.is_dir():
-                raise CompressedExpertsError(f"{target.parent} does not exist: create it or choose another --doc")
-            if target.exists() and not os.access(target, os.W_OK) or not os.access(target.parent, os.W_OK):
-                raise CompressedExpertsError(f"cannot write {target}")
+        for target in (out_dir, doc.parent):
+            if not os.access(target, os.W_OK):
+                raise CompressedExpertsError(f"cannot write to {target}")
         command = "compressed-experts bench " + " ".join(sys.argv[2:])
         with console.status("benchmarking") as status:
             result = benchmark.run(
-                device, () if shapes == "none" else _csv(shapes, tuple(benchmark.SHAPES)), _csv(dtypes, ("bfloat16", "float32")),
-                _csv(tokens, kind=int), _csv(modes, ("forward", "forward+backward")), repeats, end_to_end,
-                command, progress=lambda text: status.update(f"benchmarking: {text}"),
+                device, layer_shapes, *settings, repeats, end_to_end, command,
+                progress=lambda text: status.update(f"benchmarking: {text}"),
             )
         benchmark.write_report(result, out_dir, doc)
         console.print(Markdown(benchmark.markdown(result)))
