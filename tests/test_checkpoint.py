@@ -37,6 +37,27 @@ def test_round_trip_gives_identical_logits(tmp_path, family):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["model_type"] == "compressed_experts"
 
 
+def test_top_m_form_round_trip(tmp_path):
+    model = ce.from_pretrained("tiny:olmoe", n_ce=4, form="none")
+    model.save_pretrained(tmp_path / "top-m")
+    assert json.loads((tmp_path / "top-m" / "config.json").read_text())["compressed_experts"]["form"] == "none"
+    loaded = ce.from_pretrained(tmp_path / "top-m")
+    assert ce.ce_config_of(loaded) == ce.CEConfig(4, "none")
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert ce.from_pretrained(tmp_path / "top-m", n_ce=4) is not None  # repeating n_ce alone is fine
+    with pytest.raises(ce.CompressedExpertsError, match="n_ce=4, form=none; got n_ce=None, form=ia3"):
+        ce.from_pretrained(tmp_path / "top-m", form="ia3")
+
+
+def test_form_is_checked_before_loading():
+    with pytest.raises(ce.CompressedExpertsError, match="unknown compressed-expert form 'lora'; choose from ia3, none"):
+        ce.from_pretrained("no/such-model", n_ce=2, form="lora")
+    with pytest.raises(ce.CompressedExpertsError, match="form='none' needs n_ce"):
+        ce.from_pretrained("tiny:olmoe", form="none")
+
+
 def test_round_trip_in_bfloat16(tmp_path):
     model, path = saved(tmp_path, "qwen2_moe", dtype=torch.bfloat16)
     loaded = ce.from_pretrained(path, dtype=torch.bfloat16)
@@ -64,7 +85,7 @@ def test_plain_checkpoint_loads_plain_or_converted(tmp_path):
 
 def test_asking_for_another_n_ce_than_saved_is_an_error(tmp_path):
     _, path = saved(tmp_path, n_ce=2)
-    with pytest.raises(ce.CompressedExpertsError, match="already has compressed experts with n_ce=2; got n_ce=3"):
+    with pytest.raises(ce.CompressedExpertsError, match="already has compressed experts with n_ce=2, form=ia3; got n_ce=3"):
         ce.from_pretrained(path, n_ce=3)
     assert ce.ce_config_of(ce.from_pretrained(path, n_ce=2)) == ce.CEConfig(2)
 

@@ -39,7 +39,8 @@ def _top_m_only(experts, m):
     experts.forward = forward
 
 
-def test_fresh_compressed_experts_are_top_m_without_renormalisation(family):
+@pytest.mark.parametrize("form", ["ia3", "none"])
+def test_fresh_compressed_experts_and_the_none_form_are_top_m_without_renormalisation(family, form):
     model = ce.tiny_model(family)
     k = model.config.num_experts_per_tok
     n_ce = k // 2
@@ -48,8 +49,10 @@ def test_fresh_compressed_experts_are_top_m_without_renormalisation(family):
     for module in reference.modules():
         if hasattr(module, "gate_up_proj"):
             _top_m_only(module, k - n_ce)
-    converted = ce.convert(model, ce.CEConfig(n_ce))
+    converted = ce.convert(model, ce.CEConfig(n_ce, form))
     torch.testing.assert_close(logits(converted, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
+    if form == "none":  # the top-m baseline adds nothing to train
+        assert not [name for name, _ in converted.named_parameters() if ".ce_" in name]
 
 
 class Recorder:

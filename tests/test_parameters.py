@@ -67,6 +67,16 @@ def test_parts_against_counts_from_the_config(family):
     assert plain["active_saving"] == 0.0
 
 
+def test_top_m_counts_main_experts_only():
+    ce_model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4))
+    top_m = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4, "none"))
+    with_vectors, without = ce.active_parameters(ce_model), ce.active_parameters(top_m)
+    assert without["compressed_experts"] == 0 and with_vectors["compressed_experts"] > 0
+    assert without["active"] == with_vectors["active"] - with_vectors["compressed_experts"]
+    assert without["total"] == with_vectors["total"] - with_vectors["compressed_experts"] // 4 * 64
+    assert ce.describe(top_m)["form"] == "none"
+
+
 def test_describe_reports_the_structure():
     info = ce.describe(ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)))
     assert (info["family"], info["moe_blocks"], info["experts"], info["top_k"], info["n_ce"]) == ("OLMoE", 2, 64, 8, 4)

@@ -101,18 +101,6 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-class _TopM(nn.Module):
-    """The top-m baseline: run only each token's m heaviest experts, weights as the router gave them."""
-
-    def __init__(self, experts: nn.Module, main: int) -> None:
-        super().__init__()
-        self.experts, self.main = experts, main
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
-        return self.experts(hidden_states, top_k_index.gather(-1, order)[:, : self.main], weights[:, : self.main])
-
-
 def _with_experts(block: nn.Module, experts: nn.Module) -> nn.Module:
     """A shallow copy of ``block`` (same router, same weights) with another experts module."""
     twin = copy.copy(block)
@@ -131,8 +119,6 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     with torch.no_grad():
         for param in block.parameters():
             param.normal_(0.0, 0.02)
-    top_k = config.num_experts_per_tok
-    main = top_k - shape.n_ce
     compressed = CompressedExperts(block.experts, shape.n_ce)
     with torch.no_grad():
         for vec in (compressed.ce_gate, compressed.ce_up, compressed.ce_down):
@@ -144,7 +130,7 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
         twin.experts.config._experts_implementation = impl
         variants[f"transformers:{impl}"] = twin
     variants["full"] = _with_experts(block, CompressedExperts(block.experts, 0))
-    variants["top-m"] = _with_experts(block, _TopM(CompressedExperts(block.experts, 0), main))
+    variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, "none"))
     variants["ce"] = _with_experts(block, compressed)
     return variants
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
+from .config import FORMS, SAVED_MODEL_TYPE, SECTION, CEConfig
 from .convert import convert
 from .errors import CheckpointError, CompressedExpertsError
 
@@ -153,10 +153,34 @@ def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: st
         raise CheckpointError(f"{source}: {what} {model_type!r} ({_first_line(err)})") from err
 
 
-def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tuple[PretrainedConfig, CEConfig | None]:
-    """The plain transformers config of a checkpoint and its compressed-experts settings, if any."""
-    requested = CEConfig(n_ce) if n_ce is not None else None  # validated before any download or load
+def _requested(n_ce: int | None, form: str | None) -> CEConfig | None:
+    """The conversion a caller asked for (validated before any download or load), or None.
+
+    ``form`` alone is only a check against a converted checkpoint; see :func:`_resolve`.
+    """
+    if n_ce is None:
+        if form is not None and form not in FORMS:
+            CEConfig(0, form)  # raises the error that lists the forms
+        return None
+    return CEConfig(n_ce) if form is None else CEConfig(n_ce, form)
+
+
+def _needs_n_ce(form: str | None) -> None:
+    if form is not None:
+        raise CompressedExpertsError(f"form={form!r} needs n_ce to convert a plain model: say how many experts per token it replaces")
+
+
+def _resolve(
+    source: str, config_dict: dict[str, Any], n_ce: int | None, form: str | None
+) -> tuple[PretrainedConfig, CEConfig | None]:
+    """The plain transformers config of a checkpoint and its compressed-experts settings, if any.
+
+    For a converted checkpoint, ``n_ce`` and ``form`` may be left out or repeat what it holds.
+    """
+    requested = _requested(n_ce, form)
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
+        if requested is None:
+            _needs_n_ce(form)
         fields = {k: v for k, v in config_dict.items() if k != "model_type"}
         return _plain_config(source, config_dict.get("model_type"), fields, "transformers does not know model type"), requested
     section = config_dict.get(SECTION)
@@ -165,10 +189,10 @@ def _resolve(source: str, config_dict: dict[str, Any], n_ce: int | None) -> tupl
     if not isinstance(base_type, str):
         raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
     ce = CEConfig.from_dict(section)
-    if requested is not None and requested != ce:
+    if (n_ce is not None and n_ce != ce.n_ce) or (form is not None and form != ce.form):
         raise CompressedExpertsError(
-            f"{source} already has compressed experts with n_ce={ce.n_ce}; got n_ce={n_ce}. "
-            f"Leave n_ce out, or convert the original model again"
+            f"{source} already has compressed experts with n_ce={ce.n_ce}, form={ce.form}; got "
+            f"n_ce={n_ce}, form={form}. Leave them out, or convert the original model again"
         )
     fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
     return _plain_config(source, base_type, fields, "unknown base model type"), ce
@@ -200,36 +224,44 @@ def _local_dir(source: str, kwargs: dict[str, Any]) -> Path | None:
     return path if path.is_dir() else None
 
 
-def skeleton(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
+def skeleton(
+    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, **kwargs: Any
+) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
     a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
     parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
     source = _source(source)
     if source.startswith(TINY_PREFIX):
-        return from_pretrained(source, n_ce=n_ce)
-    config, ce = _resolve(source, _read_config(source, kwargs), n_ce)
+        return from_pretrained(source, n_ce=n_ce, form=form)
+    config, ce = _resolve(source, _read_config(source, kwargs), n_ce, form)
     return _skeleton(_causal_lm_class(source, config), config, ce)
 
 
-def from_pretrained(source: str | os.PathLike, n_ce: int | None = None, **kwargs: Any) -> PreTrainedModel:
+def from_pretrained(
+    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, **kwargs: Any
+) -> PreTrainedModel:
     """Load a causal LM: a saved compressed-experts model, or a plain MoE checkpoint.
 
     ``source`` is a local directory, a hub id, or ``tiny:<family>`` for a tiny model with
     random weights (offline try-outs and tests). A plain checkpoint is converted when
-    ``n_ce`` is given. Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
+    ``n_ce`` is given, to ``form`` (default ``"ia3"``, the paper's vectors; ``"none"`` for
+    the top-m baseline). Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
     """
     source = _source(source)
+    requested = _requested(n_ce, form)
     if source.startswith(TINY_PREFIX):
         from .tiny import tiny_model
 
         unsupported = sorted(set(kwargs) - {"dtype"})
         if unsupported:
             raise CompressedExpertsError(f"tiny: models take only dtype, not {', '.join(unsupported)}")
+        if requested is None:
+            _needs_n_ce(form)
         model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
-        return convert(model, CEConfig(n_ce)) if n_ce is not None else model
+        return convert(model, requested) if requested is not None else model
     config_dict = _read_config(source, kwargs)
-    config, ce = _resolve(source, config_dict, n_ce)
+    config, ce = _resolve(source, config_dict, n_ce, form)
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None

@@ -40,7 +40,7 @@ def _show(summary: dict[str, Any], title: str) -> None:
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("family", "moe_blocks", "experts", "top_k", "n_ce", "main_experts_per_token"):
+    for key in ("family", "moe_blocks", "experts", "top_k", "n_ce", "form", "main_experts_per_token"):
         table.add_row(key.replace("_", " "), str(summary[key]))
     for key in ("total", "active", "active_full_topk"):
         table.add_row(f"{key.replace('_', ' ')} parameters", f"{summary[key]:,}")
@@ -90,6 +90,7 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.")],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds files.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as saved), float32, bfloat16, float16.")] = "auto",
+    form: Annotated[str, typer.Option(help="ia3 (the paper's vectors) or none (the top-m baseline).")] = "ia3",
 ) -> None:
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
 
@@ -97,7 +98,7 @@ def convert(
         _check_output(out, source, overwrite)
         check_dtype_name(dtype, "--dtype")
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, n_ce=n_ce, dtype=dtype)
+            model = from_pretrained(source, n_ce=n_ce, form=form, dtype=dtype)
         out.parent.mkdir(parents=True, exist_ok=True)
         # Write next to the target, then swap in: an interrupted save never leaves a half model at --out.
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

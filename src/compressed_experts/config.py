@@ -10,6 +10,11 @@ from .errors import CompressedExpertsError
 #: Version of the ``compressed_experts`` section written into a saved model's config.json.
 FORMAT_VERSION = 1
 
+#: What stands in for a token's auxiliary experts. ``ia3``: the paper's three scaling vectors
+#: per expert. ``none``: nothing, the auxiliary experts are dropped (the top-m baseline: the
+#: same model routed to its top ``k - n_ce`` experts, with no new parameters).
+FORMS = ("ia3", "none")
+
 
 @dataclass(frozen=True)
 class CEConfig:
@@ -17,17 +22,22 @@ class CEConfig:
 
     ``n_ce`` auxiliary experts per token are replaced by their compressed experts; the
     ``m = top_k - n_ce`` highest-weighted ones stay full ("main") experts. ``n_ce = 0``
-    leaves the model's output unchanged. Whether ``n_ce`` fits a model is only known once
-    the model's top-k is, so :func:`compressed_experts.convert` checks that part.
+    leaves the model's output unchanged. ``form`` is one of :data:`FORMS`; ``"none"`` gives
+    the top-m baseline through the same code path, so the two are compared fairly. Whether
+    ``n_ce`` fits a model is only known once the model's top-k is, so
+    :func:`compressed_experts.convert` checks that part.
     """
 
     n_ce: int
+    form: str = "ia3"
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ce, bool) or not isinstance(self.n_ce, int):
             raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}")
         if self.n_ce < 0:
             raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}")
+        if self.form not in FORMS:
+            raise CompressedExpertsError(f"unknown compressed-expert form {self.form!r}; choose from {', '.join(FORMS)}")
 
     def check_top_k(self, top_k: int) -> None:
         """Raise if this config cannot apply to a model that routes each token to ``top_k`` experts."""
@@ -54,7 +64,8 @@ class CEConfig:
             )
         if "n_ce" not in section:
             raise CompressedExpertsError("the compressed_experts section of config.json has no n_ce")
-        return cls(n_ce=section["n_ce"])
+        # Sections written before forms existed hold the paper's vectors.
+        return cls(n_ce=section["n_ce"], form=section.get("form", "ia3"))
 
 
 #: Weight dtypes a user may name (as transformers' ``dtype=`` takes them); "auto" keeps the saved one.

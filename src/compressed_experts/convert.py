@@ -34,8 +34,8 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
 
     Each block keeps its router, shared experts and expert weights; only its ``experts``
     submodule is replaced. With ``config.n_ce = 0`` the outputs are unchanged; with fresh
-    compressed experts (all 1.0) the model runs the top ``k - n_ce`` experts of each token
-    with the router's weights as they are (not renormalised).
+    compressed experts (all 1.0), or ``form="none"``, the model runs the top ``k - n_ce``
+    experts of each token with the router's weights as they are (not renormalised).
     """
     if not isinstance(config, CEConfig):
         raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")
@@ -53,7 +53,7 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     for name, block in blocks:
         _check_experts_layout(name, block.experts)
     for _, block in blocks:
-        block.experts = CompressedExperts(block.experts, config.n_ce)
+        block.experts = CompressedExperts(block.experts, config.n_ce, config.form)
     mark_config(model.config, config)
     return model
 
@@ -61,4 +61,4 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
 def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
     """The compressed-experts settings of a converted model, or None for a plain one."""
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
-    return CEConfig(n_ce=layers[0].n_ce) if layers else None
+    return CEConfig(n_ce=layers[0].n_ce, form=layers[0].form) if layers else None

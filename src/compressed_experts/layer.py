@@ -19,12 +19,13 @@ from .errors import CompressedExpertsError
 class CompressedExperts(nn.Module):
     """Run the ``m = k - n_ce`` heaviest routed experts in full, modulated by compressed experts.
 
-    Parameters are the original expert weights (shared, not copied) plus three vectors per
-    expert, ``ce_gate`` ``[E, H]``, ``ce_up`` ``[E, H]`` and ``ce_down`` ``[E, I]``, which start
-    at 1.0 so that a fresh conversion only changes how many full experts run.
+    Parameters are the original expert weights (shared, not copied) plus, for the ``ia3``
+    form, three vectors per expert, ``ce_gate`` ``[E, H]``, ``ce_up`` ``[E, H]`` and
+    ``ce_down`` ``[E, I]``, which start at 1.0 so that a fresh conversion only changes how
+    many full experts run. The ``none`` form has no vectors: it is the top-m baseline.
     """
 
-    def __init__(self, experts: nn.Module, n_ce: int) -> None:
+    def __init__(self, experts: nn.Module, n_ce: int, form: str = "ia3") -> None:
         super().__init__()
         self.gate_up_proj = experts.gate_up_proj  # [E, 2I, H], gate rows first
         self.down_proj = experts.down_proj  # [E, H, I]
@@ -32,7 +33,10 @@ class CompressedExperts(nn.Module):
         self.num_experts, two_i, self.hidden_dim = self.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.n_ce = n_ce
+        self.form = form
         self.path = "auto"  # compute path of the expert matmuls, see set_compute_path
+        if form == "none":
+            return
         like = dict(dtype=self.gate_up_proj.dtype, device=self.gate_up_proj.device)
         self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
         self.ce_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
@@ -41,7 +45,7 @@ class CompressedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, path={self.path}"
+            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, form={self.form}, path={self.path}"
         )
 
     def forward(
@@ -53,7 +57,7 @@ class CompressedExperts(nn.Module):
         # Routers do not all return their experts sorted (sparsemixer, grouped routing do not).
         weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
         index = top_k_index.gather(-1, order)
-        scales = self._aggregate(index[:, main:], weights[:, main:])
+        scales = None if self.form == "none" else self._aggregate(index[:, main:], weights[:, main:])
         return self._run_main(hidden_states, index[:, :main], weights[:, :main], scales)
 
     def _aggregate(

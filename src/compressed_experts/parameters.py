@@ -35,7 +35,7 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         n_ce = experts.n_ce if isinstance(experts, CompressedExperts) else 0
         parts["main_experts"] += (top_k - n_ce) * per_expert
         full_experts += top_k * per_expert
-        if n_ce:
+        if n_ce and experts.form == "ia3":
             hidden, inter = experts.hidden_dim, experts.intermediate_dim
             parts["compressed_experts"] += n_ce * (2 * hidden + inter)
         owner[f"{name}.experts."] = "experts"
@@ -77,13 +77,15 @@ def describe(model: PreTrainedModel) -> dict[str, int | float | str]:
     family = family_of(model)
     blocks = [block for _, block in moe_blocks(model, family)]
     top_k = model.config.num_experts_per_tok
-    n_ce = next((b.experts.n_ce for b in blocks if isinstance(b.experts, CompressedExperts)), 0)
+    converted = next((b.experts for b in blocks if isinstance(b.experts, CompressedExperts)), None)
+    n_ce = converted.n_ce if converted is not None else 0
     return {
         "family": family.name,
         "moe_blocks": len(blocks),
         "experts": blocks[0].experts.gate_up_proj.shape[0] if blocks else 0,
         "top_k": top_k,
         "n_ce": n_ce,
+        "form": converted.form if converted is not None else "-",
         "main_experts_per_token": top_k - n_ce,
         **active_parameters(model),
     }
