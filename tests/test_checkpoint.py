@@ -212,3 +212,26 @@ def test_bad_arguments():
         ce.from_pretrained("olmoe-typo")
     with pytest.raises(ce.CompressedExpertsError, match="loaded transformers model"):
         ce.convert(None, ce.CEConfig(1))
+
+
+def test_compressed_experts_file_round_trip_and_misuse(tmp_path):
+    model = ce.from_pretrained("tiny:olmoe", n_ce=2)
+    randomise_compressed_experts(model)
+    ce.save_compressed_experts(model, tmp_path / "v.safetensors")
+    applied = ce.apply_compressed_experts(ce.tiny_model("olmoe"), tmp_path / "v.safetensors")
+    assert ce.ce_config_of(applied) == ce.CEConfig(2)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(applied(ids).logits, model(ids).logits)
+    with pytest.raises(ce.CompressedExpertsError, match="no compressed-expert vectors to save"):
+        ce.save_compressed_experts(ce.tiny_model("olmoe"), tmp_path / "w.safetensors")
+    with pytest.raises(ce.CompressedExpertsError, match="already has other compressed experts"):
+        ce.apply_compressed_experts(ce.from_pretrained("tiny:olmoe", n_ce=3), tmp_path / "v.safetensors")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ce.CheckpointError, match="not a compressed-experts file"):
+        ce.apply_compressed_experts(ce.tiny_model("olmoe"), tmp_path / "model" / "model.safetensors")
+    bigger = ce.tiny_model("olmoe")
+    bigger.config.num_hidden_layers = 3  # a model the file was not trained on: checked before converting
+    with pytest.raises(ce.CheckpointError, match="does not fit this model"):
+        ce.apply_compressed_experts(bigger, tmp_path / "v.safetensors")
+    assert ce.ce_config_of(bigger) is None

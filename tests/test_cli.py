@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -80,3 +81,29 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert result.exit_code == 2, result.output
         assert "error:" in result.output and message in " ".join(result.output.split())
         assert "Traceback" not in result.output
+
+
+def test_train_command_runs_and_summarises(tmp_path):
+    from test_training import write_arithmetic
+
+    data = write_arithmetic(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny:olmoe", "--data", str(data), "--out", str(out), "--method", "top-m",
+            "--n-ce", "2", "--seq-len", "64", "--batch-size", "2", "--max-steps", "3", "--no-gradient-checkpointing"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for expected in ("top-m", "final loss", "active parameters per token"):
+        assert expected in text
+    assert ce.ce_config_of(ce.from_pretrained(out)) == ce.CEConfig(2, "none")
+    settings = json.loads((out / "training_config.json").read_text())
+    assert settings["gradient_checkpointing"] is False and settings["lr"] == 2e-5
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "use --resume to continue it" in " ".join(again.output.split())
+
+
+def test_train_command_reports_a_bad_option_in_one_line(tmp_path):
+    result = runner.invoke(app, ["train", "--model", "tiny:olmoe", "--data", "x.jsonl", "--out", str(tmp_path / "r"),
+                                 "--precision", "fp8"])
+    assert result.exit_code == 2
+    assert "precision must be one of auto, bf16-mixed, bf16, fp32" in " ".join(result.output.split())

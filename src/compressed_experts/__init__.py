@@ -7,31 +7,48 @@ For each token keep the ``k - n_ce`` most important routed experts and replace t
     model = ce.from_pretrained("allenai/OLMoE-1B-7B-0924", n_ce=4)   # or ce.convert(model, ce.CEConfig(4))
     ce.active_parameters(model)
     model.save_pretrained("olmoe-ce")                                  # ce.from_pretrained("olmoe-ce")
+    ce.train(ce.TrainConfig(model="allenai/OLMoE-1B-7B-0924", data="TIGER-Lab/MathInstruct", out="run", method="ce"))
 """
 
 from .architectures import FAMILIES
-from .checkpoint import from_pretrained
+from .checkpoint import apply_compressed_experts, from_pretrained, load_tokenizer, save_compressed_experts
 from .config import CEConfig
 from .convert import ce_config_of, convert
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts, set_compute_path
 from .parameters import active_parameters, describe
-from .tiny import tiny_model
+from .tiny import tiny_model, tiny_tokenizer
+from .training import TrainConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FAMILIES",
     "CEConfig",
+    "TrainConfig",
+    "TrainResult",
     "CheckpointError",
     "CompressedExperts",
     "CompressedExpertsError",
     "UnsupportedModelError",
     "active_parameters",
+    "apply_compressed_experts",
     "ce_config_of",
     "convert",
     "describe",
     "from_pretrained",
+    "load_tokenizer",
+    "save_compressed_experts",
     "set_compute_path",
     "tiny_model",
+    "tiny_tokenizer",
+    "train",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("train", "TrainResult"):  # the Trainer is imported on first use (see training/__init__.py)
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

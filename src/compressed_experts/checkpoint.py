@@ -293,3 +293,84 @@ def _load(model_cls: type[PreTrainedModel], source: str, config: PretrainedConfi
     if info["missing_keys"]:
         raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
     return model
+
+
+def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
+    """The tokenizer that goes with ``source`` (``tiny:`` sources get the tiny character tokenizer).
+
+    Raises a :class:`CheckpointError` that says what to do when the source has none.
+    """
+    source = _source(source)
+    if source.startswith(TINY_PREFIX):
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"no tokenizer found for {source} ({_first_line(err)}): save one into the model directory "
+            f"(tokenizer.save_pretrained), or name one with --tokenizer"
+        ) from err
+
+
+def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> None:
+    """Write only the compressed experts of ``model`` (a few MB) to a safetensors file.
+
+    With the base model they were trained on, the file is the whole fine-tune when only the
+    vectors were trained; :func:`apply_compressed_experts` puts them back.
+    """
+    from safetensors.torch import save_file
+
+    from .convert import ce_config_of
+
+    ce = ce_config_of(model)
+    vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if n.endswith(_CE_SUFFIXES)}
+    if ce is None or not vectors:
+        raise CompressedExpertsError("this model has no compressed-expert vectors to save")
+    meta = {"n_ce": str(ce.n_ce), "form": ce.form, "base_model_type": model.config.model_type,
+            "format_version": str(ce.to_dict()["format_version"])}
+    save_file(vectors, os.fspath(path), metadata=meta)
+
+
+def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:
+    """Convert ``model`` in place (the base the vectors were trained on), load the vectors from
+    ``path``, and return it. Checks the family and every vector's name and shape before changing anything.
+    """
+    from safetensors import safe_open
+
+    from .convert import ce_config_of
+
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            vectors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read compressed experts from {path}: {_first_line(err)}") from err
+    try:
+        ce = CEConfig.from_dict({"n_ce": int(meta["n_ce"]), "form": meta["form"],
+                                 "format_version": int(meta.get("format_version", 1))})
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
+    if meta.get("base_model_type") != model.config.model_type:
+        raise CheckpointError(
+            f"{path} was trained on a {meta.get('base_model_type')} model; this one is {model.config.model_type}"
+        )
+    existing = ce_config_of(model)
+    if existing is not None and existing != ce:
+        raise CompressedExpertsError(f"the model already has other compressed experts ({existing}); give the base model")
+    # Names and shapes are checked on a meta-device twin first, so a mismatch changes nothing.
+    twin = model if existing is not None else _skeleton(type(model), model.config, ce)
+    shapes = {n: tuple(p.shape) for n, p in twin.named_parameters() if n.endswith(_CE_SUFFIXES)}
+    wrong = sorted(set(shapes) ^ set(vectors)) or [n for n in shapes if shapes[n] != tuple(vectors[n].shape)]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit this model (first mismatch: {wrong[0]}): was it trained on another one?")
+    if existing is None:
+        convert(model, ce)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, vector in vectors.items():
+            params[name].copy_(vector)
+    return model

@@ -7,16 +7,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from .checkpoint import TINY_PREFIX, from_pretrained, skeleton
+from .checkpoint import TINY_PREFIX, from_pretrained, load_tokenizer, skeleton
 from .config import check_dtype_name
-from .errors import CompressedExpertsError
+from .errors import CheckpointError, CompressedExpertsError
 from .parameters import describe
 
 app = typer.Typer(
@@ -186,15 +186,70 @@ def bench(
     _run(action)
 
 
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Model directory, hub id, or tiny:<family>.")],
+    data: Annotated[str, typer.Option(help="Hugging Face dataset name, or a local .json/.jsonl/.parquet file.")],
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, log, and the final model.")],
+    method: Annotated[str, typer.Option(help="full (all top-k experts), top-m (top k - n_ce only) or ce.")] = "ce",
+    n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Experts per token replaced; default half the top-k.")] = None,
+    trainable: Annotated[str, typer.Option(help="all (the paper), ce+router, or ce (the vectors only).")] = "all",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-5,
+    ce_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the compressed experts; default --lr.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the data (ignored with --max-steps).")] = 2.0,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence; default min(2048, the model's limit).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    warmup: Annotated[float, typer.Option(help="Warm-up, as a fraction of the steps.")] = 0.03,
+    seed: Annotated[int, typer.Option(help="Seed of the weights' noise, data order and dropout.")] = 0,
+    precision: Annotated[str, typer.Option(help="auto, bf16-mixed, bf16 or fp32.")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass.")] = True,
+    packing: Annotated[bool, typer.Option(help="Concatenate examples into full-length sequences.")] = True,
+    response_only: Annotated[bool, typer.Option(help="Loss on response tokens only.")] = False,
+    prompt: Annotated[str, typer.Option(help="alpaca (the paper's template) or chat (the tokenizer's chat template).")] = "alpaca",
+    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "train",
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N records.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer source, if not the model's.")] = None,
+    save_steps: Annotated[float, typer.Option(help="Checkpoint every N steps (below 1: a fraction of the run).")] = 0.1,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints/ after the run ends.")] = False,
+    logging_steps: Annotated[int, typer.Option(help="Log the loss every N steps.")] = 10,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+) -> None:
+    """Fine-tune a model with full top-k, top-m or compressed experts (the transformers Trainer;
+    runs under accelerate launch or torchrun for many GPUs)."""
+    settings = {**locals(), "out": str(out)}  # the options carry TrainConfig's names
+    from .training import TrainConfig
+    from .training import train as run_training
+
+    def action() -> None:
+        result = run_training(TrainConfig(**settings))
+        if int(os.environ.get("RANK", "0")) == 0:
+            _show_summary(result.summary, out)
+
+    _run(action)
+
+
+def _show_summary(summary: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"trained -> {out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key in ("method", "n_ce", "trainable", "steps", "tokens", "precision"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    table.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")
+    table.add_row("active parameters per token", f"{summary['active_parameters']:,}")
+    table.add_row("  full top-k would be", f"{summary['active_full_topk']:,}")
+    table.add_row("trained parameters", f"{summary['trained_parameters']:,}")
+    console.print(table)
+
+
 def _save_tokenizer(source: str, directory: Path) -> None:
     """Copy the source's tokenizer along, so the converted directory is usable on its own."""
-    if source.startswith(TINY_PREFIX):
-        return
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):
+        tokenizer = load_tokenizer(source)
+    except CheckpointError:
         console.print(f"[yellow]note:[/] no tokenizer found at {source}; saved the model alone")
         return
     tokenizer.save_pretrained(directory)

@@ -1,0 +1,16 @@
+"""Supervised fine-tuning of full top-k, top-m and compressed-experts models on the transformers Trainer."""
+
+from .config import METHODS, PRECISIONS, TRAINABLE, TrainConfig
+from .data import alpaca_prompt
+
+__all__ = ["METHODS", "PRECISIONS", "TRAINABLE", "TrainConfig", "TrainResult", "TrainingDiverged", "alpaca_prompt", "train"]
+_LAZY = {"train": "run", "TrainResult": "run", "TrainingDiverged": "trainer"}
+
+
+def __getattr__(name: str):
+    # The Trainer pulls in accelerate and more: imported on first use, so the CLI starts fast.
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

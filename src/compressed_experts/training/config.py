@@ -1,0 +1,126 @@
+"""The settings of one fine-tuning run, validated when built, stored beside the run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from ..config import CEConfig
+from ..errors import CompressedExpertsError
+from .data import PROMPT_FORMATS
+
+#: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
+#: ce: converted with compressed experts.
+METHODS = ("full", "top-m", "ce")
+#: all: everything (the paper); ce+router: compressed experts and routers; ce: compressed experts only.
+TRAINABLE = ("all", "ce+router", "ce")
+#: auto: bf16-mixed where the GPU supports bfloat16, else fp32. bf16-mixed: float32 weights,
+#: bfloat16 autocast. bf16: bfloat16 weights (compressed experts kept in float32, where
+#: updates of 2e-5 on 1.0 are not rounded away). fp32: float32 throughout.
+PRECISIONS = ("auto", "bf16-mixed", "bf16", "fp32")
+CONFIG_FILE = "training_config.json"
+#: Settings that may differ between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "out"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run. Defaults are the paper's (lr 2e-5, cosine, 3% warm-up, 2 epochs,
+    AdamW, bf16 where the hardware has it, gradient checkpointing, packed sequences)."""
+
+    model: str
+    data: str
+    out: str
+    method: str = "ce"
+    n_ce: int | None = None  # None: half of the model's top-k (OLMoE 4 of 8, Phi-3.5-MoE 1 of 2)
+    trainable: str = "all"
+    lr: float = 2e-5
+    ce_lr: float | None = None  # None: the same as lr (the paper); a larger one moves the vectors faster
+    epochs: float = 2.0
+    max_steps: int | None = None
+    seq_len: int | None = None  # None: min(2048, the model's maximum)
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = True
+    packing: bool = True
+    response_only: bool = False
+    prompt: str = "alpaca"
+    split: str = "train"
+    limit: int | None = None  # use only the first N records
+    tokenizer: str | None = None  # None: the model's own
+    save_steps: float = 0.1  # below 1: a fraction of the run's steps
+    keep_checkpoints: bool = False  # keep checkpoints/ after a successful run
+    logging_steps: int = 10
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise CompressedExpertsError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
+        one_of("method", METHODS)
+        one_of("trainable", TRAINABLE)
+        one_of("precision", PRECISIONS)
+        one_of("prompt", PROMPT_FORMATS)
+        for name in ("lr", "epochs", "save_steps"):
+            if not getattr(self, name) > 0:
+                raise CompressedExpertsError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.ce_lr is not None and not self.ce_lr > 0:
+            raise CompressedExpertsError(f"ce_lr must be positive, got {self.ce_lr}")
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise CompressedExpertsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "seq_len", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise CompressedExpertsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup < 1:
+            raise CompressedExpertsError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
+        if self.resume and self.overwrite:
+            raise CompressedExpertsError("--resume continues the run in --out and --overwrite deletes it: choose one")
+        if self.method == "full":
+            if self.n_ce:
+                raise CompressedExpertsError(f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave --n-ce out)")
+            if self.trainable != "all":
+                raise CompressedExpertsError(f"method full has no compressed experts to train; --trainable {self.trainable} needs --method ce")
+        else:
+            if self.n_ce is not None:
+                CEConfig(self.n_ce)
+                if self.n_ce == 0:
+                    raise CompressedExpertsError(f"n_ce=0 with method {self.method} is full top-k: use --method full")
+            if self.method == "top-m" and self.trainable != "all":
+                raise CompressedExpertsError(f"method top-m has no compressed experts; --trainable {self.trainable} needs --method ce")
+        if self.ce_lr is not None and self.method != "ce":
+            raise CompressedExpertsError(f"ce_lr sets the compressed experts' learning rate; method {self.method} has none")
+
+    def ce_config(self, top_k: int) -> CEConfig | None:
+        """The conversion this run trains (None for full top-k), given the model's top-k."""
+        if self.method == "full":
+            return None
+        n_ce = self.n_ce if self.n_ce is not None else top_k // 2
+        if n_ce == 0:
+            raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use --method full")
+        return CEConfig(n_ce, "ia3" if self.method == "ce" else "none")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainConfig":
+        """The settings a run in ``directory`` was started with."""
+        try:
+            saved = json.loads((directory / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CompressedExpertsError(f"{directory / CONFIG_FILE} cannot be read: {err}") from err
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Settings that differ from ``other``, apart from those a resumption may change."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in _RESUMABLE_CHANGES and mine[k] != theirs[k]]

@@ -1,0 +1,239 @@
+"""One fine-tuning run, from a :class:`TrainConfig` to a directory that ``from_pretrained`` loads.
+
+Everything that can be wrong with the settings, the output directory, the model's structure
+or the data is checked before the model's weights are read and before any step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from ..checkpoint import from_pretrained, load_tokenizer, save_compressed_experts, skeleton
+from ..convert import ce_config_of, convert
+from ..errors import CompressedExpertsError
+from ..parameters import active_parameters
+from .config import CONFIG_FILE, TrainConfig
+from .data import build_dataset, load_records
+from .trainer import CETrainer, ProgressAndLog, is_compressed_expert, latest_checkpoint
+
+LOG_FILE = "training_log.jsonl"
+SUMMARY_FILE = "training_summary.json"
+CE_FILE = "compressed_experts.safetensors"
+CHECKPOINTS = "checkpoints"
+_DEFAULT_SEQ_LEN = 2048
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_output(config: TrainConfig) -> Path | None:
+    """Check ``config.out`` for this run; return the checkpoint to resume from, if resuming.
+
+    Under DDP only the main process checks (and, with ``overwrite``, deletes): the others
+    would otherwise find the files it has started writing.
+    """
+    out = Path(config.out)
+    if not _is_main_process():
+        return latest_checkpoint(out / CHECKPOINTS) if config.resume else None
+    if out.exists() and not out.is_dir():
+        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
+    if config.resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise CompressedExpertsError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+        if (out / SUMMARY_FILE).is_file():
+            raise CompressedExpertsError(f"--resume: the run in {out} has already finished")
+        changed = config.differences(TrainConfig.read(out))
+        if changed:
+            raise CompressedExpertsError(f"--resume with other settings than the run in {out}: {'; '.join(changed)}")
+        last = latest_checkpoint(out / CHECKPOINTS)
+        if last is None:
+            raise CompressedExpertsError(
+                f"--resume: the run in {out} wrote no checkpoint yet; start it again with --overwrite"
+            )
+        return last
+    if out.is_dir() and any(out.iterdir()):
+        if not config.overwrite:
+            raise CompressedExpertsError(
+                f"{out} already holds files (another run?): use --resume to continue it, --overwrite to replace it, "
+                f"or another --out"
+            )
+        if not ((out / CONFIG_FILE).is_file() or (out / "config.json").is_file()):
+            raise CompressedExpertsError(f"--overwrite: {out} holds files that are not a run or a model; not deleting them")
+        shutil.rmtree(out)
+    return None
+
+
+def _precision(name: str) -> str:
+    if name != "auto":
+        return name
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _check_structure(config: TrainConfig) -> tuple[Any, int]:
+    """The conversion and sequence length this run uses, from the model's config alone."""
+    shape = skeleton(config.model)  # the meta-device structure: no weights are read
+    model_config, existing = shape.config, ce_config_of(shape)
+    wanted = config.ce_config(model_config.num_experts_per_tok)
+    if existing is not None and existing != wanted:
+        raise CompressedExpertsError(
+            f"{config.model} already has compressed experts (n_ce={existing.n_ce}, form={existing.form}); "
+            f"method {config.method} needs {'the original model' if wanted is None else wanted}"
+        )
+    if wanted is not None:
+        wanted.check_top_k(model_config.num_experts_per_tok)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    seq_len = config.seq_len or min(_DEFAULT_SEQ_LEN, limit or _DEFAULT_SEQ_LEN)
+    if limit is not None and seq_len > limit:
+        raise CompressedExpertsError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions)")
+    return wanted, seq_len
+
+
+def _set_trainable(model, trainable: str, router_attr: str) -> None:
+    for name, param in model.named_parameters():
+        if trainable == "all":
+            param.requires_grad_(True)
+        elif trainable == "ce":
+            param.requires_grad_(is_compressed_expert(name))
+        else:
+            param.requires_grad_(is_compressed_expert(name) or f".{router_attr}." in name)
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel  # the trained model, as saved
+    summary: dict[str, Any]  # steps, tokens, time, final loss, active parameters... (training_summary.json)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` with ``config.method``.
+
+    The result in ``config.out``: the model (``compressed_experts.from_pretrained`` loads it),
+    its tokenizer, ``training_config.json``, ``training_log.jsonl``, ``training_summary.json``
+    and, for ``trainable="ce"``, ``compressed_experts.safetensors`` (the vectors alone, to apply
+    to the base model with :func:`compressed_experts.apply_compressed_experts`).
+    """
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback
+
+    from ..architectures import family_of
+
+    resume_from = prepare_output(config)
+    wanted, seq_len = _check_structure(config)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    records = load_records(config.data, config.split, config.limit)
+    dataset = build_dataset(records, tokenizer, seq_len, config.prompt, config.packing, config.response_only)
+
+    out = Path(config.out)
+    precision = _precision(config.precision)
+    if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise CompressedExpertsError("this GPU has no bfloat16: use --precision fp32")
+    model = from_pretrained(config.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    if wanted is not None and ce_config_of(model) is None:
+        convert(model, wanted)
+    if precision == "bf16":  # float32 master copies for the vectors; the layer casts them per call
+        for name, param in model.named_parameters():
+            if is_compressed_expert(name):
+                param.data = param.data.float()
+    _set_trainable(model, config.trainable, family_of(model).router_attr)
+    model.config.use_cache = False
+
+    if _is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            _write_atomic(out / CONFIG_FILE, config.to_json())
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup,
+        bf16=precision == "bf16-mixed",
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        seed=config.seed,
+        report_to="none",
+        disable_tqdm=True,  # our own bar shows loss and tokens/s
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+    )
+    collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
+    trainer = CETrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        processing_class=tokenizer, callbacks=[ProgressAndLog(out / LOG_FILE)], ce_lr=config.ce_lr,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    counts = active_parameters(model)
+    summary = {
+        "method": config.method,
+        "n_ce": wanted.n_ce if wanted is not None else 0,
+        "trainable": config.trainable,
+        "steps": trainer.state.global_step,
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "seconds": seconds,
+        "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss,
+        "active_parameters": counts["active"],
+        "active_full_topk": counts["active_full_topk"],
+        "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "sequences": len(dataset),
+        "seq_len": seq_len,
+        "precision": precision,
+        "resumed_from": str(resume_from) if resume_from else None,
+    }
+    if trainer.is_world_process_zero():
+        _save_final(trainer, tokenizer, out, config, summary)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(trainer.accelerator.unwrap_model(trainer.model), summary)
+
+
+def _save_final(trainer, tokenizer, out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
+    """Model, tokenizer and summary into ``out``, each file written beside it and renamed into place."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.config.use_cache = True
+    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if config.trainable == "ce":
+            save_compressed_experts(model, staging / CE_FILE)
+        for file in staging.iterdir():
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
+    if not config.keep_checkpoints:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,156 @@
+"""The transformers Trainer, with what fine-tuning MoE checkpoints here needs on top.
+
+- The compressed experts get their own learning rate (a parameter group), because vectors
+  that start at 1.0 barely move at the paper's 2e-5.
+- Checkpoints are written to a staging folder and renamed into place, so a run killed while
+  saving never leaves a half checkpoint that ``--resume`` would pick up.
+- Resuming reloads weights through :func:`compressed_experts.from_pretrained`: transformers
+  saves MoE experts in the hub's per-expert layout, which the Trainer's plain
+  ``load_state_dict`` would silently skip.
+- A loss that is not finite stops the run before the optimizer step, so the last
+  checkpoint stays the last good one.
+- A progress bar with loss and tokens/s, and a JSON-lines log of every logged step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..errors import CompressedExpertsError
+
+_CE_PARAMETERS = (".ce_gate", ".ce_up", ".ce_down")
+KEEP_CHECKPOINTS = 2  # the newest ones; older ones are deleted as new ones land
+
+
+class TrainingDiverged(CompressedExpertsError):
+    """The loss became NaN or infinite."""
+
+
+def is_compressed_expert(name: str) -> bool:
+    return name.endswith(_CE_PARAMETERS)
+
+
+class CETrainer(Trainer):
+    """Trainer with a compressed-experts learning rate, atomic checkpoints and a NaN stop."""
+
+    def __init__(self, *args, ce_lr: float | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ce_lr = ce_lr
+        self._staging: str | None = None
+
+    def create_optimizer(self, model=None):
+        """AdamW (fused where the build has it) with the compressed experts in a group of their own."""
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            decay = set(self.get_decay_parameter_names(self.model))
+            groups = [
+                {"params": [p for n, p in named if not is_compressed_expert(n) and n in decay],
+                 "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in named if not is_compressed_expert(n) and n not in decay], "weight_decay": 0.0},
+                {"params": [p for n, p in named if is_compressed_expert(n)], "weight_decay": 0.0,
+                 "lr": self.ce_lr or self.args.learning_rate},
+            ]
+            groups = [g for g in groups if g["params"]]
+            fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, fused=fused)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss.detach()).all():
+            last = latest_checkpoint(Path(self.args.output_dir))
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopped before updating the "
+                f"weights. Last good checkpoint: {last or 'none yet'}. Try a lower --lr or fp32 precision"
+            )
+        return result
+
+    def _get_output_dir(self, trial):
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_root = Path(self.args.output_dir)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = str(final_root / f".staging-{name}")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            staged, final = final_root / f".staging-{name}" / name, final_root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staged.parent, ignore_errors=True)
+            for old in sorted(_checkpoints(final_root), key=_step)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from ..checkpoint import from_pretrained
+
+        model = self.model if model is None else model
+        dtype = next(model.parameters()).dtype
+        saved = from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in saved.items()})
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (staging folders never count)."""
+    found = _checkpoints(root) if root.is_dir() else []
+    return max(found, key=_step) if found else None
+
+
+class ProgressAndLog(TrainerCallback):
+    """A progress bar showing loss and tokens/s, and every log entry appended to a JSON-lines file."""
+
+    def __init__(self, log_file: Path) -> None:
+        self.log_file = log_file
+        self.bar = None
+        self._mark: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
+        self._mark = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if self._mark is not None and now > self._mark[0] and "loss" in logs:
+            entry["tokens_per_s"] = (seen - self._mark[1]) / (now - self._mark[0])
+        self._mark = (now, seen)
+        with self.log_file.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{entry.get('tokens_per_s', 0):.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

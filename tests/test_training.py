@@ -1,0 +1,218 @@
+"""Fine-tuning: each method learns, saves and loads back, resumes after a kill, runs under DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressed_experts as ce
+from compressed_experts.training import TrainConfig, TrainingDiverged, train
+from compressed_experts.training.data import build_dataset, load_records
+from conftest import tokens
+
+# Lively settings for a tiny random model: a large learning rate so a few steps show a drop.
+FAST = dict(model="tiny:olmoe", seq_len=64, batch_size=4, lr=3e-3, logging_steps=1, warmup=0.0)
+
+
+def write_arithmetic(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """A small instruction dataset: additions with worked answers (repetitive, so it is learnable)."""
+    gen = torch.Generator().manual_seed(seed)
+    with path.open("w") as handle:
+        for a, b in torch.randint(1, 60, (n, 2), generator=gen).tolist():
+            handle.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": f"{a} + {b} = {a + b}."}) + "\n")
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_arithmetic(tmp_path / "data.jsonl")
+
+
+def losses(out: Path) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+@pytest.mark.parametrize("method", ["full", "top-m", "ce"])
+def test_each_method_learns_and_loads_back(tmp_path, data, method):
+    out = tmp_path / method
+    result = train(TrainConfig(data=str(data), out=str(out), method=method, max_steps=25, **FAST))
+    curve = losses(out)
+    assert len(curve) == 25 and sum(curve[-5:]) / 5 < curve[0] - 0.5, curve
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 25 and summary["tokens"] == 25 * 4 * 64
+    assert summary["final_loss"] == pytest.approx(curve[-1])
+    expected_n_ce = {"full": 0, "top-m": 4, "ce": 4}[method]  # default: half of OLMoE's top-8
+    assert summary["n_ce"] == expected_n_ce
+    assert (summary["active_parameters"] < summary["active_full_topk"]) == (method != "full")
+    assert not (out / "checkpoints").exists()  # removed once the final model is saved
+    loaded = ce.from_pretrained(out)
+    assert ce.ce_config_of(loaded) == (None if method == "full" else ce.CEConfig(4, "ia3" if method == "ce" else "none"))
+    ids = tokens()
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    assert ce.load_tokenizer(out)("Add 1").input_ids == ce.tiny_tokenizer()("Add 1").input_ids
+    if method == "ce":  # the vectors did train
+        vectors = [p for n, p in loaded.named_parameters() if n.endswith("ce_gate")]
+        assert all((v - 1).abs().max() > 1e-4 for v in vectors)
+
+
+def test_trainable_ce_trains_only_the_vectors_and_saves_them_alone(tmp_path, data):
+    out = tmp_path / "run"
+    result = train(TrainConfig(data=str(data), out=str(out), trainable="ce", max_steps=10, **FAST))
+    base = ce.tiny_model("olmoe")  # tiny:olmoe is built with seed 0: the run's starting weights
+    trained = dict(result.model.named_parameters())
+    for name, param in base.named_parameters():
+        if name in trained:
+            assert torch.equal(param, trained[name]), name
+    vectors = out / "compressed_experts.safetensors"
+    assert vectors.stat().st_size < (out / "model.safetensors").stat().st_size / 10
+    applied = ce.apply_compressed_experts(base, vectors)
+    ids = tokens()
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(applied(ids).logits, result.model(ids).logits)
+    with pytest.raises(ce.CheckpointError, match="trained on a olmoe model; this one is mixtral"):
+        ce.apply_compressed_experts(ce.tiny_model("mixtral"), vectors)
+
+
+def test_ce_lr_moves_the_vectors_further(tmp_path, data):
+    def drift(ce_lr):
+        model = train(TrainConfig(data=str(data), out=str(tmp_path / str(ce_lr)), trainable="ce",
+                                  max_steps=5, ce_lr=ce_lr, **FAST)).model
+        return max((p - 1).abs().max().item() for n, p in model.named_parameters() if ".ce_" in n)
+
+    assert drift(3e-2) > 3 * drift(None)
+
+
+KILL_AT = 5
+_KILLED_RUN = """
+import os, signal, sys
+from compressed_experts.training import TrainConfig, train
+from compressed_experts.training.trainer import CETrainer
+
+step = CETrainer.training_step
+def training_step(self, *args, **kwargs):
+    if self.state.global_step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind, as with a lost machine
+    return step(self, *args, **kwargs)
+CETrainer.training_step = training_step
+train(TrainConfig(**{config}))
+"""
+
+
+def test_resume_after_a_kill_ends_at_the_same_loss(tmp_path, data):
+    settings = dict(data=str(data), max_steps=8, save_steps=2, **FAST)
+    whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings)).summary
+    out = tmp_path / "killed"
+    script = _KILLED_RUN.format(kill_at=KILL_AT, config=repr({**settings, "out": str(out)}))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "training_summary.json").exists()
+    with pytest.raises(ce.CompressedExpertsError, match="already holds files"):
+        train(TrainConfig(out=str(out), **settings))
+    with pytest.raises(ce.CompressedExpertsError, match=r"other settings .* lr: 0.003 -> 0.001"):
+        train(TrainConfig(out=str(out), resume=True, **{**settings, "lr": 1e-3}))
+    resumed = train(TrainConfig(out=str(out), resume=True, **settings)).summary
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 8
+    # Same data order, RNG and weights after the resume: equal up to float32 summation order.
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+    assert losses(out)[-3:] == pytest.approx(losses(tmp_path / "whole")[-3:], rel=1e-5)
+    with pytest.raises(ce.CompressedExpertsError, match="already finished"):
+        train(TrainConfig(out=str(out), resume=True, **settings))
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+    from transformers import Trainer
+
+    original = Trainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 3 else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="became nan at step 4.*checkpoint-2"):
+        train(TrainConfig(data=str(data), out=str(out), max_steps=8, save_steps=2, **FAST))
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (out / "training_summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(method="full", n_ce=2), "method full runs all top-k experts"),
+        (dict(method="ce", n_ce=0), "n_ce=0 with method ce is full top-k"),
+        (dict(method="ce", n_ce=8), r"n_ce=8 must be smaller than the model's top-k \(8\)"),
+        (dict(method="top-m", trainable="ce"), "top-m has no compressed experts"),
+        (dict(method="full", trainable="ce+router"), "method full has no compressed experts"),
+        (dict(method="top-m", ce_lr=1e-3), "method top-m has none"),
+        (dict(method="lora"), "method must be one of full, top-m, ce"),
+        (dict(seq_len=4096), r"--seq-len 4096 is longer than the model takes \(128 positions\)"),
+        (dict(warmup=1.5), "warmup is a fraction"),
+        (dict(resume=True, overwrite=True), "choose one"),
+        (dict(prompt="chat"), "no chat template; use --prompt alpaca"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, data, change, message):
+    with pytest.raises(ce.CompressedExpertsError, match=message):
+        train(TrainConfig(**{**FAST, "data": str(data), "out": str(tmp_path / "run"), "max_steps": 2, **change}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    cases = [
+        (empty, "holds no records"),
+        (wrong, "has the fields question, answer; expected instruction"),
+        (tmp_path / "missing.jsonl", "no such data file"),
+        (tmp_path, "give a .json, .jsonl or .parquet file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ce.CompressedExpertsError, match=message):
+            train(TrainConfig(**{**FAST, "data": str(path), "out": str(tmp_path / "run"), "max_steps": 2}))
+    assert not (tmp_path / "run").exists()
+    one = load_records(str(write_arithmetic(tmp_path / "one.jsonl", n=1)))
+    with pytest.raises(ce.CompressedExpertsError, match=r"holds \d+ tokens, fewer than one packed sequence of 4096"):
+        build_dataset(one, ce.tiny_tokenizer(), seq_len=4096)
+
+
+def test_overwrite_replaces_a_run_but_not_foreign_files(tmp_path, data):
+    out = tmp_path / "run"
+    settings = dict(data=str(data), out=str(out), max_steps=2, **FAST)
+    train(TrainConfig(**settings))
+    train(TrainConfig(overwrite=True, **settings))
+    assert len(losses(out)) == 2  # the old log went with the old run
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_text("meow")
+    with pytest.raises(ce.CompressedExpertsError, match="not a run or a model; not deleting them"):
+        train(TrainConfig(**{**settings, "out": str(foreign), "overwrite": True}))
+    assert (foreign / "cat.jpg").exists()
+
+
+def test_ddp_on_two_processes_matches_one_process(tmp_path, data):
+    """gloo on CPU: two processes of batch 1 see the same global batch as one process of batch 2."""
+    common = ["--model", "tiny:olmoe", "--data", str(data), "--seq-len", "64", "--lr", "3e-3", "--warmup", "0",
+              "--max-steps", "6", "--logging-steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), max_steps=6,
+                               **{**FAST, "batch_size": 2})).summary
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "compressed_experts", "train", *common, "--batch-size", "1", "--out", str(tmp_path / "two")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert two["tokens"] == single["tokens"] == 6 * 2 * 64
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
