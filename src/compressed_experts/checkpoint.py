@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .config import FORMS, SAVED_MODEL_TYPE, SECTION, CEConfig
 from .convert import convert
 from .errors import CheckpointError, CompressedExpertsError
+from .toy.bundled import BUNDLED, BUNDLED_DIR
 
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
@@ -213,9 +214,18 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
 
 
 def _source(source: Any) -> str:
+    """The source as a string; ``"bundled"`` becomes the directory of the model shipped in the package."""
     if not isinstance(source, (str, os.PathLike)):
         raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
-    return os.fspath(source)
+    source = os.fspath(source)
+    if source == BUNDLED:
+        if not (BUNDLED_DIR / "config.json").is_file():
+            raise CheckpointError(
+                f"the bundled model is missing from this installation ({BUNDLED_DIR}); "
+                f"rebuild it with: compressed-experts toy pretrain --ship"
+            )
+        return str(BUNDLED_DIR)
+    return source
 
 
 def _local_dir(source: str, kwargs: dict[str, Any]) -> Path | None:

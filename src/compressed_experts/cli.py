@@ -245,6 +245,62 @@ def _show_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(table)
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the runs, results JSON, table and plot go.")] = Path("out/demo"),
+    quick: Annotated[bool, typer.Option(help="A first look in about 3 minutes (fewer steps and test problems).")] = False,
+    seeds: Annotated[int, typer.Option(help="Repeat with this many seeds; the table shows mean and spread.")] = 1,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the table into this Markdown file (e.g. RESULTS.md), between its demo markers.")] = None,
+) -> None:
+    """The paper's experiment on the bundled model: fine-tune full top-8, top-4 and compressed
+    experts, evaluate, time, and print the table (about 15 minutes on two CPU cores)."""
+    from .toy.demo import QUICK, Plan, run_demo, table_markdown, write_report
+
+    def action() -> None:
+        if report is not None and not report.parent.is_dir():
+            raise CompressedExpertsError(f"{report.parent} does not exist: create it or choose another --report")
+        results = run_demo(out, QUICK if quick else Plan(), seeds, say=lambda text: console.print(f"[bold]demo:[/] {text}"))
+        console.print(Markdown(table_markdown(results)))
+        console.print(f"{results['seconds'] / 60:.1f} min; wrote {out / 'demo_results.json'}, "
+                      f"{out / 'demo_table.md'} and {out / 'demo_plot.png'}")
+        if report is not None:
+            write_report(results, "compressed-experts demo " + " ".join(sys.argv[2:]), report)
+            console.print(f"updated {report}")
+
+    _run(action)
+
+
+# Defined in evaluation/commands.py (they use _run and console from here, imported in their bodies).
+from .evaluation.commands import compare_command, eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.command("compare")(compare_command)
+
+toy_app = typer.Typer(help="The bundled small MoE: its pretraining recipe.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("pretrain")
+def toy_pretrain(
+    out: Annotated[Path, typer.Option(help="Work directory: corpus, init, run, and the exported model.")] = Path("out/toy-pretrain"),
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps (16 x 256 tokens each).")] = 2400,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data order.")] = 0,
+    ship: Annotated[bool, typer.Option(help="Also copy the exported model into the package (what the repo ships).")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in --out.")] = False,
+) -> None:
+    """Pretrain the bundled OLMoE-architecture model on the standard library (about 45 min on 2 CPU cores)."""
+    from .toy.pretrain import Recipe, pretrain, ship_export
+
+    def action() -> None:
+        report = pretrain(out, Recipe(max_steps=max_steps, seed=seed), resume=resume, overwrite=overwrite)
+        console.print_json(data=report)
+        if ship:
+            console.print(f"shipped to {ship_export(out / 'model')}")
+
+    _run(action)
+
+
 def _save_tokenizer(source: str, directory: Path) -> None:
     """Copy the source's tokenizer along, so the converted directory is usable on its own."""
     try:

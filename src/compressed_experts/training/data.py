@@ -1,8 +1,9 @@
 """Supervised fine-tuning data: load records, render prompts, tokenize, pack.
 
-Records come from a Hugging Face dataset or a local JSON/JSONL/Parquet file, in one of two
+Records come from a Hugging Face dataset or a local JSON/JSONL/Parquet file, in one of three
 layouts: ``instruction`` (+ optional ``input``) with ``output`` or ``response`` (MathInstruct,
-Magicoder-Evol-Instruct, Alpaca), or chat ``messages`` (Tulu 3). Every record becomes a list
+Magicoder-Evol-Instruct, Alpaca), chat ``messages`` (Tulu 3), or plain ``text`` (language
+modelling, e.g. the bundled model's pretraining corpus: every token counts). Every record becomes a list
 of (text, is_response) segments, so that "loss on response tokens only" is a label mask and
 the prompt format (the paper's Alpaca template or the tokenizer's chat template) is one
 function. Packing concatenates the tokenized records and cuts fixed-length blocks, as the
@@ -77,14 +78,16 @@ def load_records(source: str, split: str = "train", limit: int | None = None):
 
 
 def layout(fields: list[str], source: str) -> str:
-    """``"messages"`` or ``"instruction"``: which layout the fields carry, or an error naming them."""
+    """``"messages"``, ``"instruction"`` or ``"text"``: which layout the fields carry, or an error naming them."""
     if "messages" in fields:
         return "messages"
     if "instruction" in fields and any(f in fields for f in _RESPONSE_FIELDS):
         return "instruction"
+    if "text" in fields:
+        return "text"
     raise CompressedExpertsError(
         f"{source} has the fields {', '.join(fields) or '(none)'}; expected instruction (+ optional input) "
-        f"with output or response, or chat messages"
+        f"with output or response, chat messages, or text"
     )
 
 
@@ -104,7 +107,9 @@ def _as_messages(record: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def segments(record: dict[str, Any], tokenizer, prompt_format: str) -> list[tuple[str, bool]]:
-    """One record as (text, is_response) pieces in the chosen prompt format."""
+    """One record as (text, is_response) pieces in the chosen prompt format (plain text: one response piece)."""
+    if record.get("text") is not None and "instruction" not in record and "messages" not in record:
+        return [(record["text"], True)]
     if prompt_format == "chat":
         return _chat_segments(_as_messages(record), tokenizer)
     if "messages" not in record or record["messages"] is None:

@@ -1,0 +1,90 @@
+"""``compressed-experts eval`` and ``compare``: thin commands over :func:`evaluate` and :func:`compare`.
+
+Registered in the CLI with ``app.command("eval")(eval_command)`` and
+``app.command("compare")(compare_command)``; they report mistakes through the CLI's own
+one-line errors (imported when a command runs, since the CLI imports this module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import CompressedExpertsError
+
+
+def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
+    """The model and its tokenizer (checked first: it is the quicker to fail), on ``device``."""
+    import torch
+
+    from ..checkpoint import from_pretrained, load_tokenizer
+    from ..cli import console
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise CompressedExpertsError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+    tokenizer = load_tokenizer(tokenizer_source or source)
+    with console.status(f"loading {source}"):
+        model = from_pretrained(source, dtype=dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="Model directory, hub id, or tiny:<family>.")],
+    task: Annotated[str, typer.Option(help="gsm8k, math, humaneval, mbpp, or lm-eval:<task> (e.g. lm-eval:arc_easy).")],
+    data: Annotated[Optional[Path], typer.Option(help="Local JSONL in the data set's format (lm-eval: a task YAML or folder).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N examples only.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer; default: the task's own.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="alpaca (fine-tuned models, default), fewshot (base models; gsm8k, math) or plain.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
+    timeout: Annotated[float, typer.Option(help="Seconds each generated program may run (humaneval, mbpp).")] = 10.0,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples for lm-eval tasks.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer source, where the model directory has none.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (as saved), float32, bfloat16, float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Results JSON: score, settings and every example.")] = None,
+) -> None:
+    """Score a model on a task (math, code, or any lm-evaluation-harness task)."""
+    from ..cli import _run, console
+    from ..config import check_dtype_name
+    from .run import check_task_name, evaluate
+
+    def action() -> None:
+        check_task_name(task)
+        check_dtype_name(dtype, "--dtype")
+        if out is not None and out.is_dir():
+            raise CompressedExpertsError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
+        loaded, tok = _load(model, tokenizer, dtype, device)
+        result = evaluate(
+            loaded, tok, task, data=data, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            prompt=prompt, temperature=temperature, timeout=timeout, num_fewshot=num_fewshot, out=out, source=model,
+        )
+        console.print(f"{task}: {result['metric']} [bold]{result['score']:.1%}[/] on {result['n']} examples")
+        if out is not None:
+            console.print(f"wrote {out}")
+
+    _run(action)
+
+
+def compare_command(
+    results: Annotated[list[Path], typer.Argument(help="Results files written by `compressed-experts eval --out`.")],
+    plot: Annotated[Path, typer.Option(help="Where to write the plot of score against active parameters (PNG).")] = Path("comparison.png"),
+) -> None:
+    """Table of methods, active parameters, scores and recovery; plot of score against active parameters."""
+    from ..cli import _run, console
+    from .report import compare, comparison_table
+
+    def action() -> None:
+        comparison = compare(results, plot=plot)
+        console.print(comparison_table(comparison))
+        if comparison["reference"] is None:
+            console.print("recovery needs exactly one full top-k model among the results")
+        console.print(f"wrote {plot}")
+
+    _run(action)

@@ -1,0 +1,117 @@
+"""Results files, and the paper-style comparison of several of them: one table and one plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..errors import CompressedExpertsError
+
+_REQUIRED = ("task", "metric", "score", "n", "settings", "model", "examples")
+_MODEL_REQUIRED = ("source", "method", "n_ce", "active_parameters")
+
+
+def save_results(result: dict[str, Any], path: Path) -> None:
+    """Write one evaluation's results as JSON (folders created as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results file written by :func:`compressed_experts.evaluation.evaluate`, checking its shape."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CompressedExpertsError(f"no such results file: {path}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CompressedExpertsError(f"{path} is not JSON: {err}") from err
+    missing = [k for k in _REQUIRED if not isinstance(result, dict) or k not in result]
+    missing += [f"model.{k}" for k in _MODEL_REQUIRED if not missing and k not in result["model"]]
+    if missing:
+        raise CompressedExpertsError(f"{path} is not a results file of compressed-experts eval: it lacks {', '.join(missing)}")
+    return result
+
+
+def method_label(model: dict[str, Any]) -> str:
+    """"full top-8", "top-4" or "top-4 + 4 CE" (falls back to n_ce where top-k is unknown)."""
+    k, n_ce, method = model.get("top_k"), model["n_ce"], model["method"]
+    if method == "full":
+        return f"full top-{k}" if k else "full"
+    main = f"top-{k - n_ce}" if k else f"top-(k-{n_ce})"
+    return main if method == "top-m" else f"{main} + {n_ce} CE"
+
+
+def compare(paths: list[str | os.PathLike], plot: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Gather results files into rows (one per model) of scores per task, with recovery ratios.
+
+    A row's recovery is its score divided by the full top-k model's score, averaged over the
+    tasks both have (None where there is not exactly one full model, or no common task). Rows
+    come in order of active parameters, largest first. With ``plot``, also writes a PNG of score
+    against active parameters per token, one series per task.
+    """
+    if not paths:
+        raise CompressedExpertsError("give at least one results file")
+    rows: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple[str, str], Path] = {}
+    for path in map(Path, paths):
+        result = load_results(path)
+        model = result["model"]
+        key = (model["source"], result["task"])
+        if key in seen:
+            raise CompressedExpertsError(f"{seen[key]} and {path} both hold {result['task']} of {model['source']}: keep one")
+        seen[key] = path
+        row = rows.setdefault(model["source"], {**model, "label": method_label(model), "scores": {}})
+        row["scores"][result["task"]] = result["score"]
+    tasks = sorted({task for _, task in seen})
+    full = [row for row in rows.values() if row["method"] == "full"]
+    for row in rows.values():
+        common = [t for t in row["scores"] if len(full) == 1 and full[0]["scores"].get(t)]
+        ratios = [row["scores"][t] / full[0]["scores"][t] for t in common]
+        row["recovery"] = sum(ratios) / len(ratios) if ratios else None
+    ordered = sorted(rows.values(), key=lambda r: (-r["active_parameters"], r["label"]))
+    comparison = {"tasks": tasks, "rows": ordered, "reference": full[0]["source"] if len(full) == 1 else None}
+    if plot is not None:
+        write_plot(comparison, Path(plot))
+    return comparison
+
+
+def comparison_table(comparison: dict[str, Any]) -> Table:
+    """The comparison as the paper lays it out: method, active parameters, each task, recovery."""
+    table = Table(title="quality against active parameters per token")
+    for name, justify in (("method", "left"), ("model", "left"), ("active params", "right"),
+                          *((task, "right") for task in comparison["tasks"]), ("recovery", "right")):
+        table.add_column(name, justify=justify)
+    for row in comparison["rows"]:
+        scores = [f"{row['scores'][t]:.1%}" if t in row["scores"] else "-" for t in comparison["tasks"]]
+        recovery = f"{row['recovery']:.1%}" if row["recovery"] is not None else "-"
+        table.add_row(row["label"], row["source"], f"{row['active_parameters']:,}", *scores, recovery)
+    return table
+
+
+def write_plot(comparison: dict[str, Any], path: Path) -> None:
+    """Score against active parameters, one series per task, each point labelled with its method (PNG)."""
+    try:
+        from matplotlib.figure import Figure  # the object API draws with Agg and leaves pyplot's backend alone
+    except ImportError as err:
+        raise CompressedExpertsError("the plot needs matplotlib: pip install matplotlib, or leave the plot out") from err
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    for task in comparison["tasks"]:
+        rows = [r for r in comparison["rows"] if task in r["scores"]]
+        points = sorted((r["active_parameters"], r["scores"][task], r["label"]) for r in rows)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
+        for x, y, label in points:
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("active parameters per token")
+    axes.set_ylabel("score")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    axes.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)

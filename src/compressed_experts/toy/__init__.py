@@ -1,0 +1,1 @@
+"""The bundled small MoE, its pretraining recipe, and the demo's downstream tasks."""
