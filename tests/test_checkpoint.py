@@ -235,3 +235,9 @@ def test_compressed_experts_file_round_trip_and_misuse(tmp_path):
     with pytest.raises(ce.CheckpointError, match="does not fit this model"):
         ce.apply_compressed_experts(bigger, tmp_path / "v.safetensors")
     assert ce.ce_config_of(bigger) is None
+
+
+def test_a_model_directory_without_a_tokenizer_is_said_so(tmp_path):
+    ce.tiny_model("olmoe").save_pretrained(tmp_path / "m")
+    with pytest.raises(ce.CheckpointError, match="no (usable )?tokenizer"):
+        ce.load_tokenizer(tmp_path / "m")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import typer
@@ -14,6 +13,7 @@ from compressed_experts.evaluation import compare, evaluate, load_results, model
 from compressed_experts.evaluation import run as run_module
 from compressed_experts.evaluation.commands import compare_command, eval_command
 from compressed_experts.evaluation.generation import generate, left_pad
+from compressed_experts.evaluation.prompts import alpaca_prompt
 
 GSM8K_ROWS = [
     {"question": "Ann has 3 pens and buys 4 more. How many pens?", "answer": "3 + 4 = 7\n#### 7"},
@@ -37,9 +37,34 @@ def model():
     return ce.tiny_model("olmoe")
 
 
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tok = ce.tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tok
+
+
 def canned(monkeypatch, outputs):
-    """Stand in for the model: generation returns ``outputs`` (the tiny random model writes noise)."""
-    monkeypatch.setattr(run_module, "generate", lambda model, tokenizer, prompts, *args, **kwargs: outputs[: len(prompts)])
+    """Stand in for the model: generation returns ``outputs`` (the tiny random model writes noise).
+    Returns the calls, each as (its arguments after the prompts, its keyword arguments)."""
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+        calls.append((args, kwargs))
+        return outputs[: len(prompts)]
+
+    monkeypatch.setattr(run_module, "generate", fake_generate)
+    return calls
+
+
+def cli():
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("compare")(compare_command)
+    return app, CliRunner()
 
 
 def test_left_padding_and_batched_greedy_match_one_by_one(model, tokenizer):
@@ -143,6 +168,78 @@ def test_mbpp_from_a_local_file(model, tokenizer, tmp_path, monkeypatch):
     assert "assert square(3) == 9" in result["examples"][0]["prompt"]
 
 
+CHAT_DATA = {
+    "gsm8k": GSM8K_ROWS[:1],
+    "math": [{"problem": "What is 2 + 2?", "answer": "4"}],
+    "humaneval": None,  # from the package
+    "mbpp": [{"text": "Write a function that squares a number.", "test_list": ["assert square(3) == 9"]}],
+}
+
+
+@pytest.mark.parametrize("task", list(CHAT_DATA))
+def test_chat_prompts_ask_what_alpaca_prompts_ask(model, chat_tokenizer, tmp_path, monkeypatch, task):
+    calls = canned(monkeypatch, ["x"])
+    data = write_jsonl(tmp_path / "data.jsonl", CHAT_DATA[task]) if CHAT_DATA[task] else None
+    alpaca, chat = (
+        evaluate(model, chat_tokenizer, task, data=data, limit=1, prompt=style, progress=False)["examples"][0]["prompt"]
+        for style in ("alpaca", "chat")
+    )
+    instruction = alpaca.split("### Instruction:\n", 1)[1].removesuffix("\n\n### Response:\n")
+    assert alpaca == alpaca_prompt(instruction)
+    assert chat == f"<user>{instruction}</s><assistant>"
+    (alpaca_args, alpaca_kwargs), (chat_args, chat_kwargs) = calls
+    assert alpaca_args[2] == ("\n### Instruction:",) and chat_args[2] == ("</s>",)  # where each template ends a reply
+    assert alpaca_kwargs["add_special_tokens"] and not chat_kwargs["add_special_tokens"]  # the template writes its own
+
+
+def test_chat_prompts_are_tokenized_as_training_tokenized_them(model):
+    from tokenizers.processors import TemplateProcessing
+
+    tok = ce.tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    seen = []
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs["input_ids"][0, 0].item())
+        return original(**kwargs)
+
+    model.generate = spy
+    try:
+        for add in (True, False):
+            generate(model, tok, ["Hi"], max_new_tokens=1, progress=False, add_special_tokens=add)
+    finally:
+        del model.generate
+    assert seen == [tok.bos_token_id, tok.convert_tokens_to_ids("H")]
+
+
+def test_a_fine_tuned_model_is_prompted_as_it_was_trained(model, chat_tokenizer, tmp_path, monkeypatch):
+    from compressed_experts.training.config import TrainConfig
+
+    canned(monkeypatch, ["x"])
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS[:1])
+    trained, untrained = tmp_path / "trained", tmp_path / "untrained"
+    for directory in (trained, untrained):
+        model.save_pretrained(directory)
+        chat_tokenizer.save_pretrained(directory)
+    config = TrainConfig(model="tiny:olmoe", data="train.jsonl", out=str(trained), prompt="chat")
+    (trained / "training_config.json").write_text(config.to_json())
+
+    def style(loaded, **kwargs):
+        return evaluate(loaded, chat_tokenizer, "gsm8k", data=data, progress=False, **kwargs)["settings"]["prompt"]
+
+    assert style(ce.from_pretrained(trained)) == "chat"  # where the model was loaded from
+    assert style(model, source=str(trained)) == "chat"
+    assert style(ce.from_pretrained(untrained)) == "alpaca" and style(model) == "alpaca"
+    assert style(ce.from_pretrained(trained), prompt="alpaca") == "alpaca"  # a style given wins
+    app, runner = cli()
+    out = tmp_path / "results.json"
+    args = ["eval", "--model", str(trained), "--task", "gsm8k", "--data", str(data), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_results(out)["settings"]["prompt"] == "chat"
+
+
 def test_method_of_the_model(model):
     converted = ce.from_pretrained("tiny:olmoe", n_ce=4)
     summary = model_summary(converted, "ce-model")
@@ -150,9 +247,10 @@ def test_method_of_the_model(model):
     assert summary["active_parameters"] < model_summary(model)["active_parameters"]
 
 
-def test_top_m_models_are_told_apart(model, monkeypatch):
-    monkeypatch.setattr(run_module, "ce_config_of", lambda m: SimpleNamespace(n_ce=4, form="none"))
-    assert model_summary(model)["method"] == "top-m"
+def test_top_m_models_are_told_apart(model):
+    summary = model_summary(ce.from_pretrained("tiny:olmoe", n_ce=4, form="none"))
+    assert (summary["method"], summary["n_ce"]) == ("top-m", 4)
+    assert summary["active_parameters"] < model_summary(model)["active_parameters"]
 
 
 @pytest.mark.parametrize(
@@ -162,7 +260,11 @@ def test_top_m_models_are_told_apart(model, monkeypatch):
         ({"task": "lm-eval:"}, "unknown task"),
         ({"task": "gsm8k", "data": "wrong"}, "has the fields problem, solution; the gsm8k task needs question and answer"),
         ({"task": "math", "data": "wrong", "limit": 0}, "limit must be a positive whole number"),
-        ({"task": "humaneval", "prompt": "fewshot"}, "takes the prompt styles alpaca, plain, not 'fewshot'"),
+        ({"task": "humaneval", "prompt": "fewshot"}, "takes the prompt styles alpaca, chat, plain, not 'fewshot'"),
+        ({"task": "gsm8k", "prompt": "chat"}, "the chat prompt style needs a tokenizer with a chat template"),
+        ({"task": "humaneval", "timeout": 0}, "give a positive number (e.g. 10), not 0"),
+        ({"task": "mbpp", "timeout": -1.0}, "give a positive number (e.g. 10), not -1.0"),
+        ({"task": "gsm8k", "max_new_tokens": 0}, "max_new_tokens must be at least 1, not 0"),
         ({"task": "gsm8k", "data": "missing"}, "no such data file"),
         ({"task": "gsm8k", "data": "not json"}, "line 1 is not JSON"),
         ({"task": "gsm8k", "num_fewshot": 5}, "num_fewshot is for lm-eval tasks"),
@@ -186,9 +288,9 @@ def test_a_tokenizer_larger_than_the_model_is_refused(model):
         evaluate(model, big, "gsm8k")
 
 
-def results_file(path, source, method, n_ce, active, task, score):
+def results_file(path, source, method, n_ce, active, task, score, settings=None, n=10):
     model = {"source": source, "method": method, "n_ce": n_ce, "top_k": 8, "active_parameters": active}
-    path.write_text(json.dumps({"task": task, "metric": "m", "score": score, "n": 10, "settings": {},
+    path.write_text(json.dumps({"task": task, "metric": "m", "score": score, "n": n, "settings": settings or {},
                                 "model": model, "examples": []}))
     return path
 
@@ -215,11 +317,66 @@ def test_compare_table_recovery_and_plot(tmp_path):
         compare([tmp_path / "junk.json"])
 
 
+def test_compare_tells_apart_the_methods_of_one_checkpoint(tmp_path):
+    files = [  # as evaluate() names models loaded in code: all after their base model
+        results_file(tmp_path / f"{method}.json", "tiny:olmoe", method, n_ce, active, "gsm8k", score)
+        for method, n_ce, active, score in (("full", 0, 1000, 0.5), ("top-m", 4, 690, 0.3), ("ce", 4, 700, 0.45))
+    ]
+    comparison = compare(files)
+    assert comparison["reference"] == "tiny:olmoe"
+    assert [(row["label"], row["recovery"]) for row in comparison["rows"]] == [
+        ("full top-8", 1.0), ("top-4 + 4 CE", pytest.approx(0.9)), ("top-4", pytest.approx(0.6))
+    ]
+
+
+SETTINGS = {"data": "gsm8k.jsonl", "limit": 100, "prompt": "alpaca", "max_new_tokens": 512, "temperature": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "n", "difference"),
+    [
+        ({"data": "other.jsonl"}, 10, "data 'gsm8k.jsonl' and 'other.jsonl'"),
+        ({"limit": 50}, 10, "limit 100 and 50"),
+        ({}, 9, "n 10 and 9"),
+        ({"prompt": "chat"}, 10, "prompt 'alpaca' and 'chat'"),
+        ({"max_new_tokens": 256}, 10, "max_new_tokens 512 and 256"),
+        ({"temperature": 0.7}, 10, "temperature 0.0 and 0.7"),
+    ],
+)
+def test_compare_refuses_scores_from_different_settings(tmp_path, change, n, difference):
+    full = results_file(tmp_path / "full.json", "full", "full", 0, 1000, "gsm8k", 0.5, SETTINGS)
+    ce_file = results_file(tmp_path / "ce.json", "ce", "ce", 4, 700, "gsm8k", 0.4, SETTINGS | change, n)
+    other_task = results_file(tmp_path / "math.json", "ce", "ce", 4, 700, "math", 0.2, SETTINGS | {"limit": 5}, 5)
+    with pytest.raises(ce.CompressedExpertsError) as caught:
+        compare([full, other_task, ce_file])
+    assert f"{full} and {ce_file} ran gsm8k under different settings ({difference})" in str(caught.value)
+    assert compare([full, other_task])["tasks"] == ["gsm8k", "math"]  # settings are compared within a task only
+
+
+def test_compare_with_several_full_models_takes_the_reference_given(tmp_path):
+    files = [
+        results_file(tmp_path / "a.json", "base-a", "full", 0, 1000, "gsm8k", 0.5),
+        results_file(tmp_path / "b.json", "base-b", "full", 0, 1000, "gsm8k", 0.4),
+        results_file(tmp_path / "c.json", "ce", "ce", 4, 700, "gsm8k", 0.4),
+    ]
+    unchosen = compare(files)
+    assert unchosen["reference"] is None and all(row["recovery"] is None for row in unchosen["rows"])
+    chosen = compare(files, reference="base-b")
+    assert chosen["reference"] == "base-b"
+    assert {row["source"]: row["recovery"] for row in chosen["rows"]} == {"base-a": 1.25, "base-b": 1.0, "ce": 1.0}
+    with pytest.raises(ce.CompressedExpertsError, match="no full top-k model from ce among the results; the candidates: base-a, base-b"):
+        compare(files, reference="ce")
+    app, runner = cli()
+    plot = ["--plot", str(tmp_path / "q.png")]
+    result = runner.invoke(app, ["compare", *map(str, files), *plot])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0 and "choose it with --reference (candidates: base-a, base-b)" in output, output
+    result = runner.invoke(app, ["compare", *map(str, files), *plot, "--reference", "base-a"])
+    assert result.exit_code == 0 and "80.0%" in result.output and "--reference" not in result.output, result.output
+
+
 def test_commands(model, tokenizer, tmp_path):
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("compare")(compare_command)
-    runner = CliRunner()
+    app, runner = cli()
     full_dir, ce_dir = tmp_path / "full", tmp_path / "ce"
     model.save_pretrained(full_dir)
     tokenizer.save_pretrained(full_dir)

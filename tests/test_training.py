@@ -121,6 +121,8 @@ def test_resume_after_a_kill_ends_at_the_same_loss(tmp_path, data):
     with pytest.raises(ce.CompressedExpertsError, match=r"other settings .* lr: 0.003 -> 0.001"):
         train(TrainConfig(out=str(out), resume=True, **{**settings, "lr": 1e-3}))
     resumed = train(TrainConfig(out=str(out), resume=True, **settings)).summary
+    steps = [e["step"] for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert steps == list(range(1, 9))  # the steps run again after the resume are logged once
     assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["steps"] == 8
     # Same data order, RNG and weights after the resume: equal up to float32 summation order.
     assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
@@ -173,11 +175,12 @@ def test_bad_data_fails_before_training(tmp_path):
     empty.write_text("")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    (tmp_path / "folder").mkdir()
     cases = [
         (empty, "holds no records"),
         (wrong, "has the fields question, answer; expected instruction"),
         (tmp_path / "missing.jsonl", "no such data file"),
-        (tmp_path, "give a .json, .jsonl or .parquet file"),
+        (tmp_path / "folder", "give a .json, .jsonl or .parquet file"),
     ]
     for path, message in cases:
         with pytest.raises(ce.CompressedExpertsError, match=message):
@@ -216,3 +219,65 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data):
     two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert two["tokens"] == single["tokens"] == 6 * 2 * 64
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_non_finite_gradients_stop_the_run_even_with_a_finite_loss(tmp_path, data, monkeypatch):
+    from compressed_experts.training.trainer import CETrainer
+
+    step = CETrainer.training_step
+
+    def poisoned(self, model, *args, **kwargs):
+        if self.state.global_step == 2 and not getattr(self, "_poisoned", False):
+            self._poisoned = True
+            model.lm_head.weight.register_hook(lambda grad: grad * float("inf"))
+        return step(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(CETrainer, "training_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="gradients became NaN or infinite at step 3.*checkpoint-2"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=6, save_steps=2, **FAST))
+
+
+def test_resuming_keeps_float32_compressed_experts_of_a_bfloat16_model(tmp_path):
+    from transformers import TrainingArguments
+
+    from compressed_experts.training.trainer import CETrainer
+
+    model = ce.from_pretrained("tiny:olmoe", n_ce=2, dtype=torch.bfloat16)
+    vectors = [p for n, p in model.named_parameters() if ".ce_" in n]
+    for vec in vectors:
+        vec.data = torch.full_like(vec, 1.001, dtype=torch.float32)  # as training with precision bf16 keeps them
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    for vec in vectors:
+        vec.data.fill_(1.0)
+    args = TrainingArguments(output_dir=str(tmp_path / "ckpts"), use_cpu=True, report_to="none")
+    CETrainer(model=model, args=args)._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
+    assert all(v.dtype == torch.float32 and torch.all(v == torch.tensor(1.001)) for v in vectors)
+
+
+def test_overwrite_deletes_nothing_when_another_check_fails(tmp_path, data):
+    out = tmp_path / "run"
+    settings = dict(data=str(data), out=str(out), max_steps=2, **FAST)
+    train(TrainConfig(**settings))
+    with pytest.raises(ce.CompressedExpertsError, match="no such data file"):
+        train(TrainConfig(**{**settings, "data": str(tmp_path / "typo.jsonl"), "overwrite": True}))
+    assert (out / "training_summary.json").is_file()
+    with pytest.raises(ce.CompressedExpertsError, match="overlaps the model"):
+        train(TrainConfig(**{**settings, "model": str(out), "overwrite": True}))
+    assert (out / "model.safetensors").is_file()
+
+
+def test_dense_models_and_broken_records_are_refused_before_training(tmp_path, data):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ce.UnsupportedModelError, match="supported"):
+        train(TrainConfig(**{**FAST, "model": str(tmp_path / "dense"), "data": str(data), "out": str(tmp_path / "r"),
+                             "method": "full"}))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"instruction": "Add 1 and 2.", "output": "3"}) + "\n"
+                      + json.dumps({"instruction": "Add 2 and 2.", "output": None}) + "\n")
+    with pytest.raises(ce.CompressedExpertsError, match="lacks its instruction or output/response text"):
+        train(TrainConfig(**{**FAST, "data": str(broken), "out": str(tmp_path / "r")}))
+    with pytest.raises(ce.CompressedExpertsError, match="save_steps is a whole number"):
+        TrainConfig(**{**FAST, "data": str(data), "out": str(tmp_path / "r"), "save_steps": 1.5})
+    assert not (tmp_path / "r").exists()

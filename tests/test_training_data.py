@@ -88,3 +88,15 @@ def test_unreachable_hub_dataset_says_to_use_a_local_file(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ce.CompressedExpertsError, match="Without network, give a local .json/.jsonl/.parquet file"):
         load_records("nobody-here/no-such-dataset")
+
+
+def test_sequences_without_a_loss_token_are_left_out(tmp_path):
+    # Long prompts, one-character responses: with response-only loss most 40-token blocks hold
+    # prompt text only, and a batch of those would have a loss of 0/0.
+    records = load_records(write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Q" * 30, "output": "A"}] * 20))
+    kept = build_dataset(records, TOK, seq_len=40, response_only=True)
+    every = build_dataset(records, TOK, seq_len=40)
+    assert 0 < len(kept) < len(every)
+    assert all(any(label != IGNORE for label in row) for row in kept["labels"])
+    with pytest.raises(ce.CompressedExpertsError, match="no sequence has a token in the loss"):
+        build_dataset(records, TOK, seq_len=40, response_only=True, packing=False)

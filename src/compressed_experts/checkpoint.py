@@ -218,7 +218,7 @@ def _source(source: Any) -> str:
     if not isinstance(source, (str, os.PathLike)):
         raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
     source = os.fspath(source)
-    if source == BUNDLED:
+    if source == BUNDLED and not Path(source).exists():  # a local folder of that name still wins
         if not (BUNDLED_DIR / "config.json").is_file():
             raise CheckpointError(
                 f"the bundled model is missing from this installation ({BUNDLED_DIR}); "
@@ -317,13 +317,15 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
+    advice = "save one into the model directory (tokenizer.save_pretrained), or name one with --tokenizer"
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(
-            f"no tokenizer found for {source} ({_first_line(err)}): save one into the model directory "
-            f"(tokenizer.save_pretrained), or name one with --tokenizer"
-        ) from err
+        raise CheckpointError(f"no tokenizer found for {source} ({_first_line(err)}): {advice}") from err
+    # transformers can build a tokenizer with no vocabulary from a config alone; it encodes all text to nothing.
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise CheckpointError(f"{source} has no usable tokenizer (it encodes text to no tokens): {advice}")
+    return tokenizer
 
 
 def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> None:

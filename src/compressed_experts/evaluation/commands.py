@@ -41,7 +41,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N examples only.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer; default: the task's own.")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="alpaca (fine-tuned models, default), fewshot (base models; gsm8k, math) or plain.")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="alpaca or chat (fine-tuned models; default: as trained, per the model directory's training_config.json, else alpaca), fewshot (base models; gsm8k, math) or plain.")] = None,
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
     timeout: Annotated[float, typer.Option(help="Seconds each generated program may run (humaneval, mbpp).")] = 10.0,
     num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples for lm-eval tasks.")] = None,
@@ -75,16 +75,22 @@ def eval_command(
 def compare_command(
     results: Annotated[list[Path], typer.Argument(help="Results files written by `compressed-experts eval --out`.")],
     plot: Annotated[Path, typer.Option(help="Where to write the plot of score against active parameters (PNG).")] = Path("comparison.png"),
+    reference: Annotated[Optional[str], typer.Option(help="Source of the full top-k model that recovery is measured against, where the results hold several.")] = None,
 ) -> None:
     """Table of methods, active parameters, scores and recovery; plot of score against active parameters."""
     from ..cli import _run, console
     from .report import compare, comparison_table
 
     def action() -> None:
-        comparison = compare(results, plot=plot)
+        comparison = compare(results, plot=plot, reference=reference)
         console.print(comparison_table(comparison))
         if comparison["reference"] is None:
-            console.print("recovery needs exactly one full top-k model among the results")
+            candidates = [row["source"] for row in comparison["rows"] if row["method"] == "full"]
+            console.print(
+                f"recovery needs one full top-k model as its reference: choose it with --reference "
+                f"(candidates: {', '.join(candidates)})" if candidates else
+                "recovery needs a full top-k model among the results: evaluate the unmodified model too"
+            )
         console.print(f"wrote {plot}")
 
     _run(action)

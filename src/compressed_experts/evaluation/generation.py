@@ -45,13 +45,15 @@ def generate(
     stop: Sequence[str] = (),
     temperature: float = 0.0,
     progress: bool | str = True,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """The model's continuation of each prompt (without the prompt), cut at the first ``stop`` string.
 
     Prompts are sorted by length so that a batch holds prompts of similar length (less padding,
     and the longest batch comes first, so running out of memory happens at once); outputs come
     back in the order of ``prompts``. ``temperature`` 0 is greedy decoding. ``progress`` shows a
-    progress bar (a string is its label).
+    progress bar (a string is its label). ``add_special_tokens`` False leaves out the tokenizer's
+    own BOS, for prompts whose template writes its own (chat), as training tokenized them.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise CompressedExpertsError(f"batch size and max new tokens must be at least 1, not {batch_size} and {max_new_tokens}")
@@ -63,7 +65,7 @@ def generate(
         max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
         top_k=None, top_p=None, pad_token_id=pad[0], eos_token_id=eos or None, stop_strings=list(stop) or None,
     )
-    encoded = tokenizer(list(prompts))["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     device = model.device

@@ -1,18 +1,48 @@
-"""Prompt templates: the one fine-tuned models were trained with, and few-shot ones for base models.
+"""Prompt templates: the ones fine-tuned models were trained with, and few-shot ones for base models.
 
-A fine-tuned model is evaluated zero-shot with the template it was trained on: the Alpaca
-template of the training pipeline (:func:`compressed_experts.training.data.alpaca_prompt`,
-imported here, not copied). Base models get few-shot
+A fine-tuned model is evaluated zero-shot with the template it was trained on (``--prompt`` of
+training): the Alpaca template of the training pipeline
+(:func:`compressed_experts.training.data.alpaca_prompt`, imported here, not copied), or the
+tokenizer's chat template with the instruction as one user turn, as training renders an
+instruction record. Base models get few-shot
 chain-of-thought prompts; the worked examples below were written for this library (in the style
 of GSM8K and MATH, not taken from either data set).
 """
 
 from __future__ import annotations
 
+from ..errors import CompressedExpertsError
 from ..training.data import alpaca_prompt  # noqa: F401  (re-exported: the tasks format prompts with it)
 
 #: Where an Alpaca-style model would start the next turn: generation stops there.
 ALPACA_STOP = ("\n### Instruction:",)
+#: Stands in for a reply, to find what the chat template writes after one.
+_REPLY = "@@reply@@"
+
+
+def _check_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise CompressedExpertsError(
+            "the chat prompt style needs a tokenizer with a chat template: give the tokenizer the model was "
+            "fine-tuned with (it has one if training used --prompt chat), or choose the prompt style alpaca"
+        )
+
+
+def chat_prompt(instruction: str, tokenizer) -> str:
+    """``instruction`` as the one user turn of a chat in the tokenizer's template, up to where the reply starts."""
+    _check_chat_template(tokenizer)
+    turn = [{"role": "user", "content": instruction}]
+    return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+
+def chat_stop(tokenizer) -> tuple[str, ...]:
+    """Where the chat template ends a reply (e.g. ``<|im_end|>``): what it writes after one, found by
+    rendering one; empty where it writes nothing (then the end-of-sequence token alone stops it)."""
+    _check_chat_template(tokenizer)
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _REPLY}]
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False)
+    end = rendered.partition(_REPLY)[2].strip()
+    return (end,) if end else ()
 
 
 #: Grade-school word problems with worked answers ending in "The answer is N.".

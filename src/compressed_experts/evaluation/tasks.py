@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from . import answers, prompts
 from .sandbox import run_programs
@@ -20,26 +21,54 @@ _FUNCTION_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\na
 _PROGRAM_STOP = ("\nassert ", "\nif __name__", "\nprint(", '\n"""')
 
 
+#: Prompt styles for fine-tuned models (every task takes them; alpaca is the default): the task's
+#: instruction in the Alpaca template or in the tokenizer's chat template, as training writes them.
+INSTRUCTION_STYLES = ("alpaca", "chat")
+
+
 @dataclass(frozen=True)
 class Task:
     """One generation task.
 
     ``fields`` lists, for each field an example needs, the names it may have (a local file must
     have one name of each). ``hub`` is (data set, config, split) on the Hugging Face hub, or None
-    when the data ships with a package. ``stops`` maps each prompt style the task accepts
-    (default first) to the strings that end an answer in it: where the next turn, the next
-    example or the next piece of code would start. ``score(examples, outputs, timeout)`` gives
-    each output's (target, prediction, correct, verdict).
+    when the data ships with a package. ``instruction(example)`` is what a fine-tuned model is
+    asked (styles :data:`INSTRUCTION_STYLES`). ``stops`` maps each prompt style for base models
+    that the task accepts to the strings that end an answer in it (where the next example or the
+    next piece of code would start), and ``base_prompt(example, style)`` writes that prompt.
+    ``score(examples, outputs, timeout)`` gives each output's (target, prediction, correct, verdict).
     """
 
     name: str
     metric: str
     fields: tuple[tuple[str, ...], ...]
     hub: tuple[str, str | None, str] | None
+    instruction: Callable[[dict], str]
     stops: dict[str, tuple[str, ...]]
+    base_prompt: Callable[[dict, str], str]
     max_new_tokens: int
-    prompt: Callable[[dict, str], str]
     score: Callable[[Sequence[dict], Sequence[str], float], list[tuple[str, str | None, bool, str]]]
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        """The prompt styles the task takes, the default first."""
+        return (*INSTRUCTION_STYLES, *self.stops)
+
+    def prompt(self, example: dict, style: str, tokenizer) -> str:
+        """The prompt of ``example`` in ``style`` (the tokenizer matters for ``chat`` only)."""
+        if style == "alpaca":
+            return prompts.alpaca_prompt(self.instruction(example))
+        if style == "chat":
+            return prompts.chat_prompt(self.instruction(example), tokenizer)
+        return self.base_prompt(example, style)
+
+    def stop(self, style: str, tokenizer) -> tuple[str, ...]:
+        """The strings that end an answer in ``style``: where the next turn would start."""
+        if style == "alpaca":
+            return prompts.ALPACA_STOP
+        if style == "chat":
+            return prompts.chat_stop(tokenizer)
+        return self.stops[style]
 
 
 def _field(example: dict, names: tuple[str, ...]) -> str:
@@ -49,8 +78,6 @@ def _field(example: dict, names: tuple[str, ...]) -> str:
 def _question_prompt(ask: str, answer: str, examples: tuple, field: str) -> Callable[[dict, str], str]:
     def prompt(example: dict, style: str) -> str:
         question = example[field]
-        if style == "alpaca":
-            return prompts.alpaca_prompt(question)
         if style == "fewshot":
             return prompts.fewshot_prompt(question, examples, ask, answer)
         return f"{ask}: {question}\n{answer}:"
@@ -97,10 +124,12 @@ def code_of(output: str) -> str:
     return match.group(1) if match else output
 
 
-def _humaneval_prompt(example: dict, style: str) -> str:
-    if style == "plain":
-        return example["prompt"]
-    return prompts.alpaca_prompt(f"Complete this Python function.\n\n```python\n{example['prompt'].strip()}\n```")
+def _humaneval_instruction(example: dict) -> str:
+    return f"Complete this Python function.\n\n```python\n{example['prompt'].strip()}\n```"
+
+
+def _humaneval_plain_prompt(example: dict, style: str) -> str:
+    return example["prompt"]
 
 
 def humaneval_program(example: dict, output: str) -> str:
@@ -119,11 +148,12 @@ def _mbpp_tests(example: dict) -> str:
     return "\n".join(example["test_list"])
 
 
-def _mbpp_prompt(example: dict, style: str) -> str:
-    text = _field(example, ("text", "prompt"))
-    if style == "plain":
-        return f'"""\n{text}\n{_mbpp_tests(example)}\n"""\n'
-    return prompts.alpaca_prompt(f"{text}\nIt must pass these tests:\n\n{_mbpp_tests(example)}")
+def _mbpp_instruction(example: dict) -> str:
+    return f"{_field(example, ('text', 'prompt'))}\nIt must pass these tests:\n\n{_mbpp_tests(example)}"
+
+
+def _mbpp_plain_prompt(example: dict, style: str) -> str:
+    return f'"""\n{_field(example, ("text", "prompt"))}\n{_mbpp_tests(example)}\n"""\n'
 
 
 def mbpp_program(example: dict, output: str) -> str:
@@ -139,22 +169,22 @@ def _code_scorer(program: Callable[[dict, str], str], tests: Callable[[dict], st
     return score
 
 
-_QUESTION_STOPS = {"alpaca": prompts.ALPACA_STOP, "fewshot": prompts.FEWSHOT_STOP, "plain": prompts.FEWSHOT_STOP}
+_QUESTION_STOPS = {"fewshot": prompts.FEWSHOT_STOP, "plain": prompts.FEWSHOT_STOP}
 
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("gsm8k", "exact_match", (("question",), ("answer",)), ("openai/gsm8k", "main", "test"),
-             _QUESTION_STOPS, 512,
-             _question_prompt("Question", "Answer", prompts.ARITHMETIC_EXAMPLES, "question"), _score_gsm8k),
+             itemgetter("question"), _QUESTION_STOPS,
+             _question_prompt("Question", "Answer", prompts.ARITHMETIC_EXAMPLES, "question"), 512, _score_gsm8k),
         Task("math", "exact_match", (("problem",), ("answer", "solution")), ("HuggingFaceH4/MATH-500", None, "test"),
-             _QUESTION_STOPS, 1024,
-             _question_prompt("Problem", "Solution", prompts.COMPETITION_EXAMPLES, "problem"), _score_math),
+             itemgetter("problem"), _QUESTION_STOPS,
+             _question_prompt("Problem", "Solution", prompts.COMPETITION_EXAMPLES, "problem"), 1024, _score_math),
         Task("humaneval", "pass@1", (("task_id",), ("prompt",), ("test",), ("entry_point",)), None,
-             {"alpaca": prompts.ALPACA_STOP, "plain": _FUNCTION_STOP}, 512,
-             _humaneval_prompt, _code_scorer(humaneval_program, lambda e: e["test"])),
+             _humaneval_instruction, {"plain": _FUNCTION_STOP}, _humaneval_plain_prompt, 512,
+             _code_scorer(humaneval_program, lambda e: e["test"])),
         Task("mbpp", "pass@1", (("text", "prompt"), ("test_list",)), ("google-research-datasets/mbpp", "full", "test"),
-             {"alpaca": prompts.ALPACA_STOP, "plain": _PROGRAM_STOP}, 512,
-             _mbpp_prompt, _code_scorer(mbpp_program, _mbpp_tests)),
+             _mbpp_instruction, {"plain": _PROGRAM_STOP}, _mbpp_plain_prompt, 512,
+             _code_scorer(mbpp_program, _mbpp_tests)),
     )
 }

@@ -79,6 +79,8 @@ class TrainConfig:
         for name in ("max_steps", "seq_len", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CompressedExpertsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.save_steps > 1 and self.save_steps != int(self.save_steps):
+            raise CompressedExpertsError(f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}")
         if not 0 <= self.warmup < 1:
             raise CompressedExpertsError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
         if self.resume and self.overwrite:

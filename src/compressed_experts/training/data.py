@@ -96,29 +96,51 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def _response(record: dict[str, Any]) -> str:
+    response = next((record[f] for f in _RESPONSE_FIELDS if isinstance(record.get(f), str)), None)
+    if response is None or not isinstance(record.get("instruction"), str):
+        raise CompressedExpertsError(f"a record lacks its instruction or output/response text: {_show(record)}")
+    return response
+
+
+def _messages(record: dict[str, Any]) -> list[dict[str, str]]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise CompressedExpertsError(f"a record's messages are not a list of {{role, content}} texts: {_show(record)}")
+    return messages
+
+
+def _show(record: dict[str, Any]) -> str:
+    text = repr({k: v for k, v in record.items() if v is not None})
+    return text if len(text) < 200 else text[:200] + "..."
+
+
 def _as_messages(record: dict[str, Any]) -> list[dict[str, str]]:
-    if "messages" in record and record["messages"] is not None:
-        return list(record["messages"])
+    if record.get("messages") is not None:
+        return _messages(record)
     instruction = record["instruction"]
     if record.get("input"):
         instruction = f"{instruction}\n\n{record['input']}"
-    response = next(record[f] for f in _RESPONSE_FIELDS if record.get(f) is not None)
-    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": _response(record)}]
 
 
 def segments(record: dict[str, Any], tokenizer, prompt_format: str) -> list[tuple[str, bool]]:
     """One record as (text, is_response) pieces in the chosen prompt format (plain text: one response piece)."""
-    if record.get("text") is not None and "instruction" not in record and "messages" not in record:
+    if "instruction" not in record and "messages" not in record:
+        if not isinstance(record.get("text"), str):
+            raise CompressedExpertsError(f"a record has no text: {_show(record)}")
         return [(record["text"], True)]
     if prompt_format == "chat":
         return _chat_segments(_as_messages(record), tokenizer)
-    if "messages" not in record or record["messages"] is None:
-        response = next(record[f] for f in _RESPONSE_FIELDS if record.get(f) is not None)
+    if record.get("messages") is None:
+        response = _response(record)
         return [(alpaca_prompt(record["instruction"], record.get("input") or ""), False), (response, True)]
     # Chat records under the Alpaca template: each user turn is an instruction, each
     # assistant turn its response; a system message is put before the first instruction.
     pieces, system = [], ""
-    for message in record["messages"]:
+    for message in _messages(record):
         role, content = message["role"], message["content"]
         if role == "system":
             system = f"{content}\n\n"
@@ -189,26 +211,30 @@ def build_dataset(records, tokenizer, seq_len: int, prompt_format: str = "alpaca
 
     encoded = records.map(encode, batched=True, remove_columns=records.column_names, desc="tokenizing")
     if not packing:
-        return encoded.map(lambda row: {k: v[:seq_len] for k, v in row.items()}, desc="truncating")
+        examples = encoded.map(lambda row: {k: v[:seq_len] for k, v in row.items()}, desc="truncating")
+    else:
+        def pack(batch: dict[str, list]) -> dict[str, list]:
+            # Blocks are cut within each map batch; the last partial block of a batch is dropped.
+            ids = [t for row in batch["input_ids"] for t in row]
+            labels = [t for row in batch["labels"] for t in row]
+            cut = len(ids) - len(ids) % seq_len
+            return {
+                "input_ids": [ids[i:i + seq_len] for i in range(0, cut, seq_len)],
+                "labels": [labels[i:i + seq_len] for i in range(0, cut, seq_len)],
+            }
 
-    def pack(batch: dict[str, list]) -> dict[str, list]:
-        # Blocks are cut within each map batch; the last partial block of a batch is dropped.
-        ids = [t for row in batch["input_ids"] for t in row]
-        labels = [t for row in batch["labels"] for t in row]
-        cut = len(ids) - len(ids) % seq_len
-        return {
-            "input_ids": [ids[i:i + seq_len] for i in range(0, cut, seq_len)],
-            "labels": [labels[i:i + seq_len] for i in range(0, cut, seq_len)],
-        }
-
-    packed = encoded.map(pack, batched=True, batch_size=1000, desc="packing")
-    if len(packed) == 0:
-        total = sum(len(row) for row in encoded["input_ids"])
+        examples = encoded.map(pack, batched=True, batch_size=1000, desc="packing")
+        if len(examples) == 0:
+            total = sum(len(row) for row in encoded["input_ids"])
+            raise CompressedExpertsError(
+                f"the data holds {total} tokens, fewer than one packed sequence of {seq_len}: "
+                f"lower --seq-len, add data, or turn packing off (--no-packing)"
+            )
+    # A sequence with no token in the loss (a prompt cut off before its response) would make
+    # a batch's mean loss 0/0; such sequences teach nothing and are left out.
+    examples = examples.filter(lambda row: any(label != IGNORE for label in row["labels"]), desc="dropping loss-free")
+    if len(examples) == 0:
         raise CompressedExpertsError(
-            f"the data holds {total} tokens, fewer than one packed sequence of {seq_len}: "
-            f"lower --seq-len, add data, or turn packing off (--no-packing)"
+            "no sequence has a token in the loss: are the responses empty, or cut off by a short --seq-len?"
         )
-    sample = packed.select(range(min(len(packed), 100)))["labels"]
-    if all(label == IGNORE for row in sample for label in row):
-        raise CompressedExpertsError("no token of the data counts in the loss (are all responses empty?)")
-    return packed
+    return examples

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..errors import CompressedExpertsError
 from ..parameters import active_parameters
 from .config import CONFIG_FILE, TrainConfig
 from .data import build_dataset, load_records
-from .trainer import CETrainer, ProgressAndLog, is_compressed_expert, latest_checkpoint
+from .trainer import CETrainer, ProgressAndLog, StopOnNonFinite, is_compressed_expert, latest_checkpoint
 
 LOG_FILE = "training_log.jsonl"
 SUMMARY_FILE = "training_summary.json"
@@ -37,17 +36,28 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_output(config: TrainConfig) -> Path | None:
-    """Check ``config.out`` for this run; return the checkpoint to resume from, if resuming.
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
-    Under DDP only the main process checks (and, with ``overwrite``, deletes): the others
-    would otherwise find the files it has started writing.
+
+def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
+    """Check ``config.out`` for this run: (the checkpoint to resume from, whether ``out`` must be
+    emptied first). Nothing is deleted here: ``--overwrite`` clears the directory only once
+    every other check has passed, just before the first write.
+
+    Under DDP only the main process checks: the others would find the files it starts writing.
     """
     out = Path(config.out)
     if not _is_main_process():
-        return latest_checkpoint(out / CHECKPOINTS) if config.resume else None
+        return (latest_checkpoint(out / CHECKPOINTS) if config.resume else None), False
     if out.exists() and not out.is_dir():
         raise CompressedExpertsError(f"--out {out} is a file; give a directory")
+    for label, value in (("model", config.model), ("data", config.data), ("tokenizer", config.tokenizer)):
+        if value and Path(value).exists() and (_inside(Path(value), out) or _inside(out, Path(value))):
+            raise CompressedExpertsError(f"--out {out} overlaps the {label} ({value}): choose another --out")
+    if out.resolve() == Path.cwd().resolve():
+        raise CompressedExpertsError("--out is the current directory: give the run a directory of its own")
     if config.resume:
         if not (out / CONFIG_FILE).is_file():
             raise CompressedExpertsError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
@@ -61,7 +71,7 @@ def prepare_output(config: TrainConfig) -> Path | None:
             raise CompressedExpertsError(
                 f"--resume: the run in {out} wrote no checkpoint yet; start it again with --overwrite"
             )
-        return last
+        return last, False
     if out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
             raise CompressedExpertsError(
@@ -70,8 +80,8 @@ def prepare_output(config: TrainConfig) -> Path | None:
             )
         if not ((out / CONFIG_FILE).is_file() or (out / "config.json").is_file()):
             raise CompressedExpertsError(f"--overwrite: {out} holds files that are not a run or a model; not deleting them")
-        shutil.rmtree(out)
-    return None
+        return None, True
+    return None, False
 
 
 def _precision(name: str) -> str:
@@ -82,7 +92,10 @@ def _precision(name: str) -> str:
 
 def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     """The conversion and sequence length this run uses, from the model's config alone."""
+    from ..architectures import family_of
+
     shape = skeleton(config.model)  # the meta-device structure: no weights are read
+    family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
     model_config, existing = shape.config, ce_config_of(shape)
     wanted = config.ce_config(model_config.num_experts_per_tok)
     if existing is not None and existing != wanted:
@@ -128,18 +141,46 @@ def train(config: TrainConfig) -> TrainResult:
 
     from ..architectures import family_of
 
-    resume_from = prepare_output(config)
+    resume_from, clear = prepare_output(config)
     wanted, seq_len = _check_structure(config)
+    precision = _precision(config.precision)
+    if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise CompressedExpertsError("this GPU has no bfloat16: use --precision fp32")
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     records = load_records(config.data, config.split, config.limit)
     dataset = build_dataset(records, tokenizer, seq_len, config.prompt, config.packing, config.response_only)
-
     out = Path(config.out)
-    precision = _precision(config.precision)
-    if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise CompressedExpertsError("this GPU has no bfloat16: use --precision fp32")
+    try:
+        args = TrainingArguments(
+            output_dir=str(out / CHECKPOINTS),
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.lr,
+            weight_decay=config.weight_decay,
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps or -1,
+            lr_scheduler_type="cosine",
+            warmup_steps=config.warmup,
+            bf16=precision == "bf16-mixed",
+            activation_checkpointing=config.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+            logging_steps=config.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=config.save_steps,
+            seed=config.seed,
+            report_to="none",
+            disable_tqdm=True,  # our own bar shows loss and tokens/s
+            remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",
+            use_cpu=not torch.cuda.is_available(),
+            ddp_find_unused_parameters=False,
+        )
+    except ValueError as err:  # a combination transformers refuses: said before any weight is read
+        raise CompressedExpertsError(f"these training settings do not work together: {err}") from err
+
     model = from_pretrained(config.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if wanted is not None and ce_config_of(model) is None:
         convert(model, wanted)
@@ -151,38 +192,18 @@ def train(config: TrainConfig) -> TrainResult:
     model.config.use_cache = False
 
     if _is_main_process():
+        if clear:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            _write_atomic(out / CONFIG_FILE, config.to_json())
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps or -1,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup,
-        bf16=precision == "bf16-mixed",
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
-        logging_steps=config.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        seed=config.seed,
-        report_to="none",
-        disable_tqdm=True,  # our own bar shows loss and tokens/s
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
-    )
+            resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "seq_len": seq_len, "precision": precision}
+            _write_atomic(out / CONFIG_FILE, json.dumps({**json.loads(config.to_json()), "resolved": resolved}, indent=2))
+        else:
+            _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
     collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
     trainer = CETrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=tokenizer, callbacks=[ProgressAndLog(out / LOG_FILE)], ce_lr=config.ce_lr,
+        processing_class=tokenizer, callbacks=[ProgressAndLog(out / LOG_FILE), StopOnNonFinite()], ce_lr=config.ce_lr,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
     start = time.perf_counter()
@@ -208,29 +229,42 @@ def train(config: TrainConfig) -> TrainResult:
         "precision": precision,
         "resumed_from": str(resume_from) if resume_from else None,
     }
-    if trainer.is_world_process_zero():
-        _save_final(trainer, tokenizer, out, config, summary)
-    trainer.accelerator.wait_for_everyone()
+    _save_final(trainer, out, config, summary)
     return TrainResult(trainer.accelerator.unwrap_model(trainer.model), summary)
 
 
-def _save_final(trainer, tokenizer, out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
-    """Model, tokenizer and summary into ``out``, each file written beside it and renamed into place."""
+def _save_final(trainer, out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
+    """Model, tokenizer and summary into ``out``: written to a staging folder by the Trainer's own
+    ``save_model`` (called on every process: it gathers sharded weights under FSDP or DeepSpeed),
+    then each file renamed into place by the main process."""
+    staging = out / ".final-staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True
-    staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():  # save_model wrote the tokenizer too (the Trainer's processing_class)
         if config.trainable == "ce":
             save_compressed_experts(model, staging / CE_FILE)
         for file in staging.iterdir():
             os.replace(file, out / file.name)
-    finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
-    if not config.keep_checkpoints:
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
+        if not config.keep_checkpoints:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log entries past the checkpoint a run resumes from: those steps run again."""
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        _write_atomic(log, "".join(line + "\n" for line in kept))
 
 
 def _write_atomic(path: Path, text: str) -> None:

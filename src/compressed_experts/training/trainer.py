@@ -67,12 +67,10 @@ class CETrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
-        if not torch.isfinite(loss.detach()).all():
-            last = latest_checkpoint(Path(self.args.output_dir))
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.state.global_step + 1}; stopped before updating the "
-                f"weights. Last good checkpoint: {last or 'none yet'}. Try a lower --lr or fp32 precision"
-            )
+        # One process alone must not stop: the others would wait for it forever. Under DDP the
+        # averaged gradients carry the NaN to every process, and StopOnNonFinite stops them all.
+        if self.args.world_size == 1 and not torch.isfinite(loss.detach()).all():
+            raise diverged(f"the loss became {loss.item()}", self.state.global_step, self.args.output_dir)
         return result
 
     def _get_output_dir(self, trial):
@@ -101,9 +99,29 @@ class CETrainer(Trainer):
         from ..checkpoint import from_pretrained
 
         model = self.model if model is None else model
-        dtype = next(model.parameters()).dtype
-        saved = from_pretrained(resume_from_checkpoint, dtype=dtype).state_dict()
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in saved.items()})
+        # Read in float32 and cast per tensor: with bfloat16 weights the compressed experts are
+        # float32 master copies, which a bfloat16 load would round back to 1.0.
+        saved = from_pretrained(resume_from_checkpoint, dtype=torch.float32).state_dict()
+        live = model.state_dict()
+        model.load_state_dict({k: v.to(live[k].dtype) for k, v in saved.items()})
+
+
+def diverged(what: str, step: int, output_dir: str) -> TrainingDiverged:
+    last = latest_checkpoint(Path(output_dir))
+    return TrainingDiverged(
+        f"{what} at step {step + 1}; stopped before updating the weights. Last good checkpoint: "
+        f"{last or 'none yet'}. Try a lower --lr or fp32 precision"
+    )
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stop before an optimizer step whose gradients hold NaN or infinity (a finite loss can
+    still have them), so no checkpoint ever holds weights that such a step corrupted."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
+            raise diverged("the gradients became NaN or infinite", state.global_step, args.output_dir)
 
 
 def _checkpoints(root: Path) -> list[Path]:
