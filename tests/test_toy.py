@@ -1,0 +1,102 @@
+"""The bundled model, its pretraining recipe, the demo's tasks and the demo, end to end at toy scale."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import compressed_experts as ce
+from compressed_experts.evaluation.answers import final_number
+from compressed_experts.toy.bundled import BUNDLED_DIR
+from compressed_experts.toy.corpus import held_out_texts, training_texts
+from compressed_experts.toy.pretrain import Recipe, lm_loss, pretrain
+from compressed_experts.toy.tasks import domain_split, math_problems
+
+SMALL = Recipe(vocab_size=400, hidden_size=32, intermediate_size=16, layers=2, heads=2, max_steps=12,
+               max_files=30, batch_size=4, seq_len=64, held_out_blocks=4)
+
+
+def test_corpus_parts_are_disjoint_real_text():
+    train = training_texts()
+    held = held_out_texts()
+    names = {name for name, _ in train}
+    assert len(train) > 500 and any(name.startswith("pydoc_data:") for name in names)
+    assert not names & {name for name, _ in held}
+    assert all(name.startswith("test") for name, _ in held)
+    assert "import" in dict(train)["json/__init__.py"]
+
+
+def test_math_problems_are_deterministic_disjoint_and_correct():
+    train, test = math_problems(300, "train"), math_problems(100, "test")
+    assert train == math_problems(300, "train")
+    assert not {p.question for p in train} & {p.question for p in test}
+    for problem in train + test:
+        # Every worked line is right arithmetic, and the last result is the answer.
+        steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", problem.solution)
+        assert len(steps) >= 3
+        for a, op, b, result in steps:
+            a, b = int(a), int(b)
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] == int(result)
+        assert int(steps[-1][3]) == problem.answer
+        assert final_number(problem.solution) == str(problem.answer)
+
+
+def test_domain_split_is_by_file():
+    train, held = domain_split()
+    assert len(train) + len(held) == len(held_out_texts())
+    assert 0.1 < len(held) / (len(train) + len(held)) < 0.3  # about a fifth of the files is held out
+    assert domain_split() == (train, held)
+
+
+@pytest.fixture(scope="module")
+def small_pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    report = pretrain(out, SMALL)
+    return out, report
+
+
+def test_pretraining_recipe_end_to_end(small_pretrained):
+    out, report = small_pretrained
+    assert (out / "model" / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((out / "model" / "pretrain_report.json").read_text()) == report
+    assert report["tokens_seen"] == SMALL.max_steps * SMALL.batch_size * SMALL.seq_len
+    model = ce.from_pretrained(out / "model")
+    assert model.config.num_experts == 64 and model.config.num_experts_per_tok == 8
+    assert model.config.output_router_logits is False
+    log = [json.loads(line) for line in (out / "run" / "training_log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
+    from compressed_experts.toy.demo import Plan, run_demo
+
+    out, _ = small_pretrained
+    plan = Plan(math_train=40, math_test=6, math_steps=3, domain_steps=2, domain_blocks=2, batch_size=2,
+                seq_len=64, bench_prompts=2, bench_tokens=4)
+    results = run_demo(tmp_path / "demo", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
+    assert len(results["runs"]) == 6
+    for name in ("demo_results.json", "demo_table.md", "demo_plot.png"):
+        assert (tmp_path / "demo" / name).is_file()
+    rows = results["summary"]["methods"]
+    assert rows["ce"]["active_parameters"] < rows["full"]["active_parameters"]
+    assert rows["top-m"]["active_parameters"] < rows["ce"]["active_parameters"]
+    assert all(set(r) >= {"math_accuracy", "domain_loss", "decode_tokens_per_s"} for r in rows.values())
+    table = (tmp_path / "demo" / "demo_table.md").read_text()
+    assert "compressed experts" in table and "±" in table
+
+
+def test_shipped_model_has_the_stated_architecture_size_and_held_out_loss():
+    report = json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())
+    size = sum(f.stat().st_size for f in BUNDLED_DIR.glob("*.safetensors"))
+    assert size <= 25 * 2**20 and size == report["safetensors_bytes"]
+    model = ce.from_pretrained("bundled", dtype=torch.float32)
+    assert type(model).__name__ == "OlmoeForCausalLM"
+    assert (model.config.num_experts, model.config.num_experts_per_tok) == (64, 8)
+    tokenizer = ce.load_tokenizer("bundled")
+    recipe = report["recipe"]
+    loss = lm_loss(model, tokenizer, [t for _, t in held_out_texts()], recipe["seq_len"], recipe["held_out_blocks"])
+    assert loss == pytest.approx(report["held_out_loss"], abs=1e-3)
