@@ -182,13 +182,16 @@ def table_markdown(results: dict[str, Any]) -> str:
     for row in summary["methods"].values():
         lines.append(f"| {row['label']} | {row['active_parameters']:,} | {_fmt(row['math_accuracy'], True)} | "
                      f"{_fmt(row['domain_loss'], False)} | {row['decode_tokens_per_s']:.0f} |")
-    def maybe(value, pct=True):
-        return "n/a (top-4 did not trail full top-8)" if value is None else (f"{value:.1%}" if pct else f"{value:.2f}x")
+    def maybe(value, pct=True, why="n/a"):
+        return why if value is None else (f"{value:.1%}" if pct else f"{value:.2f}x")
+
+    no_gap = "n/a (top-4 did not trail full top-8)"
     lines += [
         "",
-        f"- Compressed experts' math accuracy as a share of full top-8's: {maybe(summary['math_recovery'])}",
-        f"- Share of the top-4 -> full top-8 gap closed by compressed experts: math {maybe(summary['math_gap_closed'])}, "
-        f"domain loss {maybe(summary['domain_gap_closed'])}",
+        f"- Compressed experts' math accuracy as a share of full top-8's: "
+        f"{maybe(summary['math_recovery'], why='n/a (full top-8 solved none)')}",
+        f"- Share of the top-4 -> full top-8 gap closed by compressed experts: math "
+        f"{maybe(summary['math_gap_closed'], why=no_gap)}, domain loss {maybe(summary['domain_gap_closed'], why=no_gap)}",
         f"- Gap top-4 -> full top-8: math {summary['math_gap']:+.1%}, domain loss {summary['domain_gap']:+.4f}",
         f"- Active parameters saved by compressed experts: {summary['active_saving']:.1%}",
         f"- Decode speed-up of compressed experts over full top-8 (measured, same run): {maybe(summary['decode_speedup'], False)}",
@@ -226,7 +229,7 @@ def write_report(results: dict[str, Any], command: str, document: Path) -> None:
 
     block = "\n".join([
         BEGIN, "", f"Command: `{command}`", "",
-        f"Machine: {machine()}; torch {torch.__version__}; {results['seconds'] / 60:.1f} minutes.", "",
+        f"Machine: {machine()}; {results['seconds'] / 60:.1f} minutes.", "",
         table_markdown(results).rstrip(), "", END,
     ])
     text = document.read_text() if document.is_file() else "# Results\n\n"
