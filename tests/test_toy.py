@@ -100,3 +100,10 @@ def test_shipped_model_has_the_stated_architecture_size_and_held_out_loss():
     recipe = report["recipe"]
     loss = lm_loss(model, tokenizer, [t for _, t in held_out_texts()], recipe["seq_len"], recipe["held_out_blocks"])
     assert loss == pytest.approx(report["held_out_loss"], abs=1e-3)
+
+
+def test_recipe_settings_are_checked_before_any_work():
+    with pytest.raises(ce.CompressedExpertsError, match="max_steps=0"):
+        Recipe(max_steps=0)
+    with pytest.raises(ce.CompressedExpertsError, match="multiple of heads"):
+        Recipe(hidden_size=130)

@@ -44,6 +44,13 @@ class Recipe:
     max_files: int | None = None  # a slice of the corpus, for quick tests of the recipe
     held_out_blocks: int = 64  # sequences of the held-out part scored at the end
 
+    def __post_init__(self) -> None:
+        small = [f"{k}={v}" for k, v in asdict(self).items() if isinstance(v, int) and k != "seed" and v < 1]
+        if small or (self.max_files is not None and self.max_files < 1) or not self.lr > 0:
+            raise CompressedExpertsError(f"recipe settings must be positive: {', '.join(small) or 'max_files or lr'}")
+        if self.hidden_size % self.heads:
+            raise CompressedExpertsError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})")
+
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on ``texts`` (every byte is representable: no unknown token)."""
