@@ -50,6 +50,17 @@ def _show(summary: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
+def check_device(device: str) -> str:
+    """Refuse a --device that is not auto, cpu or cuda, or cuda without a GPU; return the device to use."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise CompressedExpertsError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def _run(action) -> None:
     """Turn the library's user errors (and file-system errors) into one red line and exit code 2."""
     try:
@@ -155,13 +166,7 @@ def bench(
             return
         if repeats < 5:
             raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
-        if device not in ("auto", "cpu", "cuda"):
-            raise CompressedExpertsError(f"--device must be auto, cpu or cuda, not {device!r}")
-        if device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+        check_device(device)
         # Every argument and output is checked now, not after a run of many minutes.
         layer_shapes = () if shapes == "none" else _csv(shapes, tuple(benchmark.SHAPES))
         settings = (_csv(dtypes, ("bfloat16", "float32")), _csv(tokens, kind=int), _csv(modes, ("forward", "forward+backward")))

@@ -17,20 +17,13 @@ from ..errors import CompressedExpertsError
 
 def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
     """The model and its tokenizer (checked first: it is the quicker to fail), on ``device``."""
-    import torch
-
     from ..checkpoint import from_pretrained, load_tokenizer
-    from ..cli import console
+    from ..cli import check_device, console
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise CompressedExpertsError(f"--device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CompressedExpertsError("--device cuda, but PyTorch sees no CUDA device")
+    device = check_device(device)
     tokenizer = load_tokenizer(tokenizer_source or source)
     with console.status(f"loading {source}"):
         model = from_pretrained(source, dtype=dtype)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer
 
 
