@@ -46,20 +46,15 @@ class Plan:
 QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, domain_blocks=16, bench_tokens=24)
 
 
-def _fit(config_kwargs: dict[str, Any]):
-    from ..training import TrainConfig, train
-
-    return train(TrainConfig(**config_kwargs))
-
-
 def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None = None,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out`` (one run directory per seed, task and method) and return its results."""
     from ..checkpoint import load_tokenizer
     from ..evaluation import evaluate
+    from ..training import TrainConfig, train
     from .bundled import BUNDLED
-    from .pretrain import lm_loss
     from .corpus import write_jsonl
+    from .pretrain import lm_loss
     from .tasks import domain_split, math_problems, write_math, write_math_eval
 
     if seeds < 1:
@@ -91,15 +86,15 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
                           overwrite=True)
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on math")
             run_dir = out / f"seed{seed}" / "math" / method
-            fitted = _fit({**common, "data": str(math_train), "out": str(run_dir), "max_steps": plan.math_steps,
-                           "response_only": True})
+            fitted = train(TrainConfig(**common, data=str(math_train), out=str(run_dir), max_steps=plan.math_steps,
+                                       response_only=True))
             say(f"seed {seed}, {LABELS[method]}: evaluating math")
             result = evaluate(fitted.model.eval(), tokenizer, "gsm8k", data=math_test, batch_size=32,
                               max_new_tokens=128, prompt="alpaca", out=run_dir / "eval_math.json",
                               source=str(run_dir), progress=False)
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on the held-out domain")
             domain_dir = out / f"seed{seed}" / "domain" / method
-            adapted = _fit({**common, "data": str(domain_file), "out": str(domain_dir), "max_steps": plan.domain_steps})
+            adapted = train(TrainConfig(**common, data=str(domain_file), out=str(domain_dir), max_steps=plan.domain_steps))
             loss = lm_loss(adapted.model, tokenizer, domain_held, plan.seq_len, plan.domain_blocks)
             runs.append({"seed": seed, "method": method, "math_accuracy": result["score"], "domain_loss": loss,
                          "active_parameters": result["model"]["active_parameters"],
