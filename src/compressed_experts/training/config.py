@@ -109,8 +109,9 @@ class TrainConfig:
             raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use --method full")
         return CEConfig(n_ce, "ia3" if self.method == "ce" else "none")
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+    def to_json(self, **extra) -> str:
+        """The settings as stored in training_config.json, with ``extra`` sections (e.g. ``resolved``)."""
+        return json.dumps({**asdict(self), **extra}, indent=2)
 
     @classmethod
     def read(cls, directory: Path) -> "TrainConfig":

@@ -197,7 +197,7 @@ def train(config: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "seq_len": seq_len, "precision": precision}
-            _write_atomic(out / CONFIG_FILE, json.dumps({**json.loads(config.to_json()), "resolved": resolved}, indent=2))
+            _write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
         else:
             _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
     collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
