@@ -47,7 +47,7 @@ def test_top_m_form_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert ce.from_pretrained(tmp_path / "top-m", n_ce=4) is not None  # repeating n_ce alone is fine
-    with pytest.raises(ce.CompressedExpertsError, match="n_ce=4, form=none; got n_ce=None, form=ia3"):
+    with pytest.raises(ce.CompressedExpertsError, match="n_ce=4, form=none; got form=ia3"):
         ce.from_pretrained(tmp_path / "top-m", form="ia3")
 
 
@@ -223,7 +223,7 @@ def test_compressed_experts_file_round_trip_and_misuse(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(applied(ids).logits, model(ids).logits)
-    with pytest.raises(ce.CompressedExpertsError, match="no compressed-expert vectors to save"):
+    with pytest.raises(ce.CompressedExpertsError, match="no compressed-expert parameters to save"):
         ce.save_compressed_experts(ce.tiny_model("olmoe"), tmp_path / "w.safetensors")
     with pytest.raises(ce.CompressedExpertsError, match="already has other compressed experts"):
         ce.apply_compressed_experts(ce.from_pretrained("tiny:olmoe", n_ce=3), tmp_path / "v.safetensors")

@@ -22,14 +22,14 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .config import FORMS, SAVED_MODEL_TYPE, SECTION, CEConfig
-from .convert import convert
+from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
+from .convert import _swap, convert
 from .errors import CheckpointError, CompressedExpertsError
+from .layer import is_compressed_expert
 from .toy.bundled import BUNDLED, BUNDLED_DIR
 
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
-_CE_SUFFIXES = (".ce_gate", ".ce_up", ".ce_down")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TINY_PREFIX = "tiny:"
 
@@ -118,12 +118,12 @@ def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: 
     # Compare by (kind, shape): on save, some families rename module paths (Mixtral's
     # ".mlp." becomes ".block_sparse_moe."), so in-memory and saved names differ.
     def kinds(items) -> Counter:
-        return Counter((k.rsplit(".", 1)[-1], tuple(shape)) for k, shape in items if k.endswith(_CE_SUFFIXES))
+        return Counter((k.rsplit(".", 1)[-1], tuple(shape)) for k, shape in items if is_compressed_expert(k))
 
     expected = kinds((k, v.shape) for k, v in expected_model.state_dict().items())
     found = kinds(saved.items())
-    blocks_expected = sum(n for (kind, _), n in expected.items() if kind == "ce_gate")
-    blocks_found = sum(n for (kind, _), n in found.items() if kind == "ce_gate")
+    blocks_expected = max(expected.values(), default=0)  # every block has one tensor of each kind
+    blocks_found = max(found.values(), default=0)
     if blocks_found != blocks_expected:
         raise CheckpointError(
             f"the checkpoint has compressed experts for {blocks_found} MoE blocks but its config describes "
@@ -142,7 +142,7 @@ def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTra
 
     def __init__(self, config, *args, **kwargs):
         model_cls.__init__(self, config, *args, **kwargs)
-        convert(self, ce)
+        _swap(self, ce)  # the checkpoint holds the chosen neurons: no selection to redo
 
     return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
 
@@ -154,34 +154,35 @@ def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: st
         raise CheckpointError(f"{source}: {what} {model_type!r} ({_first_line(err)})") from err
 
 
-def _requested(n_ce: int | None, form: str | None) -> CEConfig | None:
+def _requested(n_ce: int | None, form: str | None, r: int | None = None) -> CEConfig | None:
     """The conversion a caller asked for (validated before any download or load), or None.
 
     ``form`` alone is only a check against a converted checkpoint; see :func:`_resolve`.
     """
     if n_ce is None:
-        if form is not None and form not in FORMS:
-            CEConfig(0, form)  # raises the error that lists the forms
+        if form is not None:
+            CEConfig(0, form, r)  # raises the error that lists the forms, or says r does not apply
         return None
-    return CEConfig(n_ce) if form is None else CEConfig(n_ce, form)
+    return CEConfig(n_ce, "ia3" if form is None else form, r)
 
 
-def _needs_n_ce(form: str | None) -> None:
-    if form is not None:
-        raise CompressedExpertsError(f"form={form!r} needs n_ce to convert a plain model: say how many experts per token it replaces")
+def _needs_n_ce(form: str | None, r: int | None) -> None:
+    if form is not None or r is not None:
+        asked = f"form={form!r}" if form is not None else f"r={r}"
+        raise CompressedExpertsError(f"{asked} needs n_ce to convert a plain model: say how many experts per token it replaces")
 
 
 def _resolve(
-    source: str, config_dict: dict[str, Any], n_ce: int | None, form: str | None
+    source: str, config_dict: dict[str, Any], n_ce: int | None, form: str | None, r: int | None = None
 ) -> tuple[PretrainedConfig, CEConfig | None]:
     """The plain transformers config of a checkpoint and its compressed-experts settings, if any.
 
-    For a converted checkpoint, ``n_ce`` and ``form`` may be left out or repeat what it holds.
+    For a converted checkpoint, ``n_ce``, ``form`` and ``r`` may be left out or repeat what it holds.
     """
-    requested = _requested(n_ce, form)
+    requested = _requested(n_ce, form, r)
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
         if requested is None:
-            _needs_n_ce(form)
+            _needs_n_ce(form, r)
         fields = {k: v for k, v in config_dict.items() if k != "model_type"}
         return _plain_config(source, config_dict.get("model_type"), fields, "transformers does not know model type"), requested
     section = config_dict.get(SECTION)
@@ -190,10 +191,13 @@ def _resolve(
     if not isinstance(base_type, str):
         raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
     ce = CEConfig.from_dict(section)
-    if (n_ce is not None and n_ce != ce.n_ce) or (form is not None and form != ce.form):
+    asked = {"n_ce": n_ce, "form": form, "r": r}
+    if any(value is not None and value != getattr(ce, key) for key, value in asked.items()):
+        held = ", ".join(f"{key}={getattr(ce, key)}" for key in asked if getattr(ce, key) is not None)
+        given = ", ".join(f"{key}={value}" for key, value in asked.items() if value is not None)
         raise CompressedExpertsError(
-            f"{source} already has compressed experts with n_ce={ce.n_ce}, form={ce.form}; got "
-            f"n_ce={n_ce}, form={form}. Leave them out, or convert the original model again"
+            f"{source} already has compressed experts with {held}; got {given}. "
+            f"Leave them out, or convert the original model again"
         )
     fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
     return _plain_config(source, base_type, fields, "unknown base model type"), ce
@@ -210,7 +214,9 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
     """The model's structure on the meta device: shapes and parameter counts without weights."""
     with torch.device("meta"):
         model = model_cls(copy.deepcopy(config))
-    return convert(model, ce) if ce is not None else model
+    if ce is not None:
+        _swap(model, ce)
+    return model
 
 
 def _source(source: Any) -> str:
@@ -235,31 +241,32 @@ def _local_dir(source: str, kwargs: dict[str, Any]) -> Path | None:
 
 
 def skeleton(
-    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, **kwargs: Any
+    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, r: int | None = None, **kwargs: Any
 ) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
     a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
     parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
     source = _source(source)
     if source.startswith(TINY_PREFIX):
-        return from_pretrained(source, n_ce=n_ce, form=form)
-    config, ce = _resolve(source, _read_config(source, kwargs), n_ce, form)
+        return from_pretrained(source, n_ce=n_ce, form=form, r=r)
+    config, ce = _resolve(source, _read_config(source, kwargs), n_ce, form, r)
     return _skeleton(_causal_lm_class(source, config), config, ce)
 
 
 def from_pretrained(
-    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, **kwargs: Any
+    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, r: int | None = None, **kwargs: Any
 ) -> PreTrainedModel:
     """Load a causal LM: a saved compressed-experts model, or a plain MoE checkpoint.
 
     ``source`` is a local directory, a hub id, or ``tiny:<family>`` for a tiny model with
     random weights (offline try-outs and tests). A plain checkpoint is converted when
     ``n_ce`` is given, to ``form`` (default ``"ia3"``, the paper's vectors; ``"none"`` for
-    the top-m baseline). Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
+    the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`).
+    Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
     """
     source = _source(source)
-    requested = _requested(n_ce, form)
+    requested = _requested(n_ce, form, r)
     if source.startswith(TINY_PREFIX):
         from .tiny import tiny_model
 
@@ -267,18 +274,18 @@ def from_pretrained(
         if unsupported:
             raise CompressedExpertsError(f"tiny: models take only dtype, not {', '.join(unsupported)}")
         if requested is None:
-            _needs_n_ce(form)
+            _needs_n_ce(form, r)
         model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
         return convert(model, requested) if requested is not None else model
     config_dict = _read_config(source, kwargs)
-    config, ce = _resolve(source, config_dict, n_ce, form)
+    config, ce = _resolve(source, config_dict, n_ce, form, r)
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None
     local = _local_dir(source, kwargs)
     saved = _local_shapes(local) if local is not None else None
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
-        if saved and any(k.endswith(_CE_SUFFIXES) for k in saved):
+        if saved and any(is_compressed_expert(k) for k in saved):
             raise CheckpointError(
                 f"{source} holds compressed-expert weights but its config.json has no compressed_experts "
                 f"section: restore the config.json that was saved with it"
@@ -339,11 +346,14 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     from .convert import ce_config_of
 
     ce = ce_config_of(model)
-    vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if n.endswith(_CE_SUFFIXES)}
+    vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
     if ce is None or not vectors:
-        raise CompressedExpertsError("this model has no compressed-expert vectors to save")
+        form = "" if ce is None else f" (form {ce.form} adds no parameters; its choice of neurons lives in the expert weights)"
+        raise CompressedExpertsError(f"this model has no compressed-expert parameters to save{form}: use save_pretrained")
     meta = {"n_ce": str(ce.n_ce), "form": ce.form, "base_model_type": model.config.model_type,
             "format_version": str(ce.to_dict()["format_version"])}
+    if ce.r is not None:
+        meta["r"] = str(ce.r)
     save_file(vectors, os.fspath(path), metadata=meta)
 
 
@@ -363,6 +373,7 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
         raise CheckpointError(f"cannot read compressed experts from {path}: {_first_line(err)}") from err
     try:
         ce = CEConfig.from_dict({"n_ce": int(meta["n_ce"]), "form": meta["form"],
+                                 "r": int(meta["r"]) if "r" in meta else None,
                                  "format_version": int(meta.get("format_version", 1))})
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
@@ -375,7 +386,7 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
         raise CompressedExpertsError(f"the model already has other compressed experts ({existing}); give the base model")
     # Names and shapes are checked on a meta-device twin first, so a mismatch changes nothing.
     twin = model if existing is not None else _skeleton(type(model), model.config, ce)
-    shapes = {n: tuple(p.shape) for n, p in twin.named_parameters() if n.endswith(_CE_SUFFIXES)}
+    shapes = {n: tuple(p.shape) for n, p in twin.named_parameters() if is_compressed_expert(n)}
     wrong = sorted(set(shapes) ^ set(vectors)) or [n for n in shapes if shapes[n] != tuple(vectors[n].shape)]
     if wrong:
         raise CheckpointError(f"{path} does not fit this model (first mismatch: {wrong[0]}): was it trained on another one?")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import CompressedExpertsError
@@ -11,9 +11,14 @@ from .errors import CompressedExpertsError
 FORMAT_VERSION = 1
 
 #: What stands in for a token's auxiliary experts. ``ia3``: the paper's three scaling vectors
-#: per expert. ``none``: nothing, the auxiliary experts are dropped (the top-m baseline: the
-#: same model routed to its top ``k - n_ce`` experts, with no new parameters).
-FORMS = ("ia3", "none")
+#: per expert, modulating the main experts. ``none``: nothing, the auxiliary experts are
+#: dropped (the top-m baseline: the same model routed to its top ``k - n_ce`` experts, with no
+#: new parameters). ``subset``: each auxiliary expert runs only its ``r`` most important
+#: intermediate neurons (no new parameters). ``slim``: each auxiliary expert is replaced by a
+#: small gated MLP of its own with ``r`` neurons, initialised from those neurons and trainable.
+FORMS = ("ia3", "none", "subset", "slim")
+#: The forms whose auxiliary experts are gated MLPs of ``r`` intermediate neurons.
+NEURON_FORMS = ("subset", "slim")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,9 @@ class CEConfig:
 
     n_ce: int
     form: str = "ia3"
+    #: Intermediate neurons of an auxiliary expert in the ``subset`` and ``slim`` forms; None means
+    #: an eighth of the expert's (``I // 8``, at least 1). Only those forms take it.
+    r: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ce, bool) or not isinstance(self.n_ce, int):
@@ -38,6 +46,30 @@ class CEConfig:
             raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}")
         if self.form not in FORMS:
             raise CompressedExpertsError(f"unknown compressed-expert form {self.form!r}; choose from {', '.join(FORMS)}")
+        if self.r is not None:
+            if self.form not in NEURON_FORMS:
+                raise CompressedExpertsError(
+                    f"r sets the neurons of the {' and '.join(NEURON_FORMS)} forms; form {self.form} has none (leave r out)"
+                )
+            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+                raise CompressedExpertsError(f"r must be a whole number of neurons, 1 or more; got {self.r!r}")
+
+    def neurons(self, intermediate: int) -> int:
+        """The ``r`` of an expert with ``intermediate`` neurons; raises if it does not fit (``1..I``)."""
+        r = self.r if self.r is not None else max(1, intermediate // 8)
+        if r > intermediate:
+            raise CompressedExpertsError(
+                f"r={r} is more neurons than the model's experts have ({intermediate}); use r between 1 and {intermediate}"
+            )
+        return r
+
+    def resolved(self, intermediate: int) -> "CEConfig":
+        """This config with the default ``r`` spelled out for experts of ``intermediate`` neurons.
+
+        Converted models and their saved configs carry the resolved form, so that two configs
+        that build the same blocks compare equal.
+        """
+        return replace(self, r=self.neurons(intermediate)) if self.form in NEURON_FORMS else self
 
     def check_top_k(self, top_k: int) -> None:
         """Raise if this config cannot apply to a model that routes each token to ``top_k`` experts."""
@@ -65,7 +97,7 @@ class CEConfig:
         if "n_ce" not in section:
             raise CompressedExpertsError("the compressed_experts section of config.json has no n_ce")
         # Sections written before forms existed hold the paper's vectors.
-        return cls(n_ce=section["n_ce"], form=section.get("form", "ia3"))
+        return cls(n_ce=section["n_ce"], form=section.get("form", "ia3"), r=section.get("r"))
 
 
 #: Weight dtypes a user may name (as transformers' ``dtype=`` takes them); "auto" keeps the saved one.

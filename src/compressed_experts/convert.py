@@ -5,9 +5,10 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import CEConfig, mark_config
+from .config import NEURON_FORMS, CEConfig, mark_config
 from .errors import CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts
+from .neurons import select_neurons, weight_importance
 
 
 def _check_experts_layout(name: str, experts) -> None:
@@ -35,8 +36,19 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     Each block keeps its router, shared experts and expert weights; only its ``experts``
     submodule is replaced. With ``config.n_ce = 0`` the outputs are unchanged; with fresh
     compressed experts (all 1.0), or ``form="none"``, the model runs the top ``k - n_ce``
-    experts of each token with the router's weights as they are (not renormalised).
+    experts of each token with the router's weights as they are (not renormalised). The
+    ``subset`` and ``slim`` forms start from each expert's most important neurons as judged
+    from the weights alone; :func:`compressed_experts.fit` judges them on calibration text.
     """
+    layers = _swap(model, config)
+    if config.form in NEURON_FORMS:
+        for layer in layers:
+            select_neurons(layer, weight_importance(layer))
+    return model
+
+
+def _swap(model: PreTrainedModel, config: CEConfig) -> list[CompressedExperts]:
+    """:func:`convert` without choosing neurons: for building a model whose weights a loader fills."""
     if not isinstance(config, CEConfig):
         raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")
     if not isinstance(model, PreTrainedModel):
@@ -52,13 +64,14 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     config.check_top_k(model.config.num_experts_per_tok)
     for name, block in blocks:
         _check_experts_layout(name, block.experts)
+    config = config.resolved(blocks[0][1].experts.down_proj.shape[-1])  # raises when r does not fit
     for _, block in blocks:
-        block.experts = CompressedExperts(block.experts, config.n_ce, config.form)
+        block.experts = CompressedExperts(block.experts, config.n_ce, config.form, config.r)
     mark_config(model.config, config)
-    return model
+    return [block.experts for _, block in blocks]
 
 
 def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
-    """The compressed-experts settings of a converted model, or None for a plain one."""
+    """The compressed-experts settings of a converted model (``r`` resolved), or None for a plain one."""
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
-    return CEConfig(n_ce=layers[0].n_ce, form=layers[0].form) if layers else None
+    return CEConfig(n_ce=layers[0].n_ce, form=layers[0].form, r=layers[0].r) if layers else None

@@ -13,19 +13,40 @@ import torch
 from torch import nn
 
 from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
+from .config import NEURON_FORMS
 from .errors import CompressedExpertsError
 
 
-class CompressedExperts(nn.Module):
-    """Run the ``m = k - n_ce`` heaviest routed experts in full, modulated by compressed experts.
+#: Names of the parameters compressed experts add: the ``ia3`` vectors and the ``slim`` MLPs.
+CE_PARAMETERS = ("ce_gate", "ce_up", "ce_down", "ce_gate_up_proj", "ce_down_proj")
 
-    Parameters are the original expert weights (shared, not copied) plus, for the ``ia3``
-    form, three vectors per expert, ``ce_gate`` ``[E, H]``, ``ce_up`` ``[E, H]`` and
-    ``ce_down`` ``[E, I]``, which start at 1.0 so that a fresh conversion only changes how
-    many full experts run. The ``none`` form has no vectors: it is the top-m baseline.
+
+def is_compressed_expert(name: str) -> bool:
+    """Whether a (dotted) parameter name belongs to compressed experts."""
+    return name.rsplit(".", 1)[-1] in CE_PARAMETERS
+
+
+class CompressedExperts(nn.Module):
+    """Run the ``m = k - n_ce`` heaviest routed experts in full; stand in for the rest by ``form``.
+
+    Parameters are the original expert weights (shared, not copied) plus what the form adds:
+
+    - ``ia3``: three vectors per expert, ``ce_gate`` ``[E, H]``, ``ce_up`` ``[E, H]`` and
+      ``ce_down`` ``[E, I]``, averaged over a token's auxiliary experts by routing weight and
+      used to scale its main experts' projections. They start at 1.0, so a fresh conversion
+      only changes how many full experts run.
+    - ``none``: nothing; the top-m baseline.
+    - ``subset``: nothing; an auxiliary expert runs its first ``r`` intermediate neurons, and
+      :func:`compressed_experts.neurons.select_neurons` reorders each expert's neurons (which
+      leaves the full expert's function unchanged) so that the first ``r`` are the important ones.
+    - ``slim``: a gated MLP of ``r`` neurons per expert, ``ce_gate_up_proj`` ``[E, 2r, H]`` and
+      ``ce_down_proj`` ``[E, H, r]``, a copy of the first ``r`` neurons to start with.
+
+    In the last two, an auxiliary expert's output is weighted by its routing weight and added,
+    exactly like a main expert's: with ``r = I`` both give the full top-k model back.
     """
 
-    def __init__(self, experts: nn.Module, n_ce: int, form: str = "ia3") -> None:
+    def __init__(self, experts: nn.Module, n_ce: int, form: str = "ia3", r: int | None = None) -> None:
         super().__init__()
         self.gate_up_proj = experts.gate_up_proj  # [E, 2I, H], gate rows first
         self.down_proj = experts.down_proj  # [E, H, I]
@@ -34,31 +55,57 @@ class CompressedExperts(nn.Module):
         self.intermediate_dim = two_i // 2
         self.n_ce = n_ce
         self.form = form
+        self.r = r if form in NEURON_FORMS else None
+        if form in NEURON_FORMS and not (isinstance(r, int) and 1 <= r <= self.intermediate_dim):
+            raise CompressedExpertsError(f"form {form} needs r between 1 and {self.intermediate_dim}, got {r!r}")
         self.path = "auto"  # compute path of the expert matmuls, see set_compute_path
-        if form == "none":
-            return
         like = dict(dtype=self.gate_up_proj.dtype, device=self.gate_up_proj.device)
-        self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
-        self.ce_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
-        self.ce_down = nn.Parameter(torch.ones(self.num_experts, self.intermediate_dim, **like))
+        if form == "ia3":
+            self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
+            self.ce_up = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
+            self.ce_down = nn.Parameter(torch.ones(self.num_experts, self.intermediate_dim, **like))
+        elif form == "slim":
+            gate, up, down = self.subset_weights()
+            self.ce_gate_up_proj = nn.Parameter(torch.cat([gate, up], dim=1).detach().clone())
+            self.ce_down_proj = nn.Parameter(down.detach().clone())
 
     def extra_repr(self) -> str:
+        neurons = f", r={self.r}" if self.r is not None else ""
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, form={self.form}, path={self.path}"
+            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, form={self.form}{neurons}, path={self.path}"
         )
+
+    def subset_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of every expert's first ``r`` neurons: gate ``[E, r, H]``, up ``[E, r, H]``, down ``[E, H, r]``."""
+        inter, r = self.intermediate_dim, self.r
+        return self.gate_up_proj[:, :r], self.gate_up_proj[:, inter : inter + r], self.down_proj[:, :, :r]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if self.n_ce == 0:
-            return self._run_main(hidden_states, top_k_index, top_k_weights, None)
+            return self.full(hidden_states, top_k_index, top_k_weights)
         main = top_k_index.shape[-1] - self.n_ce
         # Routers do not all return their experts sorted (sparsemixer, grouped routing do not).
         weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
         index = top_k_index.gather(-1, order)
-        scales = None if self.form == "none" else self._aggregate(index[:, main:], weights[:, main:])
-        return self._run_main(hidden_states, index[:, :main], weights[:, :main], scales)
+        if self.form == "ia3":
+            scales = self._aggregate(index[:, main:], weights[:, main:])
+            return self._run(hidden_states, index[:, :main], weights[:, :main], self.gate_up_proj, self.down_proj, scales)
+        out = self._run(hidden_states, index[:, :main], weights[:, :main], self.gate_up_proj, self.down_proj)
+        if self.form == "subset":
+            gate, up, down = self.subset_weights()
+            out = out + self._run(hidden_states, index[:, main:], weights[:, main:], (gate, up), down)
+        elif self.form == "slim":
+            out = out + self._run(
+                hidden_states, index[:, main:], weights[:, main:], self.ce_gate_up_proj, self.ce_down_proj
+            )
+        return out
+
+    def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""
+        return self._run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
 
     def _aggregate(
         self, aux_index: torch.Tensor, aux_weights: torch.Tensor
@@ -78,31 +125,38 @@ class CompressedExperts(nn.Module):
         # Three products rather than one over a concatenation: the copy costs more than the calls.
         return mix @ self.ce_gate, mix @ self.ce_up, mix @ self.ce_down
 
-    def _run_main(
+    def _run(
         self,
         hidden_states: torch.Tensor,
         index: torch.Tensor,
         weights: torch.Tensor,
-        scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        down: torch.Tensor,
+        scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once."""
+        """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once.
+
+        ``gate_up`` is a fused ``[E, 2n, H]`` weight (one matmul) or a (gate, up) pair of
+        ``[E, n, H]`` views; ``down`` is ``[E, H, n]``; ``scales`` are the ``ia3`` form's.
+        """
         groups = Grouping.build(index, self.num_experts)
-        if scales is None:
-            rows = hidden_states[groups.token]
-            gate, up = grouped_linear(rows, self.gate_up_proj, groups.offsets, self.path).split(
-                self.intermediate_dim, dim=-1
-            )
-            inner = self.act_fn(gate) * up
-        else:
+        if scales is not None:
             scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
             # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
             # pass over T rows rather than over T * m.
             gate, up = split_gate_up(
                 (hidden_states * scale_gate)[groups.token], (hidden_states * scale_up)[groups.token],
-                self.gate_up_proj, groups.offsets, self.path,
+                gate_up, groups.offsets, self.path,
             )
             inner = self.act_fn(gate) * up * scale_down[groups.token]
-        out = grouped_linear(inner, self.down_proj, groups.offsets, self.path)
+        else:
+            rows = hidden_states[groups.token]
+            if isinstance(gate_up, tuple):
+                gate, up = (grouped_linear(rows, w, groups.offsets, self.path) for w in gate_up)
+            else:
+                gate, up = grouped_linear(rows, gate_up, groups.offsets, self.path).chunk(2, dim=-1)
+            inner = self.act_fn(gate) * up
+        out = grouped_linear(inner, down, groups.offsets, self.path)
         # Weight and sum at the routing weights' precision (float32 for some routers), round once.
         wide = torch.promote_types(out.dtype, weights.dtype)
         out = out.to(wide) * weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)

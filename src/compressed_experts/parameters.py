@@ -5,7 +5,8 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .layer import CompressedExperts
+from .config import NEURON_FORMS
+from .layer import CompressedExperts, is_compressed_expert
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -16,9 +17,13 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
     Keys: ``total``; ``active`` (per token) and its parts ``embeddings`` (input and output,
     counted whole as is the custom for "active parameters"), ``attention``, ``routers``,
     ``main_experts`` (the ``m`` full experts a token runs), ``shared_experts``,
-    ``compressed_experts`` (the ``n_ce`` vectors a token averages), ``other`` (norms, dense
-    MLP layers); ``active_full_topk`` (the same model running all ``k`` routed experts, no
-    compressed experts) and ``active_saving`` (the fraction of it saved).
+    ``compressed_experts`` (what a token's ``n_ce`` auxiliary experts cost: the vectors it
+    averages for ``ia3``, ``3·H·r`` weights each for ``subset`` and ``slim``), ``other`` (norms,
+    dense MLP layers); ``active_full_topk`` (the same model running all ``k`` routed experts,
+    no compressed experts), ``active_saving`` (the fraction of it saved);
+    ``expert_equivalents`` (routed-expert parameters a token runs per MoE block, in units of
+    one full expert: ``k`` for full top-k, ``m + n_ce·r/I`` for ``subset``) and ``added``
+    (parameters the compressed experts add to the model's memory).
     """
     family = family_of(model)
     top_k = model.config.num_experts_per_tok
@@ -27,6 +32,7 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
     )
     total = 0
     full_experts = 0  # routed-expert parameters per token when running all k experts
+    equivalents = []  # per block
     owner: dict[str, str] = {}  # parameter name prefix -> part, for parameters inside MoE blocks
     for name, block in moe_blocks(model, family):
         experts = block.experts
@@ -35,9 +41,13 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         n_ce = experts.n_ce if isinstance(experts, CompressedExperts) else 0
         parts["main_experts"] += (top_k - n_ce) * per_expert
         full_experts += top_k * per_expert
+        auxiliary = 0
         if n_ce and experts.form == "ia3":
-            hidden, inter = experts.hidden_dim, experts.intermediate_dim
-            parts["compressed_experts"] += n_ce * (2 * hidden + inter)
+            auxiliary = n_ce * (2 * experts.hidden_dim + experts.intermediate_dim)
+        elif n_ce and experts.form in NEURON_FORMS:
+            auxiliary = n_ce * 3 * experts.hidden_dim * experts.r
+        parts["compressed_experts"] += auxiliary
+        equivalents.append(top_k - n_ce + auxiliary / per_expert)
         owner[f"{name}.experts."] = "experts"
         owner[f"{name}.{family.router_attr}."] = "routers"
         for attr in family.shared_attrs:
@@ -66,6 +76,8 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         **parts,
         "active_full_topk": active_full,
         "active_saving": 1.0 - active / active_full,
+        "expert_equivalents": sum(equivalents) / len(equivalents) if equivalents else 0.0,
+        "added": sum(p.numel() for n, p in model.named_parameters() if is_compressed_expert(n)),
     }
 
 

@@ -20,10 +20,11 @@ from transformers import PreTrainedModel
 from ..checkpoint import from_pretrained, load_tokenizer, save_compressed_experts, skeleton
 from ..convert import ce_config_of, convert
 from ..errors import CompressedExpertsError
+from ..layer import is_compressed_expert
 from ..parameters import active_parameters
 from .config import CONFIG_FILE, TrainConfig
 from .data import build_dataset, load_records
-from .trainer import CETrainer, ProgressAndLog, StopOnNonFinite, is_compressed_expert, latest_checkpoint
+from .trainer import CETrainer, ProgressAndLog, StopOnNonFinite, latest_checkpoint
 
 LOG_FILE = "training_log.jsonl"
 SUMMARY_FILE = "training_summary.json"

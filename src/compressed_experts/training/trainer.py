@@ -26,17 +26,13 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import CompressedExpertsError
+from ..layer import is_compressed_expert
 
-_CE_PARAMETERS = (".ce_gate", ".ce_up", ".ce_down")
 KEEP_CHECKPOINTS = 2  # the newest ones; older ones are deleted as new ones land
 
 
 class TrainingDiverged(CompressedExpertsError):
     """The loss became NaN or infinite."""
-
-
-def is_compressed_expert(name: str) -> bool:
-    return name.endswith(_CE_PARAMETERS)
 
 
 class CETrainer(Trainer):
