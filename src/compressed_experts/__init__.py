@@ -8,6 +8,10 @@ For each token keep the ``k - n_ce`` most important routed experts and replace t
     ce.active_parameters(model)
     model.save_pretrained("olmoe-ce")                                  # ce.from_pretrained("olmoe-ce")
     ce.train(ce.TrainConfig(model="allenai/OLMoE-1B-7B-0924", data="TIGER-Lab/MathInstruct", out="run", method="ce"))
+
+    # Other forms of compressed experts, fitted to the full blocks on calibration text (no fine-tuning):
+    model = ce.from_pretrained("allenai/OLMoE-1B-7B-0924", n_ce=4, form="slim")
+    ce.fit(model, ce.calibration_blocks(ce.load_tokenizer("allenai/OLMoE-1B-7B-0924"), "my_domain.jsonl"))
 """
 
 from .architectures import FAMILIES
@@ -15,6 +19,7 @@ from .checkpoint import apply_compressed_experts, from_pretrained, load_tokenize
 from .config import CEConfig
 from .convert import ce_config_of, convert
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
+from .fit import calibration_blocks, fit
 from .layer import CompressedExperts, set_compute_path
 from .parameters import active_parameters, describe
 from .tiny import tiny_model, tiny_tokenizer
@@ -33,9 +38,11 @@ __all__ = [
     "UnsupportedModelError",
     "active_parameters",
     "apply_compressed_experts",
+    "calibration_blocks",
     "ce_config_of",
     "convert",
     "describe",
+    "fit",
     "from_pretrained",
     "load_tokenizer",
     "save_compressed_experts",

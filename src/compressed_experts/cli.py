@@ -101,7 +101,8 @@ def convert(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.")],
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds files.")] = False,
     dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as saved), float32, bfloat16, float16.")] = "auto",
-    form: Annotated[str, typer.Option(help="ia3 (the paper's vectors) or none (the top-m baseline).")] = "ia3",
+    form: Annotated[str, typer.Option(help=FORM_HELP)] = "ia3",
+    r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
 ) -> None:
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
 
@@ -109,20 +110,79 @@ def convert(
         _check_output(out, source, overwrite)
         check_dtype_name(dtype, "--dtype")
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, n_ce=n_ce, form=form, dtype=dtype)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Write next to the target, then swap in: an interrupted save never leaves a half model at --out.
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
-            with console.status(f"saving to {out}"):
-                model.save_pretrained(staging)
-                _save_tokenizer(source, staging)
-            if out.exists():
-                shutil.rmtree(out)
-            staging.rename(out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
+        _save_model(model, source, out)
         _show(describe(model), f"{source} -> {out}")
+
+    _run(action)
+
+
+FORM_HELP = ("ia3 (the paper's vectors), none (the top-m baseline), subset (the auxiliary experts' r most "
+             "important neurons) or slim (a small trainable MLP of r neurons per expert).")
+R_HELP = "Neurons per auxiliary expert for subset and slim; default an eighth of the expert's."
+
+
+def _save_model(model, source: str, out: Path, extra: dict[str, str] | None = None) -> None:
+    """Save the model, its tokenizer and ``extra`` files: written next to --out, then swapped in,
+    so an interrupted save never leaves a half model there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with console.status(f"saving to {out}"):
+            model.save_pretrained(staging)
+            _save_tokenizer(source, staging)
+            for name, text in (extra or {}).items():
+                (staging / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@app.command()
+def fit(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the fitted model to.")],
+    n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Routed experts per token replaced (needed for a plain model).")] = None,
+    form: Annotated[Optional[str], typer.Option(help=FORM_HELP + " Default: the checkpoint's, else ia3.")] = None,
+    r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt, .json/.jsonl/.parquet file or a dataset name; default the bundled corpus's held-out part.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 16384,
+    steps: Annotated[int, typer.Option(help="Adam steps per MoE block (ia3, slim).")] = 200,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate; default 1e-2 for ia3, 1e-3 for slim.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration text's order and the fitting batches.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as saved), float32, bfloat16, float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds a model.")] = False,
+) -> None:
+    """Fit compressed experts to the full top-k blocks on calibration text, with no fine-tuning, and save the model."""
+    import json
+
+    from .convert import ce_config_of
+    from .fit import calibration_blocks
+    from .fit import fit as fit_model
+
+    def action() -> None:
+        _check_output(out, source, overwrite)
+        check_dtype_name(dtype, "--dtype")
+        # Before any text is read: a plain model needs --n-ce; a converted one must match --form/--r.
+        if n_ce is None and ce_config_of(skeleton(source, form=form, r=r)) is None:
+            raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
+        with console.status("reading calibration text"):
+            blocks = calibration_blocks(load_tokenizer(source), calib, seq_len=seq_len, tokens=tokens, seed=seed)
+        with console.status(f"loading {source}"):
+            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
+        report = fit_model(model, blocks, steps=steps, lr=lr, seed=seed)
+        report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
+        _save_model(model, source, out, {"fit_report.json": json.dumps(report, indent=2)})
+        table = Table(title=f"fitted {source} -> {out}")
+        for column in ("block", "tokens", "relative error before", "after", "seconds"):
+            table.add_column(column, justify="right")
+        for row in report["blocks"]:
+            table.add_row(str(row["block"]), f"{row['tokens']:,}", f"{row['relative_error_before']:.4f}",
+                          f"{row['relative_error_after']:.4f}", f"{row['seconds']:.1f}")
+        console.print(table)
 
     _run(action)
 

@@ -85,15 +85,10 @@ def initial_model(recipe: Recipe, tokenizer):
 
 def lm_loss(model, tokenizer, texts: list[str], seq_len: int, blocks: int, batch_size: int = 8) -> float:
     """Mean next-token loss over the first ``blocks`` packed sequences of ``texts`` (EOS between texts)."""
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= blocks * seq_len:
-            break
-    usable = min(blocks, len(ids) // seq_len)
-    if usable == 0:
-        raise CompressedExpertsError(f"the texts hold fewer than {seq_len} tokens: nothing to score")
-    data = torch.tensor(ids[: usable * seq_len]).view(usable, seq_len)
+    from ..training.data import token_blocks
+
+    data = token_blocks(tokenizer, texts, seq_len, blocks)
+    usable = data.shape[0]
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():

@@ -15,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import CompressedExpertsError
 
 #: The paper's prompt format (Alpaca). The evaluation prompts of fine-tuned models use the same text.
@@ -238,3 +240,21 @@ def build_dataset(records, tokenizer, seq_len: int, prompt_format: str = "alpaca
             "no sequence has a token in the loss: are the responses empty, or cut off by a short --seq-len?"
         )
     return examples
+
+
+def token_blocks(tokenizer, texts, seq_len: int, blocks: int | None = None) -> torch.Tensor:
+    """The texts' tokens packed into ``[n, seq_len]`` blocks (EOS between texts), at most ``blocks`` of them.
+
+    For scoring and calibration, where every token counts the same and no prompt format applies.
+    """
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if blocks is not None and len(ids) >= blocks * seq_len:
+            break
+    usable = len(ids) // seq_len if blocks is None else min(blocks, len(ids) // seq_len)
+    if usable == 0:
+        raise CompressedExpertsError(
+            f"the texts hold {len(ids)} tokens, fewer than one block of {seq_len}: give more text or a shorter sequence length"
+        )
+    return torch.tensor(ids[: usable * seq_len]).view(usable, seq_len)

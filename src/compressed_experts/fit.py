@@ -1,0 +1,196 @@
+"""Training-free fitting: compressed experts learn, from calibration text, to reproduce the full top-k block.
+
+Block by block in model order, the inputs each converted experts module receives on the
+calibration text are captured (with the blocks before it already fitted, so that each block
+also makes up for what the earlier ones still miss), the full top-k output on those inputs
+is computed, and only the compressed experts are changed so that the converted block's output
+matches it in mean squared error: ``subset`` and ``slim`` choose each expert's neurons by
+their measured importance, and ``ia3`` and ``slim`` then fit their parameters with Adam. The
+expert weights, routers and everything else stay as they are. Memory holds one block's
+inputs and targets at a time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import NEURON_FORMS
+from .errors import CompressedExpertsError
+from .layer import CompressedExperts, is_compressed_expert
+from .neurons import ActivationImportance, select_neurons
+
+#: Adam learning rates that fitted the bundled model well, per form (see RESULTS.md).
+DEFAULT_LR = {"ia3": 1e-2, "slim": 1e-3}
+
+
+def calibration_texts(source: str | None = None, tokenizer=None) -> list[str]:
+    """Calibration text: a .txt file (one text), a .json/.jsonl/.parquet file or dataset name in any
+    layout ``train`` reads (records flattened to their text), or by default the training files of
+    the bundled corpus's held-out part (the standard library's test suite; the files that
+    :func:`compressed_experts.toy.tasks.domain_split` holds out for scoring are not among them)."""
+    if source is None:
+        from .toy.tasks import domain_split
+
+        return domain_split()[0]
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise CompressedExpertsError(f"no such calibration file: {source}")
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    from .training.data import load_records, segments
+
+    return ["".join(text for text, _ in segments(record, tokenizer, "alpaca")) for record in load_records(source)]
+
+
+def calibration_blocks(
+    tokenizer, source: str | None = None, seq_len: int = 256, tokens: int = 16384, seed: int = 0
+) -> torch.Tensor:
+    """About ``tokens`` calibration tokens from ``source`` (see :func:`calibration_texts`) as
+    ``[n, seq_len]`` blocks; the texts are shuffled by ``seed`` first, so seeds draw different text."""
+    from .training.data import token_blocks
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise CompressedExpertsError(f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < seq_len:
+        raise CompressedExpertsError(f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}")
+    texts = calibration_texts(source, tokenizer)
+    if not any(text.strip() for text in texts):
+        raise CompressedExpertsError(f"the calibration data {source or '(bundled held-out corpus)'} holds no text")
+    random.Random(seed).shuffle(texts)
+    return token_blocks(tokenizer, texts, seq_len, tokens // seq_len)
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the block being fitted has received its inputs."""
+
+
+def _capture(model, layer: CompressedExperts, blocks: torch.Tensor, batch_size: int):
+    """The (hidden_states, top_k_index, top_k_weights) that ``layer`` receives on every calibration block."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(module, args, kwargs):
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+        parts.append(tuple(v.detach() for v in values[:3]))
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                try:
+                    model(blocks[start:start + batch_size].to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+def _relative_error(layer: CompressedExperts, inputs, target: torch.Tensor, rows: int) -> float:
+    """Mean squared error of the block against the full top-k output, over the target's mean square."""
+    error = 0.0
+    with torch.no_grad():
+        for part in _chunks(target.shape[0], rows):
+            out = layer(*(x[part] for x in inputs))
+            error += (out.float() - target[part].float()).square().sum().item()
+    return error / max(target.float().square().sum().item(), 1e-30)
+
+
+def fit(
+    model,
+    blocks: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float | None = None,
+    batch_tokens: int = 4096,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit the compressed experts of a converted ``model`` to its full top-k blocks, in place.
+
+    ``blocks`` is ``[n, seq_len]`` calibration token ids (see
+    :func:`compressed_experts.training.data.token_blocks`); the model runs them ``batch_size``
+    sequences at a time. Each block's parameters take ``steps`` Adam steps of ``batch_tokens``
+    tokens drawn (seeded) from the calibration tokens, at ``lr`` (default per form,
+    :data:`DEFAULT_LR`). Returns, per block, the relative error before and after and the time.
+    """
+    layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
+    if not layers:
+        raise CompressedExpertsError("this model has no compressed experts: convert it first (n_ce and form), then fit")
+    form = layers[0].form
+    if form == "none":
+        raise CompressedExpertsError("form none (top-m) has nothing to fit; choose ia3, subset or slim")
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
+        raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
+    for name, value in (("steps", steps), ("batch_tokens", batch_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+            raise CompressedExpertsError(f"{name} must be a whole number, at least {0 if name == 'steps' else 1}; got {value!r}")
+    lr = DEFAULT_LR.get(form) if lr is None else lr  # subset has nothing for Adam to fit
+    if lr is not None and not lr > 0:
+        raise CompressedExpertsError(f"lr must be positive, got {lr}")
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    report: dict[str, Any] = {"form": form, "n_ce": layers[0].n_ce, "r": layers[0].r, "steps": steps, "lr": lr,
+                              "seed": seed, "calibration_tokens": blocks.numel(), "blocks": []}
+    started = time.perf_counter()
+    bar = tqdm(total=len(layers) * (steps + 1), desc="fitting", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for number, layer in enumerate(layers):
+            bar.set_postfix_str(f"block {number + 1}/{len(layers)}: capturing")
+            began = time.perf_counter()
+            inputs = _capture(model, layer, blocks, batch_size)
+            bar.set_postfix_str(f"block {number + 1}/{len(layers)}: fitting")
+            rows = inputs[0].shape[0]
+            with torch.no_grad():
+                target = torch.cat([layer.full(*(x[part] for x in inputs)) for part in _chunks(rows, batch_tokens)])
+            if form in NEURON_FORMS:
+                importance = ActivationImportance(layer)
+                for part in _chunks(rows, batch_tokens):
+                    importance.update(*(x[part] for x in inputs))
+                select_neurons(layer, importance.result())
+            before = _relative_error(layer, inputs, target, batch_tokens)
+            bar.update(1)
+            params = [p for n, p in layer.named_parameters() if is_compressed_expert(n)]
+            if params and steps:
+                for p in params:
+                    p.requires_grad_(True)
+                optimizer = torch.optim.Adam(params, lr=lr)
+                for _ in range(steps):
+                    pick = torch.randint(rows, (min(batch_tokens, rows),), generator=generator).to(target.device)
+                    loss = (layer(*(x[pick] for x in inputs)).float() - target[pick].float()).square().mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    bar.update(1)
+                for p in params:
+                    p.requires_grad_(False)
+            else:
+                bar.update(steps)
+            after = _relative_error(layer, inputs, target, batch_tokens)
+            report["blocks"].append({"block": number, "tokens": rows, "relative_error_before": before,
+                                     "relative_error_after": after, "seconds": time.perf_counter() - began})
+            del inputs, target
+    finally:
+        bar.close()
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+        model.train(was_training)
+    report["seconds"] = time.perf_counter() - started
+    return report
