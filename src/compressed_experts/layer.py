@@ -59,6 +59,10 @@ class CompressedExperts(nn.Module):
         if form in NEURON_FORMS and not (isinstance(r, int) and 1 <= r <= self.intermediate_dim):
             raise CompressedExpertsError(f"form {form} needs r between 1 and {self.intermediate_dim}, got {r!r}")
         self.path = "auto"  # compute path of the expert matmuls, see set_compute_path
+        # Distillation (training only): when on, each training forward also runs the full top-k
+        # block without gradients and leaves the relative squared distance to it here.
+        self.distill = False
+        self.distill_loss: torch.Tensor | None = None
         like = dict(dtype=self.gate_up_proj.dtype, device=self.gate_up_proj.device)
         if form == "ia3":
             self.ce_gate = nn.Parameter(torch.ones(self.num_experts, self.hidden_dim, **like))
@@ -86,6 +90,17 @@ class CompressedExperts(nn.Module):
     ) -> torch.Tensor:
         if self.n_ce == 0:
             return self.full(hidden_states, top_k_index, top_k_weights)
+        out = self._compressed(hidden_states, top_k_index, top_k_weights)
+        if self.distill and self.training:
+            with torch.no_grad():
+                target = self.full(hidden_states, top_k_index, top_k_weights).float()
+            # Relative to the target's mean square, so one weight means the same in every block and model.
+            self.distill_loss = (out.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+        return out
+
+    def _compressed(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         main = top_k_index.shape[-1] - self.n_ce
         # Routers do not all return their experts sorted (sparsemixer, grouped routing do not).
         weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)

@@ -186,8 +186,11 @@ def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int) -> None:
                          (resource.RLIMIT_FSIZE, file_mb * megabyte), (resource.RLIMIT_CORE, 0)):
         hard = resource.getrlimit(limit)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # never above what we may set
+        # CPU: the hard limit a second above the soft one, so that SIGXCPU ("timed out") comes
+        # first; with both equal the kernel may send SIGKILL, which reads as "out of memory".
+        cap = value + 1 if limit == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or value < hard) else value
         try:
-            resource.setrlimit(limit, (value, value))
+            resource.setrlimit(limit, (value, cap))
         except (ValueError, OSError):
             pass  # a limit the system does not enforce (macOS has no address-space limit); the others still hold
 

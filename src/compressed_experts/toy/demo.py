@@ -53,9 +53,8 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
     from ..evaluation import evaluate
     from ..training import TrainConfig, train
     from .bundled import BUNDLED
-    from .corpus import write_jsonl
     from .pretrain import lm_loss
-    from .tasks import domain_split, math_problems, write_math, write_math_eval
+    from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
 
     if seeds < 1:
         raise CompressedExpertsError(f"--seeds must be at least 1, got {seeds}")
@@ -65,16 +64,8 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
     data = out / "data"
     math_train = write_math(data / "math_train.jsonl", math_problems(plan.math_train, "train"))
     math_test = write_math_eval(data / "math_test.jsonl", math_problems(plan.math_test, "test"))
-    domain_train, domain_held = domain_split()
-    # Only as much text as the fine-tuning steps take (about 4 characters a token, with room to
-    # spare): tokenizing the whole test suite for every run would cost more than training on it.
-    budget, chosen = plan.domain_steps * plan.batch_size * plan.seq_len * 6, []
-    for text in domain_train:
-        chosen.append(("", text))
-        budget -= len(text)
-        if budget <= 0:
-            break
-    domain_file = write_jsonl(chosen, data / "domain_train.jsonl")
+    domain_held = domain_split()[1]
+    domain_file = write_domain_train(data / "domain_train.jsonl", plan.domain_steps, plan.batch_size, plan.seq_len)
     tokenizer = load_tokenizer(model)
     runs: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
@@ -218,18 +209,23 @@ BEGIN, END = "<!-- demo:begin (written by compressed-experts demo --report; edit
 
 
 def write_report(results: dict[str, Any], command: str, document: Path) -> None:
-    """Put the table, the command and the machine between the markers of ``document``, keeping
-    whatever is written around them (the discussion of the numbers)."""
+    """Put the table, the command and the machine between the demo markers of ``document``."""
+    write_section(document, BEGIN, END, command, results["seconds"], table_markdown(results))
+
+
+def write_section(document: Path, begin: str, end: str, command: str, seconds: float, table: str) -> None:
+    """Put ``table``, the command and the machine between the markers ``begin`` and ``end`` of
+    ``document`` (appended if it has none), keeping whatever is written around them (the discussion)."""
     from ..bench import machine
 
     block = "\n".join([
-        BEGIN, "", f"Command: `{command}`", "",
-        f"Machine: {machine()}; {results['seconds'] / 60:.1f} minutes.", "",
-        table_markdown(results).rstrip(), "", END,
+        begin, "", f"Command: `{command}`", "",
+        f"Machine: {machine()}; {seconds / 60:.1f} minutes.", "",
+        table.rstrip(), "", end,
     ])
     text = document.read_text() if document.is_file() else "# Results\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     document.write_text(text)

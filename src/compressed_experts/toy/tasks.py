@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .corpus import held_out_texts
+from .corpus import held_out_texts, write_jsonl
 
 NAMES = [("Ada", "She", "her"), ("Ben", "He", "his"), ("Cleo", "She", "her"), ("Dev", "He", "his"),
          ("Eva", "She", "her"), ("Finn", "He", "his"), ("Gia", "She", "her"), ("Hugo", "He", "his")]
@@ -120,3 +120,18 @@ def domain_split(share_held_out: float = 0.2) -> tuple[list[str], list[str]]:
         digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
         (held if digest % 1000 < share_held_out * 1000 else train).append(text)
     return train, held
+
+
+def write_domain_train(path: Path, steps: int, batch_size: int, seq_len: int) -> Path:
+    """The domain's training files, as many as ``steps`` of fine-tuning take, as plain-text JSONL.
+
+    About 4 characters a token, with room to spare: tokenizing the whole test suite for every
+    run would cost more than training on it.
+    """
+    budget, chosen = steps * batch_size * seq_len * 6, []
+    for text in domain_split()[0]:
+        chosen.append(("", text))
+        budget -= len(text)
+        if budget <= 0:
+            break
+    return write_jsonl(chosen, path)

@@ -13,6 +13,8 @@ from .data import PROMPT_FORMATS
 #: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
 #: ce: converted with compressed experts.
 METHODS = ("full", "top-m", "ce")
+#: Forms method ce trains (the top-m baseline, form none, is method top-m).
+CE_FORMS = ("ia3", "subset", "slim")
 #: all: everything (the paper); ce+router: compressed experts and routers; ce: compressed experts only.
 TRAINABLE = ("all", "ce+router", "ce")
 #: auto: bf16-mixed where the GPU supports bfloat16, else fp32. bf16-mixed: float32 weights,
@@ -33,7 +35,10 @@ class TrainConfig:
     data: str
     out: str
     method: str = "ce"
-    n_ce: int | None = None  # None: half of the model's top-k (OLMoE 4 of 8, Phi-3.5-MoE 1 of 2)
+    n_ce: int | None = None  # None: the checkpoint's, else half of the model's top-k (OLMoE 4 of 8)
+    form: str | None = None  # method ce: ia3, subset or slim; None: the checkpoint's, else ia3 (the paper's)
+    r: int | None = None  # neurons of the subset and slim forms; None: the checkpoint's, else I // 8
+    distill_weight: float = 0.0  # > 0: also pull each converted block's output towards the full top-k block's
     trainable: str = "all"
     lr: float = 2e-5
     ce_lr: float | None = None  # None: the same as lr (the paper); a larger one moves the vectors faster
@@ -99,15 +104,33 @@ class TrainConfig:
                 raise CompressedExpertsError(f"method top-m has no compressed experts; --trainable {self.trainable} needs --method ce")
         if self.ce_lr is not None and self.method != "ce":
             raise CompressedExpertsError(f"ce_lr sets the compressed experts' learning rate; method {self.method} has none")
+        if (self.form is not None or self.r is not None) and self.method != "ce":
+            raise CompressedExpertsError(f"--form and --r choose the compressed experts of method ce, not {self.method}")
+        if self.form is not None:
+            if self.form not in CE_FORMS:
+                raise CompressedExpertsError(f"--form must be one of {', '.join(CE_FORMS)} (none is --method top-m), not {self.form!r}")
+            CEConfig(1, self.form, self.r)  # r only with subset or slim, a whole number
+        if not self.distill_weight >= 0:
+            raise CompressedExpertsError(f"distill_weight must be 0 or more, got {self.distill_weight}")
+        if self.distill_weight and self.method == "full":
+            raise CompressedExpertsError("--distill-weight pulls converted blocks towards full top-k; method full has none")
 
-    def ce_config(self, top_k: int) -> CEConfig | None:
-        """The conversion this run trains (None for full top-k), given the model's top-k."""
+    def ce_config(self, top_k: int, existing: CEConfig | None = None) -> CEConfig | None:
+        """The conversion this run trains (None for full top-k), given the model's top-k and the
+        compressed experts the checkpoint already has (whose settings fill what was left out)."""
         if self.method == "full":
             return None
-        n_ce = self.n_ce if self.n_ce is not None else top_k // 2
+        n_ce = self.n_ce if self.n_ce is not None else existing.n_ce if existing is not None else top_k // 2
         if n_ce == 0:
             raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use --method full")
-        return CEConfig(n_ce, "ia3" if self.method == "ce" else "none")
+        if self.method == "top-m":
+            return CEConfig(n_ce, "none")
+        form = self.form or (existing.form if existing is not None and existing.form != "none" else "ia3")
+        r = self.r if self.r is not None else existing.r if existing is not None and existing.form == form else None
+        wanted = CEConfig(n_ce, form, r)
+        if form == "subset" and self.trainable == "ce":
+            raise CompressedExpertsError("form subset adds no parameters, so --trainable ce has nothing to train; use all or ce+router")
+        return wanted
 
     def to_json(self, **extra) -> str:
         """The settings as stored in training_config.json, with ``extra`` sections (e.g. ``resolved``)."""

@@ -93,19 +93,22 @@ def _precision(name: str) -> str:
 
 def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     """The conversion and sequence length this run uses, from the model's config alone."""
-    from ..architectures import family_of
+    from ..architectures import family_of, moe_blocks
 
     shape = skeleton(config.model)  # the meta-device structure: no weights are read
-    family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
+    family = family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
     model_config, existing = shape.config, ce_config_of(shape)
-    wanted = config.ce_config(model_config.num_experts_per_tok)
-    if existing is not None and existing != wanted:
-        raise CompressedExpertsError(
-            f"{config.model} already has compressed experts (n_ce={existing.n_ce}, form={existing.form}); "
-            f"method {config.method} needs {'the original model' if wanted is None else wanted}"
-        )
+    wanted = config.ce_config(model_config.num_experts_per_tok, existing)
     if wanted is not None:
         wanted.check_top_k(model_config.num_experts_per_tok)
+        _, block = next(moe_blocks(shape, family))
+        wanted = wanted.resolved(block.experts.down_proj.shape[-1])  # an r the experts cannot hold fails here
+    if existing is not None and existing != wanted:
+        held = f"n_ce={existing.n_ce}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
+        raise CompressedExpertsError(
+            f"{config.model} already has compressed experts ({held}); "
+            f"method {config.method} needs {'the original model' if wanted is None else wanted}"
+        )
     limit = getattr(model_config, "max_position_embeddings", None)
     seq_len = config.seq_len or min(_DEFAULT_SEQ_LEN, limit or _DEFAULT_SEQ_LEN)
     if limit is not None and seq_len > limit:
@@ -197,7 +200,8 @@ def train(config: TrainConfig) -> TrainResult:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "seq_len": seq_len, "precision": precision}
+            resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "form": wanted.form if wanted is not None else None,
+                        "r": wanted.r if wanted is not None else None, "seq_len": seq_len, "precision": precision}
             _write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
         else:
             _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
@@ -205,6 +209,7 @@ def train(config: TrainConfig) -> TrainResult:
     trainer = CETrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[ProgressAndLog(out / LOG_FILE), StopOnNonFinite()], ce_lr=config.ce_lr,
+        distill_weight=config.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
     start = time.perf_counter()
@@ -216,6 +221,9 @@ def train(config: TrainConfig) -> TrainResult:
     summary = {
         "method": config.method,
         "n_ce": wanted.n_ce if wanted is not None else 0,
+        "form": wanted.form if wanted is not None else None,
+        "r": wanted.r if wanted is not None else None,
+        "distill_weight": config.distill_weight,
         "trainable": config.trainable,
         "steps": trainer.state.global_step,
         "tokens": int(trainer.state.num_input_tokens_seen),

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import CompressedExpertsError
-from ..layer import is_compressed_expert
+from ..layer import CompressedExperts, is_compressed_expert
 
 KEEP_CHECKPOINTS = 2  # the newest ones; older ones are deleted as new ones land
 
@@ -38,10 +38,15 @@ class TrainingDiverged(CompressedExpertsError):
 class CETrainer(Trainer):
     """Trainer with a compressed-experts learning rate, atomic checkpoints and a NaN stop."""
 
-    def __init__(self, *args, ce_lr: float | None = None, **kwargs) -> None:
+    def __init__(self, *args, ce_lr: float | None = None, distill_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.ce_lr = ce_lr
         self._staging: str | None = None
+        self.distill_weight = distill_weight
+        self._distilled = [m for m in self.model.modules() if isinstance(m, CompressedExperts)] if distill_weight else []
+        for layer in self._distilled:
+            layer.distill = True
+        self._distill_sum, self._distill_count = 0.0, 0
 
     def create_optimizer(self, model=None):
         """AdamW (fused where the build has it) with the compressed experts in a group of their own."""
@@ -61,13 +66,36 @@ class CETrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        for layer in self._distilled:
+            layer.distill_loss = None
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
+        terms = [layer.distill_loss for layer in self._distilled if layer.distill_loss is not None]
+        if terms:  # the mean over blocks, so the weight does not grow with the model's depth
+            distill = torch.stack(terms).mean()
+            self._distill_sum += distill.item()
+            self._distill_count += 1
+            loss = loss + self.distill_weight * distill.to(loss.device)
+            result = (loss, *result[1:]) if return_outputs else loss
         # One process alone must not stop: the others would wait for it forever. Under DDP the
         # averaged gradients carry the NaN to every process, and StopOnNonFinite stops them all.
         if self.args.world_size == 1 and not torch.isfinite(loss.detach()).all():
             raise diverged(f"the loss became {loss.item()}", self.state.global_step, self.args.output_dir)
         return result
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the trained model goes on without the extra full top-k pass
+            for layer in self._distilled:
+                layer.distill, layer.distill_loss = False, None
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's log entry, plus the mean distillation term since the last entry (when on)."""
+        if self._distill_count and "loss" in logs:
+            logs = {**logs, "distill": self._distill_sum / self._distill_count}
+            self._distill_sum, self._distill_count = 0.0, 0
+        super().log(logs, *args, **kwargs)
 
     def _get_output_dir(self, trial):
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
