@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from compressed_experts import bench
@@ -14,14 +15,18 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path):
                        end_to_end=False, command="test")
     rows = result["rows"]
     variants = {r["variant"] for r in rows}
-    assert variants == {"transformers:eager", "transformers:grouped_mm", "full", "top-m", "ce"}
-    assert len(rows) == 5 * 2 * 2  # variants x token counts x modes
+    assert variants == {"transformers:eager", "transformers:grouped_mm", "full", "top-m", "ce", "subset", "slim"}
+    assert len(rows) == 7 * 2 * 2  # variants x token counts x modes
     assert all(r["ms"] > 0 for r in rows)
     full = next(r for r in rows if r["variant"] == "full" and r["tokens"] == 1 and r["mode"] == "forward")
     ce = next(r for r in rows if r["variant"] == "ce" and r["tokens"] == 1 and r["mode"] == "forward")
     assert full["gflop_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e9  # k = 4 experts of 3 H x I matrices
     assert ce["gflop_per_token"] == full["gflop_per_token"] / 2  # n_ce = 2 of 4
     assert ce["expert_mb_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e6  # one token: 2 experts' float32 weights
+    subset = next(r for r in rows if r["variant"] == "subset" and r["tokens"] == 1 and r["mode"] == "forward")
+    # 2 full experts and 2 auxiliary ones at r = I / 8 = 4 of their 32 neurons
+    assert subset["gflop_per_token"] == pytest.approx(2 * 3 * 64 * 32 * (2 + 2 * 4 / 32) / 1e9)
+    assert subset["expert_mb_per_token"] == pytest.approx(3 * 64 * 32 * 4 * (2 + 2 * 4 / 32) / 1e6)
     bench.write_report(result, tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md")
     stored = json.loads((tmp_path / "benchmarks" / "cpu.json").read_text())
     assert stored["rows"] == rows and stored["machine"] == bench.machine(torch.device("cpu"))

@@ -241,3 +241,13 @@ def test_a_model_directory_without_a_tokenizer_is_said_so(tmp_path):
     ce.tiny_model("olmoe").save_pretrained(tmp_path / "m")
     with pytest.raises(ce.CheckpointError, match="no (usable )?tokenizer"):
         ce.load_tokenizer(tmp_path / "m")
+
+
+def test_loading_the_tokenizer_of_a_converted_model_prints_no_model_type_warning(tmp_path, capfd):
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
+    model.save_pretrained(tmp_path)
+    ce.tiny_tokenizer().save_pretrained(tmp_path)
+    capfd.readouterr()
+    assert ce.load_tokenizer(tmp_path)("ab").input_ids
+    captured = capfd.readouterr()
+    assert "to instantiate a model of type" not in captured.err + captured.out

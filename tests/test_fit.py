@@ -72,6 +72,19 @@ def test_fit_changes_only_the_compressed_experts_and_is_deterministic():
     assert max((p - s).abs().max().item() for p, s in zip(model.parameters(), other.parameters())) > 1e-3
 
 
+@pytest.mark.parametrize("form", ["subset", "slim"])
+def test_fitting_the_neuron_forms_reorders_neurons_but_keeps_the_full_model(form):
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2, form, r=4))
+    ids = blocks(seed=2)
+    with torch.no_grad():
+        full_before = full_twin(model)(ids).logits
+    report = fit(model, blocks(count=32), steps=5, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(full_twin(model)(ids).logits, full_before, rtol=1e-5, atol=1e-5)
+    for row in report["blocks"]:  # the measured choice of neurons beats the weight-based one, in-sample
+        assert row["relative_error_before"] < row["relative_error_converted"]
+
+
 def test_all_neurons_reproduce_the_full_block_exactly():
     """With r = I the subset form is the full block: the captured inputs and targets must agree."""
     model = ce.tiny_model("olmoe")
@@ -127,8 +140,16 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
     assert report["form"] == "slim" and report["r"] == 4 and report["calibration_tokens"] == 1024
     loaded = ce.from_pretrained(out)
     assert ce.ce_config_of(loaded) == ce.CEConfig(2, "slim", r=4)
-    # A plain model without --n-ce, and a form that is not there, fail with one line and no output.
+    # A plain model without --n-ce, a form that is not there, a bad form or r (before the missing
+    # calibration file is even looked at) fail with one line and no output.
+    missing = ["--calib", str(tmp_path / "missing.txt")]
     for bad, message in ((["fit", "tiny:olmoe", "--out", str(tmp_path / "x")], "give --n-ce"),
+                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "lora", *missing, "--out", str(tmp_path / "x")],
+                          "choose from ia3, none, subset, slim"),
+                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "none", *missing, "--out", str(tmp_path / "x")],
+                          "nothing to fit"),
+                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "slim", "--r", "999", *missing,
+                           "--out", str(tmp_path / "x")], "use r between 1 and"),
                          (["fit", str(out), "--form", "ia3", "--out", str(tmp_path / "y")], "already has compressed experts"),
                          (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use r between 1 and")):
         result = runner.invoke(app, bad)

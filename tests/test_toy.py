@@ -89,6 +89,36 @@ def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     assert "compressed experts" in table and "±" in table
 
 
+def test_forms_study_end_to_end_on_a_small_model(small_pretrained, tmp_path):
+    from compressed_experts.toy.demo import write_section
+    from compressed_experts.toy.forms import BEGIN, END, StudyPlan, run_study, table_markdown
+
+    out, _ = small_pretrained
+    plan = StudyPlan(seq_len=64, calib_tokens=256, fit_steps=2, eval_blocks=2, sweep_r=(6, 12), sweep_n_ce=(2,),
+                     finetune_steps=1, batch_size=2)
+    results = run_study(tmp_path / "forms", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
+    for name in ("forms_results.json", "forms_table.md", "forms_pareto.png"):
+        assert (tmp_path / "forms" / name).is_file()
+    rows = results["rows"]
+    stages = {(r["stage"], r["form"]) for r in rows}
+    for form in ("ia3", "subset", "slim"):
+        assert {("as converted", form), ("fitted", form)} <= stages
+    assert {("fine-tuned", f) for f in ("full", "none", "ia3", "slim")} | {("fine-tuned + distill", "slim")} <= stages
+    assert sum(r.get("sweep", False) for r in rows) == 4  # subset and slim at r 6 and 12 with n_ce 2
+    # The gap closed, recomputed by hand for the seed-1 fitted slim row against the untuned references.
+    loss = {(r["stage"], r["form"], r["n_ce"], r["seed"]): r["loss"] for r in rows}
+    full, top_m = loss[("reference", "full", 0, None)], loss[("reference", "none", 4, None)]
+    fitted = [r for r in results["summary"] if (r["stage"], r["form"], r["n_ce"]) == ("fitted", "slim", 4)][0]
+    closed = [(top_m - loss[("fitted", "slim", 4, s)]) / (top_m - full) for s in (0, 1)]
+    assert fitted["seeds"] == 2 and fitted["gap_closed"][0] == pytest.approx(sum(closed) / 2)
+    assert fitted["expert_equivalents"] == pytest.approx(4 + 4 * 2 / 16)  # r defaults to I // 8 = 2
+    report = tmp_path / "RESULTS.md"
+    report.write_text(f"# Results\n\nabove\n\n{BEGIN}\nold\n{END}\n\nbelow\n")
+    write_section(report, BEGIN, END, "compressed-experts toy forms", results["seconds"], table_markdown(results))
+    text = report.read_text()
+    assert "above" in text and "below" in text and "old" not in text and "| fitted | slim | 4 | 2 |" in text
+
+
 def test_shipped_model_has_the_stated_architecture_size_and_held_out_loss():
     report = json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())
     size = sum(f.stat().st_size for f in BUNDLED_DIR.glob("*.safetensors"))

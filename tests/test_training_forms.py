@@ -108,6 +108,23 @@ def test_distillation_keeps_the_model_closer_to_full_top_k(tmp_path, data):
     assert not any(layer.distill for layer in compressed_layers(distilled))
 
 
+def test_distillation_weight_does_not_grow_with_gradient_accumulation(tmp_path, data):
+    """One step of batch 4, and of 2 x 2 accumulated, log the same loss (LM + weight x distill)."""
+    settings = {**FAST, "data": str(data), "form": "slim", "r": 4, "max_steps": 1, "distill_weight": 5.0}
+
+    def logged(out, **change):
+        train(TrainConfig(out=str(tmp_path / out), **{**settings, **change}))
+        entry = next(e for e in map(json.loads, (tmp_path / out / "training_log.jsonl").read_text().splitlines())
+                     if "loss" in e)
+        return entry["loss"], entry["distill"]
+
+    (whole, distill), (split, _) = logged("whole"), logged("split", batch_size=2, grad_accum=2)
+    # Each micro-batch's distill term is a ratio of its own means, so the two agree closely, not
+    # exactly; counting the term once per micro-batch would add another 5 x distill.
+    assert 5.0 * distill > 0.05
+    assert abs(split - whole) < 0.1 * 5.0 * distill
+
+
 @pytest.mark.parametrize(
     "change,message",
     [

@@ -1,5 +1,6 @@
 """Side-by-side timings: transformers' own MoE block, and this library's full top-k, top-m and
-compressed experts, on real layer shapes; plus end-to-end prefill and decode of a small model.
+compressed experts (the paper's ia3 vectors, and the subset and slim forms at r = I/8), on real
+layer shapes; plus end-to-end prefill and decode of a small model.
 
 Every ratio compares variants measured in the same run on the same machine, on the same
 random weights, inputs and routing. Analytic FLOPs and the bytes of expert weights read per
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
 
 from .architectures import family_by_name
-from .config import CEConfig
+from .config import NEURON_FORMS, CEConfig
 from .errors import CompressedExpertsError
 from .convert import convert
 from .layer import CompressedExperts
@@ -132,7 +133,14 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     variants["full"] = _with_experts(block, CompressedExperts(block.experts, 0))
     variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, "none"))
     variants["ce"] = _with_experts(block, compressed)
+    for form in NEURON_FORMS:  # weight-chosen neurons: the choice changes nothing about the time
+        variants[form] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts)))
     return variants
+
+
+def neurons(experts: nn.Module) -> int:
+    """The r of the subset and slim variants: the library's default for these experts."""
+    return CEConfig(1, "subset").resolved(experts.down_proj.shape[-1]).r
 
 
 @dataclass
@@ -198,8 +206,13 @@ def bench_layers(
                     medians = interleaved_medians(runs, device, repeats)
                     costs = {n: _expert_cost(variants["full"], router_attr, x.view(-1, x.shape[-1]), n, dtype)
                              for n in (top_k, top_k - shape.n_ce)}
+                    main, full_cost = costs[top_k - shape.n_ce], costs[top_k]
+                    # Auxiliary experts at r/I of an expert (their weights read: those of the experts hit beyond the main ones).
+                    share = neurons(variants["full"].experts) / variants["full"].experts.intermediate_dim
+                    costs["neurons"] = tuple(m + (f - m) * share for m, f in zip(main, full_cost))
                     for name, seconds in medians.items():
-                        gflop, mb = costs[top_k - shape.n_ce if name in ("top-m", "ce") else top_k]
+                        kind = "neurons" if name in NEURON_FORMS else top_k - shape.n_ce if name in ("top-m", "ce") else top_k
+                        gflop, mb = costs[kind]
                         rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name,
                                         seconds * 1e3, gflop * (3 if mode != "forward" else 1), mb))
             del variants
@@ -287,18 +300,22 @@ def markdown(result: dict) -> str:
     lines = [f"### {result['device']}: {result['machine']}", "", f"Command: `{result['command']}`", ""]
     lines += [f"- `{key}`: {SHAPES[key].name}" for key in sorted({k[0] for k in groups}) if key in SHAPES]
     lines += ["", "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
-              "ce/full | top-m/full | full/transformers | expert GFLOP/token full, ce | expert MB read/token full, ce |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "ce/full | top-m/full | full/transformers | subset/full | slim/full | "
+              "expert GFLOP/token full, ce, subset | expert MB read/token full, ce, subset |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ratio = lambda a, b: "-" if a is None else f"{a / b:.2f}"  # noqa: E731  (results from before the forms lack them)
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])):
         v = groups[key]
-        t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce")}
+        t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce", "subset", "slim")}
         best = _fastest_transformers(v)["variant"].split(":")[1]
+        cost = lambda field: ", ".join(f"{v[n][field]:{'.3f' if 'gflop' in field else '.1f'}}"  # noqa: E731
+                                       for n in ("full", "ce", "subset") if n in v)
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best}) | "
             f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {t['ce'] / t['full']:.2f} | "
             f"{t['top-m'] / t['full']:.2f} | {t['full'] / t['transformers']:.2f} | "
-            f"{v['full']['gflop_per_token']:.3f}, {v['ce']['gflop_per_token']:.3f} | "
-            f"{v['full']['expert_mb_per_token']:.1f}, {v['ce']['expert_mb_per_token']:.1f} |"
+            f"{ratio(t['subset'], t['full'])} | {ratio(t['slim'], t['full'])} | "
+            f"{cost('gflop_per_token')} | {cost('expert_mb_per_token')} |"
         )
     e2e = result.get("end_to_end")
     if e2e:

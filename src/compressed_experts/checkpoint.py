@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import struct
@@ -31,6 +32,17 @@ from .toy.bundled import BUNDLED, BUNDLED_DIR
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+class _OwnModelTypeNotice(logging.Filter):
+    """Drops transformers' warning that config type ``compressed_experts`` is not the one it
+    builds: AutoTokenizer reads our config.json that way, and the tokenizer does not depend on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"model of type `{SAVED_MODEL_TYPE}` to instantiate" not in record.getMessage()
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(_OwnModelTypeNotice())
 TINY_PREFIX = "tiny:"
 
 

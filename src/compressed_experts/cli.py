@@ -153,7 +153,8 @@ def fit(
     steps: Annotated[int, typer.Option(help="Adam steps per MoE block (ia3, slim).")] = 200,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate; default 1e-2 for ia3, 1e-3 for slim.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the calibration text's order and the fitting batches.")] = 0,
-    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as saved), float32, bfloat16, float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Weights dtype: auto (as saved), float32 (best for fitting), bfloat16, float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto (CUDA when there is a GPU), cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds a model.")] = False,
 ) -> None:
     """Fit compressed experts to the full top-k blocks on calibration text, with no fine-tuning, and save the model."""
@@ -166,22 +167,27 @@ def fit(
     def action() -> None:
         _check_output(out, source, overwrite)
         check_dtype_name(dtype, "--dtype")
-        # Before any text is read: a plain model needs --n-ce; a converted one must match --form/--r.
-        if n_ce is None and ce_config_of(skeleton(source, form=form, r=r)) is None:
+        where = check_device(device)
+        # Before any text or weight is read: the conversion must make sense for this model (a plain
+        # one needs --n-ce; a converted one must match --form/--r; r must fit its experts).
+        wanted = ce_config_of(skeleton(source, n_ce=n_ce, form=form, r=r))
+        if wanted is None:
             raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
+        if wanted.form == "none":
+            raise CompressedExpertsError("form none (top-m) has nothing to fit; choose ia3, subset or slim")
         with console.status("reading calibration text"):
             blocks = calibration_blocks(load_tokenizer(source), calib, seq_len=seq_len, tokens=tokens, seed=seed)
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
+            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype).to(where)
         report = fit_model(model, blocks, steps=steps, lr=lr, seed=seed)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         _save_model(model, source, out, {"fit_report.json": json.dumps(report, indent=2)})
         table = Table(title=f"fitted {source} -> {out}")
-        for column in ("block", "tokens", "relative error before", "after", "seconds"):
+        for column in ("block", "tokens", "relative error as converted", "neurons chosen", "fitted", "seconds"):
             table.add_column(column, justify="right")
         for row in report["blocks"]:
-            table.add_row(str(row["block"]), f"{row['tokens']:,}", f"{row['relative_error_before']:.4f}",
-                          f"{row['relative_error_after']:.4f}", f"{row['seconds']:.1f}")
+            table.add_row(str(row["block"]), f"{row['tokens']:,}", f"{row['relative_error_converted']:.4f}",
+                          f"{row['relative_error_before']:.4f}", f"{row['relative_error_after']:.4f}", f"{row['seconds']:.1f}")
         console.print(table)
 
     _run(action)

@@ -5,15 +5,17 @@ calibration text are captured (with the blocks before it already fitted, so that
 also makes up for what the earlier ones still miss), the full top-k output on those inputs
 is computed, and only the compressed experts are changed so that the converted block's output
 matches it in mean squared error: ``subset`` and ``slim`` choose each expert's neurons by
-their measured importance, and ``ia3`` and ``slim`` then fit their parameters with Adam. The
-expert weights, routers and everything else stay as they are. Memory holds one block's
-inputs and targets at a time.
+their measured importance (reordering each expert's neurons, which leaves what the expert
+computes unchanged, and resetting ``slim``'s MLPs to a copy of the chosen ones), and ``ia3``
+and ``slim`` then fit their parameters with Adam. Routers, attention and everything else stay
+as they are. Memory holds one block's inputs and targets at a time.
 """
 
 from __future__ import annotations
 
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ DEFAULT_LR = {"ia3": 1e-2, "slim": 1e-3}
 
 
 def calibration_texts(source: str | None = None, tokenizer=None) -> list[str]:
-    """Calibration text: a .txt file (one text), a .json/.jsonl/.parquet file or dataset name in any
+    """Calibration text: a .txt file (split at blank lines), a .json/.jsonl/.parquet file or dataset name in any
     layout ``train`` reads (records flattened to their text), or by default the training files of
     the bundled corpus's held-out part (the standard library's test suite; the files that
     :func:`compressed_experts.toy.tasks.domain_split` holds out for scoring are not among them)."""
@@ -42,7 +44,8 @@ def calibration_texts(source: str | None = None, tokenizer=None) -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise CompressedExpertsError(f"no such calibration file: {source}")
-        return [path.read_text(encoding="utf-8", errors="replace")]
+        # Paragraphs, so that a seed's shuffle draws different text from one file too.
+        return [part for part in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if part.strip()]
     from .training.data import load_records, segments
 
     return ["".join(text for text, _ in segments(record, tokenizer, "alpaca")) for record in load_records(source)]
@@ -112,7 +115,7 @@ def fit(
     model,
     blocks: torch.Tensor,
     *,
-    steps: int = 300,
+    steps: int = 200,
     lr: float | None = None,
     batch_tokens: int = 4096,
     batch_size: int = 8,
@@ -125,7 +128,9 @@ def fit(
     :func:`compressed_experts.training.data.token_blocks`); the model runs them ``batch_size``
     sequences at a time. Each block's parameters take ``steps`` Adam steps of ``batch_tokens``
     tokens drawn (seeded) from the calibration tokens, at ``lr`` (default per form,
-    :data:`DEFAULT_LR`). Returns, per block, the relative error before and after and the time.
+    :data:`DEFAULT_LR`). Returns, per block, the relative error as converted, after choosing
+    neurons (``before``) and after fitting, and the time. Fit in float32: Adam steps on
+    bfloat16 vectors near 1.0 are mostly rounded away (a warning says so).
     """
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
     if not layers:
@@ -141,6 +146,10 @@ def fit(
     lr = DEFAULT_LR.get(form) if lr is None else lr  # subset has nothing for Adam to fit
     if lr is not None and not lr > 0:
         raise CompressedExpertsError(f"lr must be positive, got {lr}")
+    low = sorted({str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32})
+    if low:
+        warnings.warn(f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "
+                      f"load the model in float32 to fit it", stacklevel=2)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -160,6 +169,7 @@ def fit(
             rows = inputs[0].shape[0]
             with torch.no_grad():
                 target = torch.cat([layer.full(*(x[part] for x in inputs)) for part in _chunks(rows, batch_tokens)])
+            converted = _relative_error(layer, inputs, target, batch_tokens)
             if form in NEURON_FORMS:
                 importance = ActivationImportance(layer)
                 for part in _chunks(rows, batch_tokens):
@@ -184,7 +194,8 @@ def fit(
             else:
                 bar.update(steps)
             after = _relative_error(layer, inputs, target, batch_tokens)
-            report["blocks"].append({"block": number, "tokens": rows, "relative_error_before": before,
+            report["blocks"].append({"block": number, "tokens": rows, "relative_error_converted": converted,
+                                     "relative_error_before": before,
                                      "relative_error_after": after, "seconds": time.perf_counter() - began})
             del inputs, target
     finally:

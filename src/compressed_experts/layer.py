@@ -101,26 +101,22 @@ class CompressedExperts(nn.Module):
     def _compressed(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        main = top_k_index.shape[-1] - self.n_ce
-        # Routers do not all return their experts sorted (sparsemixer, grouped routing do not).
-        weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
-        index = top_k_index.gather(-1, order)
+        main_index, main_weights, aux_index, aux_weights = split_routing(top_k_index, top_k_weights, self.n_ce)
         if self.form == "ia3":
-            scales = self._aggregate(index[:, main:], weights[:, main:])
-            return self._run(hidden_states, index[:, :main], weights[:, :main], self.gate_up_proj, self.down_proj, scales)
-        out = self._run(hidden_states, index[:, :main], weights[:, :main], self.gate_up_proj, self.down_proj)
+            scales = self._aggregate(aux_index, aux_weights)
+            out = self._run(hidden_states, main_index, main_weights, self.gate_up_proj, self.down_proj, scales)
+            return out.to(hidden_states.dtype)
+        out = self._run(hidden_states, main_index, main_weights, self.gate_up_proj, self.down_proj)
         if self.form == "subset":
             gate, up, down = self.subset_weights()
-            out = out + self._run(hidden_states, index[:, main:], weights[:, main:], (gate, up), down)
+            out = out + self._run(hidden_states, aux_index, aux_weights, (gate, up), down)
         elif self.form == "slim":
-            out = out + self._run(
-                hidden_states, index[:, main:], weights[:, main:], self.ce_gate_up_proj, self.ce_down_proj
-            )
-        return out
+            out = out + self._run(hidden_states, aux_index, aux_weights, self.ce_gate_up_proj, self.ce_down_proj)
+        return out.to(hidden_states.dtype)  # main and auxiliary parts summed wide, rounded once
 
     def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""
-        return self._run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+        return self._run(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj).to(hidden_states.dtype)
 
     def _aggregate(
         self, aux_index: torch.Tensor, aux_weights: torch.Tensor
@@ -152,9 +148,15 @@ class CompressedExperts(nn.Module):
         """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once.
 
         ``gate_up`` is a fused ``[E, 2n, H]`` weight (one matmul) or a (gate, up) pair of
-        ``[E, n, H]`` views; ``down`` is ``[E, H, n]``; ``scales`` are the ``ia3`` form's.
+        ``[E, n, H]`` views; ``down`` is ``[E, H, n]``; ``scales`` are the ``ia3`` form's. The
+        result is left at the routing weights' precision (float32 for some routers), for the
+        caller to sum and round once.
         """
         groups = Grouping.build(index, self.num_experts)
+        if down.dtype != hidden_states.dtype:  # slim's float32 master copies under --precision bf16
+            gate_up = tuple(w.to(hidden_states.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(
+                hidden_states.dtype)
+            down = down.to(hidden_states.dtype)
         if scales is not None:
             scale_gate, scale_up, scale_down = (s.to(hidden_states.dtype) for s in scales)
             # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
@@ -175,7 +177,19 @@ class CompressedExperts(nn.Module):
         # Weight and sum at the routing weights' precision (float32 for some routers), round once.
         wide = torch.promote_types(out.dtype, weights.dtype)
         out = out.to(wide) * weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
-        return groups.combine(out, hidden_states.shape[0]).to(hidden_states.dtype)
+        return groups.combine(out, hidden_states.shape[0])
+
+
+def split_routing(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_ce: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(main index, main weights, auxiliary index, auxiliary weights): each token's experts by
+    weight, the ``n_ce`` lightest auxiliary. Routers do not all return their experts sorted
+    (PhiMoE's sparsemixer and DeepSeek's grouped routing do not); ties keep the router's order."""
+    weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
+    index = top_k_index.gather(-1, order)
+    main = top_k_index.shape[-1] - n_ce
+    return index[:, :main], weights[:, :main], index[:, main:], weights[:, main:]
 
 
 def set_compute_path(model: nn.Module, path: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import Grouping, grouped_linear
-from .layer import CompressedExperts
+from .layer import CompressedExperts, split_routing
 
 
 def weight_importance(layer: CompressedExperts) -> torch.Tensor:
@@ -44,9 +44,7 @@ class ActivationImportance:
     def update(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Add one batch of a block's expert inputs (as the block hands them to its experts)."""
         layer = self.layer
-        main = top_k_index.shape[-1] - layer.n_ce
-        weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
-        index, weights = top_k_index.gather(-1, order)[:, main:], weights[:, main:]
+        _, _, index, weights = split_routing(top_k_index, top_k_weights, layer.n_ce)
         groups = Grouping.build(index, layer.num_experts)
         gate, up = grouped_linear(hidden_states[groups.token], layer.gate_up_proj, groups.offsets, layer.path).chunk(2, -1)
         magnitude = (layer.act_fn(gate) * up).abs().float() * weights.reshape(-1)[groups.order].float().unsqueeze(-1)

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..checkpoint import from_pretrained, load_tokenizer, save_compressed_experts, skeleton
-from ..convert import ce_config_of, convert
+from ..convert import _swap, ce_config_of, convert
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
 from ..parameters import active_parameters
@@ -93,16 +93,17 @@ def _precision(name: str) -> str:
 
 def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     """The conversion and sequence length this run uses, from the model's config alone."""
-    from ..architectures import family_of, moe_blocks
+    from ..architectures import family_of
 
     shape = skeleton(config.model)  # the meta-device structure: no weights are read
-    family = family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
+    family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
     model_config, existing = shape.config, ce_config_of(shape)
     wanted = config.ce_config(model_config.num_experts_per_tok, existing)
-    if wanted is not None:
-        wanted.check_top_k(model_config.num_experts_per_tok)
-        _, block = next(moe_blocks(shape, family))
-        wanted = wanted.resolved(block.experts.down_proj.shape[-1])  # an r the experts cannot hold fails here
+    if existing is None and wanted is not None:
+        # Converting the weightless skeleton checks n_ce against the top-k and r against the
+        # experts, as the real conversion will, and spells out the default r.
+        _swap(shape, wanted)
+        wanted = ce_config_of(shape)
     if existing is not None and existing != wanted:
         held = f"n_ce={existing.n_ce}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
         raise CompressedExpertsError(

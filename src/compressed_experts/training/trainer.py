@@ -44,8 +44,6 @@ class CETrainer(Trainer):
         self._staging: str | None = None
         self.distill_weight = distill_weight
         self._distilled = [m for m in self.model.modules() if isinstance(m, CompressedExperts)] if distill_weight else []
-        for layer in self._distilled:
-            layer.distill = True
         self._distill_sum, self._distill_count = 0.0, 0
 
     def create_optimizer(self, model=None):
@@ -75,6 +73,11 @@ class CETrainer(Trainer):
             distill = torch.stack(terms).mean()
             self._distill_sum += distill.item()
             self._distill_count += 1
+            if self._loss_scaled_for_accumulation(num_items_in_batch):
+                # The LM loss is already a share of the accumulated batch's (it is divided by all its
+                # tokens), so the Trainer will not divide; the per-micro-batch mean must be, or the
+                # weight would grow with --grad-accum.
+                distill = distill / self.current_gradient_accumulation_steps
             loss = loss + self.distill_weight * distill.to(loss.device)
             result = (loss, *result[1:]) if return_outputs else loss
         # One process alone must not stop: the others would wait for it forever. Under DDP the
@@ -83,7 +86,16 @@ class CETrainer(Trainer):
             raise diverged(f"the loss became {loss.item()}", self.state.global_step, self.args.output_dir)
         return result
 
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """The Trainer's own test (training_step) of whether it will divide the loss by the accumulation steps."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return scaled
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
     def train(self, *args, **kwargs):
+        for layer in self._distilled:
+            layer.distill = True
         try:
             return super().train(*args, **kwargs)
         finally:  # the trained model goes on without the extra full top-k pass
