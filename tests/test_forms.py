@@ -92,6 +92,18 @@ def test_slim_with_float32_master_copies_runs_in_bfloat16():
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_subset_in_training_computes_what_it_computes_at_inference():
+    """With trainable expert weights, subset masks neurons instead of slicing weights: same output."""
+    module = neuron_layer("subset", n_ce=3, r=5)
+    x = torch.randn(60, H)
+    index, weights = routing(60, skip=(4,))
+    with torch.no_grad():
+        sliced = module(x, index, weights)
+    masked = module(x, index, weights)
+    assert masked.grad_fn is not None
+    torch.testing.assert_close(masked.detach(), sliced, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("form", ["subset", "slim"])
 def test_gradients_match_reference(form):
     module = neuron_layer(form, n_ce=2, r=6)

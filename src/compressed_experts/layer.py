@@ -106,6 +106,16 @@ class CompressedExperts(nn.Module):
             scales = self._aggregate(aux_index, aux_weights)
             out = self._run(hidden_states, main_index, main_weights, self.gate_up_proj, self.down_proj, scales)
             return out.to(hidden_states.dtype)
+        if self.form == "subset" and torch.is_grad_enabled() and (
+                self.gate_up_proj.requires_grad or self.down_proj.requires_grad):
+            # Training the expert weights: gradients through slices of them would cost a zeroed
+            # weight-sized buffer per slice and step, so the auxiliary rows run the whole expert
+            # with the neurons past r masked out instead: the same output and gradients.
+            index = torch.cat([main_index, aux_index], dim=-1)
+            weights = torch.cat([main_weights, aux_weights], dim=-1)
+            out = self._run(hidden_states, index, weights, self.gate_up_proj, self.down_proj,
+                            neuron_limit=(main_index.shape[-1], self.r))
+            return out.to(hidden_states.dtype)
         out = self._run(hidden_states, main_index, main_weights, self.gate_up_proj, self.down_proj)
         if self.form == "subset":
             gate, up, down = self.subset_weights()
@@ -144,11 +154,14 @@ class CompressedExperts(nn.Module):
         gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         down: torch.Tensor,
         scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        neuron_limit: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``sum_i w_i Down_i(act(Gate_i(x*g)) * Up_i(x*u) * d)`` over the given experts, all experts at once.
 
         ``gate_up`` is a fused ``[E, 2n, H]`` weight (one matmul) or a (gate, up) pair of
-        ``[E, n, H]`` views; ``down`` is ``[E, H, n]``; ``scales`` are the ``ia3`` form's. The
+        ``[E, n, H]`` views; ``down`` is ``[E, H, n]``; ``scales`` are the ``ia3`` form's;
+        ``neuron_limit = (slot, r)`` keeps only the first ``r`` neurons of rows from routing
+        slots ``slot`` onward (``subset`` in training). The
         result is left at the routing weights' precision (float32 for some routers), for the
         caller to sum and round once.
         """
@@ -173,6 +186,11 @@ class CompressedExperts(nn.Module):
             else:
                 gate, up = grouped_linear(rows, gate_up, groups.offsets, self.path).chunk(2, dim=-1)
             inner = self.act_fn(gate) * up
+        if neuron_limit is not None:
+            slot, r = neuron_limit
+            cut = (groups.order % groups.slots >= slot).unsqueeze(-1) & (
+                torch.arange(inner.shape[-1], device=inner.device) >= r)
+            inner = inner.masked_fill(cut, 0)
         out = grouped_linear(inner, down, groups.offsets, self.path)
         # Weight and sum at the routing weights' precision (float32 for some routers), round once.
         wide = torch.promote_types(out.dtype, weights.dtype)
