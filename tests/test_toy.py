@@ -94,8 +94,8 @@ def test_forms_study_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     from compressed_experts.toy.forms import BEGIN, END, StudyPlan, run_study, table_markdown
 
     out, _ = small_pretrained
-    plan = StudyPlan(seq_len=64, calib_tokens=256, fit_steps=2, eval_blocks=2, sweep_r=(6, 12), sweep_n_ce=(2,),
-                     finetune_steps=1, batch_size=2)
+    plan = StudyPlan(seq_len=64, calib_tokens=256, fit_steps=2, eval_blocks=2, second=(6, 8), sweep_r=(6, 12),
+                     sweep_n_ce=(2,), finetune_steps=1, batch_size=2)
     results = run_study(tmp_path / "forms", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
     for name in ("forms_results.json", "forms_table.md", "forms_pareto.png"):
         assert (tmp_path / "forms" / name).is_file()
@@ -105,6 +105,8 @@ def test_forms_study_end_to_end_on_a_small_model(small_pretrained, tmp_path):
         assert {("as converted", form), ("fitted", form)} <= stages
     assert {("fine-tuned", f) for f in ("full", "none", "ia3", "slim")} | {("fine-tuned + distill", "slim")} <= stages
     assert sum(r.get("sweep", False) for r in rows) == 4  # subset and slim at r 6 and 12 with n_ce 2
+    second = [r for r in rows if (r["stage"], r["form"], r["n_ce"], r["r"]) == ("fitted", "slim", 6, 8)]
+    assert [r["seed"] for r in second] == [0, 1]  # the second slim point, fitted with every seed
     # The gap closed, recomputed by hand for the seed-1 fitted slim row against the untuned references.
     loss = {(r["stage"], r["form"], r["n_ce"], r["seed"]): r["loss"] for r in rows}
     full, top_m = loss[("reference", "full", 0, None)], loss[("reference", "none", 4, None)]

@@ -39,6 +39,9 @@ class StudyPlan:
     calib_tokens: int = 16384
     fit_steps: int = 200
     eval_blocks: int = 32  # held-out sequences scored
+    #: A second slim point fitted with every seed: the sweep's best within 60% of full top-k's
+    #: routed-expert parameters on its first run (2 full experts + 6 at a quarter of one each).
+    second: tuple[int, int] | None = (6, 24)
     sweep_r: tuple[int, ...] = (3, 6, 12, 24, 48)
     sweep_n_ce: tuple[int, ...] = (2, 4, 6)
     finetune_steps: int = 40  # as the demo's domain task
@@ -48,8 +51,8 @@ class StudyPlan:
     distill_weight: float = 1.0  # probed on slim, one seed: 10 raised the loss by 0.15; 1 left it within 0.003
 
 
-QUICK_STUDY = StudyPlan(calib_tokens=1024, fit_steps=10, eval_blocks=4, sweep_r=(6, 12), sweep_n_ce=(4,),
-                        finetune_steps=3, batch_size=4)
+QUICK_STUDY = StudyPlan(calib_tokens=1024, fit_steps=10, eval_blocks=4, second=None, sweep_r=(6, 12),
+                        sweep_n_ce=(4,), finetune_steps=3, batch_size=4)
 
 
 def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: str | None = None,
@@ -90,7 +93,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
 
     say("scoring full top-k and top-m")
     add("reference", "full", 0, base)
-    for n_ce in sorted({plan.n_ce, *plan.sweep_n_ce}):
+    for n_ce in sorted({plan.n_ce, *plan.sweep_n_ce, *([plan.second[0]] if plan.second else [])}):
         add("reference", "none", n_ce, converted(n_ce, "none"))
     for form in FORMS_STUDIED:
         add("as converted", form, plan.n_ce, converted(plan.n_ce, form, plan.r))
@@ -106,6 +109,11 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
                 fitted_dirs[form] = out / f"seed{seed}" / "slim-fitted"
                 fitted.save_pretrained(fitted_dirs[form])
                 tokenizer.save_pretrained(fitted_dirs[form])
+        if plan.second is not None:
+            say(f"seed {seed}: fitting slim with n_ce={plan.second[0]}, r={plan.second[1]}")
+            fitted = converted(plan.second[0], "slim", plan.second[1])
+            report = fit(fitted, blocks, steps=plan.fit_steps, seed=seed, progress=False)
+            add("fitted", "slim", plan.second[0], fitted, seed, fit_seconds=report["seconds"])
         if finetune:
             data = write_domain_train(out / "data" / "domain_train.jsonl", plan.finetune_steps, plan.batch_size, plan.seq_len)
             runs = [("reference", "full", dict(method="full")), ("reference", "none", dict(method="top-m", n_ce=plan.n_ce)),
