@@ -30,6 +30,14 @@ def test_convert_then_info(tmp_path):
     for text in ("OLMoE", "64", "active saving", "compressed experts"):
         assert text in result.output
     assert re.search(r"n ce\s*│\s*4\s*│", result.output)
+    assert re.search(r"expert-equivalents per token\s*│\s*4\.\d\d of 8\s*│", result.output)
+    slim = tmp_path / "slim"
+    assert runner.invoke(app, ["convert", "tiny:olmoe", "--n-ce", "4", "--form", "slim", "--r", "4", "--out", str(slim)]).exit_code == 0
+    result = runner.invoke(app, ["info", str(slim)])
+    assert re.search(r"\br\s*│\s*4\s*│", result.output), result.output
+    assert re.search(r"expert-equivalents per token\s*│\s*5\.00 of 8\s*│", result.output), result.output  # 4 + 4 * 4/16
+    added = ce.active_parameters(ce.from_pretrained(slim))["added"]
+    assert added > 0 and f"{added:,}" in result.output
 
 
 def test_convert_never_destroys_what_is_not_a_model(tmp_path):

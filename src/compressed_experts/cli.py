@@ -40,11 +40,13 @@ def _show(summary: dict[str, Any], title: str) -> None:
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("family", "moe_blocks", "experts", "top_k", "n_ce", "form", "main_experts_per_token"):
+    for key in ("family", "moe_blocks", "experts", "top_k", "n_ce", "form", "r", "main_experts_per_token"):
         table.add_row(key.replace("_", " "), str(summary[key]))
+    table.add_row("expert-equivalents per token", f"{summary['expert_equivalents']:.2f} of {summary['top_k']}")
     for key in ("total", "active", "active_full_topk"):
         table.add_row(f"{key.replace('_', ' ')} parameters", f"{summary[key]:,}")
     table.add_row("active saving", f"{summary['active_saving']:.1%}")
+    table.add_row("parameters added by the form", f"{summary['added']:,}")
     for key in ("embeddings", "attention", "routers", "main_experts", "shared_experts", "compressed_experts", "other"):
         table.add_row(f"  active: {key.replace('_', ' ')}", f"{summary[key]:,}")
     console.print(table)

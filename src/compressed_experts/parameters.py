@@ -98,6 +98,7 @@ def describe(model: PreTrainedModel) -> dict[str, int | float | str]:
         "top_k": top_k,
         "n_ce": n_ce,
         "form": converted.form if converted is not None else "-",
+        "r": converted.r if converted is not None and converted.r is not None else "-",
         "main_experts_per_token": top_k - n_ce,
         **active_parameters(model),
     }
