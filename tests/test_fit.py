@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import compressed_experts as ce
 from compressed_experts.cli import app
 from compressed_experts.fit import calibration_blocks, fit
-from conftest import compressed_layers
+from conftest import FAMILY_NAMES, compressed_layers
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 
@@ -155,3 +155,17 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_every_family_fits_and_round_trips(family, tmp_path):
+    """Capture works whatever the block around the experts (shared experts, sparsemixer, grouped routing)."""
+    model = ce.tiny_model(family)
+    top_k = model.config.num_experts_per_tok
+    model = ce.convert(model, ce.CEConfig(top_k // 2, "slim", r=2))
+    report = fit(model, blocks(count=8), steps=10, batch_tokens=128, progress=False)
+    assert len(report["blocks"]) == len(compressed_layers(model))
+    assert all(row["relative_error_after"] < row["relative_error_converted"] for row in report["blocks"])
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(ce.from_pretrained(tmp_path)(blocks(count=2)).logits, model(blocks(count=2)).logits)
