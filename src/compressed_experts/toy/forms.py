@@ -59,8 +59,8 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
               finetune: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and a plot)."""
     from ..checkpoint import from_pretrained, load_tokenizer
-    from ..config import CEConfig
-    from ..convert import convert
+    from ..config import NEURON_FORMS, CEConfig
+    from ..convert import ce_config_of, convert
     from ..fit import calibration_blocks, fit
     from ..parameters import active_parameters
     from ..training import TrainConfig, train
@@ -80,23 +80,25 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
     held = domain_split()[1]
     rows: list[dict[str, Any]] = []
 
-    def add(stage: str, form: str, n_ce: int, scored, seed: int | None = None, **extra) -> None:
+    def add(stage: str, scored, seed: int | None = None, **extra) -> None:
+        """Score ``scored`` and record it; its form, n_ce and r are read off the model itself."""
         counts = active_parameters(scored)
-        layer_r = next((m.r for m in scored.modules() if getattr(m, "r", None) is not None), None)
-        rows.append({"stage": stage, "form": form, "n_ce": n_ce, "r": layer_r, "seed": seed,
+        ce = ce_config_of(scored)
+        form, n_ce, r = (ce.form, ce.n_ce, ce.r) if ce is not None else ("full", 0, None)
+        rows.append({"stage": stage, "form": form, "n_ce": n_ce, "r": r, "seed": seed,
                      "loss": lm_loss(scored, tokenizer, held, plan.seq_len, plan.eval_blocks),
                      "expert_equivalents": counts["expert_equivalents"], "top_k": top_k,
                      "active": counts["active"], "added": counts["added"], **extra})
 
     def converted(n_ce: int, form: str, r: int | None = None):
-        return convert(copy.deepcopy(base), CEConfig(n_ce, form, r if form in ("subset", "slim") else None))
+        return convert(copy.deepcopy(base), CEConfig(n_ce, form, r if form in NEURON_FORMS else None))
 
     say("scoring full top-k and top-m")
-    add("reference", "full", 0, base)
+    add("reference", base)
     for n_ce in sorted({plan.n_ce, *plan.sweep_n_ce, *([plan.second[0]] if plan.second else [])}):
-        add("reference", "none", n_ce, converted(n_ce, "none"))
+        add("reference", converted(n_ce, "none"))
     for form in FORMS_STUDIED:
-        add("as converted", form, plan.n_ce, converted(plan.n_ce, form, plan.r))
+        add("as converted", converted(plan.n_ce, form, plan.r))
     for seed in range(seeds):
         blocks = calibration_blocks(tokenizer, None, plan.seq_len, plan.calib_tokens, seed)
         fitted_dirs = {}
@@ -104,7 +106,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
             say(f"seed {seed}: fitting {form}")
             fitted = converted(plan.n_ce, form, plan.r)
             report = fit(fitted, blocks, steps=plan.fit_steps, seed=seed, progress=False)
-            add("fitted", form, plan.n_ce, fitted, seed, fit_seconds=report["seconds"])
+            add("fitted", fitted, seed, fit_seconds=report["seconds"])
             if finetune and form == "slim":
                 fitted_dirs[form] = out / f"seed{seed}" / "slim-fitted"
                 fitted.save_pretrained(fitted_dirs[form])
@@ -113,10 +115,10 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
             say(f"seed {seed}: fitting slim with n_ce={plan.second[0]}, r={plan.second[1]}")
             fitted = converted(plan.second[0], "slim", plan.second[1])
             report = fit(fitted, blocks, steps=plan.fit_steps, seed=seed, progress=False)
-            add("fitted", "slim", plan.second[0], fitted, seed, fit_seconds=report["seconds"])
+            add("fitted", fitted, seed, fit_seconds=report["seconds"])
         if finetune:
             data = write_domain_train(out / "data" / "domain_train.jsonl", plan.finetune_steps, plan.batch_size, plan.seq_len)
-            runs = [("reference", "full", dict(method="full")), ("reference", "none", dict(method="top-m", n_ce=plan.n_ce)),
+            runs = [("fine-tuned", "full", dict(method="full")), ("fine-tuned", "none", dict(method="top-m", n_ce=plan.n_ce)),
                     ("fine-tuned", "ia3", dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr)),
                     ("fine-tuned + distill", "ia3", dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr,
                                                          distill_weight=plan.distill_weight)),
@@ -124,15 +126,13 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
                     ("fine-tuned + distill", "slim", dict(method="ce", model=str(fitted_dirs["slim"]),
                                                           distill_weight=plan.distill_weight))]
             for stage, form, settings in runs:
-                stage_name = "fine-tuned" if stage == "reference" else stage
-                say(f"seed {seed}: fine-tuning {form} ({stage_name})")
+                say(f"seed {seed}: fine-tuning {form} ({stage})")
                 settings = {"model": model, **settings}
                 result = train(TrainConfig(data=str(data), out=str(out / f"seed{seed}" / f"ft-{form}-{stage}"),
                                            max_steps=plan.finetune_steps, lr=plan.lr, seq_len=plan.seq_len,
                                            batch_size=plan.batch_size, seed=seed, precision="fp32",
                                            gradient_checkpointing=False, warmup=0.05, overwrite=True, **settings))
-                add(stage_name, form, settings.get("n_ce", plan.n_ce) if form != "full" else 0, result.model.eval(), seed,
-                    train_seconds=result.summary["seconds"])
+                add(stage, result.model.eval(), seed, train_seconds=result.summary["seconds"])
     blocks = calibration_blocks(tokenizer, None, plan.seq_len, plan.calib_tokens, 0)
     for n_ce in plan.sweep_n_ce:
         for r in plan.sweep_r:
@@ -142,7 +142,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
                 say(f"sweep: fitting {form} with n_ce={n_ce}, r={r}")
                 fitted = converted(n_ce, form, r)
                 report = fit(fitted, blocks, steps=plan.fit_steps, seed=0, progress=False)
-                add("fitted", form, n_ce, fitted, 0, fit_seconds=report["seconds"], sweep=True)
+                add("fitted", fitted, 0, fit_seconds=report["seconds"], sweep=True)
     results = {"plan": asdict(plan), "seeds": seeds, "model": model, "rows": rows,
                "summary": summarise(rows), "seconds": time.perf_counter() - started}
     (out / "forms_results.json").write_text(json.dumps(results, indent=2))
