@@ -24,7 +24,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
-from .convert import _swap, convert
+from .convert import convert, swap_blocks
 from .errors import CheckpointError, CompressedExpertsError
 from .layer import is_compressed_expert
 from .toy.bundled import BUNDLED, BUNDLED_DIR
@@ -154,7 +154,7 @@ def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTra
 
     def __init__(self, config, *args, **kwargs):
         model_cls.__init__(self, config, *args, **kwargs)
-        _swap(self, ce)  # the checkpoint holds the chosen neurons: no selection to redo
+        swap_blocks(self, ce)  # the checkpoint holds the chosen neurons: no selection to redo
 
     return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
 
@@ -227,7 +227,7 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
     with torch.device("meta"):
         model = model_cls(copy.deepcopy(config))
     if ce is not None:
-        _swap(model, ce)
+        swap_blocks(model, ce)
     return model
 
 

@@ -40,14 +40,14 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     ``subset`` and ``slim`` forms start from each expert's most important neurons as judged
     from the weights alone; :func:`compressed_experts.fit` judges them on calibration text.
     """
-    layers = _swap(model, config)
+    layers = swap_blocks(model, config)
     if config.form in NEURON_FORMS:
         for layer in layers:
             select_neurons(layer, weight_importance(layer))
     return model
 
 
-def _swap(model: PreTrainedModel, config: CEConfig) -> list[CompressedExperts]:
+def swap_blocks(model: PreTrainedModel, config: CEConfig) -> list[CompressedExperts]:
     """:func:`convert` without choosing neurons: for building a model whose weights a loader fills."""
     if not isinstance(config, CEConfig):
         raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")

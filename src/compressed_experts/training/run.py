@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..checkpoint import from_pretrained, load_tokenizer, save_compressed_experts, skeleton
-from ..convert import _swap, ce_config_of, convert
+from ..convert import ce_config_of, convert, swap_blocks
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
 from ..parameters import active_parameters
@@ -102,7 +102,7 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     if existing is None and wanted is not None:
         # Converting the weightless skeleton checks n_ce against the top-k and r against the
         # experts, as the real conversion will, and spells out the default r.
-        _swap(shape, wanted)
+        swap_blocks(shape, wanted)
         wanted = ce_config_of(shape)
     if existing is not None and existing != wanted:
         held = f"n_ce={existing.n_ce}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")

@@ -71,7 +71,7 @@ class CETrainer(Trainer):
         terms = [layer.distill_loss for layer in self._distilled if layer.distill_loss is not None]
         if terms:  # the mean over blocks, so the weight does not grow with the model's depth
             distill = torch.stack(terms).mean()
-            self._distill_sum += distill.item()
+            self._distill_sum = self._distill_sum + distill.detach()  # a tensor: read (one sync) only when logged
             self._distill_count += 1
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 # The LM loss is already a share of the accumulated batch's (it is divided by all its
@@ -105,7 +105,7 @@ class CETrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The Trainer's log entry, plus the mean distillation term since the last entry (when on)."""
         if self._distill_count and "loss" in logs:
-            logs = {**logs, "distill": self._distill_sum / self._distill_count}
+            logs = {**logs, "distill": float(self._distill_sum) / self._distill_count}
             self._distill_sum, self._distill_count = 0.0, 0
         super().log(logs, *args, **kwargs)
 
