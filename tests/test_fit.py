@@ -150,6 +150,8 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
                           "nothing to fit"),
                          (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "slim", "--r", "999", *missing,
                            "--out", str(tmp_path / "x")], "use r between 1 and"),
+                         (["fit", "tiny:olmoe", "--n-ce", "2", "--steps", "-1", *missing, "--out", str(tmp_path / "x")],
+                          "steps must be a whole number"),
                          (["fit", str(out), "--form", "ia3", "--out", str(tmp_path / "y")], "already has compressed experts"),
                          (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use r between 1 and")):
         result = runner.invoke(app, bad)

@@ -163,12 +163,13 @@ def fit(
     import json
 
     from .convert import ce_config_of
-    from .fit import calibration_blocks
+    from .fit import calibration_blocks, check_settings
     from .fit import fit as fit_model
 
     def action() -> None:
         _check_output(out, source, overwrite)
         check_dtype_name(dtype, "--dtype")
+        check_settings(steps, lr)
         where = check_device(device)
         # Before any text or weight is read: the conversion must make sense for this model (a plain
         # one needs --n-ce; a converted one must match --form/--r; r must fit its experts).

@@ -111,6 +111,18 @@ def _relative_error(layer: CompressedExperts, inputs, target: torch.Tensor, rows
     return error / max(target.float().square().sum().item(), 1e-30)
 
 
+def check_settings(steps: int, lr: float | None, batch_tokens: int | None = None, batch_size: int | None = None) -> None:
+    """Refuse fitting settings that cannot work (the command checks them before reading any text);
+    sizes left as None are not checked."""
+    for name, value, least in (("steps", steps, 0), ("batch_tokens", batch_tokens, 1), ("batch_size", batch_size, 1)):
+        if value is None and name != "steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise CompressedExpertsError(f"{name} must be a whole number, at least {least}; got {value!r}")
+    if lr is not None and not lr > 0:
+        raise CompressedExpertsError(f"lr must be positive, got {lr}")
+
+
 def fit(
     model,
     blocks: torch.Tensor,
@@ -140,12 +152,8 @@ def fit(
         raise CompressedExpertsError("form none (top-m) has nothing to fit; choose ia3, subset or slim")
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
-    for name, value in (("steps", steps), ("batch_tokens", batch_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-            raise CompressedExpertsError(f"{name} must be a whole number, at least {0 if name == 'steps' else 1}; got {value!r}")
+    check_settings(steps, lr, batch_tokens, batch_size)
     lr = DEFAULT_LR.get(form) if lr is None else lr  # subset has nothing for Adam to fit
-    if lr is not None and not lr > 0:
-        raise CompressedExpertsError(f"lr must be positive, got {lr}")
     low = sorted({str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32})
     if low:
         warnings.warn(f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "
