@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
 from .config import NEURON_FORMS
+from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
 from .errors import CompressedExpertsError
 
 

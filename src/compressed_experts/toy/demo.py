@@ -120,7 +120,8 @@ def _decode_speed(models: dict[str, Any], tokenizer, plan: Plan) -> dict[str, fl
     return {m: len(prompts) * count / t for m, t in times.items()}
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed); the forms study uses it too."""
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -132,8 +133,8 @@ def summarise(runs: list[dict[str, Any]], speed: dict[str, float]) -> dict[str, 
         rows[method] = {
             "label": LABELS[method],
             "active_parameters": mine[0]["active_parameters"],
-            "math_accuracy": _mean_spread([r["math_accuracy"] for r in mine]),
-            "domain_loss": _mean_spread([r["domain_loss"] for r in mine]),
+            "math_accuracy": mean_spread([r["math_accuracy"] for r in mine]),
+            "domain_loss": mean_spread([r["domain_loss"] for r in mine]),
             "decode_tokens_per_s": speed.get(method),
         }
     full, top, ce_row = (rows[m] for m in METHODS)

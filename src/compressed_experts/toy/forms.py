@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import CompressedExpertsError
-from .demo import _mean_spread
+from .demo import mean_spread
 
 FORMS_STUDIED = ("ia3", "subset", "slim")
 STAGES = ("as converted", "fitted", "fine-tuned", "fine-tuned + distill")
@@ -177,11 +177,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = members[0]
         summary.append({
             "stage": stage, "form": form, "n_ce": n_ce, "r": r, "seeds": len(members),
-            "loss": _mean_spread([m["loss"] for m in members]),
-            "gap_closed": _mean_spread(closed) if closed else None,
+            "loss": mean_spread([m["loss"] for m in members]),
+            "gap_closed": mean_spread(closed) if closed else None,
             "expert_equivalents": first["expert_equivalents"], "top_k": first["top_k"],
             "added": first["added"], "sweep": bool(first.get("sweep")),
-            "fit_seconds": _mean_spread([m["fit_seconds"] for m in members]) if "fit_seconds" in first else None,
+            "fit_seconds": mean_spread([m["fit_seconds"] for m in members]) if "fit_seconds" in first else None,
         })
     return summary
 
