@@ -129,13 +129,15 @@ def test_all_zero_auxiliary_weights_fall_back_to_a_uniform_average():
 @pytest.mark.parametrize("n_ce", [0, 2])
 @pytest.mark.parametrize("tokens", [1, 3, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dtype, tol):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dtype, tol, device):
     if not dispatch._HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
-    module = layer(n_ce).to(dtype)
-    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(dtype).requires_grad_(True)
+    module = layer(n_ce).to(device, dtype)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(device, dtype).requires_grad_(True)
     index, weights = routing(tokens, skip=(3,))  # expert 3 gets nothing; loads are uneven
-    weights = weights.to(dtype)
+    index, weights = index.to(device), weights.to(device, dtype)
     calls = []
     real = dispatch.F.grouped_mm
     monkeypatch.setattr(dispatch.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -146,7 +148,9 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
         x.grad = None
         calls.clear()
         out = module(x, index, weights)
-        assert (len(calls) > 0) == (path == "grouped" or (path == "auto" and tokens * (K - n_ce) * 4 > E))
+        # auto loops on CPU only for decode-sized calls; on a GPU it always takes grouped_mm.
+        grouped = path == "grouped" or (path == "auto" and (device == "cuda" or tokens * (K - n_ce) * 4 > E))
+        assert (len(calls) > 0) == grouped
         out.float().square().sum().backward()
         grads = [x.grad, module.gate_up_proj.grad, module.down_proj.grad]
         if n_ce:
@@ -157,7 +161,8 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
             torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
     # Against the float64 reference, bf16 rounding of the intermediate products adds up: 3e-2.
     ref_tol = tol if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(runs["loop"][0].double(), reference(module, x, index, weights), rtol=ref_tol, atol=ref_tol)
+    expected = reference(module.cpu(), x.detach().cpu(), index.cpu(), weights.cpu())
+    torch.testing.assert_close(runs["loop"][0].double().cpu(), expected, rtol=ref_tol, atol=ref_tol)
 
 
 def test_forcing_a_path():
