@@ -7,7 +7,8 @@ import torch
 
 import compressed_experts as ce
 import compressed_experts.dispatch as dispatch
-from conftest import randomise_compressed_experts, reference_experts, tokens
+from compressed_experts import decode_kernel
+from conftest import compressed_layers, randomise_compressed_experts, reference_experts, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,3 +55,54 @@ def test_generate_on_cuda_matches_cpu():
     on_cpu = model.generate(tokens(2, 5), **settings)
     on_gpu = model.cuda().generate(tokens(2, 5).cuda(), **settings)
     assert torch.equal(on_cpu, on_gpu.cpu())
+
+
+def test_fused_decode_kernels_match_the_reference_in_every_family(family, monkeypatch):
+    if not decode_kernel.available():
+        pytest.skip("needs Triton")
+    model = ce.convert(ce.tiny_model(family), ce.CEConfig(1)).cuda()
+    randomise_compressed_experts(model)
+    ce.set_compute_path(model, "decode")
+    used = []
+    real = decode_kernel.fused_decode
+    monkeypatch.setattr(decode_kernel, "fused_decode", lambda *a: used.append(1) or real(*a))
+    calls = []
+    for layer in compressed_layers(model):
+        layer.register_forward_hook(lambda mod, args, out: calls.append((mod, args, out)))
+    with torch.no_grad():
+        model(tokens(1, 1).cuda())
+    assert used and len(used) == len(calls)
+    for layer, (x, index, weights), out in calls:
+        expected = reference_experts(
+            x.cpu(), layer.gate_up_proj.cpu(), layer.down_proj.cpu(), layer.act_fn, index.cpu(), weights.cpu(),
+            layer.n_ce, layer.ce_gate.cpu(), layer.ce_up.cpu(), layer.ce_down.cpu(),
+        )
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch):
+    if not decode_kernel.available():
+        pytest.skip("needs Triton")
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)).cuda()  # 64 experts, 4 main: rows <= 16 of them
+    used = []
+    real = decode_kernel.fused_decode
+    monkeypatch.setattr(decode_kernel, "fused_decode", lambda *a: used.append(a[0].shape[0]) or real(*a))
+    ids = tokens(1, 1).cuda()
+    with torch.no_grad():
+        model(ids)
+        model(tokens(1, 4).cuda())
+        model(tokens(1, 5).cuda())  # 20 rows: grouped
+    model(ids)  # gradients on: grouped
+    assert used == [1, 1, 4, 4]  # two blocks per call
+    ce.set_compute_path(model, "decode")
+    with pytest.raises(ce.CompressedExpertsError, match="gradients are on"):
+        model(ids)
+    with torch.no_grad():
+        forced = model(tokens(2, 9).cuda()).logits  # forced: runs at any size
+        ce.set_compute_path(model, "grouped")
+        grouped = model(tokens(2, 9).cuda()).logits
+    torch.testing.assert_close(forced, grouped, rtol=1e-4, atol=1e-4)
+    subset = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4, "subset")).cuda()
+    ce.set_compute_path(subset, "decode")
+    with torch.no_grad(), pytest.raises(ce.CompressedExpertsError, match="subset form has no fused kernel"):
+        subset(ids)

@@ -173,6 +173,13 @@ def test_forcing_a_path():
         ce.set_compute_path(model, "triton")
     with pytest.raises(ce.CompressedExpertsError, match="convert it first"):
         ce.set_compute_path(ce.tiny_model("olmoe"), "loop")
+    ce.set_compute_path(model, "decode")  # the fused kernels: inference on a CUDA device with Triton
+    ids = torch.randint(3, 128, (1, 2))
+    with pytest.raises(ce.CompressedExpertsError, match="gradients are on"):
+        model(ids)
+    if not torch.cuda.is_available():
+        with torch.no_grad(), pytest.raises(ce.CompressedExpertsError, match="needs Triton and a CUDA device"):
+            model(ids)
     odd = CompressedExperts(PlainExperts(), 1)  # I = 24 rows of bf16 are 48 bytes: aligned; make them not
     odd.gate_up_proj = nn.Parameter(torch.randn(E, 2 * 12, H, dtype=torch.float16))
     odd.down_proj = nn.Parameter(torch.randn(E, H, 12, dtype=torch.float16))

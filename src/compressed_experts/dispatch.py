@@ -79,8 +79,10 @@ def _blocks(offsets: torch.Tensor):
         start = end
 
 
-#: Compute paths: "auto" picks per call; "grouped" forces F.grouped_mm; "loop" one matmul per expert with rows.
-PATHS = ("auto", "grouped", "loop")
+#: Compute paths: "auto" picks per call; "grouped" forces F.grouped_mm; "loop" one matmul per expert
+#: with rows; "decode" the fused Triton kernels of :mod:`compressed_experts.decode_kernel` (the
+#: layer takes that one before any grouping, so this module never sees it).
+PATHS = ("auto", "grouped", "loop", "decode")
 
 
 def _use_grouped(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
@@ -96,8 +98,16 @@ def _use_grouped(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
         return True
     # Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
     # per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync).
-    few_rows_on_cpu = a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
-    return supported and not few_rows_on_cpu
+    return supported and not (a.device.type == "cpu" and decode_sized(a.shape[0], b.shape[0]))
+
+
+def decode_sized(rows: int, num_experts: int) -> bool:
+    """Few enough (token, expert) rows that few of them share an expert: at most a quarter of the experts.
+
+    Then reading each row's expert on its own costs little more than grouping the rows, and
+    skipping the grouping saves its fixed costs (CPU: the loop path; CUDA: the fused decode kernels).
+    """
+    return rows * 4 <= num_experts
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import decode_kernel
 from .config import NEURON_FORMS
-from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
+from .dispatch import PATHS, Grouping, decode_sized, grouped_linear, split_gate_up
 from .errors import CompressedExpertsError
 
 
@@ -88,6 +89,10 @@ class CompressedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self._takes_decode_kernel(hidden_states, top_k_index):
+            vectors = (self.ce_gate, self.ce_up, self.ce_down) if self.form == "ia3" and self.n_ce else None
+            return decode_kernel.fused_decode(
+                hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, self.n_ce, vectors)
         if self.n_ce == 0:
             return self.full(hidden_states, top_k_index, top_k_weights)
         out = self._compressed(hidden_states, top_k_index, top_k_weights)
@@ -97,6 +102,27 @@ class CompressedExperts(nn.Module):
             # Relative to the target's mean square, so one weight means the same in every block and model.
             self.distill_loss = (out.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
         return out
+
+    def _takes_decode_kernel(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+        """Whether this call runs the fused decode kernels: path ``decode``, or ``auto`` on a decode-sized
+        call; either way only where they compute this module's function (an error if ``decode`` was forced)."""
+        if self.path not in ("auto", "decode"):
+            return False
+        reason = None
+        if torch.is_grad_enabled():
+            reason = "gradients are on (the kernels are forward only: run under torch.no_grad())"
+        elif hidden_states.device.type != "cuda" or not decode_kernel.available():
+            reason = "it needs Triton and a CUDA device"
+        elif self.form in NEURON_FORMS and self.n_ce:
+            reason = f"the {self.form} form has no fused kernel"
+        elif not _is_silu(self.act_fn):
+            reason = f"the kernels compute SiLU-gated experts, not {type(self.act_fn).__name__}"
+        elif not (self.gate_up_proj.is_contiguous() and self.down_proj.is_contiguous()):
+            reason = "the expert weights are not contiguous"
+        if self.path == "decode" and reason is not None:
+            raise CompressedExpertsError(f"the decode path cannot run here: {reason}; use path 'auto'")
+        rows = top_k_index.shape[0] * (top_k_index.shape[1] - self.n_ce)
+        return reason is None and (self.path == "decode" or decode_sized(rows, self.num_experts))
 
     def _compressed(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -198,6 +224,11 @@ class CompressedExperts(nn.Module):
         return groups.combine(out, hidden_states.shape[0])
 
 
+def _is_silu(act: nn.Module) -> bool:
+    """transformers' "silu" is its own SiLUActivation class in some versions, torch's nn.SiLU in others."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def split_routing(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_ce: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,8 +245,10 @@ def set_compute_path(model: nn.Module, path: str) -> None:
     """Force how every compressed-experts block of ``model`` multiplies its experts.
 
     ``"auto"`` (the default) picks per call: ``grouped_mm`` where the build and device take the
-    operands, except decode-sized calls on CPU, which loop over the experts that have rows.
-    ``"grouped"`` always uses ``grouped_mm`` (an error where it cannot); ``"loop"`` always loops.
+    operands, except decode-sized calls (few rows per expert), which loop over the experts that
+    have rows on CPU and run the fused Triton kernels on CUDA (inference, ``ia3``/``none`` forms).
+    ``"grouped"`` always uses ``grouped_mm`` and ``"decode"`` always the kernels (errors where they
+    cannot run); ``"loop"`` always loops.
     """
     if path not in PATHS:
         raise CompressedExpertsError(f"unknown compute path {path!r}; choose from {', '.join(PATHS)}")

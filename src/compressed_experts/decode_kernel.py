@@ -1,0 +1,138 @@
+"""A fused Triton path for decode-sized calls on a GPU: the whole experts step in two launches.
+
+At a few tokens per call a GPU spends its time launching kernels, not multiplying: the grouped
+path runs some twenty small kernels (sort, split, aggregate, gather, three grouped products,
+combine) around about 30 microseconds of weight reading. Here the first kernel splits each
+token's routing into main and auxiliary experts itself (by rank of weight, ties in slot order,
+as :func:`compressed_experts.layer.split_routing`), averages the auxiliary vectors, scales the
+token while loading it and computes ``silu(gate) * up * d`` for every main (token, expert) pair;
+the second multiplies by each main expert's down projection, weights by the routing weight
+and sums over the token's experts. Each pair reads its expert's weights once, in rows, so the
+path pays when few pairs share an expert: decode. Forward only (inference); float32
+accumulation whatever the weights' dtype.
+
+Triton is optional: :func:`available` says whether this process can use the path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _slot_ranks(weights_row, slots: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Rank of every routing slot of one token by weight (0 the heaviest; ties: lower slot first)."""
+        s = tl.arange(0, BLOCK_S)
+        w = tl.load(weights_row + s, mask=s < slots, other=float("-inf")).to(tl.float32)
+        ahead = (w[None, :] > w[:, None]) | ((w[None, :] == w[:, None]) & (s[None, :] < s[:, None]))
+        return s, w, tl.sum((ahead & (s[None, :] < slots)).to(tl.int32), axis=1)
+
+    @triton.jit
+    def _gate_up_kernel(
+        x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner,
+        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr,
+        HAS_CE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pair = tl.program_id(0)  # token * slots + slot
+        token = pair // slots
+        slot = pair % slots
+        s, w, rank = _slot_ranks(weights + token * slots, slots, BLOCK_S)
+        my_rank = tl.sum(tl.where(s == slot, rank, 0))
+        if my_rank < main:  # auxiliary slots have no row of their own
+            expert = tl.load(index + pair).to(tl.int64)
+            experts = tl.load(index + token * slots + s, mask=s < slots, other=0).to(tl.int64)
+            aux = (rank >= main) & (s < slots)
+            share = tl.where(aux, w + 1e-30, 0.0)  # renormalised auxiliary weights, as the layer does
+            total = tl.sum(share)
+            share = share / tl.where(total > 0, total, 1.0)  # no auxiliary slot (n_ce 0): unused zeros
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+            w_gate = gate_up + expert * 2 * inter * hidden
+            w_up = w_gate + inter * hidden
+            for k0 in range(0, hidden, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x + token * hidden + k, mask=k < hidden, other=0.0).to(tl.float32)
+                x_gate = xk
+                x_up = xk
+                if HAS_CE:
+                    vec = experts[:, None] * hidden + k[None, :]
+                    both = aux[:, None] & (k[None, :] < hidden)
+                    x_gate = xk * tl.sum(share[:, None] * tl.load(ce_gate + vec, mask=both, other=0.0).to(tl.float32), 0)
+                    x_up = xk * tl.sum(share[:, None] * tl.load(ce_up + vec, mask=both, other=0.0).to(tl.float32), 0)
+                tile = n[:, None] * hidden + k[None, :]
+                ok = (n[:, None] < inter) & (k[None, :] < hidden)
+                acc_gate += tl.sum(tl.load(w_gate + tile, mask=ok, other=0.0).to(tl.float32) * x_gate[None, :], 1)
+                acc_up += tl.sum(tl.load(w_up + tile, mask=ok, other=0.0).to(tl.float32) * x_up[None, :], 1)
+            h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+            if HAS_CE:
+                vec = experts[:, None] * inter + n[None, :]
+                both = aux[:, None] & (n[None, :] < inter)
+                h = h * tl.sum(share[:, None] * tl.load(ce_down + vec, mask=both, other=0.0).to(tl.float32), 0)
+            tl.store(inner + pair * inter + n, h, mask=n < inter)
+
+    @triton.jit
+    def _down_kernel(
+        inner, index, weights, down, out,
+        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        s, w, rank = _slot_ranks(weights + token * slots, slots, BLOCK_S)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for slot in range(0, slots):
+            my_rank = tl.sum(tl.where(s == slot, rank, 0))
+            if my_rank < main:
+                pair = token * slots + slot
+                expert = tl.load(index + pair).to(tl.int64)
+                weight = tl.load(weights + pair).to(tl.float32)
+                part = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, inter, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    hk = tl.load(inner + pair * inter + k, mask=k < inter, other=0.0)
+                    tile = expert * hidden * inter + n[:, None] * inter + k[None, :]
+                    ok = (n[:, None] < hidden) & (k[None, :] < inter)
+                    part += tl.sum(tl.load(down + tile, mask=ok, other=0.0).to(tl.float32) * hk[None, :], 1)
+                acc += weight * part
+        tl.store(out + token * hidden + n, acc.to(out.dtype.element_ty), mask=n < hidden)
+
+
+def available() -> bool:
+    """Whether Triton is installed (the path itself also needs the operands on a CUDA device)."""
+    return _HAS_TRITON
+
+
+def fused_decode(
+    x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    n_ce: int, vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The experts' output for ``x`` ``[T, H]`` routed to ``index``/``weights`` ``[T, k]``.
+
+    The ``k - n_ce`` heaviest experts of each token run in full; with ``vectors`` (``ce_gate``,
+    ``ce_up``, ``ce_down``) the rest are the ``ia3`` compressed experts, without them they are
+    dropped (top-m). Weights ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``, contiguous.
+    Returns ``[T, H]`` in ``x``'s dtype.
+    """
+    tokens, slots = index.shape
+    hidden, inter = down.shape[1], down.shape[2]
+    x, index, weights = x.contiguous(), index.contiguous(), weights.contiguous()
+    inner = torch.empty(tokens * slots, inter, dtype=torch.float32, device=x.device)
+    out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    ce_gate, ce_up, ce_down = vectors if vectors is not None else (x, x, x)  # unused without HAS_CE
+    block_s = triton.next_power_of_2(slots)
+    _gate_up_kernel[(tokens * slots, triton.cdiv(inter, 16))](
+        x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner, slots, slots - n_ce, hidden, inter,
+        HAS_CE=vectors is not None, BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
+    )
+    _down_kernel[(tokens, triton.cdiv(hidden, 16))](
+        inner, index, weights, down, out, slots, slots - n_ce, hidden, inter,
+        BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
+    )
+    return out

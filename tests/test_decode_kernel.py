@@ -1,0 +1,59 @@
+"""The fused decode kernels against the float64 reference of method.md.
+
+They run on a CUDA device; without one, Triton's interpreter runs them on the CPU when Triton is
+installed and ``TRITON_INTERPRET=1`` is set (how they were written on a machine with no GPU).
+Skipped where neither is possible, as in CI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from compressed_experts import decode_kernel
+from conftest import reference_experts
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    not decode_kernel.available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs Triton, and a CUDA device or TRITON_INTERPRET=1",
+)
+
+
+def case(tokens, hidden, inter, experts=8, slots=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
+    x = torch.randn(tokens, hidden, generator=g)
+    index = torch.stack([torch.randperm(experts, generator=g)[:slots] for _ in range(tokens)])
+    weights = torch.rand(tokens, slots, generator=g).softmax(-1)  # unsorted: the kernel ranks them
+    weights[0, 1] = weights[0, 2]  # a tie: the earlier slot ranks first
+    if tokens > 1:
+        weights[1, -2:] = 0.0  # lightest weights all zero: the auxiliary average falls back to uniform
+    vectors = [torch.empty(experts, n).uniform_(0.3, 1.7, generator=g) for n in (hidden, hidden, inter)]
+    return [t.to(dtype) for t in (x, gate_up, down)], index, weights, [v.to(dtype) for v in vectors]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n_ce,with_vectors", [(2, True), (2, False), (0, False), (3, True)])
+@pytest.mark.parametrize("tokens,hidden,inter", [(1, 48, 40), (3, 300, 270)])  # not block multiples; several K blocks
+def test_fused_decode_matches_the_reference(dtype, tol, n_ce, with_vectors, tokens, hidden, inter):
+    (x, gate_up, down), index, weights, vectors = case(tokens, hidden, inter, dtype=dtype)
+    on = lambda t: t.to(DEVICE)  # noqa: E731
+    out = decode_kernel.fused_decode(
+        on(x), on(index), on(weights), on(gate_up), on(down), n_ce,
+        tuple(map(on, vectors)) if with_vectors else None,
+    )
+    assert out.dtype == dtype and out.shape == x.shape
+    used = vectors if with_vectors else [torch.ones_like(v) for v in vectors]  # top-m: no compressed experts
+    # The reference divides 0 by 0 for all-zero auxiliary weights; the uniform average it should fall back to:
+    weights = weights.where(weights > 0, torch.full_like(weights, 1e-9))
+    expected = reference_experts(x, gate_up, down, torch.nn.functional.silu, index, weights, n_ce, *used)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
+    # The tolerance means something: dropping the compressed experts moves the output far more.
+    if with_vectors:
+        plain = reference_experts(x, gate_up, down, torch.nn.functional.silu, index, weights, n_ce,
+                                  *[torch.ones_like(v) for v in vectors])
+        assert (plain - expected).abs().max() > 10 * tol
