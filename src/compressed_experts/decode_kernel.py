@@ -131,8 +131,10 @@ def fused_decode(
         x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner, slots, slots - n_ce, hidden, inter,
         HAS_CE=vectors is not None, BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
     )
-    _down_kernel[(tokens, triton.cdiv(hidden, 16))](
+    # Blocks of 16 and 8 output rows: at one token that is still a few hundred programs, enough to keep
+    # the reads of the weights in flight on a large GPU.
+    _down_kernel[(tokens, triton.cdiv(hidden, 8))](
         inner, index, weights, down, out, slots, slots - n_ce, hidden, inter,
-        BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
+        BLOCK_S=block_s, BLOCK_N=8, BLOCK_K=256,
     )
     return out
