@@ -83,17 +83,17 @@ def test_fused_decode_kernels_match_the_reference_in_every_family(family, monkey
 def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch):
     if not decode_kernel.available():
         pytest.skip("needs Triton")
-    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)).cuda()  # 64 experts, 4 main: rows <= 16 of them
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)).cuda()  # 64 experts, 4 main: rows <= 128
     used = []
     real = decode_kernel.fused_decode
     monkeypatch.setattr(decode_kernel, "fused_decode", lambda *a: used.append(a[0].shape[0]) or real(*a))
     ids = tokens(1, 1).cuda()
     with torch.no_grad():
         model(ids)
-        model(tokens(1, 4).cuda())
-        model(tokens(1, 5).cuda())  # 20 rows: grouped
+        model(tokens(1, 32).cuda())
+        model(tokens(1, 33).cuda())  # 132 rows: grouped
     model(ids)  # gradients on: grouped
-    assert used == [1, 1, 4, 4]  # two blocks per call
+    assert used == [1, 1, 32, 32]  # two blocks per call
     ce.set_compute_path(model, "decode")
     with pytest.raises(ce.CompressedExpertsError, match="gradients are on"):
         model(ids)

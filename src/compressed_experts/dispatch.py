@@ -98,16 +98,8 @@ def _use_grouped(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
         return True
     # Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
     # per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync).
-    return supported and not (a.device.type == "cpu" and decode_sized(a.shape[0], b.shape[0]))
-
-
-def decode_sized(rows: int, num_experts: int) -> bool:
-    """Few enough (token, expert) rows that few of them share an expert: at most a quarter of the experts.
-
-    Then reading each row's expert on its own costs little more than grouping the rows, and
-    skipping the grouping saves its fixed costs (CPU: the loop path; CUDA: the fused decode kernels).
-    """
-    return rows * 4 <= num_experts
+    few_rows_on_cpu = a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
+    return supported and not few_rows_on_cpu
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:

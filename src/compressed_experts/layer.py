@@ -14,7 +14,7 @@ from torch import nn
 
 from . import decode_kernel
 from .config import NEURON_FORMS
-from .dispatch import PATHS, Grouping, decode_sized, grouped_linear, split_gate_up
+from .dispatch import PATHS, Grouping, grouped_linear, split_gate_up
 from .errors import CompressedExpertsError
 
 
@@ -121,8 +121,10 @@ class CompressedExperts(nn.Module):
             reason = "the expert weights are not contiguous"
         if self.path == "decode" and reason is not None:
             raise CompressedExpertsError(f"the decode path cannot run here: {reason}; use path 'auto'")
+        # Measured on an H100 (scripts/device_check.sh, BENCHMARKS.md): the kernels beat the grouped path
+        # at every size tried, up to 16 tokens, both layer shapes and dtypes: up to 2 E rows for full top-k.
         rows = top_k_index.shape[0] * (top_k_index.shape[1] - self.n_ce)
-        return reason is None and (self.path == "decode" or decode_sized(rows, self.num_experts))
+        return reason is None and (self.path == "decode" or rows <= 2 * self.num_experts)
 
     def _compressed(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -245,8 +247,9 @@ def set_compute_path(model: nn.Module, path: str) -> None:
     """Force how every compressed-experts block of ``model`` multiplies its experts.
 
     ``"auto"`` (the default) picks per call: ``grouped_mm`` where the build and device take the
-    operands, except decode-sized calls (few rows per expert), which loop over the experts that
-    have rows on CPU and run the fused Triton kernels on CUDA (inference, ``ia3``/``none`` forms).
+    operands, except decode-sized calls, which loop over the experts that have rows on CPU (rows
+    at most a quarter of the experts) and run the fused Triton kernels on CUDA (inference,
+    ``ia3``/``none`` forms, rows at most twice the experts).
     ``"grouped"`` always uses ``grouped_mm`` and ``"decode"`` always the kernels (errors where they
     cannot run); ``"loop"`` always loops.
     """
