@@ -16,15 +16,17 @@ Triton is optional: :func:`available` says whether this process can use the path
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-if _HAS_TRITON:
+try:
     import triton
     import triton.language as tl
+except ImportError:  # CPU-only installs: the layer never asks for this path there
+    _HAS_TRITON = False
+else:
+    _HAS_TRITON = True
+
+if _HAS_TRITON:
 
     @triton.jit
     def _slot_ranks(weights_row, slots: tl.constexpr, BLOCK_S: tl.constexpr):
