@@ -81,7 +81,8 @@ def _blocks(offsets: torch.Tensor):
 
 #: Compute paths: "auto" picks per call; "grouped" forces F.grouped_mm; "loop" one matmul per expert
 #: with rows; "decode" the fused Triton kernels of :mod:`compressed_experts.decode_kernel` (the
-#: layer takes that one before any grouping, so this module never sees it).
+#: layer runs them before any grouping; grouped products asked for under it, such as activation
+#: importance's, are chosen as under "auto").
 PATHS = ("auto", "grouped", "loop", "decode")
 
 
