@@ -57,11 +57,14 @@ def test_generate_on_cuda_matches_cpu():
     assert torch.equal(on_cpu, on_gpu.cpu())
 
 
-def test_fused_decode_kernels_match_the_reference_in_every_family(family, monkeypatch):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("settings", [ce.CEConfig(1), ce.CEConfig(1, "none"), ce.CEConfig(0)])
+def test_fused_decode_kernels_match_the_reference_in_every_family(family, settings, dtype, tol, monkeypatch):
     if not decode_kernel.available():
         pytest.skip("needs Triton")
-    model = ce.convert(ce.tiny_model(family), ce.CEConfig(1)).cuda()
-    randomise_compressed_experts(model)
+    model = ce.convert(ce.tiny_model(family, dtype=dtype), settings).cuda()
+    if settings.form == "ia3" and settings.n_ce:
+        randomise_compressed_experts(model)
     ce.set_compute_path(model, "decode")
     used = []
     real = decode_kernel.fused_decode
@@ -73,17 +76,21 @@ def test_fused_decode_kernels_match_the_reference_in_every_family(family, monkey
         model(tokens(1, 1).cuda())
     assert used and len(used) == len(calls)
     for layer, (x, index, weights), out in calls:
+        vectors = [getattr(layer, name, None) for name in ("ce_gate", "ce_up", "ce_down")]
+        if layer.form == "none" or layer.n_ce == 0:  # top-m and full top-k: vectors of 1.0 in the reference
+            vectors = [torch.ones(layer.num_experts, n) for n in (layer.hidden_dim, layer.hidden_dim, layer.intermediate_dim)]
         expected = reference_experts(
             x.cpu(), layer.gate_up_proj.cpu(), layer.down_proj.cpu(), layer.act_fn, index.cpu(), weights.cpu(),
-            layer.n_ce, layer.ce_gate.cpu(), layer.ce_up.cpu(), layer.ce_down.cpu(),
+            layer.n_ce, *(v.cpu() for v in vectors),
         )
-        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)
 
 
 def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch):
     if not decode_kernel.available():
         pytest.skip("needs Triton")
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)).cuda()  # 64 experts, 4 main: rows <= 128
+    randomise_compressed_experts(model)
     used = []
     real = decode_kernel.fused_decode
     monkeypatch.setattr(decode_kernel, "fused_decode", lambda *a: used.append(a[0].shape[0]) or real(*a))

@@ -22,14 +22,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def case(tokens, hidden, inter, experts=8, slots=4, dtype=torch.float32, seed=0):
+def case(tokens, hidden, inter, n_ce, experts=8, slots=4, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=g) / hidden**0.5
     down = torch.randn(experts, hidden, inter, generator=g) / inter**0.5
     x = torch.randn(tokens, hidden, generator=g)
     index = torch.stack([torch.randperm(experts, generator=g)[:slots] for _ in range(tokens)])
     weights = torch.rand(tokens, slots, generator=g).softmax(-1)  # unsorted: the kernel ranks them
-    weights[0, 1] = weights[0, 2]  # a tie: the earlier slot ranks first
+    if n_ce and slots - n_ce:  # a tie across the main/auxiliary boundary: the earlier slot is main
+        ranked = weights[0].argsort(descending=True)
+        weights[0, ranked[slots - n_ce]] = weights[0, ranked[slots - n_ce - 1]]
     if tokens > 1:
         weights[1, -2:] = 0.0  # lightest weights all zero: the auxiliary average falls back to uniform
     vectors = [torch.empty(experts, n).uniform_(0.3, 1.7, generator=g) for n in (hidden, hidden, inter)]
@@ -40,7 +42,18 @@ def case(tokens, hidden, inter, experts=8, slots=4, dtype=torch.float32, seed=0)
 @pytest.mark.parametrize("n_ce,with_vectors", [(2, True), (2, False), (0, False), (3, True)])
 @pytest.mark.parametrize("tokens,hidden,inter", [(1, 48, 40), (3, 300, 270)])  # not block multiples; several K blocks
 def test_fused_decode_matches_the_reference(dtype, tol, n_ce, with_vectors, tokens, hidden, inter):
-    (x, gate_up, down), index, weights, vectors = case(tokens, hidden, inter, dtype=dtype)
+    check(case(tokens, hidden, inter, n_ce, dtype=dtype), n_ce, with_vectors, tol)
+
+
+@pytest.mark.parametrize("slots,n_ce", [(1, 0), (3, 1), (6, 2)])  # slot counts that are not powers of two
+def test_padded_slots_bf16_routing_weights_and_int32_ids(slots, n_ce):
+    (x, gate_up, down), index, weights, vectors = case(3, 40, 24, n_ce, slots=slots)
+    check(((x, gate_up, down), index.int(), weights.bfloat16(), vectors), n_ce, bool(n_ce), 1e-5)
+
+
+def check(inputs, n_ce, with_vectors, tol):
+    (x, gate_up, down), index, weights, vectors = inputs
+    dtype = x.dtype
     on = lambda t: t.to(DEVICE)  # noqa: E731
     out = decode_kernel.fused_decode(
         on(x), on(index), on(weights), on(gate_up), on(down), n_ce,

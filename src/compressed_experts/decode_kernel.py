@@ -16,6 +16,8 @@ Triton is optional: :func:`available` says whether this process can use the path
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -42,7 +44,7 @@ if _HAS_TRITON:
         slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr,
         HAS_CE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pair = tl.program_id(0)  # token * slots + slot
+        pair = tl.program_id(0).to(tl.int64)  # token * slots + slot; int64: offsets below can pass 2**31
         token = pair // slots
         slot = pair % slots
         s, w, rank = _slot_ranks(weights + token * slots, slots, BLOCK_S)
@@ -85,7 +87,7 @@ if _HAS_TRITON:
         inner, index, weights, down, out,
         slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         s, w, rank = _slot_ranks(weights + token * slots, slots, BLOCK_S)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -122,21 +124,25 @@ def fused_decode(
     dropped (top-m). Weights ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``, contiguous.
     Returns ``[T, H]`` in ``x``'s dtype.
     """
+    if vectors is not None and n_ce == 0:
+        raise ValueError("compressed-expert vectors with n_ce = 0: no slot is auxiliary; pass vectors=None")
     tokens, slots = index.shape
     hidden, inter = down.shape[1], down.shape[2]
     x, index, weights = x.contiguous(), index.contiguous(), weights.contiguous()
     inner = torch.empty(tokens * slots, inter, dtype=torch.float32, device=x.device)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    ce_gate, ce_up, ce_down = vectors if vectors is not None else (x, x, x)  # unused without HAS_CE
-    block_s = triton.next_power_of_2(slots)
-    _gate_up_kernel[(tokens * slots, triton.cdiv(inter, 16))](
-        x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner, slots, slots - n_ce, hidden, inter,
-        HAS_CE=vectors is not None, BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
-    )
-    # Blocks of 16 and 8 output rows: at one token that is still a few hundred programs, enough to keep
-    # the reads of the weights in flight on a large GPU.
-    _down_kernel[(tokens, triton.cdiv(hidden, 8))](
-        inner, index, weights, down, out, slots, slots - n_ce, hidden, inter,
-        BLOCK_S=block_s, BLOCK_N=8, BLOCK_K=256,
-    )
+    ce_gate, ce_up, ce_down = (v.contiguous() for v in vectors) if vectors is not None else (x, x, x)  # unused without HAS_CE
+    block_s = max(2, triton.next_power_of_2(slots))  # padded slots are masked
+    device = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with device:  # Triton launches on the current device, which need not be x's (models split over GPUs)
+        _gate_up_kernel[(tokens * slots, triton.cdiv(inter, 16))](
+            x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner, slots, slots - n_ce, hidden, inter,
+            HAS_CE=vectors is not None, BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
+        )
+        # Blocks of 16 and 8 output rows: at one token that is still a few hundred programs, enough to
+        # keep the reads of the weights in flight on a large GPU.
+        _down_kernel[(tokens, triton.cdiv(hidden, 8))](
+            inner, index, weights, down, out, slots, slots - n_ce, hidden, inter,
+            BLOCK_S=block_s, BLOCK_N=8, BLOCK_K=256,
+        )
     return out

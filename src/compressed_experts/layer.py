@@ -119,6 +119,8 @@ class CompressedExperts(nn.Module):
             reason = f"the kernels compute SiLU-gated experts, not {type(self.act_fn).__name__}"
         elif not (self.gate_up_proj.is_contiguous() and self.down_proj.is_contiguous()):
             reason = "the expert weights are not contiguous"
+        elif not (hidden_states.dtype == self.gate_up_proj.dtype == self.down_proj.dtype in _KERNEL_DTYPES):
+            reason = "the kernels take inputs and expert weights of one dtype: bfloat16, float16 or float32"
         if self.path == "decode" and reason is not None:
             raise CompressedExpertsError(f"the decode path cannot run here: {reason}; use path 'auto'")
         # Measured on an H100 (scripts/device_check.sh, BENCHMARKS.md): the kernels beat the grouped path
@@ -224,6 +226,10 @@ class CompressedExperts(nn.Module):
         wide = torch.promote_types(out.dtype, weights.dtype)
         out = out.to(wide) * weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
         return groups.combine(out, hidden_states.shape[0])
+
+
+#: What the decode kernels compute in (accumulating in float32): float64 would lose precision there.
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _is_silu(act: nn.Module) -> bool:
