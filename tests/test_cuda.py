@@ -78,7 +78,8 @@ def test_fused_decode_kernels_match_the_reference_in_every_family(family, settin
     for layer, (x, index, weights), out in calls:
         vectors = [getattr(layer, name, None) for name in ("ce_gate", "ce_up", "ce_down")]
         if layer.form == "none" or layer.n_ce == 0:  # top-m and full top-k: vectors of 1.0 in the reference
-            vectors = [torch.ones(layer.num_experts, n) for n in (layer.hidden_dim, layer.hidden_dim, layer.intermediate_dim)]
+            sizes = (layer.hidden_dim, layer.hidden_dim, layer.intermediate_dim)
+            vectors = [torch.ones(layer.num_experts, n) for n in sizes]
         expected = reference_experts(
             x.cpu(), layer.gate_up_proj.cpu(), layer.down_proj.cpu(), layer.act_fn, index.cpu(), weights.cpu(),
             layer.n_ce, *(v.cpu() for v in vectors),

@@ -20,6 +20,8 @@ import contextlib
 
 import torch
 
+from .errors import CompressedExpertsError
+
 try:
     import triton
     import triton.language as tl
@@ -69,8 +71,10 @@ if _HAS_TRITON:
                 if HAS_CE:
                     vec = experts[:, None] * hidden + k[None, :]
                     both = aux[:, None] & (k[None, :] < hidden)
-                    x_gate = xk * tl.sum(share[:, None] * tl.load(ce_gate + vec, mask=both, other=0.0).to(tl.float32), 0)
-                    x_up = xk * tl.sum(share[:, None] * tl.load(ce_up + vec, mask=both, other=0.0).to(tl.float32), 0)
+                    g = tl.load(ce_gate + vec, mask=both, other=0.0).to(tl.float32)
+                    u = tl.load(ce_up + vec, mask=both, other=0.0).to(tl.float32)
+                    x_gate = xk * tl.sum(share[:, None] * g, 0)
+                    x_up = xk * tl.sum(share[:, None] * u, 0)
                 tile = n[:, None] * hidden + k[None, :]
                 ok = (n[:, None] < inter) & (k[None, :] < hidden)
                 acc_gate += tl.sum(tl.load(w_gate + tile, mask=ok, other=0.0).to(tl.float32) * x_gate[None, :], 1)
@@ -85,7 +89,8 @@ if _HAS_TRITON:
     @triton.jit
     def _down_kernel(
         inner, index, weights, down, out,
-        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,13 +130,14 @@ def fused_decode(
     Returns ``[T, H]`` in ``x``'s dtype.
     """
     if vectors is not None and n_ce == 0:
-        raise ValueError("compressed-expert vectors with n_ce = 0: no slot is auxiliary; pass vectors=None")
+        raise CompressedExpertsError("compressed-expert vectors with n_ce = 0: no slot is auxiliary; pass vectors=None")
     tokens, slots = index.shape
     hidden, inter = down.shape[1], down.shape[2]
     x, index, weights = x.contiguous(), index.contiguous(), weights.contiguous()
     inner = torch.empty(tokens * slots, inter, dtype=torch.float32, device=x.device)
     out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-    ce_gate, ce_up, ce_down = (v.contiguous() for v in vectors) if vectors is not None else (x, x, x)  # unused without HAS_CE
+    # Without vectors the kernel never reads these pointers (HAS_CE is off); x stands in.
+    ce_gate, ce_up, ce_down = (v.contiguous() for v in vectors) if vectors is not None else (x, x, x)
     block_s = max(2, triton.next_power_of_2(slots))  # padded slots are masked
     device = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device:  # Triton launches on the current device, which need not be x's (models split over GPUs)
