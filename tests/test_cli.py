@@ -82,6 +82,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["bench", "--shapes", "none", "--no-end-to-end"], "measures nothing"),
         (["bench", "--doc", str(tmp_path / "nowhere" / "B.md")], "does not exist"),
         (["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")], "no benchmark results"),
+        (["demo", "--math-steps", "0", "--out", str(tmp_path / "demo")], "demo settings must be positive: math_steps=0"),
     ]
     (tmp_path / "file.txt").write_text("x")
     for args, message in cases:

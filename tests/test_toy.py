@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -13,7 +14,7 @@ from compressed_experts.evaluation.answers import final_number
 from compressed_experts.toy.bundled import BUNDLED_DIR
 from compressed_experts.toy.corpus import held_out_texts, training_texts
 from compressed_experts.toy.pretrain import Recipe, lm_loss, pretrain
-from compressed_experts.toy.tasks import domain_split, math_problems
+from compressed_experts.toy.tasks import Numbers, domain_split, make_problem, math_problems
 
 SMALL = Recipe(vocab_size=400, hidden_size=32, intermediate_size=16, layers=2, heads=2, max_steps=12,
                max_files=30, batch_size=4, seq_len=64, held_out_blocks=4)
@@ -29,17 +30,28 @@ def test_corpus_parts_are_disjoint_real_text():
     assert "import" in dict(train)["json/__init__.py"]
 
 
-def test_math_problems_are_deterministic_disjoint_and_correct():
-    train, test = math_problems(300, "train"), math_problems(100, "test")
-    assert train == math_problems(300, "train")
+@pytest.mark.parametrize("restate, numbers", [(False, Numbers()), (True, Numbers()),
+                                             (False, Numbers(operands=(10, 49), buy_below=150, divisors=(2, 5)))])
+def test_math_problems_are_deterministic_disjoint_and_correct(restate, numbers):
+    make = functools.partial(make_problem, numbers=numbers, restate=restate)
+    train, test = math_problems(300, "train", make=make), math_problems(100, "test", make=make)
+    assert train == math_problems(300, "train", make=make)
     assert not {p.question for p in train} & {p.question for p in test}
     for problem in train + test:
-        # Every worked line is right arithmetic, and the last result is the answer.
+        # Restated worked lines open with the question's sentences, in order; the demo's do not.
+        sentences = re.findall(r"[A-Z][^.?]*\.", problem.question)[1:]
+        opened = [s for s in sentences if s[:-1] + ":" in problem.solution]
+        assert opened == (sentences if restate else [])
+        # Every worked line is right arithmetic on numbers from the given ranges, and the last
+        # result is the answer.
         steps = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", problem.solution)
         assert len(steps) >= 3
         for a, op, b, result in steps:
             a, b = int(a), int(b)
             assert {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] == int(result)
+            assert op != "/" or b in numbers.divisors
+        bought_or_given = [int(n) for n in re.findall(r"(?:buys|gives) (\d+) (?:more|to)", problem.question)]
+        assert all(numbers.operands[0] <= n <= numbers.operands[1] for n in bought_or_given)
         assert int(steps[-1][3]) == problem.answer
         assert final_number(problem.solution) == str(problem.answer)
 

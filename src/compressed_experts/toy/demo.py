@@ -30,7 +30,7 @@ class Plan:
     """How much of everything a demo run does (the default fits 15 minutes on two CPU cores)."""
 
     math_train: int = 4000  # problems
-    math_test: int = 200
+    math_test: int = 400
     math_steps: int = 300  # optimizer steps of 16 x 256 tokens
     domain_steps: int = 40
     domain_blocks: int = 64  # held-out sequences scored
@@ -41,6 +41,11 @@ class Plan:
     seq_len: int = 256
     bench_prompts: int = 8
     bench_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        small = [f"{k}={v}" for k, v in asdict(self).items() if not v > 0]
+        if small:
+            raise CompressedExpertsError(f"demo settings must be positive: {', '.join(small)}")
 
 
 QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, domain_blocks=16, bench_tokens=24)

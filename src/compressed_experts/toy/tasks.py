@@ -16,6 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .corpus import held_out_texts, write_jsonl
 
@@ -33,28 +34,43 @@ class Problem:
     answer: int
 
 
-def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: str) -> tuple[str, str, int] | None:
-    """One operation on the running count: (sentence, worked line, new value), or None if it does not fit.
+@dataclass(frozen=True)
+class Numbers:
+    """The ranges a problem's operations draw from.
 
-    Numbers stay small (counts below 50, operands below 10): a model of the bundled size learns
-    one-digit facts in a few minutes of fine-tuning but not two-digit carries, and what the task
-    measures is carrying a count through several steps.
+    The demo's (the defaults) stay small, counts below 50 and operands below 10: a model of the
+    bundled size learns one-digit facts in a few minutes of fine-tuning but not two-digit
+    carries, and what the task measures is carrying a count through several steps.
+    ``scripts/math_task_probes.py`` tries larger ones.
     """
+
+    operands: tuple[int, int] = (1, 9)  # bought or given away
+    packs: tuple[int, int] = (4, 5)  # at most this many packs, of at most this many items
+    buy_below: int = 41  # a count this large or larger buys no more
+    packs_below: int = 30
+    double_below: int = 25
+    divisors: tuple[int, ...] = (2, 3)
+
+
+def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: str,
+          numbers: Numbers = Numbers()) -> tuple[str, str, int] | None:
+    """One operation on the running count: (sentence, worked line, new value), or None if it does not fit."""
+    low, high = numbers.operands
     kind = rng.choice(["buy", "packs", "give", "double", "share"])
-    if kind == "buy" and value < 41:
-        b = rng.randint(1, 9)
+    if kind == "buy" and value < numbers.buy_below:
+        b = rng.randint(low, high)
         return f"{pronoun} buys {b} more.", f"{value} + {b} = {value + b}.", value + b
-    if kind == "packs" and value < 30:
-        c, d = rng.randint(2, 4), rng.randint(2, 5)
+    if kind == "packs" and value < numbers.packs_below:
+        c, d = rng.randint(2, numbers.packs[0]), rng.randint(2, numbers.packs[1])
         return (f"{pronoun} buys {c} packs of {d} {items} each.",
                 f"{c} packs of {d} is {c} * {d} = {c * d}. {value} + {c * d} = {value + c * d}.", value + c * d)
-    if kind == "give" and value > 2:
-        e = rng.randint(1, min(9, value - 1))
+    if kind == "give" and value > low + 1:
+        e = rng.randint(low, min(high, value - 1))
         friend = rng.choice(FRIENDS)
         return f"{pronoun} gives {e} to {friend}.", f"{value} - {e} = {value - e}.", value - e
-    if kind == "double" and value < 25:
+    if kind == "double" and value < numbers.double_below:
         return f"{pronoun} doubles {possessive} {items}.", f"{value} * 2 = {value * 2}.", value * 2
-    divisors = [k for k in (2, 3) if value % k == 0 and value > k]
+    divisors = [k for k in numbers.divisors if value % k == 0 and value > k]
     if kind != "share" or not divisors:
         return None
     k = rng.choice(divisors)
@@ -62,18 +78,21 @@ def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: 
             f"{value} / {k} = {value // k}.", value // k)
 
 
-def make_problem(rng: random.Random, steps: int) -> Problem:
+def make_problem(rng: random.Random, steps: int, numbers: Numbers = Numbers(), restate: bool = False) -> Problem:
+    """One problem of ``steps`` operations on ``numbers``; ``restate`` starts each worked line
+    with the sentence it works out (the demo does not; ``scripts/math_task_probes.py`` compares)."""
     name, pronoun, possessive = rng.choice(NAMES)
     items = rng.choice(ITEMS)
     value = rng.randint(2, 20)
-    sentences, lines = [f"{name} has {value} {items}."], [f"{name} starts with {value} {items}."]
+    opening = f"{name} has {value} {items}."
+    sentences, lines = [opening], [opening if restate else f"{name} starts with {value} {items}."]
     while len(sentences) <= steps:
-        step = _step(rng, value, pronoun, possessive, items)
-        if step is None:
+        drawn = _step(rng, value, pronoun, possessive, items, numbers)
+        if drawn is None:
             continue
-        sentence, line, value = step
+        sentence, line, value = drawn
         sentences.append(sentence)
-        lines.append(line)
+        lines.append(f"{sentence[:-1]}: {line}" if restate else line)
     question = " ".join(sentences) + f" How many {items} does {name} have now?"
     return Problem(question, " ".join(lines) + f" The answer is {value}.", value)
 
@@ -83,13 +102,15 @@ def _split_of(question: str) -> str:
     return "test" if digest % TEST_SHARE == 0 else "train"
 
 
-def math_problems(n: int, split: str, seed: int = 0, steps: tuple[int, int] = (3, 4)) -> list[Problem]:
-    """``n`` distinct problems of ``split`` ("train" or "test"), each with 3 to 4 operations."""
+def math_problems(n: int, split: str, seed: int = 0, steps: tuple[int, int] = (3, 4),
+                  make: Callable[[random.Random, int], Problem] = make_problem) -> list[Problem]:
+    """``n`` distinct problems of ``split`` ("train" or "test"), each with 3 to 4 operations
+    (``steps``), drawn by ``make``."""
     rng = random.Random(f"math-{split}-{seed}")
     seen: set[str] = set()
     problems = []
     while len(problems) < n:
-        problem = make_problem(rng, rng.randint(*steps))
+        problem = make(rng, rng.randint(*steps))
         if _split_of(problem.question) == split and problem.question not in seen:
             seen.add(problem.question)
             problems.append(problem)
