@@ -54,6 +54,15 @@ def arithmetic_right(outputs: list[str]) -> float:
     return right / total if total else 0.0
 
 
+def methods(text: str) -> list[str]:
+    """The --methods list, checked before any training starts."""
+    chosen = text.split(",")
+    unknown = sorted(set(chosen) - {"full", "top-m", "ce"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown)}: choose from full, top-m, ce")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", choices=sorted(VARIANTS))
@@ -61,7 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--methods", default="full,top-m")
+    parser.add_argument("--methods", default="full,top-m", type=methods, help="comma-separated: full, top-m, ce")
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("out/math-probes"))
@@ -70,7 +79,7 @@ def main() -> None:
     train_file = tasks.write_math(out / "train.jsonl", tasks.math_problems(args.train, "train", **VARIANTS[args.variant]))
     test_file = tasks.write_math_eval(out / "test.jsonl", tasks.math_problems(args.test, "test", **VARIANTS[args.variant]))
     tokenizer = load_tokenizer(BUNDLED)
-    for method in args.methods.split(","):
+    for method in args.methods:
         started = time.perf_counter()
         run = train(TrainConfig(model=BUNDLED, data=str(train_file), out=str(out / method), method=method,
                                 n_ce=None if method == "full" else 4, ce_lr=3e-2 if method == "ce" else None,

@@ -56,6 +56,13 @@ def test_math_problems_are_deterministic_disjoint_and_correct(restate, numbers):
         assert final_number(problem.solution) == str(problem.answer)
 
 
+@pytest.mark.parametrize("bad", [dict(operands=(9, 1)), dict(operands=(0, 9)), dict(packs=(1, 5)),
+                                 dict(divisors=(1, 2)), dict(operands=(10, 49), buy_below=11)])
+def test_number_ranges_that_cannot_make_a_problem_are_refused(bad):
+    with pytest.raises(ce.CompressedExpertsError, match="cannot make a problem"):
+        Numbers(**bad)
+
+
 def test_domain_split_is_by_file():
     train, held = domain_split()
     assert len(train) + len(held) == len(held_out_texts())

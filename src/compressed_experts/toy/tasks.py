@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import CompressedExpertsError
 from .corpus import held_out_texts, write_jsonl
 
 NAMES = [("Ada", "She", "her"), ("Ben", "He", "his"), ("Cleo", "She", "her"), ("Dev", "He", "his"),
@@ -50,6 +51,16 @@ class Numbers:
     packs_below: int = 30
     double_below: int = 25
     divisors: tuple[int, ...] = (2, 3)
+
+    def __post_init__(self) -> None:
+        # Every count must allow some operation (buying below buy_below, giving above the smallest
+        # operand + 1), or drawing a problem would never end.
+        low, high = self.operands
+        if not (1 <= low <= high and min(self.packs) >= 2 and min(self.divisors, default=2) >= 2
+                and self.buy_below > low + 1):
+            raise CompressedExpertsError(
+                f"number ranges that cannot make a problem: {self}; operands need 1 <= low <= high, packs and "
+                f"divisors at least 2, and buy_below above the smallest operand + 1")
 
 
 def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: str,
