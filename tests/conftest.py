@@ -1,39 +1,24 @@
-"""Shared fixtures and the deliberately simple reference implementation of method.md."""
+"""Shared fixtures and helpers; the oracle is the library's own per-token reference (the eager backend)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import compressed_experts as ce
+from compressed_experts.backends import BACKENDS
+from compressed_experts.routing import Call
 
 FAMILY_NAMES = [family.model_types[0] for family in ce.FAMILIES]  # a new family is tested automatically
 
 
-def reference_experts(x, gate_up, down, act, index, weights, n_ce, ce_gate, ce_up, ce_down):
-    """method.md, token by token, in float64: sort by weight, split, average the auxiliary
-    vectors with renormalised auxiliary weights, run the main experts with raw weights."""
-    x, gate_up, down = x.double(), gate_up.double(), down.double()
-    ce_gate, ce_up, ce_down = ce_gate.double(), ce_up.double(), ce_down.double()
-    inter = down.shape[-1]
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        w, e = weights[t].double(), index[t].tolist()
-        order = sorted(range(len(e)), key=lambda j: -w[j].item())
-        main, aux = order[: len(e) - n_ce], order[len(e) - n_ce :]
-        g = torch.ones(x.shape[1], dtype=torch.float64)
-        u = torch.ones(x.shape[1], dtype=torch.float64)
-        d = torch.ones(inter, dtype=torch.float64)
-        if aux:
-            total = sum(w[j] for j in aux)
-            g = sum(w[j] / total * ce_gate[e[j]] for j in aux)
-            u = sum(w[j] / total * ce_up[e[j]] for j in aux)
-            d = sum(w[j] / total * ce_down[e[j]] for j in aux)
-        for j in main:
-            gate = gate_up[e[j], :inter] @ (x[t] * g)
-            up = gate_up[e[j], inter:] @ (x[t] * u)
-            out[t] = out[t] + w[j] * (down[e[j]] @ (act(gate) * up * d))
-    return out
+def reference(layer, x, index, weights, n_ce=None):
+    """The library's per-token reference (the ``eager`` backend) on ``layer``, in float64: the
+    oracle every fast path is checked against. ``test_layer`` checks it against the method
+    written out by hand."""
+    call = Call(layer, x.double(), index, weights, layer.n_ce if n_ce is None else n_ce)
+    return BACKENDS["eager"].run(call)
 
 
 def compressed_layers(model):
@@ -63,3 +48,29 @@ def assert_same_logits(a, b):
     depend on where a tensor starts in memory (safetensors loads at 8-byte offsets), so equal up
     to float rounding, far below what any changed weight moves."""
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# A small experts module and routing for the layer-level tests (test_layer, test_forms).
+E, H, I, K = 8, 16, 24, 4
+
+
+class PlainExperts(nn.Module):
+    """The attributes a transformers experts module has, with random weights."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
+        self.down_proj = nn.Parameter(torch.randn(E, H, I, generator=g) / I**0.5)
+        self.act_fn = nn.SiLU()
+
+
+def routing(tokens, seed=0, skip=()):
+    """Random top-K routing (unsorted weights) over the experts not in ``skip``."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([e for e in range(E) if e not in skip])
+    scores = torch.rand(tokens, len(allowed), generator=g)
+    top = scores.topk(K, dim=-1).indices
+    index = allowed[top]
+    weights = torch.rand(tokens, K, generator=g).softmax(-1)  # not sorted: the layer must sort
+    return index, weights

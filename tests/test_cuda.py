@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import compressed_experts as ce
-import compressed_experts.dispatch as dispatch
-from compressed_experts import decode_kernel
-from conftest import compressed_layers, randomise_compressed_experts, reference_experts, tokens
+import compressed_experts.backends.products as products
+from compressed_experts.backends import decode as decode_kernel
+from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,11 +24,8 @@ def test_layer_on_cuda_matches_the_reference(dtype, tol):
     with torch.no_grad():
         model(tokens().cuda())
     (x, index, weights), out = calls[0]
-    expected = reference_experts(
-        x.cpu(), layer.gate_up_proj.cpu(), layer.down_proj.cpu(), layer.act_fn, index.cpu(), weights.cpu(),
-        4, layer.ce_gate.cpu(), layer.ce_up.cpu(), layer.ce_down.cpu(),
-    )
-    torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)
+    expected = reference(layer, x, index, weights)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
 
 def test_cuda_paths_agree_forward_and_backward(monkeypatch):
@@ -36,8 +33,8 @@ def test_cuda_paths_agree_forward_and_backward(monkeypatch):
     randomise_compressed_experts(model)
     ids = tokens().cuda()
     results = []
-    for has_grouped in (dispatch._HAS_GROUPED_MM, False):
-        monkeypatch.setattr(dispatch, "_HAS_GROUPED_MM", has_grouped)
+    for has_grouped in (products.HAS_GROUPED_MM, False):
+        monkeypatch.setattr(products, "HAS_GROUPED_MM", has_grouped)
         model.zero_grad()
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -76,15 +73,7 @@ def test_fused_decode_kernels_match_the_reference_in_every_family(family, settin
         model(tokens(1, 1).cuda())
     assert used and len(used) == len(calls)
     for layer, (x, index, weights), out in calls:
-        vectors = [getattr(layer, name, None) for name in ("ce_gate", "ce_up", "ce_down")]
-        if layer.form == "none" or layer.n_ce == 0:  # top-m and full top-k: vectors of 1.0 in the reference
-            sizes = (layer.hidden_dim, layer.hidden_dim, layer.intermediate_dim)
-            vectors = [torch.ones(layer.num_experts, n) for n in sizes]
-        expected = reference_experts(
-            x.cpu(), layer.gate_up_proj.cpu(), layer.down_proj.cpu(), layer.act_fn, index.cpu(), weights.cpu(),
-            layer.n_ce, *(v.cpu() for v in vectors),
-        )
-        torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(out.double(), reference(layer, x, index, weights), rtol=tol, atol=tol)
 
 
 def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch):

@@ -1,4 +1,4 @@
-"""The fused decode kernels against the float64 reference of method.md.
+"""The fused decode kernels against the library's float64 per-token reference (the eager backend).
 
 They run on a CUDA device; without one, Triton's interpreter runs them on the CPU when Triton is
 installed and ``TRITON_INTERPRET=1`` is set (how they were written on a machine with no GPU).
@@ -12,8 +12,9 @@ import os
 import pytest
 import torch
 
-from compressed_experts import decode_kernel
-from conftest import reference_experts
+from compressed_experts import CompressedExperts
+from compressed_experts.backends import decode as decode_kernel
+from conftest import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -60,13 +61,20 @@ def check(inputs, n_ce, with_vectors, tol):
         tuple(map(on, vectors)) if with_vectors else None,
     )
     assert out.dtype == dtype and out.shape == x.shape
-    used = vectors if with_vectors else [torch.ones_like(v) for v in vectors]  # top-m: no compressed experts
-    # The reference divides 0 by 0 for all-zero auxiliary weights; the uniform average it should fall back to:
-    weights = weights.where(weights > 0, torch.full_like(weights, 1e-9))
-    expected = reference_experts(x, gate_up, down, torch.nn.functional.silu, index, weights, n_ce, *used)
+    expected = reference_on(x, gate_up, down, index, weights, n_ce, vectors if with_vectors else None)
     torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
     # The tolerance means something: dropping the compressed experts moves the output far more.
     if with_vectors:
-        plain = reference_experts(x, gate_up, down, torch.nn.functional.silu, index, weights, n_ce,
-                                  *[torch.ones_like(v) for v in vectors])
+        plain = reference_on(x, gate_up, down, index, weights, n_ce, None)
         assert (plain - expected).abs().max() > 10 * tol
+
+
+def reference_on(x, gate_up, down, index, weights, n_ce, vectors):
+    """The reference for raw weights: a block built on them (ia3 with ``vectors``, else top-m)."""
+    experts = torch.nn.Module()
+    experts.gate_up_proj, experts.down_proj, experts.act_fn = gate_up, down, torch.nn.SiLU()
+    layer = CompressedExperts(experts, n_ce, "ia3" if vectors is not None else "none")
+    if vectors is not None:
+        for name, vector in zip(("ce_gate", "ce_up", "ce_down"), vectors):
+            getattr(layer, name).data = vector
+    return reference(layer, x, index, weights)

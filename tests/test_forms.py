@@ -1,5 +1,9 @@
 """The subset and slim forms: semantics against a token-by-token reference, neuron selection,
-accounting, save/load and bad input."""
+accounting, save/load and bad input.
+
+The semantics relied on: main experts (the k - n_ce heaviest) run in full; each auxiliary expert
+runs through a small gated MLP of r neurons (subset: its own first r neurons; slim: its trainable
+copy), and every expert's output is weighted by its routing weight as the router gave it."""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ import pytest
 import torch
 
 import compressed_experts as ce
-import compressed_experts.dispatch as dispatch
+import compressed_experts.backends.products as products
 from compressed_experts import CompressedExperts
+from compressed_experts.forms.subset import first_neurons
 from compressed_experts.neurons import ActivationImportance, select_neurons, weight_importance
-from conftest import assert_same_logits, compressed_layers
-from test_layer import E, H, I, K, PlainExperts, routing
+from conftest import E, H, I, K, PlainExperts, assert_same_logits, compressed_layers, reference, routing
 
 
 def reference_neuron_form(x, gate_up, down, act, index, weights, n_ce, aux_gate_up, aux_down):
@@ -35,7 +39,7 @@ def reference_neuron_form(x, gate_up, down, act, index, weights, n_ce, aux_gate_
 
 def subset_as_mlp(module):
     """The first r neurons of every expert as a stand-alone [E, 2r, H] / [E, H, r] MLP (a copy)."""
-    gate, up, down = module.subset_weights()
+    gate, up, down = first_neurons(module)
     return torch.cat([gate, up], dim=1).detach().clone(), down.detach().clone()
 
 
@@ -54,10 +58,10 @@ def aux_weights(module):
 
 
 @pytest.mark.parametrize("form", ["subset", "slim"])
-@pytest.mark.parametrize("path", ["loop", "grouped"])
+@pytest.mark.parametrize("path", ["eager", "loop", "grouped"])
 @pytest.mark.parametrize("tokens", [1, 7, 200])
 def test_matches_reference_on_every_path(form, path, tokens):
-    if path == "grouped" and not dispatch._HAS_GROUPED_MM:
+    if path == "grouped" and not products.HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
     module = neuron_layer(form, n_ce=2, r=4)  # 4 float32 neurons: rows 16-byte aligned, as grouped_mm wants
     module.path = path
@@ -67,6 +71,8 @@ def test_matches_reference_on_every_path(form, path, tokens):
         x, module.gate_up_proj, module.down_proj, module.act_fn, index, weights, 2, *aux_weights(module)
     )
     torch.testing.assert_close(module(x, index, weights).double(), expected, rtol=1e-5, atol=1e-6)
+    # The library's own reference, which every other test checks against, says the same.
+    torch.testing.assert_close(reference(module, x, index, weights), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("form", ["subset", "slim"])
@@ -116,7 +122,7 @@ def test_gradients_match_reference(form):
     x_ref = x.detach().clone().requires_grad_(True)
     # The reference reads the subset's neurons straight from the main weights (views, not copies),
     # so their gradients add up exactly as in the layer.
-    aux = (torch.cat(twin.subset_weights()[:2], dim=1), twin.subset_weights()[2]) if form == "subset" else (
+    aux = (torch.cat(first_neurons(twin)[:2], dim=1), first_neurons(twin)[2]) if form == "subset" else (
         twin.ce_gate_up_proj, twin.ce_down_proj)
     reference_neuron_form(
         x_ref, twin.gate_up_proj, twin.down_proj, twin.act_fn, index, weights, 2, *aux

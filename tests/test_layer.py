@@ -1,4 +1,9 @@
-"""The compressed-experts module on its own: semantics, gradients and both matmul paths."""
+"""The compressed-experts module on its own: semantics, gradients and every compute backend.
+
+The semantics relied on: each token's routed experts ordered by weight (ties keep the router's
+order), the first k - n_ce run in full with the router's weights as they are; the auxiliary
+experts' vectors averaged with their weights renormalised to sum to one scale the main experts'
+gate input, up input and down input."""
 
 from __future__ import annotations
 
@@ -6,35 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import compressed_experts.dispatch as dispatch
 import compressed_experts as ce
+import compressed_experts.backends.products as products
 from compressed_experts import CompressedExperts
-from conftest import reference_experts
-
-E, H, I, K = 8, 16, 24, 4
-
-
-class PlainExperts(nn.Module):
-    """The attributes a transformers experts module has, with random weights."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * I, H, generator=g) / H**0.5)
-        self.down_proj = nn.Parameter(torch.randn(E, H, I, generator=g) / I**0.5)
-        self.act_fn = nn.SiLU()
-
-
-def routing(tokens, seed=0, skip=()):
-    """Random top-K routing (unsorted weights) over the experts not in ``skip``."""
-    g = torch.Generator().manual_seed(seed)
-    allowed = torch.tensor([e for e in range(E) if e not in skip])
-    scores = torch.rand(tokens, len(allowed), generator=g)
-    top = scores.topk(K, dim=-1).indices
-    index = allowed[top]
-    weights = torch.rand(tokens, K, generator=g).softmax(-1)  # not sorted: the layer must sort
-    return index, weights
-
+from conftest import E, H, I, K, PlainExperts, reference, routing
 
 def layer(n_ce, seed=0):
     module = CompressedExperts(PlainExperts(seed), n_ce)
@@ -45,11 +25,31 @@ def layer(n_ce, seed=0):
     return module
 
 
-def reference(module, x, index, weights):
-    return reference_experts(
-        x, module.gate_up_proj, module.down_proj, module.act_fn, index, weights,
-        module.n_ce, module.ce_gate, module.ce_up, module.ce_down,
-    )
+def method_by_hand(module, x, index, weights):
+    """The method written out for one token at a time, in float64, independently of the library:
+    the check that the library's own reference (the eager backend) states it right."""
+    x, gate_up, down = x.double(), module.gate_up_proj.double(), module.down_proj.double()
+    vectors = [v.double() for v in (module.ce_gate, module.ce_up, module.ce_down)]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        w, e = weights[t].double(), index[t].tolist()
+        order = sorted(range(len(e)), key=lambda j: -w[j].item())
+        main, aux = order[: len(e) - module.n_ce], order[len(e) - module.n_ce :]
+        g, u, d = (sum(w[j] / sum(w[i] for i in aux) * v[e[j]] for j in aux) if aux else 1.0 for v in vectors)
+        for j in main:
+            gate = gate_up[e[j], :I] @ (x[t] * g)
+            up = gate_up[e[j], I:] @ (x[t] * u)
+            out[t] += w[j] * (down[e[j]] @ (module.act_fn(gate) * up * d))
+    return out
+
+
+@pytest.mark.parametrize("n_ce", [0, 1, 3])
+def test_the_reference_is_the_method(n_ce):
+    module = layer(n_ce)
+    x = torch.randn(7, H)
+    index, weights = routing(7, skip=(2,))
+    torch.testing.assert_close(reference(module, x, index, weights), method_by_hand(module, x, index, weights),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_parameters_start_at_one_and_share_the_expert_weights():
@@ -132,15 +132,15 @@ def test_all_zero_auxiliary_weights_fall_back_to_a_uniform_average():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dtype, tol, device):
-    if not dispatch._HAS_GROUPED_MM:
+    if not products.HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
     module = layer(n_ce).to(device, dtype)
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(device, dtype).requires_grad_(True)
     index, weights = routing(tokens, skip=(3,))  # expert 3 gets nothing; loads are uneven
     index, weights = index.to(device), weights.to(device, dtype)
     calls = []
-    real = dispatch.F.grouped_mm
-    monkeypatch.setattr(dispatch.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = products.F.grouped_mm
+    monkeypatch.setattr(products.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = {}
     for path in ("grouped", "loop", "auto"):
         module.path = path
@@ -169,7 +169,7 @@ def test_forcing_a_path():
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4))
     ce.set_compute_path(model, "loop")
     assert {m.path for m in model.modules() if isinstance(m, CompressedExperts)} == {"loop"}
-    with pytest.raises(ce.CompressedExpertsError, match="choose from auto, grouped, loop"):
+    with pytest.raises(ce.CompressedExpertsError, match="choose from auto, eager, grouped, loop, decode"):
         ce.set_compute_path(model, "triton")
     with pytest.raises(ce.CompressedExpertsError, match="convert it first"):
         ce.set_compute_path(ce.tiny_model("olmoe"), "loop")
@@ -187,7 +187,7 @@ def test_forcing_a_path():
     odd.ce_down = nn.Parameter(torch.ones(E, 12, dtype=torch.float16))
     odd.ce_gate.data, odd.ce_up.data = odd.ce_gate.data.half(), odd.ce_up.data.half()
     index, weights = routing(4)
-    with pytest.raises(ce.CompressedExpertsError, match="grouped path cannot take"):
+    with pytest.raises(ce.CompressedExpertsError, match="grouped path cannot run here: grouped_mm cannot take"):
         odd(torch.randn(4, H, dtype=torch.float16), index, weights.half())
     odd.path = "auto"
     assert odd(torch.randn(4, H, dtype=torch.float16), index, weights.half()).shape == (4, H)
@@ -204,7 +204,7 @@ def test_frozen_experts_get_no_gradient_but_compressed_experts_do():
 
 
 def test_grouping_with_no_rows_for_most_experts():
-    groups = dispatch.Grouping.build(torch.tensor([[6], [6], [1]]), E)
+    groups = products.Grouping.build(torch.tensor([[6], [6], [1]]), E)
     assert groups.offsets.tolist() == [0, 1, 1, 1, 1, 1, 3, 3]
     assert groups.token.tolist() == [2, 0, 1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compressed_experts as ce
-from conftest import compressed_layers, randomise_compressed_experts, reference_experts, tokens
+from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 
 def logits(model, ids, **kwargs):
@@ -68,10 +68,7 @@ class Recorder:
     def check(self, rtol, atol):
         assert self.calls
         for layer, (x, index, weights), out in self.calls:
-            expected = reference_experts(
-                x, layer.gate_up_proj, layer.down_proj, layer.act_fn, index, weights,
-                layer.n_ce, layer.ce_gate, layer.ce_up, layer.ce_down,
-            )
+            expected = reference(layer, x, index, weights)
             torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
 
 

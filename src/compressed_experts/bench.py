@@ -25,7 +25,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
 
 from .architectures import family_by_name
-from .config import NEURON_FORMS, CEConfig
+from .config import CEConfig
+from .forms import NEURON_FORMS, TOP_M
 from .errors import CompressedExpertsError
 from .convert import convert
 from .layer import CompressedExperts
@@ -131,7 +132,7 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
         twin.experts.config._experts_implementation = impl
         variants[f"transformers:{impl}"] = twin
     variants["full"] = _with_experts(block, CompressedExperts(block.experts, 0))
-    variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, "none"))
+    variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, TOP_M))
     variants["ce"] = _with_experts(block, compressed)
     for form in NEURON_FORMS:  # weight-chosen neurons: the choice changes nothing about the time
         variants[form] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts)))

@@ -6,20 +6,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .errors import CompressedExpertsError
+from .forms import NEURON_FORMS, get_form
 
 #: Version of the ``compressed_experts`` section written into a saved model's config.json.
 FORMAT_VERSION = 1
-
-#: What stands in for a token's auxiliary experts. ``ia3``: the paper's three scaling vectors
-#: per expert, modulating the main experts. ``none``: nothing, the auxiliary experts are
-#: dropped (the top-m baseline: the same model routed to its top ``k - n_ce`` experts, with no
-#: new parameters). ``subset``: each auxiliary expert runs only its ``r`` most important
-#: intermediate neurons (no new parameters). ``slim``: each auxiliary expert is replaced by a
-#: small gated MLP of its own with ``r`` neurons, initialised from those neurons and trainable.
-FORMS = ("ia3", "none", "subset", "slim")
-#: The forms whose auxiliary experts are gated MLPs of ``r`` intermediate neurons.
-NEURON_FORMS = ("subset", "slim")
-
 
 @dataclass(frozen=True)
 class CEConfig:
@@ -27,7 +17,8 @@ class CEConfig:
 
     ``n_ce`` auxiliary experts per token are replaced by their compressed experts; the
     ``m = top_k - n_ce`` highest-weighted ones stay full ("main") experts. ``n_ce = 0``
-    leaves the model's output unchanged. ``form`` is one of :data:`FORMS`; ``"none"`` gives
+    leaves the model's output unchanged. ``form`` names one of :mod:`compressed_experts.forms`
+    (:data:`~compressed_experts.forms.FORMS`); ``"none"`` gives
     the top-m baseline through the same code path, so the two are compared fairly. Whether
     ``n_ce`` fits a model is only known once the model's top-k is, so
     :func:`compressed_experts.convert` checks that part.
@@ -44,10 +35,9 @@ class CEConfig:
             raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}")
         if self.n_ce < 0:
             raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}")
-        if self.form not in FORMS:
-            raise CompressedExpertsError(f"unknown compressed-expert form {self.form!r}; choose from {', '.join(FORMS)}")
+        form = get_form(self.form)  # raises, listing the forms
         if self.r is not None:
-            if self.form not in NEURON_FORMS:
+            if not form.takes_r:
                 raise CompressedExpertsError(
                     f"r sets the neurons of the {' and '.join(NEURON_FORMS)} forms; form {self.form} has none (leave r out)"
                 )
@@ -69,7 +59,7 @@ class CEConfig:
         Converted models and their saved configs carry the resolved form, so that two configs
         that build the same blocks compare equal.
         """
-        return replace(self, r=self.neurons(intermediate)) if self.form in NEURON_FORMS else self
+        return replace(self, r=self.neurons(intermediate)) if get_form(self.form).takes_r else self
 
     def check_top_k(self, top_k: int) -> None:
         """Raise if this config cannot apply to a model that routes each token to ``top_k`` experts."""

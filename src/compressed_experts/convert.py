@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import NEURON_FORMS, CEConfig, mark_config
+from .config import CEConfig, mark_config
 from .errors import CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts
 from .neurons import select_neurons, weight_importance
@@ -41,7 +41,7 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     from the weights alone; :func:`compressed_experts.fit` judges them on calibration text.
     """
     layers = swap_blocks(model, config)
-    if config.form in NEURON_FORMS:
+    if layers[0].form_spec.selects_neurons:
         for layer in layers:
             select_neurons(layer, weight_importance(layer))
     return model

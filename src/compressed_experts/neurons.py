@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Grouping, grouped_linear
-from .layer import CompressedExperts, split_routing
+from .backends.products import Grouping, grouped_linear, grouped_mm_takes
+from .layer import CompressedExperts
+from .routing import split_routing
 
 
 def weight_importance(layer: CompressedExperts) -> torch.Tensor:
@@ -44,9 +45,12 @@ class ActivationImportance:
     def update(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Add one batch of a block's expert inputs (as the block hands them to its experts)."""
         layer = self.layer
-        _, _, index, weights = split_routing(top_k_index, top_k_weights, layer.n_ce)
+        split = split_routing(top_k_index, top_k_weights, layer.n_ce)
+        index, weights = split.aux_index, split.aux_weights
         groups = Grouping.build(index, layer.num_experts)
-        gate, up = grouped_linear(hidden_states[groups.token], layer.gate_up_proj, groups.offsets, layer.path).chunk(2, -1)
+        rows = hidden_states[groups.token]
+        grouped = grouped_mm_takes(rows, layer.gate_up_proj.transpose(-2, -1))
+        gate, up = grouped_linear(rows, layer.gate_up_proj, groups.offsets, grouped).chunk(2, -1)
         magnitude = (layer.act_fn(gate) * up).abs().float() * weights.reshape(-1)[groups.order].float().unsqueeze(-1)
         experts = index.reshape(-1)[groups.order].cpu()
         self.sums.index_add_(0, experts, magnitude.cpu())
@@ -64,8 +68,8 @@ def select_neurons(layer: CompressedExperts, importance: torch.Tensor) -> None:
     """Reorder each expert's neurons by ``importance`` ``[E, I]`` (highest first), in place.
 
     The full experts compute exactly what they did (the main experts are unchanged); the
-    ``subset`` form's first ``r`` neurons become the most important ones, and the ``slim``
-    form's MLPs are reset to a copy of them.
+    ``subset`` form's first ``r`` neurons become the most important ones, and the form is told
+    (the ``slim`` form resets its MLPs to a copy of them).
     """
     order = importance.to(layer.gate_up_proj.device).argsort(dim=1, descending=True, stable=True)  # [E, I]
     hidden = layer.hidden_dim
@@ -73,7 +77,4 @@ def select_neurons(layer: CompressedExperts, importance: torch.Tensor) -> None:
     gate, up = layer.gate_up_proj.chunk(2, dim=1)
     layer.gate_up_proj.copy_(torch.cat([gate.gather(1, rows), up.gather(1, rows)], dim=1))
     layer.down_proj.copy_(layer.down_proj.gather(2, order.unsqueeze(1).expand(-1, hidden, -1)))
-    if layer.form == "slim":
-        gate, up, down = layer.subset_weights()
-        layer.ce_gate_up_proj.copy_(torch.cat([gate, up], dim=1))
-        layer.ce_down_proj.copy_(down)
+    layer.form_spec.neurons_reordered(layer)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import NEURON_FORMS
 from .layer import CompressedExperts, is_compressed_expert
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
@@ -41,11 +40,7 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         n_ce = experts.n_ce if isinstance(experts, CompressedExperts) else 0
         parts["main_experts"] += (top_k - n_ce) * per_expert
         full_experts += top_k * per_expert
-        auxiliary = 0
-        if n_ce and experts.form == "ia3":
-            auxiliary = n_ce * (2 * experts.hidden_dim + experts.intermediate_dim)
-        elif n_ce and experts.form in NEURON_FORMS:
-            auxiliary = n_ce * 3 * experts.hidden_dim * experts.r
+        auxiliary = n_ce * experts.form_spec.auxiliary_cost(experts) if n_ce else 0
         parts["compressed_experts"] += auxiliary
         equivalents.append(top_k - n_ce + auxiliary / per_expert)
         owner[f"{name}.experts."] = "experts"

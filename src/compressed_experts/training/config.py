@@ -8,13 +8,14 @@ from pathlib import Path
 
 from ..config import CEConfig
 from ..errors import CompressedExpertsError
+from ..forms import FORMS, TOP_M, get_form
 from .data import PROMPT_FORMATS
 
 #: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
 #: ce: converted with compressed experts.
 METHODS = ("full", "top-m", "ce")
 #: Forms method ce trains (the top-m baseline, form none, is method top-m).
-CE_FORMS = ("ia3", "subset", "slim")
+CE_FORMS = tuple(name for name in FORMS if name != TOP_M)
 #: all: everything (the paper); ce+router: compressed experts and routers; ce: compressed experts only.
 TRAINABLE = ("all", "ce+router", "ce")
 #: auto: bf16-mixed where the GPU supports bfloat16, else fp32. bf16-mixed: float32 weights,
@@ -124,12 +125,12 @@ class TrainConfig:
         if n_ce == 0:
             raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use --method full")
         if self.method == "top-m":
-            return CEConfig(n_ce, "none")
-        form = self.form or (existing.form if existing is not None and existing.form != "none" else "ia3")
+            return CEConfig(n_ce, TOP_M)
+        form = self.form or (existing.form if existing is not None and existing.form != TOP_M else FORMS[0])
         r = self.r if self.r is not None else existing.r if existing is not None and existing.form == form else None
         wanted = CEConfig(n_ce, form, r)
-        if form == "subset" and self.trainable == "ce":
-            raise CompressedExpertsError("form subset adds no parameters, so --trainable ce has nothing to train; use all or ce+router")
+        if not get_form(form).parameters and self.trainable == "ce":
+            raise CompressedExpertsError(f"form {form} adds no parameters, so --trainable ce has nothing to train; use all or ce+router")
         return wanted
 
     def to_json(self, **extra) -> str:

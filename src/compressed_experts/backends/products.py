@@ -1,21 +1,22 @@
-"""Token-to-expert grouping and the grouped matmul: the only place that cares about speed tricks.
+"""Grouped expert products, shared by the ``grouped`` and ``loop`` backends.
 
-Rows (one per token and selected expert) are sorted by expert so that each expert's
-weights multiply one contiguous block of rows. ``torch.nn.functional.grouped_mm`` does all
-experts in one call where the build and device support it; elsewhere a loop over the
-experts' row blocks gives the same result with one host sync per call (never one per expert).
+Rows (one per token and selected expert) are sorted by expert so that each expert's weights
+multiply one contiguous block of rows. ``torch.nn.functional.grouped_mm`` does all experts in
+one call where the build and device support it (``grouped=True``); a loop over the experts'
+row blocks gives the same result with one host sync per call, never one per expert.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import CompressedExpertsError
+from ..routing import ExpertRun
 
-_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
 @dataclass
@@ -55,9 +56,9 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(stride * t.element_size() % 16 == 0 for stride in t.stride() if stride != 1)
 
 
-def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` takes these operands: it wants 16-byte aligned rows everywhere."""
-    if not _HAS_GROUPED_MM or not (_aligned(a) and _aligned(b)):
+def grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes ``a`` ``[rows, K]`` and ``b`` ``[E, K, N]``: 16-byte aligned rows everywhere."""
+    if not HAS_GROUPED_MM or not (_aligned(a) and _aligned(b)):
         return False
     if b.shape[-1] * a.element_size() % 16:  # the output's rows
         return False
@@ -70,8 +71,26 @@ def _grouped_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
+def grouped_mm_reason(x: torch.Tensor, runs: list[ExpertRun]) -> str | None:
+    """Why ``grouped_mm`` cannot take every product of these runs on ``x``'s rows, or None if it can."""
+    if not HAS_GROUPED_MM:
+        return "this PyTorch has no torch.nn.functional.grouped_mm (2.10 or newer has)"
+    for run in runs:
+        weights = list(run.weight_tensors())
+        if not isinstance(run.gate_up, tuple):  # scaled runs multiply each half of the fused weight apart
+            weights.append(run.gate_up[:, : run.gate_up.shape[1] // 2])
+        for weight in weights:
+            if weight.dtype != x.dtype:  # cast per call into a fresh, contiguous copy
+                weight = torch.empty(weight.shape, dtype=x.dtype, device="meta")
+            rows = x.new_empty(0, weight.shape[-1])  # rows are gathered into fresh, contiguous tensors
+            if not grouped_mm_takes(rows, weight.transpose(-2, -1)):
+                return (f"grouped_mm cannot take {x.dtype} operands of shape {list(weight.shape)} on {x.device} "
+                        f"(it needs 16-byte aligned rows; on CUDA an Ampere or newer GPU)")
+    return None
+
+
 def _blocks(offsets: torch.Tensor):
-    """(expert, start, end) of every expert that has rows: the fallback's one host sync."""
+    """(expert, start, end) of every expert that has rows: the loop's one host sync."""
     start = 0
     for expert, end in enumerate(offsets.tolist()):
         if end > start:
@@ -79,43 +98,24 @@ def _blocks(offsets: torch.Tensor):
         start = end
 
 
-#: Compute paths: "auto" picks per call; "grouped" forces F.grouped_mm; "loop" one matmul per expert
-#: with rows; "decode" the fused Triton kernels of :mod:`compressed_experts.decode_kernel` (the
-#: layer runs them before any grouping; grouped products asked for under it, such as activation
-#: importance's, are chosen as under "auto").
-PATHS = ("auto", "grouped", "loop", "decode")
-
-
-def _use_grouped(a: torch.Tensor, b: torch.Tensor, path: str) -> bool:
-    if path == "loop":
-        return False
-    supported = _grouped_mm_supported(a, b)
-    if path == "grouped":
-        if not supported:
-            raise CompressedExpertsError(
-                f"the grouped path cannot take {a.dtype} operands of these shapes on {a.device} "
-                f"(grouped_mm needs 16-byte aligned rows; on CUDA an Ampere or newer GPU): use path 'auto' or 'loop'"
-            )
-        return True
-    # Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
-    # per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync).
-    few_rows_on_cpu = a.device.type == "cpu" and a.shape[0] * 4 <= b.shape[0]
-    return supported and not few_rows_on_cpu
-
-
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
     """``a[rows of e] @ b[e]`` for every expert ``e``; ``a`` is ``[rows, K]``, ``b`` is ``[E, K, N]``.
 
     Differentiable. ``b`` may be a strided view (half of a fused ``gate_up_proj``, transposed):
     no copy of the expert weights is made.
     """
-    if _use_grouped(a, b, path):
+    if grouped:
         return F.grouped_mm(a, b, offs=offsets)
     return _LoopGroupedMatmul.apply(a, b, offsets)
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """``x[rows of e] @ weight[e].T`` for every expert ``e``; ``weight`` is ``[E, out, in]``."""
+    return grouped_matmul(x, weight.transpose(-2, -1), offsets, grouped)
+
+
 class _LoopGroupedMatmul(torch.autograd.Function):
-    """The fallback: one matmul per expert that has rows, one host sync per call.
+    """The loop: one matmul per expert that has rows, one host sync per call.
 
     Its own backward, because autograd through ``b[expert]`` would build a zero tensor of the
     whole weight's size for every expert and add them all up.
@@ -153,19 +153,15 @@ def _empty_experts_zeroed(like: torch.Tensor, offsets: torch.Tensor) -> torch.Te
     return grad.index_fill_(0, (counts == 0).nonzero().squeeze(1), 0)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, path: str = "auto") -> torch.Tensor:
-    """``x[rows of e] @ weight[e].T`` for every expert ``e``; ``weight`` is ``[E, out, in]``."""
-    return grouped_matmul(x, weight.transpose(-2, -1), offsets, path)
-
-
-def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, path) -> torch.Tensor:
+def _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, grouped) -> torch.Tensor:
     """Gradient of a fused ``[E, 2I, H]`` weight, each expert's two halves written in place.
 
-    On CPU, one buffer the size of the weight filled by ``mm(..., out=)`` per expert (one host
-    sync) measured faster than two grouped products and a concatenation, whose weight-sized
-    temporaries cost more than the loop; on a GPU the loop's launches and sync cost more.
+    Whatever the forward's products, on CPU one buffer the size of the weight filled by
+    ``mm(..., out=)`` per expert (one host sync) measured faster than two grouped products and a
+    concatenation, whose weight-sized temporaries cost more than the loop; on a GPU the loop's
+    launches and sync cost more, so the grouped backend uses grouped_mm there.
     """
-    if path != "loop" and gate_up.device.type != "cpu" and _grouped_mm_supported(grad_gate.T, x_gate):
+    if grouped and gate_up.device.type != "cpu" and grouped_mm_takes(grad_gate.T, x_gate):
         return torch.cat(
             [F.grouped_mm(grad_gate.T, x_gate, offs=offsets), F.grouped_mm(grad_up.T, x_up, offs=offsets)], dim=1
         )
@@ -186,12 +182,12 @@ class _SplitGateUp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_gate, x_up, gate_up, offsets, path):
+    def forward(ctx, x_gate, x_up, gate_up, offsets, grouped):
         inter = gate_up.shape[1] // 2
         ctx.save_for_backward(x_gate, x_up, gate_up, offsets)
-        ctx.path = path
-        gate = grouped_linear(x_gate, gate_up[:, :inter], offsets, path)
-        up = grouped_linear(x_up, gate_up[:, inter:], offsets, path)
+        ctx.grouped = grouped
+        gate = grouped_linear(x_gate, gate_up[:, :inter], offsets, grouped)
+        up = grouped_linear(x_up, gate_up[:, inter:], offsets, grouped)
         return gate, up
 
     @staticmethod
@@ -200,18 +196,57 @@ class _SplitGateUp(torch.autograd.Function):
         inter = gate_up.shape[1] // 2
         grad_gate, grad_up = grad_gate.contiguous(), grad_up.contiguous()
         needs_x_gate, needs_x_up, needs_weight, _, _ = ctx.needs_input_grad
-        path = ctx.path
-        d_gate = grouped_matmul(grad_gate, gate_up[:, :inter], offsets, path) if needs_x_gate else None
-        d_up = grouped_matmul(grad_up, gate_up[:, inter:], offsets, path) if needs_x_up else None
+        grouped = ctx.grouped
+        d_gate = grouped_matmul(grad_gate, gate_up[:, :inter], offsets, grouped) if needs_x_gate else None
+        d_up = grouped_matmul(grad_up, gate_up[:, inter:], offsets, grouped) if needs_x_up else None
         # Frozen experts (training only the compressed experts) skip the largest cost.
         d_weight = None
         if needs_weight:
-            d_weight = _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, path)
+            d_weight = _fused_weight_grad(grad_gate, x_gate, grad_up, x_up, offsets, gate_up, grouped)
         return d_gate, d_up, d_weight, None, None
 
 
-def split_gate_up(
-    x_gate: torch.Tensor, x_up: torch.Tensor, gate_up: torch.Tensor, offsets: torch.Tensor, path: str = "auto"
-):
-    """``(x_gate @ W_gate[e].T, x_up @ W_up[e].T)`` per expert block, with ``gate_up`` = ``[W_gate; W_up]``."""
-    return _SplitGateUp.apply(x_gate, x_up, gate_up, offsets, path)
+def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: int, grouped: bool) -> torch.Tensor:
+    """One :class:`ExpertRun` on ``x`` ``[T, H]``, all experts at once.
+
+    The result is left at the routing weights' precision (float32 for some routers), for the
+    caller to sum the runs and round once.
+    """
+    groups = Grouping.build(run.index, num_experts)
+    gate_up, down = run.gate_up, run.down
+    if down.dtype != x.dtype:  # slim's float32 master copies under --precision bf16
+        gate_up = tuple(w.to(x.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(x.dtype)
+        down = down.to(x.dtype)
+    if run.scales is not None:
+        scale_gate, scale_up, scale_down = (s.to(x.dtype) for s in run.scales)
+        # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
+        # pass over T rows rather than over T * m.
+        gate, up = _SplitGateUp.apply(
+            (x * scale_gate)[groups.token], (x * scale_up)[groups.token], gate_up, groups.offsets, grouped
+        )
+        inner = act_fn(gate) * up * scale_down[groups.token]
+    else:
+        rows = x[groups.token]
+        if isinstance(gate_up, tuple):
+            gate, up = (grouped_linear(rows, w, groups.offsets, grouped) for w in gate_up)
+        else:
+            gate, up = grouped_linear(rows, gate_up, groups.offsets, grouped).chunk(2, dim=-1)
+        inner = act_fn(gate) * up
+    if run.neuron_limit is not None:
+        slot, r = run.neuron_limit
+        cut = (groups.order % groups.slots >= slot).unsqueeze(-1) & (torch.arange(inner.shape[-1], device=inner.device) >= r)
+        inner = inner.masked_fill(cut, 0)
+    out = grouped_linear(inner, down, groups.offsets, grouped)
+    # Weight and sum at the routing weights' precision (float32 for some routers), round once.
+    wide = torch.promote_types(out.dtype, run.weights.dtype)
+    out = out.to(wide) * run.weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
+    return groups.combine(out, x.shape[0])
+
+
+def run_all(x: torch.Tensor, runs: list[ExpertRun], act_fn: Callable, num_experts: int, grouped: bool) -> torch.Tensor:
+    """The sum of the runs, computed wide and rounded once to ``x``'s dtype."""
+    total = None
+    for run in runs:
+        part = run_experts(x, run, act_fn, num_experts, grouped)
+        total = part if total is None else total + part
+    return total.to(x.dtype)

@@ -1,17 +1,17 @@
-"""A fused Triton path for decode-sized calls on a GPU: the whole experts step in two launches.
+"""``decode``: fused Triton kernels for decode-sized calls on a GPU, the whole experts step in two launches.
 
 At a few tokens per call a GPU spends its time launching kernels, not multiplying: the grouped
 path runs some twenty small kernels (sort, split, aggregate, gather, three grouped products,
 combine) around about 30 microseconds of weight reading. Here the first kernel splits each
 token's routing into main and auxiliary experts itself (by rank of weight, ties in slot order,
-as :func:`compressed_experts.layer.split_routing`), averages the auxiliary vectors, scales the
+as :func:`compressed_experts.routing.split_routing`), averages the auxiliary vectors, scales the
 token while loading it and computes ``silu(gate) * up * d`` for every main (token, expert) pair;
 the second multiplies by each main expert's down projection, weights by the routing weight
 and sums over the token's experts. Each pair reads its expert's weights once, in rows, so the
 path pays when few pairs share an expert: decode. Forward only (inference); float32
 accumulation whatever the weights' dtype.
 
-Triton is optional: :func:`available` says whether this process can use the path.
+Triton is optional: :func:`available` says whether this process can use the kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import contextlib
 
 import torch
 
-from .errors import CompressedExpertsError
+from ..errors import CompressedExpertsError
+from ..routing import Call
+from .base import Backend
 
 try:
     import triton
@@ -152,3 +154,42 @@ def fused_decode(
             BLOCK_S=block_s, BLOCK_N=8, BLOCK_K=256,
         )
     return out
+
+
+#: What the kernels compute in (accumulating in float32): float64 would lose precision there.
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _is_silu(act) -> bool:
+    """transformers' "silu" is its own SiLUActivation class in some versions, torch's nn.SiLU in others."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+class Decode(Backend):
+    name = "decode"
+    help = "fused Triton kernels for a few tokens on CUDA (inference only; ia3 and top-m)"
+
+    def unavailable(self, call: Call) -> str | None:
+        layer, x = call.layer, call.x
+        if torch.is_grad_enabled():
+            return "gradients are on (the kernels are forward only: run under torch.no_grad())"
+        if x.device.type != "cuda" or not available():
+            return "it needs Triton and a CUDA device"
+        if not _is_silu(layer.act_fn):
+            return f"the kernels compute SiLU-gated experts, not {type(layer.act_fn).__name__}"
+        if not (layer.gate_up_proj.is_contiguous() and layer.down_proj.is_contiguous()):
+            return "the expert weights are not contiguous"
+        if not (x.dtype == layer.gate_up_proj.dtype == layer.down_proj.dtype in _KERNEL_DTYPES):
+            return "the kernels take inputs and expert weights of one dtype: bfloat16, float16 or float32"
+        return super().unavailable(call)
+
+    def preferred(self, call: Call) -> bool:
+        # Measured on an H100 (scripts/device_check.sh, BENCHMARKS.md): the kernels beat grouped_mm at
+        # every size tried up to 16 tokens, both layer shapes and dtypes: up to 2 E main rows.
+        return call.main_rows <= 2 * call.layer.num_experts
+
+    def run(self, call: Call) -> torch.Tensor:
+        layer = call.layer
+        vectors = layer.form_spec.kernel_vectors(layer) if call.n_ce else None
+        return fused_decode(call.x, call.top_k_index, call.top_k_weights, layer.gate_up_proj, layer.down_proj,
+                            call.n_ce, vectors)

@@ -1,0 +1,45 @@
+"""Compute backends: how a compressed-experts block computes its expert products, one module each.
+
+``eager`` is the per-token reference; ``grouped`` (torch's grouped_mm), ``loop`` (a matmul per
+expert) and ``decode`` (fused Triton kernels for a few tokens on CUDA) are the fast ones. Each
+says whether it can run a call and why not. ``auto`` is the ordered preference list
+:data:`AUTO`, decided here and nowhere else. To add a backend, write a
+:class:`~compressed_experts.backends.base.Backend` subclass in a module of its own and list it
+in :data:`_ALL` (and in :data:`AUTO` where ``auto`` should consider it).
+"""
+
+from __future__ import annotations
+
+from ..errors import CompressedExpertsError
+from ..routing import Call
+from .base import Backend
+from .decode import Decode
+from .eager import Eager
+from .grouped import Grouped
+from .loop import Loop
+
+_ALL: tuple[Backend, ...] = (Eager(), Grouped(), Loop(), Decode())
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in _ALL}
+#: ``auto``: the first of these that can run a call and prefers it (loop always can, and always does).
+AUTO: tuple[Backend, ...] = (BACKENDS["decode"], BACKENDS["grouped"], BACKENDS["loop"])
+#: What ``set_compute_path`` accepts.
+PATHS: tuple[str, ...] = ("auto", *BACKENDS)
+
+
+def check_path(path: str) -> None:
+    if path not in PATHS:
+        raise CompressedExpertsError(f"unknown compute path {path!r}; choose from {', '.join(PATHS)}")
+
+
+def choose(path: str, call: Call) -> Backend:
+    """The backend that computes ``call`` under compute path ``path``; a clear error when a forced one cannot."""
+    if path == "auto":
+        return next(b for b in AUTO if b.unavailable(call) is None and b.preferred(call))
+    backend = BACKENDS[path]
+    reason = backend.unavailable(call)
+    if reason is not None:
+        raise CompressedExpertsError(f"the {path} path cannot run here: {reason}; use path 'auto'")
+    return backend
+
+
+__all__ = ["AUTO", "BACKENDS", "PATHS", "Backend", "check_path", "choose"]

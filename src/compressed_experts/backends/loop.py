@@ -1,0 +1,22 @@
+"""``loop``: one matmul per expert that has rows, with one host sync per call.
+
+Runs anywhere PyTorch does (any dtype, any alignment). ``auto`` takes it for decode-sized calls
+on CPU, where it beats grouped_mm, and wherever grouped_mm cannot take the operands.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..routing import Call
+from .base import Backend
+from .products import run_all
+
+
+class Loop(Backend):
+    name = "loop"
+    help = "one matmul per expert with rows (runs anywhere; one host sync per call)"
+
+    def run(self, call: Call) -> torch.Tensor:
+        layer = call.layer
+        return run_all(call.x, call.runs, layer.act_fn, layer.num_experts, grouped=False)
