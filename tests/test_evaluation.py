@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -92,13 +94,36 @@ def test_left_padding_and_batched_greedy_match_one_by_one(model, tokenizer):
     assert stopped[0] == batched[0][: batched[0].find(stop)]
 
 
+def greedy_by_hand(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy decoding without generate(): argmax of the last position over the whole sequence, until EOS."""
+    ids = tokenizer(prompt)["input_ids"]
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            ids.append(token)
+    return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
 def test_gsm8k_end_to_end_and_the_results_file(model, tokenizer, tmp_path):
-    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    # The tiny random model writes noise. What it writes (6 tokens, too few to reach a stop string)
+    # is worked out here by hand; the second row's answer is made the last number in it, so that
+    # the score must be 1/2: the first row is wrong (the model does not write 7), the second right.
+    rows = [GSM8K_ROWS[0], GSM8K_ROWS[2]]
+    written = [greedy_by_hand(model, tokenizer, f"Question: {row['question']}\nAnswer:", 6) for row in rows]
+    assert "7" not in written[0] and re.search(r"\d", written[1]), written  # the model's noise allows the setup
+    number = re.findall(r"\d+", written[1])[-1]
+    rows[1] = {**rows[1], "answer": f"#### {number}"}
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
     out = tmp_path / "results" / "full.json"
     result = evaluate(model, tokenizer, "gsm8k", data=data, limit=2, batch_size=2, max_new_tokens=6, prompt="plain",
                       out=out, source="tiny:olmoe", progress=False)
     assert (result["task"], result["metric"], result["n"]) == ("gsm8k", "exact_match", 2)
-    assert 0.0 <= result["score"] <= 1.0
+    assert [e["output"] for e in result["examples"]] == written
+    assert [(e["prediction"], e["correct"]) for e in result["examples"]][1] == (number, True)
+    assert [e["correct"] for e in result["examples"]] == [False, True] and result["score"] == 0.5
     assert result["settings"] | {"compressed_experts_version": None} == {
         "data": str(data), "limit": 2, "batch_size": 2, "prompt": "plain", "max_new_tokens": 6, "temperature": 0.0,
         "dtype": "float32", "device": "cpu", "compressed_experts_version": None,
@@ -244,13 +269,18 @@ def test_method_of_the_model(model):
     converted = ce.from_pretrained("tiny:olmoe", n_ce=4)
     summary = model_summary(converted, "ce-model")
     assert (summary["method"], summary["n_ce"]) == ("ce", 4)
-    assert summary["active_parameters"] < model_summary(model)["active_parameters"]
+    # In each MoE block, 4 of a token's 8 experts (3 H x I weights each) become compressed experts (2 H + I).
+    blocks, hidden, inter = model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size
+    saved = blocks * 4 * (3 * hidden * inter - (2 * hidden + inter))
+    assert summary["active_parameters"] == model_summary(model)["active_parameters"] - saved
 
 
 def test_top_m_models_are_told_apart(model):
     summary = model_summary(ce.from_pretrained("tiny:olmoe", n_ce=4, form="none"))
     assert (summary["method"], summary["n_ce"]) == ("top-m", 4)
-    assert summary["active_parameters"] < model_summary(model)["active_parameters"]
+    blocks, hidden, inter = model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size
+    saved = blocks * 4 * 3 * hidden * inter  # 4 of the 8 experts dropped in each MoE block, nothing in their place
+    assert summary["active_parameters"] == model_summary(model)["active_parameters"] - saved
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""Parameter accounting, checked against the worked figures of method.md on the real model shapes."""
+"""Parameter accounting on the real model shapes: each part counted from the published configs, the
+totals against the models' published sizes (OLMoE-1B-7B: ~1.3 B active of ~7 B; Phi-3.5-MoE: ~6.6 B
+active), and the saving of replacing n_ce of the k experts by compressed experts."""
 
 from __future__ import annotations
 
@@ -27,20 +29,33 @@ def skeleton(tmp_path, config, n_ce):
 
 def test_olmoe_1b_7b_matches_the_worked_example(tmp_path):
     counts = ce.active_parameters(skeleton(tmp_path, OLMOE_1B_7B, n_ce=4))
-    expert = 3 * 2048 * 1024  # 6.29 M
-    assert counts["main_experts"] == 16 * 4 * expert
-    assert counts["compressed_experts"] == 16 * 4 * (2 * 2048 + 1024)
-    assert counts["active_full_topk"] - counts["active"] == 16 * 4 * expert - counts["compressed_experts"]
-    assert 1.25e9 < counts["active_full_topk"] < 1.35e9  # "~1.3 B active"
-    assert 6.8e9 < counts["total"] < 7.0e9  # "7B" total, 5.2 M of it compressed experts
+    hidden, inter, layers, vocab, experts = 2048, 1024, 16, 50304, 64
+    expert = 3 * hidden * inter  # 6.29 M
+    # Input and output embeddings (untied); q, k, v, o (16 heads of 128) and the q and k norms;
+    # a router per layer; two norms per layer and the final one.
+    dense = 2 * vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden) + layers * experts * hidden \
+        + (2 * layers + 1) * hidden
+    vectors = 2 * hidden + inter  # one expert's compressed expert: gate, up and down vectors
+    assert counts["main_experts"] == layers * 4 * expert
+    assert counts["compressed_experts"] == layers * 4 * vectors
+    assert counts["active_full_topk"] == dense + layers * 8 * expert == 1_282_017_280  # "~1.3 B active"
+    assert counts["active"] == dense + layers * 4 * (expert + vectors)
+    assert counts["total"] == dense + layers * experts * (expert + vectors) == 6_924_404_736  # "7B" total
     assert counts["total"] - ce.active_parameters(skeleton(tmp_path, OLMOE_1B_7B, n_ce=None))["total"] == 16 * 64 * 5120
     assert counts["active_saving"] == pytest.approx(0.31, abs=0.01)  # "about 31%"
 
 
 def test_phi_35_moe_matches_the_worked_example(tmp_path):
     counts = ce.active_parameters(skeleton(tmp_path, PHI_35_MOE, n_ce=1))
-    assert counts["main_experts"] == 32 * 1 * 3 * 4096 * 6400
-    assert 6.4e9 < counts["active_full_topk"] < 6.8e9  # "~6.6 B active"
+    hidden, inter, layers, vocab, experts, kv = 4096, 6400, 32, 32064, 16, 8 * 128
+    expert = 3 * hidden * inter
+    # Untied embeddings; q and o (H x H) and k and v (8 KV heads of 128), all with biases; a router
+    # per layer; LayerNorms (weight and bias), two per layer and the final one.
+    dense = 2 * vocab * hidden + layers * (2 * hidden * hidden + 2 * kv * hidden + 2 * hidden + 2 * kv) \
+        + layers * experts * hidden + (2 * layers + 1) * 2 * hidden
+    assert counts["main_experts"] == layers * 1 * expert
+    assert counts["active_full_topk"] == dense + layers * 2 * expert == 6_640_967_680  # "~6.6 B active"
+    assert counts["active"] == dense + layers * (expert + 2 * hidden + inter)
     assert counts["active_saving"] == pytest.approx(0.38, abs=0.01)  # "about 38%"
 
 
@@ -50,7 +65,8 @@ def test_parts_against_counts_from_the_config(family):
     hidden, vocab = config.hidden_size, config.vocab_size
     tied = config.tie_word_embeddings
     assert counts["embeddings"] == vocab * hidden * (1 if tied else 2)
-    assert counts["attention"] > 0
+    layers = model.model.layers
+    assert counts["attention"] == sum(p.numel() for layer in layers for p in layer.self_attn.parameters())
     experts = ce.describe(model)["moe_blocks"]
     inter = next(m for m in model.modules() if isinstance(m, ce.CompressedExperts)).intermediate_dim
     assert counts["main_experts"] == experts * (config.num_experts_per_tok - 1) * 3 * hidden * inter
@@ -61,7 +77,10 @@ def test_parts_against_counts_from_the_config(family):
     dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n and ".experts." not in n
                 and "gate.weight" not in n and "router" not in n and "shared" not in n)
     assert counts["other"] == norms + dense
-    assert (counts["shared_experts"] > 0) == (family in ("qwen2_moe", "deepseek_v3"))
+    shared = [getattr(layer.mlp, name) for layer in layers for name in ("shared_expert", "shared_expert_gate", "shared_experts")
+              if hasattr(layer.mlp, name)]
+    assert counts["shared_experts"] == sum(p.numel() for module in shared for p in module.parameters())
+    assert bool(shared) == (family in ("qwen2_moe", "deepseek_v3"))
     plain = ce.active_parameters(ce.tiny_model(family))
     assert plain["active"] == plain["active_full_topk"] == counts["active_full_topk"]
     assert plain["active_saving"] == 0.0
@@ -71,7 +90,9 @@ def test_top_m_counts_main_experts_only():
     ce_model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4))
     top_m = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4, "none"))
     with_vectors, without = ce.active_parameters(ce_model), ce.active_parameters(top_m)
-    assert without["compressed_experts"] == 0 and with_vectors["compressed_experts"] > 0
+    config = ce_model.config  # 2 MoE blocks, 4 auxiliary experts a token, each its 2 H + I vectors
+    assert without["compressed_experts"] == 0
+    assert with_vectors["compressed_experts"] == 2 * 4 * (2 * config.hidden_size + config.intermediate_size)
     assert without["active"] == with_vectors["active"] - with_vectors["compressed_experts"]
     assert without["total"] == with_vectors["total"] - with_vectors["compressed_experts"] // 4 * 64
     assert ce.describe(top_m)["form"] == "none"
