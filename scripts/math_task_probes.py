@@ -25,7 +25,7 @@ from pathlib import Path
 from compressed_experts.checkpoint import load_tokenizer
 from compressed_experts.evaluation import evaluate
 from compressed_experts.toy import tasks
-from compressed_experts.toy.bundled import BUNDLED
+from compressed_experts.sources import BUNDLED
 from compressed_experts.training import TrainConfig, train
 
 WORKED = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")

@@ -12,7 +12,7 @@ import torch
 
 import compressed_experts as ce
 from compressed_experts.evaluation.answers import final_number
-from compressed_experts.toy.bundled import BUNDLED_DIR
+from compressed_experts.sources import BUNDLED_DIR
 from compressed_experts.toy.corpus import held_out_texts, training_texts
 from compressed_experts.toy.demo import LABELS
 from compressed_experts.toy.pretrain import Recipe, lm_loss, pretrain

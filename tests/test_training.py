@@ -13,7 +13,8 @@ import torch
 
 import compressed_experts as ce
 from compressed_experts.training import TrainConfig, TrainingDiverged, train
-from compressed_experts.training.data import build_dataset, load_records
+from compressed_experts.text import load_records
+from compressed_experts.training.data import build_dataset
 from conftest import tokens
 
 # Lively settings for a tiny random model: a large learning rate so a few steps show a drop.

@@ -7,7 +7,8 @@ import json
 import pytest
 
 import compressed_experts as ce
-from compressed_experts.training.data import IGNORE, alpaca_prompt, build_dataset, load_records, segments, tokenize
+from compressed_experts.text import alpaca_prompt, load_records, segments
+from compressed_experts.training.data import IGNORE, build_dataset, tokenize
 
 TOK = ce.tiny_tokenizer()
 RECORD = {"instruction": "Add 2 and 3.", "output": "5"}

@@ -1,10 +1,16 @@
-"""Loading compressed-experts checkpoints (and plain MoE checkpoints) back.
+"""Loading compressed-experts checkpoints (and plain MoE checkpoints) back, and saving them safely.
 
-Saving needs no code here: after :func:`convert`, the model's own ``save_pretrained`` writes
-safetensors in transformers' hub layout plus a config.json whose ``model_type`` is
-``compressed_experts`` and whose ``compressed_experts`` section names the family and ``n_ce``.
-Loading goes through transformers' own loader (which fuses per-expert weights back), with
-the model converted before the weights arrive so the loader fills the compressed experts too.
+After :func:`convert`, the model's own ``save_pretrained`` writes safetensors in transformers'
+hub layout plus a config.json whose ``model_type`` is ``compressed_experts`` and whose
+``compressed_experts`` section names the family and ``n_ce``. Loading goes through
+transformers' own loader (which fuses per-expert weights back), with the model converted
+before the weights arrive so the loader fills the compressed experts too.
+
+Every command that writes a model or a run into a directory goes through the same two steps
+here: :func:`check_output_dir` (what ``out`` may be, and what ``overwrite`` may replace), then a
+staged save (:func:`save_model`, or :func:`staged_save` / :func:`commit_staged` for writers that
+save in their own way): everything is written beside ``out`` first and moved into place at the
+end, so a failed or interrupted save never leaves half a model there.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import copy
 import json
 import logging
 import os
-import re
+import shutil
 import struct
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,20 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
-from .convert import convert, swap_blocks
-from .errors import CheckpointError, CompressedExpertsError
+from .convert import ce_config_of, convert, swap_blocks
+from .errors import CheckpointError, CompressedExpertsError, first_line
 from .layer import is_compressed_expert
-from .toy.bundled import BUNDLED, BUNDLED_DIR
+from .sources import TINY_PREFIX, is_hub_id, local_dir, local_path, resolve, tiny_family
+from .tiny import tiny_model, tiny_tokenizer
+
+__all__ = [  # TINY_PREFIX is re-exported: callers used to find it here
+    "TINY_PREFIX", "apply_compressed_experts", "check_output_dir", "commit_staged", "from_pretrained",
+    "load_tokenizer", "save_compressed_experts", "save_model", "skeleton", "staged_save", "staging_dir",
+    "tokenizer_if_any", "write_atomic",
+]
 
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class _OwnModelTypeNotice(logging.Filter):
@@ -43,11 +57,10 @@ class _OwnModelTypeNotice(logging.Filter):
 
 
 logging.getLogger("transformers.configuration_utils").addFilter(_OwnModelTypeNotice())
-TINY_PREFIX = "tiny:"
 
 
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    path = Path(source, kwargs.get("subfolder") or "")  # as _local_dir sees it
+    path = Path(source, kwargs.get("subfolder") or "")  # as local_dir sees it
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
     if path.is_dir() and not (path / "config.json").is_file():
@@ -56,21 +69,15 @@ def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
             f"(expected a directory written by save_pretrained, or a hub id)"
         )
     # Hub ids of MoE models are "org/name"; anything else that does not exist is a mistyped folder.
-    if not path.exists() and not _HUB_ID.fullmatch(source):
+    if not path.exists() and not is_hub_id(source):
         raise CheckpointError(f"no such model directory: {source} (and it is not a hub id of the form org/name)")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the config of {source!r}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot read the config of {source!r}: {first_line(err)}") from err
     if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
         raise CheckpointError(f"{source}: config.json is not a transformers model config (no model_type)")
     return config_dict
-
-
-def _first_line(err: Exception) -> str:
-    """transformers' messages can list hundreds of model types; the first sentence says enough."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) < 300 else text[:300] + "..."
 
 
 def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
@@ -163,7 +170,7 @@ def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: st
     try:
         return AutoConfig.for_model(model_type, **fields)
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{source}: {what} {model_type!r} ({_first_line(err)})") from err
+        raise CheckpointError(f"{source}: {what} {model_type!r} ({first_line(err)})") from err
 
 
 def _requested(n_ce: int | None, form: str | None, r: int | None = None) -> CEConfig | None:
@@ -231,35 +238,14 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
     return model
 
 
-def _source(source: Any) -> str:
-    """The source as a string; ``"bundled"`` becomes the directory of the model shipped in the package."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise CompressedExpertsError(f"source must be a directory, a hub id or tiny:<family>, not {source!r}")
-    source = os.fspath(source)
-    if source == BUNDLED and not Path(source).exists():  # a local folder of that name still wins
-        if not (BUNDLED_DIR / "config.json").is_file():
-            raise CheckpointError(
-                f"the bundled model is missing from this installation ({BUNDLED_DIR}); "
-                f"rebuild it with: compressed-experts toy pretrain --ship"
-            )
-        return str(BUNDLED_DIR)
-    return source
-
-
-def _local_dir(source: str, kwargs: dict[str, Any]) -> Path | None:
-    """The local directory holding the weights (``subfolder`` included), or None for a hub id."""
-    path = Path(source, kwargs.get("subfolder") or "")
-    return path if path.is_dir() else None
-
-
 def skeleton(
     source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, r: int | None = None, **kwargs: Any
 ) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
     a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
     parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
-    source = _source(source)
-    if source.startswith(TINY_PREFIX):
+    source = resolve(source)
+    if tiny_family(source) is not None:
         return from_pretrained(source, n_ce=n_ce, form=form, r=r)
     config, ce = _resolve(source, _read_config(source, kwargs), n_ce, form, r)
     return _skeleton(_causal_lm_class(source, config), config, ce)
@@ -277,24 +263,23 @@ def from_pretrained(
     Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
     """
-    source = _source(source)
+    source = resolve(source)
     requested = _requested(n_ce, form, r)
-    if source.startswith(TINY_PREFIX):
-        from .tiny import tiny_model
-
+    family = tiny_family(source)
+    if family is not None:
         unsupported = sorted(set(kwargs) - {"dtype"})
         if unsupported:
             raise CompressedExpertsError(f"tiny: models take only dtype, not {', '.join(unsupported)}")
         if requested is None:
             _needs_n_ce(form, r)
-        model = tiny_model(source[len(TINY_PREFIX):], dtype=kwargs.get("dtype"))
+        model = tiny_model(family, dtype=kwargs.get("dtype"))
         return convert(model, requested) if requested is not None else model
     config_dict = _read_config(source, kwargs)
     config, ce = _resolve(source, config_dict, n_ce, form, r)
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None
-    local = _local_dir(source, kwargs)
+    local = local_dir(source, kwargs.get("subfolder"))
     saved = _local_shapes(local) if local is not None else None
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
         if saved and any(is_compressed_expert(k) for k in saved):
@@ -318,7 +303,7 @@ def _load(model_cls: type[PreTrainedModel], source: str, config: PretrainedConfi
     try:
         model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load {source!r}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot load {source!r}: {first_line(err)}") from err
     if info["missing_keys"]:
         raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
     return model
@@ -329,10 +314,8 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
 
     Raises a :class:`CheckpointError` that says what to do when the source has none.
     """
-    source = _source(source)
-    if source.startswith(TINY_PREFIX):
-        from .tiny import tiny_tokenizer
-
+    source = resolve(source)
+    if tiny_family(source) is not None:
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
@@ -340,7 +323,7 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"no tokenizer found for {source} ({_first_line(err)}): {advice}") from err
+        raise CheckpointError(f"no tokenizer found for {source} ({first_line(err)}): {advice}") from err
     # transformers can build a tokenizer with no vocabulary from a config alone; it encodes all text to nothing.
     if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
         raise CheckpointError(f"{source} has no usable tokenizer (it encodes text to no tokens): {advice}")
@@ -354,8 +337,6 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     vectors were trained; :func:`apply_compressed_experts` puts them back.
     """
     from safetensors.torch import save_file
-
-    from .convert import ce_config_of
 
     ce = ce_config_of(model)
     vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
@@ -375,14 +356,12 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
     """
     from safetensors import safe_open
 
-    from .convert import ce_config_of
-
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             vectors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read compressed experts from {path}: {_first_line(err)}") from err
+        raise CheckpointError(f"cannot read compressed experts from {path}: {first_line(err)}") from err
     try:
         ce = CEConfig.from_dict({"n_ce": int(meta["n_ce"]), "form": meta["form"],
                                  "r": int(meta["r"]) if "r" in meta else None,
@@ -409,3 +388,166 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
         for name, vector in vectors.items():
             params[name].copy_(vector)
     return model
+
+
+# Output directories: one policy for every command that writes a model or a run.
+
+#: What ``overwrite`` replaces unless told otherwise: a directory written by ``save_pretrained``.
+MODEL_MARKERS = ("config.json",)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    sources: Mapping[str, Any] | None = None,
+    replaces: str = "a model directory",
+    markers: Sequence[str] = MODEL_MARKERS,
+    keep: bool = False,
+    resumable: bool = False,
+) -> bool:
+    """Check that ``out`` may be written to; return whether it holds files that must be replaced.
+
+    Nothing is deleted here: the caller replaces ``out`` (:func:`save_model` does so) once every
+    other check has passed. Refused, with a :class:`CompressedExpertsError` that says what to do:
+
+    - ``out`` is a file, or the working directory or a folder above it;
+    - ``out`` is, holds or lies inside one of ``sources`` (label -> source, e.g.
+      ``{"source model": "bundled", "data": "train.jsonl"}``; sources that are not on this machine,
+      hub ids and ``tiny:`` models, cannot be overwritten and are skipped);
+    - ``out`` holds files and ``overwrite`` is not given;
+    - ``overwrite`` is given but ``out`` holds none of ``markers`` (it is not ``replaces``): the
+      only thing ``overwrite`` ever replaces is what such a command wrote.
+
+    With ``keep`` (``out`` is continued, not replaced: a resumed run), only the first two checks
+    apply. ``resumable`` adds "use --resume" to the advice for a directory that is not empty.
+    """
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise CompressedExpertsError(f"--out {out} is the working directory or above it: choose a subdirectory")
+    for label, value in (sources or {}).items():
+        path = local_path(value)
+        if path is None:
+            continue
+        if path.resolve() == target.resolve():
+            raise CompressedExpertsError(
+                f"--out {out} overlaps the {label} ({value}): it is the {label} itself; choose another --out"
+            )
+        if _inside(path, target) or _inside(target, path):
+            raise CompressedExpertsError(f"--out {out} overlaps the {label} ({value}): choose another --out")
+    if keep or not target.is_dir() or not any(target.iterdir()):
+        return False
+    if not overwrite:
+        advice = "choose another --out, pass --overwrite to replace it, or use --resume to continue it" if resumable \
+            else "choose another --out or pass --overwrite to replace it"
+        raise CompressedExpertsError(f"--out {out} is not empty (it already holds files): {advice}")
+    if not any((target / marker).exists() for marker in markers):
+        raise CompressedExpertsError(
+            f"--overwrite only replaces {replaces} (one with {' or '.join(markers)}); {out} holds files "
+            f"that are not {replaces}; not deleting them"
+        )
+    return True
+
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where a save to ``out`` is staged: a hidden folder beside it, named after it (the same name
+    on every process of a distributed run, and the same on the next try, which clears a leftover)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.staging"
+
+
+def commit_staged(staging: Path, out: Path, *, merge: bool = False) -> None:
+    """Move what was saved in ``staging`` into place at ``out``, and remove ``staging``.
+
+    By default ``out`` is replaced whole: an earlier ``out`` is set aside first and deleted only
+    once the new one is in place (restored if that fails). With ``merge``, each file of
+    ``staging`` replaces its namesake in ``out`` and the rest of ``out`` stays (a run directory
+    receiving its final model beside its log).
+    """
+    staging, out = Path(staging), Path(out)
+    if merge:
+        out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_save(out: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
+    """A fresh staging directory for ``out``: write into it in the ``with`` block; when the
+    block ends without an error it is moved into place (:func:`commit_staged`), and whatever
+    happens it is gone afterwards, so a failed save leaves ``out`` as it was."""
+    out = Path(out)
+    staging = staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of an earlier save that was killed
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        commit_staged(staging, out, merge=merge)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def tokenizer_if_any(source: str | os.PathLike, **kwargs: Any):
+    """The tokenizer of ``source`` (see :func:`load_tokenizer`), or None when it has none."""
+    try:
+        return load_tokenizer(source, **kwargs)
+    except CheckpointError:
+        return None
+
+
+def save_model(
+    model: PreTrainedModel,
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> None:
+    """Save ``model`` (``save_pretrained``), its ``tokenizer`` when given, and ``extra_files``
+    (file name -> text or bytes) into ``out``, replacing what is there, in one step: all of it
+    is staged beside ``out`` and moved into place at the end (:func:`staged_save`).
+
+    Check ``out`` with :func:`check_output_dir` first: this replaces whatever ``out`` holds.
+    """
+    with staged_save(out) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see the old content or the new, never part of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,9 +12,9 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from .checkpoint import TINY_PREFIX, from_pretrained, load_tokenizer, skeleton
+from .checkpoint import check_output_dir, from_pretrained, load_tokenizer, save_model, skeleton, tokenizer_if_any
 from .config import check_dtype_name
-from .errors import CheckpointError, CompressedExpertsError
+from .errors import CompressedExpertsError
 from .parameters import describe
 
 app = typer.Typer(
@@ -71,25 +69,6 @@ def _run(action) -> None:
         _fail(str(err))
 
 
-def _check_output(out: Path, source: str, overwrite: bool) -> None:
-    """Refuse an output that would destroy something: --overwrite only ever replaces a saved model."""
-    target = out.resolve()
-    if target.exists() and not target.is_dir():
-        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
-    if not target.exists() or not any(target.iterdir()):
-        return
-    if not overwrite:
-        raise CompressedExpertsError(f"{out} is not empty: choose another --out or pass --overwrite")
-    if not (target / "config.json").is_file():
-        raise CompressedExpertsError(
-            f"--overwrite only replaces a model directory (one with config.json); {out} holds other files"
-        )
-    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
-        raise CompressedExpertsError(f"--out {out} is the working directory or above it: choose a subdirectory")
-    if not source.startswith(TINY_PREFIX) and Path(source).resolve() == target:
-        raise CompressedExpertsError("--out is the source model itself: choose another directory")
-
-
 @app.command()
 def info(source: SourceArg) -> None:
     """Family, experts, top-k, n_ce, and total and active parameters (reads the config only)."""
@@ -114,7 +93,7 @@ def convert(
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
 
     def action() -> None:
-        _check_output(out, source, overwrite)
+        check_output_dir(out, overwrite=overwrite, sources={"source model": source})
         check_dtype_name(dtype, "--dtype")
         with console.status(f"loading {source}"):
             model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
@@ -124,22 +103,15 @@ def convert(
     _run(action)
 
 
-def _save_model(model, source: str, out: Path, extra: dict[str, str] | None = None) -> None:
-    """Save the model, its tokenizer and ``extra`` files: written next to --out, then swapped in,
-    so an interrupted save never leaves a half model there."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with console.status(f"saving to {out}"):
-            model.save_pretrained(staging)
-            _save_tokenizer(source, staging)
-            for name, text in (extra or {}).items():
-                (staging / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _save_model(model, source: str, out: Path, extra: dict[str, str] | None = None, tokenizer=None) -> None:
+    """Save the model, its tokenizer (``tokenizer``, else the source's if it has one) and ``extra``
+    files into --out in one step (checkpoint.save_model), saying so on the console."""
+    if tokenizer is None:
+        tokenizer = tokenizer_if_any(source)
+        if tokenizer is None:
+            console.print(f"[yellow]note:[/] no tokenizer found at {source}; saved the model alone")
+    with console.status(f"saving to {out}"):
+        save_model(model, out, tokenizer=tokenizer, extra_files=extra)
 
 
 @app.command()
@@ -149,7 +121,7 @@ def fit(
     n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Routed experts per token replaced (needed for a plain model).")] = None,
     form: Annotated[Optional[str], typer.Option(help=FORM_HELP + " Default: the checkpoint's, else ia3.")] = None,
     r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt, .json/.jsonl/.parquet file or a dataset name; default the bundled corpus's held-out part.")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt, .json/.jsonl/.parquet file or a dataset name; default the training files of the bundled corpus's held-out part.")] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 16384,
     steps: Annotated[int, typer.Option(help="Adam steps per MoE block (ia3, slim).")] = 200,
@@ -165,9 +137,10 @@ def fit(
     from .convert import ce_config_of
     from .fit import calibration_blocks, check_settings
     from .fit import fit as fit_model
+    from .toy.tasks import domain_split
 
     def action() -> None:
-        _check_output(out, source, overwrite)
+        check_output_dir(out, overwrite=overwrite, sources={"source model": source})
         check_dtype_name(dtype, "--dtype")
         check_settings(steps, lr)
         where = check_device(device)
@@ -178,13 +151,17 @@ def fit(
             raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
         if wanted.form == "none":
             raise CompressedExpertsError("form none (top-m) has nothing to fit; choose ia3, subset or slim")
+        tokenizer = load_tokenizer(source)
         with console.status("reading calibration text"):
-            blocks = calibration_blocks(load_tokenizer(source), calib, seq_len=seq_len, tokens=tokens, seed=seed)
+            # Without --calib: the training files of the bundled corpus's held-out part (the
+            # standard library's test suite; the files the demo scores on are not among them).
+            texts = calib if calib is not None else domain_split()[0]
+            blocks = calibration_blocks(tokenizer, texts, seq_len=seq_len, tokens=tokens, seed=seed)
         with console.status(f"loading {source}"):
             model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype).to(where)
         report = fit_model(model, blocks, steps=steps, lr=lr, seed=seed)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
-        _save_model(model, source, out, {"fit_report.json": json.dumps(report, indent=2)})
+        _save_model(model, source, out, {"fit_report.json": json.dumps(report, indent=2)}, tokenizer=tokenizer)
         table = Table(title=f"fitted {source} -> {out}")
         for column in ("block", "tokens", "relative error as converted", "neurons chosen", "fitted", "seconds"):
             table.add_column(column, justify="right")
@@ -412,13 +389,3 @@ def toy_pretrain(
             console.print(f"shipped to {ship_export(out / 'model')}")
 
     _run(action)
-
-
-def _save_tokenizer(source: str, directory: Path) -> None:
-    """Copy the source's tokenizer along, so the converted directory is usable on its own."""
-    try:
-        tokenizer = load_tokenizer(source)
-    except CheckpointError:
-        console.print(f"[yellow]note:[/] no tokenizer found at {source}; saved the model alone")
-        return
-    tokenizer.save_pretrained(directory)

@@ -11,3 +11,12 @@ class UnsupportedModelError(CompressedExpertsError):
 
 class CheckpointError(CompressedExpertsError):
     """A directory or hub id cannot be loaded as a (compressed-experts) checkpoint."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters (or its type's name
+    when it has no message): what a one-line error shows of a library's failure, whose messages
+    can run to many lines (transformers lists hundreds of model types)."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -13,9 +13,11 @@ as they are. Memory holds one block's inputs and targets at a time.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,45 +28,53 @@ from .config import NEURON_FORMS
 from .errors import CompressedExpertsError
 from .layer import CompressedExperts, is_compressed_expert
 from .neurons import ActivationImportance, select_neurons
+from .text import load_records, segments, token_blocks
 
 #: Adam learning rates that fitted the bundled model well, per form (see RESULTS.md).
 DEFAULT_LR = {"ia3": 1e-2, "slim": 1e-3}
 
 
-def calibration_texts(source: str | None = None, tokenizer=None) -> list[str]:
-    """Calibration text: a .txt file (split at blank lines), a .json/.jsonl/.parquet file or dataset name in any
-    layout ``train`` reads (records flattened to their text), or by default the training files of
-    the bundled corpus's held-out part (the standard library's test suite; the files that
-    :func:`compressed_experts.toy.tasks.domain_split` holds out for scoring are not among them)."""
+def calibration_texts(source: str | os.PathLike | Sequence[str] | None, tokenizer=None) -> list[str]:
+    """Calibration text from ``source``: a .txt file (split at blank lines), a .json/.jsonl/.parquet
+    file or dataset name in any layout ``train`` reads (records flattened to their text), or a list
+    of strings (used as they are; the command line passes the bundled corpus's held-out part so)."""
     if source is None:
-        from .toy.tasks import domain_split
-
-        return domain_split()[0]
+        raise CompressedExpertsError(
+            "no calibration text: pass a .txt, .json/.jsonl/.parquet file, a dataset name, or a list of strings"
+        )
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(text, str) for text in source):
+            raise CompressedExpertsError("calibration texts given as a list must all be strings")
+        return list(source)  # a copy: the caller's list is not shuffled
+    if not isinstance(source, (str, os.PathLike)):
+        raise CompressedExpertsError(
+            f"calibration source must be a file, a dataset name or a list of strings, not {type(source).__name__}"
+        )
+    source = os.fspath(source)
     path = Path(source)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise CompressedExpertsError(f"no such calibration file: {source}")
         # Paragraphs, so that a seed's shuffle draws different text from one file too.
         return [part for part in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if part.strip()]
-    from .training.data import load_records, segments
-
     return ["".join(text for text, _ in segments(record, tokenizer, "alpaca")) for record in load_records(source)]
 
 
 def calibration_blocks(
-    tokenizer, source: str | None = None, seq_len: int = 256, tokens: int = 16384, seed: int = 0
+    tokenizer, source: str | os.PathLike | Sequence[str] | None = None, seq_len: int = 256, tokens: int = 16384,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """About ``tokens`` calibration tokens from ``source`` (see :func:`calibration_texts`) as
-    ``[n, seq_len]`` blocks; the texts are shuffled by ``seed`` first, so seeds draw different text."""
-    from .training.data import token_blocks
-
+    """About ``tokens`` calibration tokens from ``source`` (see :func:`calibration_texts`; there is
+    no default: pass the text) as ``[n, seq_len]`` blocks; the texts are shuffled by ``seed``
+    first, so seeds draw different text."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise CompressedExpertsError(f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < seq_len:
         raise CompressedExpertsError(f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}")
     texts = calibration_texts(source, tokenizer)
     if not any(text.strip() for text in texts):
-        raise CompressedExpertsError(f"the calibration data {source or '(bundled held-out corpus)'} holds no text")
+        where = source if isinstance(source, (str, os.PathLike)) else "given as a list"
+        raise CompressedExpertsError(f"the calibration data {where} holds no text")
     random.Random(seed).shuffle(texts)
     return token_blocks(tokenizer, texts, seq_len, tokens // seq_len)
 

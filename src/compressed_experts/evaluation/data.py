@@ -7,7 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
-from ..errors import CompressedExpertsError
+from ..errors import CompressedExpertsError, first_line
 from .tasks import Task
 
 
@@ -58,9 +58,8 @@ def _from_hub(task: Task, limit: int | None) -> list[dict]:
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # offline, not found, or a hub error: all mean "use a local file"
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CompressedExpertsError(
-            f"cannot load {name} from the Hugging Face hub ({reason}); without network access give a local "
+            f"cannot load {name} from the Hugging Face hub ({first_line(err, 200)}); without network access give a local "
             f"JSONL file with --data, one example per line with {_needs(task)}"
         ) from err
     return [_check_fields(task, dict(row), f"{name} row {i}") for i, row in enumerate(itertools.islice(dataset, limit))]

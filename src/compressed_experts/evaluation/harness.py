@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import CompressedExpertsError
+from ..errors import CompressedExpertsError, first_line
 
 PREFIX = "lm-eval:"
 
@@ -96,9 +96,8 @@ def run_lm_eval(
     try:  # building the task fetches its data: the step that fails offline
         loaded = manager.load([task])
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise CompressedExpertsError(
-            f"lm-eval cannot load {task} ({reason}); without network access, point a custom task file "
+            f"lm-eval cannot load {task} ({first_line(err)}); without network access, point a custom task file "
             f"at local data and pass it with --data"
         ) from err
     built = loaded["groups"].get(task) or loaded["tasks"][task]

@@ -2,7 +2,7 @@
 
 A fine-tuned model is evaluated zero-shot with the template it was trained on (``--prompt`` of
 training): the Alpaca template of the training pipeline
-(:func:`compressed_experts.training.data.alpaca_prompt`, imported here, not copied), or the
+(:func:`compressed_experts.text.alpaca_prompt`, imported here, not copied), or the
 tokenizer's chat template with the instruction as one user turn, as training renders an
 instruction record. Base models get few-shot
 chain-of-thought prompts; the worked examples below were written for this library (in the style
@@ -12,7 +12,7 @@ of GSM8K and MATH, not taken from either data set).
 from __future__ import annotations
 
 from ..errors import CompressedExpertsError
-from ..training.data import alpaca_prompt  # noqa: F401  (re-exported: the tasks format prompts with it)
+from ..text import alpaca_prompt  # noqa: F401  (re-exported: the tasks format prompts with it)
 
 #: Where an Alpaca-style model would start the next turn: generation stops there.
 ALPACA_STOP = ("\n### Instruction:",)

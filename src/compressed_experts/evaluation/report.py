@@ -48,6 +48,16 @@ def method_label(model: dict[str, Any]) -> str:
     return main if method == "top-m" else f"{main} + {n_ce} CE"
 
 
+def gap_closed(score: float, baseline: float, reference: float, *, lower_is_better: bool = False) -> float | None:
+    """The share of the gap from ``baseline`` to ``reference`` that ``score`` closes (e.g. of top-m's
+    shortfall against full top-k, won back by compressed experts): 0 at the baseline, 1 at the
+    reference. None when the baseline does not trail the reference: there is no gap to close."""
+    gap = reference - baseline
+    if (gap >= 0) if lower_is_better else (gap <= 0):
+        return None
+    return (score - baseline) / gap
+
+
 def _model_key(model: dict[str, Any]) -> tuple[str, str, int]:
     """What tells models apart: the source alone does not, since the full, top-m and compressed-experts
     versions of one checkpoint share it (a model evaluated from code is named after its base model)."""

@@ -196,6 +196,8 @@ def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int) -> None:
 
 
 def _failure(err: BaseException) -> str:
+    # Like compressed_experts.errors.first_line, written out again on purpose: this script runs
+    # in an isolated interpreter (python -I) on the standard library alone and never imports the package.
     detail = str(err).strip()
     return f"failed: {type(err).__name__}" + (f": {detail.splitlines()[0][:200]}" if detail else "")
 

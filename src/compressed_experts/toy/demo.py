@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CompressedExpertsError
+from ..evaluation.report import gap_closed
+from ..sources import BUNDLED
 
 METHODS = ("full", "top-m", "ce")
 LABELS = {"full": "full top-8", "top-m": "top-4", "ce": "compressed experts"}
@@ -57,7 +59,6 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
     from ..checkpoint import load_tokenizer
     from ..evaluation import evaluate
     from ..training import TrainConfig, train
-    from .bundled import BUNDLED
     from .pretrain import lm_loss
     from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
 
@@ -149,8 +150,8 @@ def summarise(runs: list[dict[str, Any]], speed: dict[str, float]) -> dict[str, 
     return {
         "methods": rows,
         "math_recovery": acc["ce"] / acc["full"] if acc["full"] else None,
-        "math_gap_closed": (acc["ce"] - acc["top-m"]) / math_gap if math_gap > 0 else None,
-        "domain_gap_closed": (loss["top-m"] - loss["ce"]) / domain_gap if domain_gap > 0 else None,
+        "math_gap_closed": gap_closed(acc["ce"], acc["top-m"], acc["full"]),
+        "domain_gap_closed": gap_closed(loss["ce"], loss["top-m"], loss["full"], lower_is_better=True),
         "active_saving": 1 - ce_row["active_parameters"] / full["active_parameters"],
         "decode_speedup": (speed["ce"] / speed["full"]) if speed.get("full") else None,
         "math_gap": math_gap,

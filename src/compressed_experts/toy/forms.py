@@ -23,6 +23,8 @@ from typing import Any
 import torch
 
 from ..errors import CompressedExpertsError
+from ..evaluation.report import gap_closed
+from ..sources import BUNDLED
 from .demo import mean_spread
 
 FORMS_STUDIED = ("ia3", "subset", "slim")
@@ -64,7 +66,6 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
     from ..fit import calibration_blocks, fit
     from ..parameters import active_parameters
     from ..training import TrainConfig, train
-    from .bundled import BUNDLED
     from .pretrain import lm_loss
     from .tasks import domain_split, write_domain_train
 
@@ -77,7 +78,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
     tokenizer = load_tokenizer(model)
     base = from_pretrained(model, dtype=torch.float32)
     top_k = base.config.num_experts_per_tok
-    held = domain_split()[1]
+    calibration, held = domain_split()  # calibration text: the domain's training files; scored on its held-out ones
     rows: list[dict[str, Any]] = []
 
     def add(stage: str, scored, seed: int | None = None, **extra) -> None:
@@ -100,7 +101,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
     for form in FORMS_STUDIED:
         add("as converted", converted(plan.n_ce, form, plan.r))
     for seed in range(seeds):
-        blocks = calibration_blocks(tokenizer, None, plan.seq_len, plan.calib_tokens, seed)
+        blocks = calibration_blocks(tokenizer, calibration, plan.seq_len, plan.calib_tokens, seed)
         fitted_dirs = {}
         for form in FORMS_STUDIED:
             say(f"seed {seed}: fitting {form}")
@@ -133,7 +134,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
                                            batch_size=plan.batch_size, seed=seed, precision="fp32",
                                            gradient_checkpointing=False, warmup=0.05, overwrite=True, **settings))
                 add(stage, result.model.eval(), seed, train_seconds=result.summary["seconds"])
-    blocks = calibration_blocks(tokenizer, None, plan.seq_len, plan.calib_tokens, 0)
+    blocks = calibration_blocks(tokenizer, calibration, plan.seq_len, plan.calib_tokens, 0)
     for n_ce in plan.sweep_n_ce:
         for r in plan.sweep_r:
             for form in ("subset", "slim"):
@@ -173,7 +174,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if form in FORMS_STUDIED:
             for row in members:
                 full, top_m = (_reference(rows, f, n_ce, stage, row["seed"]) for f in ("full", "none"))
-                closed.append((top_m - row["loss"]) / (top_m - full) if top_m > full else float("nan"))
+                share = gap_closed(row["loss"], top_m, full, lower_is_better=True)
+                closed.append(float("nan") if share is None else share)
         first = members[0]
         summary.append({
             "stage": stage, "form": form, "n_ce": n_ce, "r": r, "seeds": len(members),

@@ -4,7 +4,8 @@ standard library (see :mod:`.corpus`) through the same training pipeline users f
 ``compressed-experts toy pretrain --out DIR`` writes, under DIR: ``corpus/train.jsonl``,
 ``init/`` (tokenizer and randomly initialised model), ``run/`` (the training run: log,
 checkpoints, resumable with ``--resume``) and ``model/``, the export that ships in the package
-(bfloat16 safetensors, tokenizer, ``pretrain_report.json``, ``loss_curve.png``).
+as ``compressed_experts/bundled_model`` (bfloat16 safetensors, tokenizer, ``pretrain_report.json``,
+``loss_curve.png``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import check_output_dir, from_pretrained, load_tokenizer, save_model
 from ..errors import CompressedExpertsError
+from ..sources import BUNDLED_DIR
+from ..text import token_blocks
 from .corpus import held_out_texts, training_texts, write_jsonl
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -85,8 +89,6 @@ def initial_model(recipe: Recipe, tokenizer):
 
 def lm_loss(model, tokenizer, texts: list[str], seq_len: int, blocks: int, batch_size: int = 8) -> float:
     """Mean next-token loss over the first ``blocks`` packed sequences of ``texts`` (EOS between texts)."""
-    from ..training.data import token_blocks
-
     data = token_blocks(tokenizer, texts, seq_len, blocks)
     usable = data.shape[0]
     model.eval()
@@ -102,20 +104,18 @@ def lm_loss(model, tokenizer, texts: list[str], seq_len: int, blocks: int, batch
 
 def pretrain(out: Path, recipe: Recipe = Recipe(), resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run the whole recipe into ``out``; return the report written beside the exported model."""
-    from ..checkpoint import from_pretrained, load_tokenizer
-    from ..training import TrainConfig, train
+    from ..training import TrainConfig, train  # the Trainer and accelerate: imported when a run starts
     from ..training.run import LOG_FILE
 
     out = Path(out)
     held_out = held_out_texts()  # fails early on a Python without its test suite
     corpus = training_texts()[: recipe.max_files]
     started = time.perf_counter()
+    # The library's output policy; --overwrite replaces only an earlier pretraining directory (one with init/).
+    clear = check_output_dir(out, overwrite=overwrite, replaces="a toy pretraining directory", markers=("init",),
+                             keep=resume, resumable=True)
     if not resume:
-        if out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise CompressedExpertsError(f"{out} already holds files: use --resume, --overwrite or another --out")
-            if not (out / "init").is_dir():
-                raise CompressedExpertsError(f"--overwrite: {out} does not look like a toy pretraining directory")
+        if clear:
             shutil.rmtree(out)
         write_jsonl(corpus, out / "corpus" / "train.jsonl")
         tokenizer = train_tokenizer([text for _, text in corpus], recipe.vocab_size)
@@ -133,10 +133,7 @@ def pretrain(out: Path, recipe: Recipe = Recipe(), resume: bool = False, overwri
     tokenizer = load_tokenizer(out / "init")
     held_out_loss = lm_loss(model, tokenizer, [t for _, t in held_out], recipe.seq_len, recipe.held_out_blocks)
     export = out / "model"
-    if export.exists():
-        shutil.rmtree(export)
-    model.to(torch.bfloat16).save_pretrained(export)
-    tokenizer.save_pretrained(export)
+    save_model(model.to(torch.bfloat16), export, tokenizer=tokenizer)
     shipped = from_pretrained(export, dtype=torch.float32)  # the score users reproduce: after the bf16 round trip
     report = {
         "recipe": asdict(recipe),
@@ -178,13 +175,10 @@ def plot_loss(log_file: Path, png: Path, report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-#: Where the shipped model lives inside the package.
-SHIPPED = Path(__file__).parent / "model"
-
-
 def ship_export(export: Path) -> Path:
-    """Copy an exported model into the package (replacing the shipped one) and return where."""
-    if SHIPPED.exists():
-        shutil.rmtree(SHIPPED)
-    shutil.copytree(export, SHIPPED)
-    return SHIPPED
+    """Copy an exported model into the package as the bundled model (replacing the shipped one,
+    :data:`compressed_experts.sources.BUNDLED_DIR`) and return where."""
+    if BUNDLED_DIR.exists():
+        shutil.rmtree(BUNDLED_DIR)
+    shutil.copytree(export, BUNDLED_DIR)
+    return BUNDLED_DIR

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of full top-k, top-m and compressed-experts models on the transformers Trainer."""
 
 from .config import METHODS, PRECISIONS, TRAINABLE, TrainConfig
-from .data import alpaca_prompt
+from ..text import alpaca_prompt
 
 __all__ = ["METHODS", "PRECISIONS", "TRAINABLE", "TrainConfig", "TrainResult", "TrainingDiverged", "alpaca_prompt", "train"]
 _LAZY = {"train": "run", "TrainResult": "run", "TrainingDiverged": "trainer"}

@@ -17,13 +17,24 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from ..checkpoint import from_pretrained, load_tokenizer, save_compressed_experts, skeleton
+from ..checkpoint import (
+    MODEL_MARKERS,
+    check_output_dir,
+    commit_staged,
+    from_pretrained,
+    load_tokenizer,
+    save_compressed_experts,
+    skeleton,
+    staging_dir,
+    write_atomic,
+)
 from ..convert import ce_config_of, convert, swap_blocks
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
 from ..parameters import active_parameters
+from ..text import load_records
 from .config import CONFIG_FILE, TrainConfig
-from .data import build_dataset, load_records
+from .data import build_dataset
 from .trainer import CETrainer, ProgressAndLog, StopOnNonFinite, latest_checkpoint
 
 LOG_FILE = "training_log.jsonl"
@@ -37,11 +48,6 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
     """Check ``config.out`` for this run: (the checkpoint to resume from, whether ``out`` must be
     emptied first). Nothing is deleted here: ``--overwrite`` clears the directory only once
@@ -52,13 +58,10 @@ def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
     out = Path(config.out)
     if not _is_main_process():
         return (latest_checkpoint(out / CHECKPOINTS) if config.resume else None), False
-    if out.exists() and not out.is_dir():
-        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
-    for label, value in (("model", config.model), ("data", config.data), ("tokenizer", config.tokenizer)):
-        if value and Path(value).exists() and (_inside(Path(value), out) or _inside(out, Path(value))):
-            raise CompressedExpertsError(f"--out {out} overlaps the {label} ({value}): choose another --out")
-    if out.resolve() == Path.cwd().resolve():
-        raise CompressedExpertsError("--out is the current directory: give the run a directory of its own")
+    # Where a run may go, and what --overwrite may replace, is the library's one output policy.
+    sources = {"model": config.model, "data": config.data, "tokenizer": config.tokenizer}
+    clear = check_output_dir(out, overwrite=config.overwrite, sources=sources, replaces="a run or a model",
+                             markers=(CONFIG_FILE, *MODEL_MARKERS), keep=config.resume, resumable=True)
     if config.resume:
         if not (out / CONFIG_FILE).is_file():
             raise CompressedExpertsError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
@@ -73,16 +76,7 @@ def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
                 f"--resume: the run in {out} wrote no checkpoint yet; start it again with --overwrite"
             )
         return last, False
-    if out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            raise CompressedExpertsError(
-                f"{out} already holds files (another run?): use --resume to continue it, --overwrite to replace it, "
-                f"or another --out"
-            )
-        if not ((out / CONFIG_FILE).is_file() or (out / "config.json").is_file()):
-            raise CompressedExpertsError(f"--overwrite: {out} holds files that are not a run or a model; not deleting them")
-        return None, True
-    return None, False
+    return None, clear
 
 
 def _precision(name: str) -> str:
@@ -203,7 +197,7 @@ def train(config: TrainConfig) -> TrainResult:
         if resume_from is None:
             resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "form": wanted.form if wanted is not None else None,
                         "r": wanted.r if wanted is not None else None, "seq_len": seq_len, "precision": precision}
-            _write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
+            write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
         else:
             _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
     collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
@@ -244,10 +238,10 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _save_final(trainer, out: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
-    """Model, tokenizer and summary into ``out``: written to a staging folder by the Trainer's own
-    ``save_model`` (called on every process: it gathers sharded weights under FSDP or DeepSpeed),
-    then each file renamed into place by the main process."""
-    staging = out / ".final-staging"
+    """Model, tokenizer and summary into ``out``: staged (:func:`compressed_experts.checkpoint.staging_dir`)
+    by the Trainer's own ``save_model`` (called on every process: it gathers sharded weights under
+    FSDP or DeepSpeed), then moved into the run directory by the main process."""
+    staging = staging_dir(out)
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -257,10 +251,8 @@ def _save_final(trainer, out: Path, config: TrainConfig, summary: dict[str, Any]
     if trainer.is_world_process_zero():  # save_model wrote the tokenizer too (the Trainer's processing_class)
         if config.trainable == "ce":
             save_compressed_experts(model, staging / CE_FILE)
-        for file in staging.iterdir():
-            os.replace(file, out / file.name)
-        shutil.rmtree(staging, ignore_errors=True)
-        _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
+        commit_staged(staging, out, merge=True)  # beside the run's log and settings
+        write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
         if not config.keep_checkpoints:
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -274,10 +266,4 @@ def _truncate_log(log: Path, step: int) -> None:
     """Drop log entries past the checkpoint a run resumes from: those steps run again."""
     if log.is_file():
         kept = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        _write_atomic(log, "".join(line + "\n" for line in kept))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_atomic(log, "".join(line + "\n" for line in kept))

@@ -2,8 +2,9 @@
 
 - The compressed experts get their own learning rate (a parameter group), because vectors
   that start at 1.0 barely move at the paper's 2e-5.
-- Checkpoints are written to a staging folder and renamed into place, so a run killed while
-  saving never leaves a half checkpoint that ``--resume`` would pick up.
+- Checkpoints are written to a staging folder and moved into place (the library's one staged
+  save, :mod:`compressed_experts.checkpoint`), so a run killed while saving never leaves a half
+  checkpoint that ``--resume`` would pick up.
 - Resuming reloads weights through :func:`compressed_experts.from_pretrained`: transformers
   saves MoE experts in the hub's per-expert layout, which the Trainer's plain
   ``load_state_dict`` would silently skip.
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checkpoint import commit_staged, from_pretrained, staging_dir
 from ..errors import CompressedExpertsError
 from ..layer import CompressedExperts, is_compressed_expert
 
@@ -115,25 +116,23 @@ class CETrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         final_root = Path(self.args.output_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging = str(final_root / f".staging-{name}")
+        final = final_root / name
+        # The Trainer writes <its output dir>/<name>: its output dir is the staging folder, meanwhile.
+        staging = staging_dir(final)
+        self._staging = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
-            staged, final = final_root / f".staging-{name}" / name, final_root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            shutil.rmtree(staged.parent, ignore_errors=True)
+            commit_staged(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
             for old in sorted(_checkpoints(final_root), key=_step)[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from ..checkpoint import from_pretrained
-
         model = self.model if model is None else model
         # Read in float32 and cast per tensor: with bfloat16 weights the compressed experts are
         # float32 master copies, which a bfloat16 load would round back to 1.0.
