@@ -23,7 +23,11 @@ def test_conversion_keeps_router_and_expert_weights(family):
         assert isinstance(block.experts, ce.CompressedExperts)
         for attr in spec.shared_attrs:
             assert not isinstance(getattr(block, attr), ce.CompressedExperts)
-    assert len(before) > 0
+    # Every decoder layer whose MLP holds routed experts, and nothing else, is an MoE block (deepseek_v3's
+    # first layers are dense).
+    assert list(before) == [f"model.layers.{i}.mlp" for i, layer in enumerate(model.model.layers)
+                            if hasattr(layer.mlp, "experts")]
+    assert len(before) == model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
 
 
 def test_dense_model_says_it_has_no_moe_blocks():
