@@ -97,7 +97,14 @@ def test_sequences_without_a_loss_token_are_left_out(tmp_path):
     records = load_records(write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Q" * 30, "output": "A"}] * 20))
     kept = build_dataset(records, TOK, seq_len=40, response_only=True)
     every = build_dataset(records, TOK, seq_len=40)
-    assert 0 < len(kept) < len(every)
+    # Which blocks hold a loss token, worked out from one record's tokens: the 20 identical records
+    # of L tokens each, one after another, cut into blocks of 40 (the partial last block dropped).
+    one = build_dataset(records.select([0]), TOK, seq_len=10_000, packing=False, response_only=True)[0]["labels"]
+    length, in_loss = len(one), [i for i, label in enumerate(one) if label != IGNORE]
+    count = 20 * length // 40
+    with_loss = sorted({(r * length + i) // 40 for r in range(20) for i in in_loss} & set(range(count)))
+    assert len(every) == count and 0 < len(with_loss) < count
+    assert kept["input_ids"] == [every["input_ids"][b] for b in with_loss]
     assert all(any(label != IGNORE for label in row) for row in kept["labels"])
     with pytest.raises(ce.CompressedExpertsError, match="no sequence has a token in the loss"):
         build_dataset(records, TOK, seq_len=40, response_only=True, packing=False)
