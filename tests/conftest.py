@@ -74,3 +74,37 @@ def routing(tokens, seed=0, skip=()):
     index = allowed[top]
     weights = torch.rand(tokens, K, generator=g).softmax(-1)  # not sorted: the layer must sort
     return index, weights
+
+
+# Helpers of the fitting and fine-tuning tests (test_fit, test_training, test_training_forms, test_cli).
+
+
+def full_twin(model):
+    """A copy of a converted model that runs all k experts (n_ce = 0) on the same weights."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for layer in compressed_layers(twin):
+        layer.n_ce = 0
+    return twin
+
+
+def distance_to_full(model, ids):
+    """Mean squared difference of the model's logits from those of its full top-k twin."""
+    with torch.no_grad():
+        return (model(ids).logits - full_twin(model)(ids).logits).square().mean().item()
+
+
+# Lively settings for a tiny random model: a large learning rate so a few steps show a drop.
+FAST = dict(model="tiny:olmoe", seq_len=64, batch_size=4, lr=3e-3, logging_steps=1, warmup=0.0)
+
+
+def write_arithmetic(path, n: int = 120, seed: int = 0):
+    """A small instruction dataset at ``path``: additions with worked answers (repetitive, so it is learnable)."""
+    import json
+
+    gen = torch.Generator().manual_seed(seed)
+    with path.open("w") as handle:
+        for a, b in torch.randint(1, 60, (n, 2), generator=gen).tolist():
+            handle.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": f"{a} + {b} = {a + b}."}) + "\n")
+    return path

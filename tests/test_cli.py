@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.cli import app
-from conftest import tokens
+from conftest import tokens, write_arithmetic
 
 runner = CliRunner()
 
@@ -36,8 +36,9 @@ def test_convert_then_info(tmp_path):
     result = runner.invoke(app, ["info", str(slim)])
     assert re.search(r"\br\s*│\s*4\s*│", result.output), result.output
     assert re.search(r"expert-equivalents per token\s*│\s*5\.00 of 8\s*│", result.output), result.output  # 4 + 4 * 4/16
-    added = ce.active_parameters(ce.from_pretrained(slim))["added"]
-    assert added > 0 and f"{added:,}" in result.output
+    # Each of the 64 experts of both MoE blocks gets its slim copy: r = 4 neurons, 3 H x r weights (H = 32).
+    assert ce.active_parameters(ce.from_pretrained(slim))["added"] == 2 * 64 * 3 * 32 * 4
+    assert re.search(r"parameters added by the form\s*│\s*49,152\s*│", result.output), result.output
 
 
 def test_convert_never_destroys_what_is_not_a_model(tmp_path):
@@ -93,8 +94,6 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
 
 
 def test_train_command_runs_and_summarises(tmp_path):
-    from test_training import write_arithmetic
-
     data = write_arithmetic(tmp_path / "data.jsonl")
     out = tmp_path / "run"
     args = ["train", "--model", "tiny:olmoe", "--data", str(data), "--out", str(out), "--method", "top-m",

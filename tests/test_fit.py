@@ -3,7 +3,6 @@ compressed experts, is deterministic, saves and loads, and refuses bad input bef
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 import compressed_experts as ce
 from compressed_experts.cli import app
 from compressed_experts.fit import calibration_blocks, fit
-from conftest import FAMILY_NAMES, assert_same_logits, compressed_layers
+from conftest import FAMILY_NAMES, assert_same_logits, compressed_layers, distance_to_full, full_twin
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 
@@ -21,18 +20,6 @@ TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 def blocks(seq_len=32, count=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(4, 100, (count, seq_len), generator=g)
-
-
-def full_twin(model):
-    twin = copy.deepcopy(model)
-    for layer in compressed_layers(twin):
-        layer.n_ce = 0
-    return twin
-
-
-def distance_to_full(model, ids):
-    with torch.no_grad():
-        return (model(ids).logits - full_twin(model)(ids).logits).square().mean().item()
 
 
 @pytest.mark.parametrize("form", ["ia3", "subset", "slim"])

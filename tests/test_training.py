@@ -15,20 +15,7 @@ import compressed_experts as ce
 from compressed_experts.training import TrainConfig, TrainingDiverged, train
 from compressed_experts.text import load_records
 from compressed_experts.training.data import build_dataset
-from conftest import tokens
-
-# Lively settings for a tiny random model: a large learning rate so a few steps show a drop.
-FAST = dict(model="tiny:olmoe", seq_len=64, batch_size=4, lr=3e-3, logging_steps=1, warmup=0.0)
-
-
-def write_arithmetic(path: Path, n: int = 120, seed: int = 0) -> Path:
-    """A small instruction dataset: additions with worked answers (repetitive, so it is learnable)."""
-    gen = torch.Generator().manual_seed(seed)
-    with path.open("w") as handle:
-        for a, b in torch.randint(1, 60, (n, 2), generator=gen).tolist():
-            handle.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": f"{a} + {b} = {a + b}."}) + "\n")
-    return path
-
+from conftest import FAST, tokens, write_arithmetic
 
 @pytest.fixture
 def data(tmp_path) -> Path:
