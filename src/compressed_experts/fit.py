@@ -24,14 +24,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import NEURON_FORMS
 from .errors import CompressedExpertsError
+from .forms import REGISTRY
 from .layer import CompressedExperts, is_compressed_expert
 from .neurons import ActivationImportance, select_neurons
 from .text import load_records, segments, token_blocks
-
-#: Adam learning rates that fitted the bundled model well, per form (see RESULTS.md).
-DEFAULT_LR = {"ia3": 1e-2, "slim": 1e-3}
 
 
 def calibration_texts(source: str | os.PathLike | Sequence[str] | None, tokenizer=None) -> list[str]:
@@ -121,6 +118,11 @@ def _relative_error(layer: CompressedExperts, inputs, target: torch.Tensor, rows
     return error / max(target.float().square().sum().item(), 1e-30)
 
 
+def fittable_forms() -> tuple[str, ...]:
+    """The forms :func:`fit` can change: those with parameters or a choice of neurons."""
+    return tuple(name for name, form in REGISTRY.items() if form.parameters or form.selects_neurons)
+
+
 def check_settings(steps: int, lr: float | None, batch_tokens: int | None = None, batch_size: int | None = None) -> None:
     """Refuse fitting settings that cannot work (the command checks them before reading any text);
     sizes left as None are not checked."""
@@ -147,23 +149,23 @@ def fit(
     """Fit the compressed experts of a converted ``model`` to its full top-k blocks, in place.
 
     ``blocks`` is ``[n, seq_len]`` calibration token ids (see
-    :func:`compressed_experts.training.data.token_blocks`); the model runs them ``batch_size``
+    :func:`compressed_experts.text.token_blocks`); the model runs them ``batch_size``
     sequences at a time. Each block's parameters take ``steps`` Adam steps of ``batch_tokens``
-    tokens drawn (seeded) from the calibration tokens, at ``lr`` (default per form,
-    :data:`DEFAULT_LR`). Returns, per block, the relative error as converted, after choosing
-    neurons (``before``) and after fitting, and the time. Fit in float32: Adam steps on
+    tokens drawn (seeded) from the calibration tokens, at ``lr`` (default: the form's ``fit_lr``,
+    found on the bundled model, see RESULTS.md). Returns, per block, the relative error as
+    converted, after choosing neurons (``before``) and after fitting, and the time. Fit in float32: Adam steps on
     bfloat16 vectors near 1.0 are mostly rounded away (a warning says so).
     """
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
     if not layers:
         raise CompressedExpertsError("this model has no compressed experts: convert it first (n_ce and form), then fit")
-    form = layers[0].form
-    if form == "none":
-        raise CompressedExpertsError("form none (top-m) has nothing to fit; choose ia3, subset or slim")
+    form, spec = layers[0].form, layers[0].form_spec
+    if not (spec.parameters or spec.selects_neurons):
+        raise CompressedExpertsError(f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}")
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
     check_settings(steps, lr, batch_tokens, batch_size)
-    lr = DEFAULT_LR.get(form) if lr is None else lr  # subset has nothing for Adam to fit
+    lr = spec.fit_lr if lr is None else lr  # None: no parameters for Adam (subset)
     low = sorted({str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32})
     if low:
         warnings.warn(f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "
@@ -188,7 +190,7 @@ def fit(
             with torch.no_grad():
                 target = torch.cat([layer.full(*(x[part] for x in inputs)) for part in _chunks(rows, batch_tokens)])
             converted = _relative_error(layer, inputs, target, batch_tokens)
-            if form in NEURON_FORMS:
+            if spec.selects_neurons:
                 importance = ActivationImportance(layer)
                 for part in _chunks(rows, batch_tokens):
                     importance.update(*(x[part] for x in inputs))

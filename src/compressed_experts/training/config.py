@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import CEConfig
 from ..errors import CompressedExpertsError
 from ..forms import FORMS, TOP_M, get_form
-from .data import PROMPT_FORMATS
+from ..text import PROMPT_FORMATS
 
 #: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
 #: ce: converted with compressed experts.

@@ -10,9 +10,9 @@ large sets stream through in batches.
 from __future__ import annotations
 
 from ..errors import CompressedExpertsError
-from ..text import PROMPT_FORMATS, check_prompt_format, segments
+from ..text import check_prompt_format, segments
 
-__all__ = ["IGNORE", "PROMPT_FORMATS", "build_dataset", "tokenize"]  # PROMPT_FORMATS: training/config.py reads it here
+__all__ = ["IGNORE", "build_dataset", "tokenize"]
 
 IGNORE = -100  # label of tokens that do not count in the loss
 
