@@ -47,7 +47,7 @@ def test_top_m_form_round_trip(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert_same_logits(loaded(ids).logits, model(ids).logits)
-    assert ce.from_pretrained(tmp_path / "top-m", n_ce=4) is not None  # repeating n_ce alone is fine
+    assert ce.ce_config_of(ce.from_pretrained(tmp_path / "top-m", n_ce=4)) == ce.CEConfig(4, "none")  # repeating n_ce alone is fine
     with pytest.raises(ce.CompressedExpertsError, match="n_ce=4, form=none; got form=ia3"):
         ce.from_pretrained(tmp_path / "top-m", form="ia3")
 
