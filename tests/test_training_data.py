@@ -85,8 +85,15 @@ def test_parquet_and_limit(tmp_path):
 
 
 def test_unreachable_hub_dataset_says_to_use_a_local_file(monkeypatch):
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # The libraries read those variables when first imported, which in a full run was long before:
+    # without these, the lookup tries the network and waits out its timeouts (about 20 s offline).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ce.CompressedExpertsError, match="Without network, give a local .json/.jsonl/.parquet file"):
         load_records("nobody-here/no-such-dataset")
 
