@@ -22,6 +22,7 @@ def blocks(seq_len=32, count=16, seed=0):
     return torch.randint(4, 100, (count, seq_len), generator=g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["ia3", "subset", "slim"])
 def test_fitting_brings_every_form_closer_to_full_top_k(form):
     torch.manual_seed(0)

@@ -193,6 +193,7 @@ def small_pretrained(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_pretraining_recipe_end_to_end(small_pretrained):
     out, report = small_pretrained
     curve = (out / "model" / "loss_curve.png").read_bytes()
@@ -207,6 +208,7 @@ def test_pretraining_recipe_end_to_end(small_pretrained):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     from compressed_experts.toy.demo import Plan, run_demo
 
@@ -238,6 +240,7 @@ def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     assert f"- Active parameters saved by compressed experts: {saving:.1%}" in lines
 
 
+@pytest.mark.slow
 def test_forms_study_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     from compressed_experts.toy.demo import write_section
     from compressed_experts.toy.forms import BEGIN, END, StudyPlan, run_study, table_markdown
@@ -294,6 +297,7 @@ def test_shipped_model_has_the_stated_architecture_size_and_loss():
     assert loss == pytest.approx(SHIPPED_LOSS_ON_HELD_OUT_LIKE, abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.python_version() != json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())["python"],
                     reason="the stated held-out loss is of the test suite of the Python version it was measured on")
 def test_shipped_model_reproduces_its_stated_held_out_loss_on_that_python():

@@ -26,6 +26,7 @@ def losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "training_log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "top-m", "ce"])
 def test_each_method_learns_and_loads_back(tmp_path, data, method):
     out = tmp_path / method
@@ -51,6 +52,7 @@ def test_each_method_learns_and_loads_back(tmp_path, data, method):
         assert all((v - 1).abs().max() > 1e-4 for v in vectors)
 
 
+@pytest.mark.slow
 def test_trainable_ce_trains_only_the_vectors_and_saves_them_alone(tmp_path, data):
     out = tmp_path / "run"
     result = train(TrainConfig(data=str(data), out=str(out), trainable="ce", max_steps=10, **FAST))
@@ -70,6 +72,7 @@ def test_trainable_ce_trains_only_the_vectors_and_saves_them_alone(tmp_path, dat
         ce.apply_compressed_experts(ce.tiny_model("mixtral"), vectors)
 
 
+@pytest.mark.slow
 def test_ce_lr_moves_the_vectors_further(tmp_path, data):
     def drift(ce_lr):
         model = train(TrainConfig(data=str(data), out=str(tmp_path / str(ce_lr)), trainable="ce",
@@ -95,6 +98,7 @@ train(TrainConfig(**{config}))
 """
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_at_the_same_loss(tmp_path, data):
     settings = dict(data=str(data), max_steps=8, save_steps=2, **FAST)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **settings)).summary
@@ -193,6 +197,7 @@ def test_overwrite_replaces_a_run_but_not_foreign_files(tmp_path, data):
     assert (foreign / "cat.jpg").exists()
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data):
     """gloo on CPU: two processes of batch 1 see the same global batch as one process of batch 2."""
     common = ["--model", "tiny:olmoe", "--data", str(data), "--seq-len", "64", "--lr", "3e-3", "--warmup", "0",
