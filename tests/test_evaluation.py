@@ -7,13 +7,12 @@ import re
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.evaluation import compare, evaluate, load_results, model_summary
 from compressed_experts.evaluation import run as run_module
-from compressed_experts.evaluation.commands import compare_command, eval_command
+from compressed_experts.cli import app as cli_app
 from compressed_experts.evaluation.generation import generate, left_pad
 from compressed_experts.evaluation.prompts import alpaca_prompt
 
@@ -63,10 +62,7 @@ def canned(monkeypatch, outputs):
 
 
 def cli():
-    app = typer.Typer()
-    app.command("eval")(eval_command)
-    app.command("compare")(compare_command)
-    return app, CliRunner()
+    return cli_app, CliRunner()
 
 
 def test_left_padding_and_batched_greedy_match_one_by_one(model, tokenizer):

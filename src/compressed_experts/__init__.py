@@ -19,7 +19,7 @@ from .checkpoint import apply_compressed_experts, from_pretrained, load_tokenize
 from .config import CEConfig
 from .convert import ce_config_of, convert
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
-from .fit import calibration_blocks, fit
+from .fit import FitConfig, calibration_blocks, fit
 from .layer import CompressedExperts, set_compute_path
 from .parameters import active_parameters, describe
 from .tiny import tiny_model, tiny_tokenizer
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FAMILIES",
     "CEConfig",
+    "FitConfig",
     "TrainConfig",
     "TrainResult",
     "CheckpointError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import CompressedExpertsError
@@ -10,6 +10,12 @@ from .forms import NEURON_FORMS, get_form
 
 #: Version of the ``compressed_experts`` section written into a saved model's config.json.
 FORMAT_VERSION = 1
+
+def setting(default: Any = MISSING, help: str = "") -> Any:
+    """A field of a settings dataclass with its help text: the one place a setting is described
+    (the CLI makes its flags from these fields, with the same defaults)."""
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass(frozen=True)
 class CEConfig:

@@ -2,7 +2,15 @@
 
 
 class CompressedExpertsError(ValueError):
-    """Base class: every error this library raises on purpose for a user mistake."""
+    """Base class: every error this library raises on purpose for a user mistake.
+
+    ``settings`` lists the settings the message names, by their Python names (``n_ce``,
+    ``out``): a front end shows them as its own spellings (the CLI as ``--n-ce``, ``--out``).
+    """
+
+    def __init__(self, message: str, *, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.settings = tuple(settings)
 
 
 class UnsupportedModelError(CompressedExpertsError):

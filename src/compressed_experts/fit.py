@@ -17,6 +17,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import setting
 from .errors import CompressedExpertsError
 from .forms import REGISTRY
 from .layer import CompressedExperts, is_compressed_expert
@@ -123,30 +125,32 @@ def fittable_forms() -> tuple[str, ...]:
     return tuple(name for name, form in REGISTRY.items() if form.parameters or form.selects_neurons)
 
 
-def check_settings(steps: int, lr: float | None, batch_tokens: int | None = None, batch_size: int | None = None) -> None:
-    """Refuse fitting settings that cannot work (the command checks them before reading any text);
-    sizes left as None are not checked."""
-    for name, value, least in (("steps", steps, 0), ("batch_tokens", batch_tokens, 1), ("batch_size", batch_size, 1)):
-        if value is None and name != "steps":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise CompressedExpertsError(f"{name} must be a whole number, at least {least}; got {value!r}")
-    if lr is not None and not lr > 0:
-        raise CompressedExpertsError(f"lr must be positive, got {lr}")
+@dataclass(frozen=True)
+class FitConfig:
+    """How :func:`fit` fits each block's compressed experts; refused when built if it cannot work."""
+
+    steps: int = setting(200, "Adam steps per MoE block (forms with parameters: ia3, slim).")
+    lr: float | None = setting(None, "Adam learning rate; default the form's (ia3 1e-2, slim 1e-3).")
+    batch_tokens: int = setting(4096, "Calibration tokens per Adam step (drawn at random from all of them).")
+    batch_size: int = setting(8, "Calibration sequences run through the model at a time.")
+    seed: int = setting(0, "Seed of the fitting batches (and, in the fit command, of the calibration text's order).")
+
+    def __post_init__(self) -> None:
+        for name, least in (("steps", 0), ("batch_tokens", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise CompressedExpertsError(f"{name} must be a whole number, at least {least}; got {value!r}",
+                                             settings=(name,))
+        if self.lr is not None and not self.lr > 0:
+            raise CompressedExpertsError(f"lr must be positive, got {self.lr}", settings=("lr",))
 
 
-def fit(
-    model,
-    blocks: torch.Tensor,
-    *,
-    steps: int = 200,
-    lr: float | None = None,
-    batch_tokens: int = 4096,
-    batch_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, Any]:
+def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progress: bool = True,
+        **settings: Any) -> dict[str, Any]:
     """Fit the compressed experts of a converted ``model`` to its full top-k blocks, in place.
+
+    The settings are a :class:`FitConfig`, or its fields as keyword arguments
+    (``fit(model, blocks, steps=100)``).
 
     ``blocks`` is ``[n, seq_len]`` calibration token ids (see
     :func:`compressed_experts.text.token_blocks`); the model runs them ``batch_size``
@@ -164,8 +168,14 @@ def fit(
         raise CompressedExpertsError(f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}")
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
-    check_settings(steps, lr, batch_tokens, batch_size)
-    lr = spec.fit_lr if lr is None else lr  # None: no parameters for Adam (subset)
+    if config is not None and settings:
+        raise CompressedExpertsError("give fit a FitConfig or its settings as keywords, not both")
+    try:
+        config = config or FitConfig(**settings)
+    except TypeError as err:  # an unknown keyword
+        raise CompressedExpertsError(f"fit: {err}; its settings are those of FitConfig") from None
+    steps, batch_tokens, batch_size, seed = config.steps, config.batch_tokens, config.batch_size, config.seed
+    lr = spec.fit_lr if config.lr is None else config.lr  # None: no parameters for Adam (subset)
     low = sorted({str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32})
     if low:
         warnings.warn(f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "

@@ -19,9 +19,15 @@ from typing import Any, Callable
 
 import torch
 
+from ..bench import interleaved_medians, machine
+from ..checkpoint import load_tokenizer
 from ..errors import CompressedExpertsError
+from ..evaluation import evaluate
 from ..evaluation.report import gap_closed
 from ..sources import BUNDLED
+from ..training import TrainConfig
+from .pretrain import lm_loss
+from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
 
 METHODS = ("full", "top-m", "ce")
 LABELS = {"full": "full top-8", "top-m": "top-4", "ce": "compressed experts"}
@@ -56,11 +62,7 @@ QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, doma
 def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None = None,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out`` (one run directory per seed, task and method) and return its results."""
-    from ..checkpoint import load_tokenizer
-    from ..evaluation import evaluate
-    from ..training import TrainConfig, train
-    from .pretrain import lm_loss
-    from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
+    from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     if seeds < 1:
         raise CompressedExpertsError(f"--seeds must be at least 1, got {seeds}")
@@ -110,9 +112,6 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
 
 def _decode_speed(models: dict[str, Any], tokenizer, plan: Plan) -> dict[str, float]:
     """Greedy decoding tokens/s of each method's model on the same prompts, timed in turns."""
-    from ..bench import interleaved_medians
-    from .tasks import math_problems
-
     prompts = [p.question for p in math_problems(plan.bench_prompts, "test", seed=1)]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     count = plan.bench_tokens
@@ -223,8 +222,6 @@ def write_report(results: dict[str, Any], command: str, document: Path) -> None:
 def write_section(document: Path, begin: str, end: str, command: str, seconds: float, table: str) -> None:
     """Put ``table``, the command and the machine between the markers ``begin`` and ``end`` of
     ``document`` (appended if it has none), keeping whatever is written around them (the discussion)."""
-    from ..bench import machine
-
     block = "\n".join([
         begin, "", f"Command: `{command}`", "",
         f"Machine: {machine()}; {seconds / 60:.1f} minutes.", "",

@@ -22,10 +22,19 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import from_pretrained, load_tokenizer
+from ..config import CEConfig
+from ..convert import ce_config_of, convert
 from ..errors import CompressedExpertsError
 from ..evaluation.report import gap_closed
+from ..fit import calibration_blocks, fit
+from ..forms import NEURON_FORMS
+from ..parameters import active_parameters
 from ..sources import BUNDLED
+from ..training import TrainConfig
 from .demo import mean_spread
+from .pretrain import lm_loss
+from .tasks import domain_split, write_domain_train
 
 FORMS_STUDIED = ("ia3", "subset", "slim")
 STAGES = ("as converted", "fitted", "fine-tuned", "fine-tuned + distill")
@@ -60,14 +69,7 @@ QUICK_STUDY = StudyPlan(calib_tokens=1024, fit_steps=10, eval_blocks=4, second=N
 def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: str | None = None,
               finetune: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and a plot)."""
-    from ..checkpoint import from_pretrained, load_tokenizer
-    from ..config import NEURON_FORMS, CEConfig
-    from ..convert import ce_config_of, convert
-    from ..fit import calibration_blocks, fit
-    from ..parameters import active_parameters
-    from ..training import TrainConfig, train
-    from .pretrain import lm_loss
-    from .tasks import domain_split, write_domain_train
+    from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     if seeds < 1:
         raise CompressedExpertsError(f"--seeds must be at least 1, got {seeds}")

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..config import CEConfig
+from ..config import CEConfig, setting
 from ..errors import CompressedExpertsError
 from ..forms import FORMS, TOP_M, get_form
 from ..text import PROMPT_FORMATS
@@ -32,38 +32,38 @@ class TrainConfig:
     """One fine-tuning run. Defaults are the paper's (lr 2e-5, cosine, 3% warm-up, 2 epochs,
     AdamW, bf16 where the hardware has it, gradient checkpointing, packed sequences)."""
 
-    model: str
-    data: str
-    out: str
-    method: str = "ce"
-    n_ce: int | None = None  # None: the checkpoint's, else half of the model's top-k (OLMoE 4 of 8)
-    form: str | None = None  # method ce: ia3, subset or slim; None: the checkpoint's, else ia3 (the paper's)
-    r: int | None = None  # neurons of the subset and slim forms; None: the checkpoint's, else I // 8
-    distill_weight: float = 0.0  # > 0: also pull each converted block's output towards the full top-k block's
-    trainable: str = "all"
-    lr: float = 2e-5
-    ce_lr: float | None = None  # None: the same as lr (the paper); a larger one moves the vectors faster
-    epochs: float = 2.0
-    max_steps: int | None = None
-    seq_len: int | None = None  # None: min(2048, the model's maximum)
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup: float = 0.03
-    weight_decay: float = 0.0
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = True
-    packing: bool = True
-    response_only: bool = False
-    prompt: str = "alpaca"
-    split: str = "train"
-    limit: int | None = None  # use only the first N records
-    tokenizer: str | None = None  # None: the model's own
-    save_steps: float = 0.1  # below 1: a fraction of the run's steps
-    keep_checkpoints: bool = False  # keep checkpoints/ after a successful run
-    logging_steps: int = 10
-    resume: bool = False
-    overwrite: bool = False
+    model: str = setting(help="Model directory, hub id, bundled, or tiny:<family>.")
+    data: str = setting(help="Hugging Face dataset name, or a local .json/.jsonl/.parquet file.")
+    out: str = setting(help="Run directory: checkpoints, log, and the final model.")
+    method: str = setting("ce", "full (all top-k experts), top-m (top k - n_ce only) or ce.")
+    n_ce: int | None = setting(None, "Experts per token replaced; default the checkpoint's, else half the top-k.")
+    form: str | None = setting(None, f"Method ce: {', '.join(CE_FORMS)}; default the checkpoint's, else {FORMS[0]}.")
+    r: int | None = setting(None, "Neurons per auxiliary expert (subset, slim); default the checkpoint's, else an eighth of the expert's.")
+    distill_weight: float = setting(0.0, "Weight of a term pulling each converted block towards the full top-k block's output.")
+    trainable: str = setting("all", "all (the paper), ce+router, or ce (the compressed experts only).")
+    lr: float = setting(2e-5, "Peak learning rate (cosine schedule).")
+    ce_lr: float | None = setting(None, "Learning rate of the compressed experts; default lr (a larger one moves them faster).")
+    epochs: float = setting(2.0, "Passes over the data (ignored with max_steps).")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.")
+    seq_len: int | None = setting(None, "Tokens per sequence; default min(2048, the model's limit).")
+    batch_size: int = setting(8, "Sequences per device per step.")
+    grad_accum: int = setting(1, "Gradient accumulation steps.")
+    warmup: float = setting(0.03, "Warm-up, as a fraction of the steps.")
+    weight_decay: float = setting(0.0, "AdamW weight decay (never on the compressed experts, norms or biases).")
+    seed: int = setting(0, "Seed of the weights' noise, data order and dropout.")
+    precision: str = setting("auto", "auto, bf16-mixed, bf16 (bfloat16 weights, float32 compressed experts) or fp32.")
+    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass.")
+    packing: bool = setting(True, "Concatenate examples into full-length sequences.")
+    response_only: bool = setting(False, "Loss on response tokens only.")
+    prompt: str = setting("alpaca", "alpaca (the paper's template) or chat (the tokenizer's chat template).")
+    split: str = setting("train", "Split of a hub dataset.")
+    limit: int | None = setting(None, "Use only the first N records.")
+    tokenizer: str | None = setting(None, "Tokenizer source, if not the model's.")
+    save_steps: float = setting(0.1, "Checkpoint every N steps (below 1: a fraction of the run).")
+    keep_checkpoints: bool = setting(False, "Keep checkpoints/ after the run ends.")
+    logging_steps: int = setting(10, "Log the loss every N steps.")
+    resume: bool = setting(False, "Continue the interrupted run in out from its last checkpoint.")
+    overwrite: bool = setting(False, "Replace the run in out.")
 
     def __post_init__(self) -> None:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:

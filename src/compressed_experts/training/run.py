@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from ..architectures import family_of
 from ..checkpoint import (
     MODEL_MARKERS,
     check_output_dir,
@@ -87,8 +88,6 @@ def _precision(name: str) -> str:
 
 def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     """The conversion and sequence length this run uses, from the model's config alone."""
-    from ..architectures import family_of
-
     shape = skeleton(config.model)  # the meta-device structure: no weights are read
     family_of(shape)  # a dense or unsupported model is refused here, naming the supported families
     model_config, existing = shape.config, ce_config_of(shape)
@@ -137,8 +136,6 @@ def train(config: TrainConfig) -> TrainResult:
     """
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback
-
-    from ..architectures import family_of
 
     resume_from, clear = prepare_output(config)
     wanted, seq_len = _check_structure(config)

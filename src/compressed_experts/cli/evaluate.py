@@ -1,9 +1,4 @@
-"""``compressed-experts eval`` and ``compare``: thin commands over :func:`evaluate` and :func:`compare`.
-
-Registered in the CLI with ``app.command("eval")(eval_command)`` and
-``app.command("compare")(compare_command)``; they report mistakes through the CLI's own
-one-line errors (imported when a command runs, since the CLI imports this module).
-"""
+"""``eval`` and ``compare``: scoring a model on a task, and the table and plot over results files."""
 
 from __future__ import annotations
 
@@ -12,14 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..checkpoint import from_pretrained, load_tokenizer
+from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
+from ..evaluation.report import compare, comparison_table
+from ..evaluation.run import check_task_name, evaluate
+from .app import app
+from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, run
 
 
 def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
     """The model and its tokenizer (checked first: it is the quicker to fail), on ``device``."""
-    from ..checkpoint import from_pretrained, load_tokenizer
-    from ..cli import check_device, console
-
     device = check_device(device)
     tokenizer = load_tokenizer(tokenizer_source or source)
     with console.status(f"loading {source}"):
@@ -27,6 +25,7 @@ def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
+@app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Option(help="Model directory, hub id, or tiny:<family>.")],
     task: Annotated[str, typer.Option(help="gsm8k, math, humaneval, mbpp, or lm-eval:<task> (e.g. lm-eval:arc_easy).")],
@@ -39,15 +38,11 @@ def eval_command(
     timeout: Annotated[float, typer.Option(help="Seconds each generated program may run (humaneval, mbpp).")] = 10.0,
     num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples for lm-eval tasks.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer source, where the model directory has none.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (as saved), float32, bfloat16, float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Results JSON: score, settings and every example.")] = None,
 ) -> None:
     """Score a model on a task (math, code, or any lm-evaluation-harness task)."""
-    from ..cli import _run, console
-    from ..config import check_dtype_name
-    from .run import check_task_name, evaluate
-
     def action() -> None:
         check_task_name(task)
         check_dtype_name(dtype, "--dtype")
@@ -62,18 +57,16 @@ def eval_command(
         if out is not None:
             console.print(f"wrote {out}")
 
-    _run(action)
+    run(action)
 
 
+@app.command("compare")
 def compare_command(
     results: Annotated[list[Path], typer.Argument(help="Results files written by `compressed-experts eval --out`.")],
     plot: Annotated[Path, typer.Option(help="Where to write the plot of score against active parameters (PNG).")] = Path("comparison.png"),
     reference: Annotated[Optional[str], typer.Option(help="Source of the full top-k model that recovery is measured against, where the results hold several.")] = None,
 ) -> None:
     """Table of methods, active parameters, scores and recovery; plot of score against active parameters."""
-    from ..cli import _run, console
-    from .report import compare, comparison_table
-
     def action() -> None:
         comparison = compare(results, plot=plot, reference=reference)
         console.print(comparison_table(comparison))
@@ -86,4 +79,4 @@ def compare_command(
             )
         console.print(f"wrote {plot}")
 
-    _run(action)
+    run(action)

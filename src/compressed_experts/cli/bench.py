@@ -1,0 +1,78 @@
+"""``bench``: transformers' MoE block, full top-k, top-m and compressed experts timed side by side."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markdown import Markdown
+
+from .. import bench as benchmark
+from ..errors import CompressedExpertsError
+from .app import app
+from .common import DEVICE_HELP, check_device, console, run
+
+
+def csv_values(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> tuple:
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise CompressedExpertsError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from err
+    if kind is int and any(v <= 0 for v in values):
+        raise CompressedExpertsError(f"token counts must be positive, got {text!r}")
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise CompressedExpertsError(f"unknown value(s) {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+    if not values:
+        raise CompressedExpertsError("an empty list was given")
+    return values
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    shapes: Annotated[str, typer.Option(help="Layer shapes: olmoe, phimoe; 'none' for end to end only.")] = "olmoe,phimoe",
+    dtypes: Annotated[str, typer.Option(help="bfloat16, float32.")] = "bfloat16,float32",
+    tokens: Annotated[str, typer.Option(help="Token counts per call.")] = "1,16,512",
+    modes: Annotated[str, typer.Option(help="forward, forward+backward.")] = "forward,forward+backward",
+    repeats: Annotated[int, typer.Option(help="Timed repeats (median reported), after 2 warm-ups.")] = 5,
+    end_to_end: Annotated[bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")] = True,
+    out_dir: Annotated[Path, typer.Option(help="Where <device>.json goes.")] = Path("benchmarks"),
+    doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path("BENCHMARKS.md"),
+    report_only: Annotated[bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")] = False,
+) -> None:
+    """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
+    def action() -> None:
+        if report_only:
+            benchmark.write_report(None, out_dir, doc)
+            console.print(f"regenerated {doc} from {out_dir}")
+            return
+        if repeats < 5:
+            raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
+        check_device(device)
+        # Every argument and output is checked now, not after a run of many minutes.
+        layer_shapes = () if shapes == "none" else csv_values(shapes, tuple(benchmark.SHAPES))
+        settings = (csv_values(dtypes, ("bfloat16", "float32")), csv_values(tokens, kind=int), csv_values(modes, ("forward", "forward+backward")))
+        if not layer_shapes and not end_to_end:
+            raise CompressedExpertsError("--shapes none with --no-end-to-end measures nothing")
+        if not doc.parent.is_dir():
+            raise CompressedExpertsError(f"{doc.parent} does not exist: create it or choose another --doc")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for target in (out_dir, doc.parent):
+            if not os.access(target, os.W_OK):
+                raise CompressedExpertsError(f"cannot write to {target}")
+        command = "compressed-experts bench " + " ".join(sys.argv[2:])
+        with console.status("benchmarking") as status:
+            result = benchmark.run(
+                device, layer_shapes, *settings, repeats, end_to_end, command,
+                progress=lambda text: status.update(f"benchmarking: {text}"),
+            )
+        benchmark.write_report(result, out_dir, doc)
+        console.print(Markdown(benchmark.markdown(result)))
+        console.print(f"wrote {out_dir / (result['device'] + '.json')} and {doc}")
+
+    run(action)
