@@ -55,7 +55,7 @@ def test_top_m_form_round_trip(tmp_path):
 def test_form_is_checked_before_loading():
     with pytest.raises(ce.CompressedExpertsError, match="unknown compressed-expert form 'lora'; choose from ia3, none"):
         ce.from_pretrained("no/such-model", n_ce=2, form="lora")
-    with pytest.raises(ce.CompressedExpertsError, match="form='none' needs n_ce"):
+    with pytest.raises(ce.CompressedExpertsError, match="form=none needs n_ce"):
         ce.from_pretrained("tiny:olmoe", form="none")
 
 
@@ -89,6 +89,15 @@ def test_asking_for_another_n_ce_than_saved_is_an_error(tmp_path):
     with pytest.raises(ce.CompressedExpertsError, match="already has compressed experts with n_ce=2, form=ia3; got n_ce=3"):
         ce.from_pretrained(path, n_ce=3)
     assert ce.ce_config_of(ce.from_pretrained(path, n_ce=2)) == ce.CEConfig(2)
+
+
+def test_errors_name_settings_by_their_python_names():
+    """Library errors say n_ce, not the CLI's --n-ce, and list the settings they name (for the CLI to map)."""
+    with pytest.raises(ce.CompressedExpertsError) as caught:
+        ce.from_pretrained("tiny:olmoe", n_ce=8)
+    message = str(caught.value)
+    assert message.startswith("n_ce=8 must be smaller than the model's top-k (8)"), message
+    assert "--" not in message and caught.value.settings == ("n_ce",)
 
 
 def test_n_ce_out_of_range_is_caught_before_loading(tmp_path):

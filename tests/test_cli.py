@@ -83,7 +83,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["bench", "--shapes", "none", "--no-end-to-end"], "measures nothing"),
         (["bench", "--doc", str(tmp_path / "nowhere" / "B.md")], "does not exist"),
         (["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")], "no benchmark results"),
-        (["demo", "--math-steps", "0", "--out", str(tmp_path / "demo")], "demo settings must be positive: math_steps=0"),
+        (["demo", "--math-steps", "0", "--out", str(tmp_path / "demo")], "demo settings must be positive: --math-steps=0"),
     ]
     (tmp_path / "file.txt").write_text("x")
     for args, message in cases:
@@ -91,6 +91,16 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert result.exit_code == 2, result.output
         assert "error:" in result.output and message in " ".join(result.output.split())
         assert "Traceback" not in result.output
+
+
+def test_library_errors_name_the_flags(tmp_path):
+    """The library says n_ce (tests/test_checkpoint.py); the CLI shows the setting as its flag."""
+    result = runner.invoke(app, ["convert", "tiny:olmoe", "--n-ce", "8", "--out", str(tmp_path / "x")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "error: --n-ce=8 must be smaller than the model's top-k (8)" in text, text
+    assert "use --n-ce between 0 and 7" in text and "n_ce" not in text, text
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_command_runs_and_summarises(tmp_path):

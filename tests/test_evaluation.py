@@ -287,7 +287,7 @@ def test_top_m_models_are_told_apart(model):
         ({"task": "gsm8k", "data": "wrong"}, "has the fields problem, solution; the gsm8k task needs question and answer"),
         ({"task": "math", "data": "wrong", "limit": 0}, "limit must be a positive whole number"),
         ({"task": "humaneval", "prompt": "fewshot"}, "takes the prompt styles alpaca, chat, plain, not 'fewshot'"),
-        ({"task": "gsm8k", "prompt": "chat"}, "the chat prompt style needs a tokenizer with a chat template"),
+        ({"task": "gsm8k", "prompt": "chat"}, "prompt chat needs a tokenizer with a chat template"),
         ({"task": "humaneval", "timeout": 0}, "give a positive number (e.g. 10), not 0"),
         ({"task": "mbpp", "timeout": -1.0}, "give a positive number (e.g. 10), not -1.0"),
         ({"task": "gsm8k", "max_new_tokens": 0}, "max_new_tokens must be at least 1, not 0"),

@@ -137,11 +137,11 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
                          (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "none", *missing, "--out", str(tmp_path / "x")],
                           "nothing to fit"),
                          (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "slim", "--r", "999", *missing,
-                           "--out", str(tmp_path / "x")], "use r between 1 and"),
+                           "--out", str(tmp_path / "x")], "use --r between 1 and"),
                          (["fit", "tiny:olmoe", "--n-ce", "2", "--steps", "-1", *missing, "--out", str(tmp_path / "x")],
                           "steps must be a whole number"),
                          (["fit", str(out), "--form", "ia3", "--out", str(tmp_path / "y")], "already has compressed experts"),
-                         (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use r between 1 and")):
+                         (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use --r between 1 and")):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

@@ -38,7 +38,7 @@ def test_check_output_dir_says_what_must_be_replaced(tmp_path):
     assert check_output_dir(tmp_path / "empty") is False
     ce.tiny_model("mixtral").save_pretrained(tmp_path / "model")
     assert check_output_dir(tmp_path / "model", overwrite=True) is True
-    with pytest.raises(ce.CompressedExpertsError, match="is not empty .*pass --overwrite"):
+    with pytest.raises(ce.CompressedExpertsError, match="is not empty .*pass overwrite"):
         check_output_dir(tmp_path / "model")
     assert check_output_dir(tmp_path / "model", keep=True) is False  # continued, not replaced
     with pytest.raises(ce.CompressedExpertsError, match="is the source model itself"):
@@ -85,7 +85,7 @@ def test_the_toy_recipe_applies_the_same_policy(tmp_path):
 
     (tmp_path / "keep.txt").write_text("mine")
     small = Recipe(max_files=1, max_steps=1)
-    with pytest.raises(ce.CompressedExpertsError, match="is not empty.*use --resume"):
+    with pytest.raises(ce.CompressedExpertsError, match="is not empty.*use resume"):
         pretrain(tmp_path, small)
     with pytest.raises(ce.CompressedExpertsError, match="only replaces a toy pretraining directory.*not deleting them"):
         pretrain(tmp_path, small, overwrite=True)

@@ -150,10 +150,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, d
         (dict(method="full", trainable="ce+router"), "method full has no compressed experts"),
         (dict(method="top-m", ce_lr=1e-3), "method top-m has none"),
         (dict(method="lora"), "method must be one of full, top-m, ce"),
-        (dict(seq_len=4096), r"--seq-len 4096 is longer than the model takes \(128 positions\)"),
+        (dict(seq_len=4096), r"seq_len 4096 is longer than the model takes \(128 positions\)"),
         (dict(warmup=1.5), "warmup is a fraction"),
         (dict(resume=True, overwrite=True), "choose one"),
-        (dict(prompt="chat"), "no chat template; use --prompt alpaca"),
+        (dict(prompt="chat"), "no chat template; use prompt alpaca"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path, data, change, message):

@@ -129,8 +129,8 @@ def test_distillation_weight_does_not_grow_with_gradient_accumulation(tmp_path, 
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(method="top-m", form="slim"), "--form and --r choose the compressed experts of method ce"),
-        (dict(form="none"), "none is --method top-m"),
+        (dict(method="top-m", form="slim"), "form and r choose the compressed experts of method ce"),
+        (dict(form="none"), "none is method top-m"),
         (dict(form="ia3", r=4), "form ia3 has none"),
         (dict(form="slim", r=0), "r must be a whole number"),
         (dict(method="full", distill_weight=1.0), "method full has none"),

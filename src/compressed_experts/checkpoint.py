@@ -187,8 +187,11 @@ def _requested(n_ce: int | None, form: str | None, r: int | None = None) -> CECo
 
 def _needs_n_ce(form: str | None, r: int | None) -> None:
     if form is not None or r is not None:
-        asked = f"form={form!r}" if form is not None else f"r={r}"
-        raise CompressedExpertsError(f"{asked} needs n_ce to convert a plain model: say how many experts per token it replaces")
+        name, value = ("form", form) if form is not None else ("r", r)
+        raise CompressedExpertsError(
+            f"{name}={value} needs n_ce to convert a plain model: say how many experts per token it replaces",
+            settings=(name, "n_ce"),
+        )
 
 
 def _resolve(
@@ -216,7 +219,8 @@ def _resolve(
         given = ", ".join(f"{key}={value}" for key, value in asked.items() if value is not None)
         raise CompressedExpertsError(
             f"{source} already has compressed experts with {held}; got {given}. "
-            f"Leave them out, or convert the original model again"
+            f"Leave them out, or convert the original model again",
+            settings=tuple(key for key in asked if asked[key] is not None or getattr(ce, key) is not None),
         )
     fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
     return _plain_config(source, base_type, fields, "unknown base model type"), ce
@@ -319,7 +323,8 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    advice = "save one into the model directory (tokenizer.save_pretrained), or name one with --tokenizer"
+    advice = ("save one into the model directory (tokenizer.save_pretrained), "
+              "or take one from another source (the tokenizer setting)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as err:
@@ -425,34 +430,39 @@ def check_output_dir(
       only thing ``overwrite`` ever replaces is what such a command wrote.
 
     With ``keep`` (``out`` is continued, not replaced: a resumed run), only the first two checks
-    apply. ``resumable`` adds "use --resume" to the advice for a directory that is not empty.
+    apply. ``resumable`` adds "use resume" to the advice for a directory that is not empty.
     """
     target = Path(out)
     if target.exists() and not target.is_dir():
-        raise CompressedExpertsError(f"--out {out} is a file; give a directory")
+        raise CompressedExpertsError(f"out {out} is a file; give a directory", settings=("out",))
     cwd = Path.cwd().resolve()
     if target.resolve() == cwd or target.resolve() in cwd.parents:
-        raise CompressedExpertsError(f"--out {out} is the working directory or above it: choose a subdirectory")
+        raise CompressedExpertsError(f"out {out} is the working directory or above it: choose a subdirectory",
+                                     settings=("out",))
     for label, value in (sources or {}).items():
         path = local_path(value)
         if path is None:
             continue
         if path.resolve() == target.resolve():
             raise CompressedExpertsError(
-                f"--out {out} overlaps the {label} ({value}): it is the {label} itself; choose another --out"
+                f"out {out} overlaps the {label} ({value}): it is the {label} itself; choose another out",
+                settings=("out",),
             )
         if _inside(path, target) or _inside(target, path):
-            raise CompressedExpertsError(f"--out {out} overlaps the {label} ({value}): choose another --out")
+            raise CompressedExpertsError(f"out {out} overlaps the {label} ({value}): choose another out",
+                                         settings=("out",))
     if keep or not target.is_dir() or not any(target.iterdir()):
         return False
     if not overwrite:
-        advice = "choose another --out, pass --overwrite to replace it, or use --resume to continue it" if resumable \
-            else "choose another --out or pass --overwrite to replace it"
-        raise CompressedExpertsError(f"--out {out} is not empty (it already holds files): {advice}")
+        advice = "choose another out, pass overwrite to replace it, or use resume to continue it" if resumable \
+            else "choose another out or pass overwrite to replace it"
+        raise CompressedExpertsError(f"out {out} is not empty (it already holds files): {advice}",
+                                     settings=("out", "overwrite", "resume") if resumable else ("out", "overwrite"))
     if not any((target / marker).exists() for marker in markers):
         raise CompressedExpertsError(
-            f"--overwrite only replaces {replaces} (one with {' or '.join(markers)}); {out} holds files "
-            f"that are not {replaces}; not deleting them"
+            f"overwrite only replaces {replaces} (one with {' or '.join(markers)}); {out} holds files "
+            f"that are not {replaces}; not deleting them",
+            settings=("overwrite",),
         )
     return True
 

@@ -38,24 +38,27 @@ class CEConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ce, bool) or not isinstance(self.n_ce, int):
-            raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}")
+            raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}", settings=("n_ce",))
         if self.n_ce < 0:
-            raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}")
+            raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}", settings=("n_ce",))
         form = get_form(self.form)  # raises, listing the forms
         if self.r is not None:
             if not form.takes_r:
                 raise CompressedExpertsError(
-                    f"r sets the neurons of the {' and '.join(NEURON_FORMS)} forms; form {self.form} has none (leave r out)"
+                    f"r sets the neurons of the {' and '.join(NEURON_FORMS)} forms; form {self.form} has none (leave r out)",
+                    settings=("r", "form"),
                 )
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-                raise CompressedExpertsError(f"r must be a whole number of neurons, 1 or more; got {self.r!r}")
+                raise CompressedExpertsError(f"r must be a whole number of neurons, 1 or more; got {self.r!r}",
+                                             settings=("r",))
 
     def neurons(self, intermediate: int) -> int:
         """The ``r`` of an expert with ``intermediate`` neurons; raises if it does not fit (``1..I``)."""
         r = self.r if self.r is not None else max(1, intermediate // 8)
         if r > intermediate:
             raise CompressedExpertsError(
-                f"r={r} is more neurons than the model's experts have ({intermediate}); use r between 1 and {intermediate}"
+                f"r={r} is more neurons than the model's experts have ({intermediate}); use r between 1 and {intermediate}",
+                settings=("r",),
             )
         return r
 
@@ -72,7 +75,8 @@ class CEConfig:
         if self.n_ce >= top_k:
             raise CompressedExpertsError(
                 f"n_ce={self.n_ce} must be smaller than the model's top-k ({top_k}): at least one "
-                f"full expert must stay per token; use n_ce between 0 and {top_k - 1}"
+                f"full expert must stay per token; use n_ce between 0 and {top_k - 1}",
+                settings=("n_ce",),
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,10 +104,13 @@ class CEConfig:
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
-def check_dtype_name(name: str, label: str = "dtype") -> None:
-    """Refuse a dtype name before any model is built or read."""
+def check_dtype_name(name: str, setting: str = "dtype") -> None:
+    """Refuse a dtype name before any model is built or read; the error names ``setting``, the
+    setting (or parameter) that held ``name``."""
     if name not in DTYPE_NAMES:
-        raise CompressedExpertsError(f"{label} must be {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, not {name!r}")
+        raise CompressedExpertsError(
+            f"{setting} must be {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}, not {name!r}", settings=(setting,)
+        )
 
 
 #: Key of the section that a converted model's config carries, and the ``model_type`` it is

@@ -67,9 +67,11 @@ def calibration_blocks(
     no default: pass the text) as ``[n, seq_len]`` blocks; the texts are shuffled by ``seed``
     first, so seeds draw different text."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise CompressedExpertsError(f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}")
+        raise CompressedExpertsError(f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}",
+                                     settings=("seq_len",))
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < seq_len:
-        raise CompressedExpertsError(f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}")
+        raise CompressedExpertsError(f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}",
+                                     settings=("tokens", "seq_len"))
     texts = calibration_texts(source, tokenizer)
     if not any(text.strip() for text in texts):
         where = source if isinstance(source, (str, os.PathLike)) else "given as a list"
@@ -162,10 +164,12 @@ def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progres
     """
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
     if not layers:
-        raise CompressedExpertsError("this model has no compressed experts: convert it first (n_ce and form), then fit")
+        raise CompressedExpertsError("this model has no compressed experts: convert it first (n_ce and form), then fit",
+                                     settings=("n_ce", "form"))
     form, spec = layers[0].form, layers[0].form_spec
     if not (spec.parameters or spec.selects_neurons):
-        raise CompressedExpertsError(f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}")
+        raise CompressedExpertsError(f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}",
+                                     settings=("form",))
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
     if config is not None and settings:

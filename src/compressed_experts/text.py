@@ -158,7 +158,8 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str,
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise CompressedExpertsError("this tokenizer's chat template does not extend turn by turn; use --prompt alpaca")
+            raise CompressedExpertsError("this tokenizer's chat template does not extend turn by turn; use prompt alpaca",
+                                         settings=("prompt",))
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
     return pieces
@@ -168,7 +169,8 @@ def check_prompt_format(prompt_format: str, tokenizer) -> None:
     if prompt_format not in PROMPT_FORMATS:
         raise CompressedExpertsError(f"unknown prompt format {prompt_format!r}; choose from {', '.join(PROMPT_FORMATS)}")
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise CompressedExpertsError("the tokenizer has no chat template; use --prompt alpaca (the paper's format)")
+        raise CompressedExpertsError("the tokenizer has no chat template; use prompt alpaca (the paper's format)",
+                                     settings=("prompt",))
 
 
 def token_blocks(tokenizer, texts, seq_len: int, blocks: int | None = None) -> torch.Tensor:
@@ -184,6 +186,7 @@ def token_blocks(tokenizer, texts, seq_len: int, blocks: int | None = None) -> t
     usable = len(ids) // seq_len if blocks is None else min(blocks, len(ids) // seq_len)
     if usable == 0:
         raise CompressedExpertsError(
-            f"the texts hold {len(ids)} tokens, fewer than one block of {seq_len}: give more text or a shorter sequence length"
+            f"the texts hold {len(ids)} tokens, fewer than one block of {seq_len}: give more text or a shorter seq_len",
+            settings=("seq_len",),
         )
     return torch.tensor(ids[: usable * seq_len]).view(usable, seq_len)

@@ -45,7 +45,7 @@ def eval_command(
     """Score a model on a task (math, code, or any lm-evaluation-harness task)."""
     def action() -> None:
         check_task_name(task)
-        check_dtype_name(dtype, "--dtype")
+        check_dtype_name(dtype, "dtype")
         if out is not None and out.is_dir():
             raise CompressedExpertsError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
         loaded, tok = _load(model, tokenizer, dtype, device)

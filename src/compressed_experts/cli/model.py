@@ -47,7 +47,7 @@ def convert(
 
     def action() -> None:
         check_output_dir(out, overwrite=overwrite, sources={"source model": source})
-        check_dtype_name(dtype, "--dtype")
+        check_dtype_name(dtype, "dtype")
         with console.status(f"loading {source}"):
             model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
         _save(model, source, out)
@@ -91,7 +91,7 @@ def fit(**options) -> None:
 
     def action() -> None:
         check_output_dir(out, overwrite=options["overwrite"], sources={"source model": source})
-        check_dtype_name(options["dtype"], "--dtype")
+        check_dtype_name(options["dtype"], "dtype")
         config = FitConfig(**fitting)
         where = check_device(options["device"])
         # Before any text or weight is read: the conversion must make sense for this model (a plain

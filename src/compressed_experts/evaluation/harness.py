@@ -98,7 +98,8 @@ def run_lm_eval(
     except (OSError, ValueError) as err:
         raise CompressedExpertsError(
             f"lm-eval cannot load {task} ({first_line(err)}); without network access, point a custom task file "
-            f"at local data and pass it with --data"
+            f"at local files and pass it as data",
+            settings=("data",),
         ) from err
     built = loaded["groups"].get(task) or loaded["tasks"][task]
     wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

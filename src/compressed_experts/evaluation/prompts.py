@@ -23,8 +23,9 @@ _REPLY = "@@reply@@"
 def _check_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise CompressedExpertsError(
-            "the chat prompt style needs a tokenizer with a chat template: give the tokenizer the model was "
-            "fine-tuned with (it has one if training used --prompt chat), or choose the prompt style alpaca"
+            "prompt chat needs a tokenizer with a chat template: give the tokenizer the model was fine-tuned "
+            "with (it has one if training used prompt chat), or use prompt alpaca",
+            settings=("prompt",),
         )
 
 

@@ -94,7 +94,8 @@ def evaluate(
     check_timeout(timeout)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise CompressedExpertsError(
-            f"max_new_tokens must be at least 1, not {max_new_tokens}; leave it out for the task's own limit"
+            f"max_new_tokens must be at least 1, not {max_new_tokens}; leave it out for the task's own limit",
+            settings=("max_new_tokens",),
         )
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
@@ -107,17 +108,20 @@ def evaluate(
         given = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature or None}
         unused = [name for name, value in given.items() if value is not None]
         if unused:
-            raise CompressedExpertsError(f"lm-eval tasks bring their own {', '.join(unused)}: leave it out")
+            raise CompressedExpertsError(f"lm-eval tasks bring their own {', '.join(unused)}: leave it out",
+                                         settings=tuple(unused))
         run = run_lm_eval(model, tokenizer, task[len(PREFIX):], data, limit, batch_size, num_fewshot)
         metric, score, examples = run["metric"], run["score"], run["examples"]
         settings.update(data=str(data) if data is not None else None, **run["settings"])
     else:
         if num_fewshot is not None:
-            raise CompressedExpertsError(f"num_fewshot is for lm-eval tasks; for {task} choose the prompt style instead")
+            raise CompressedExpertsError(f"num_fewshot is for lm-eval tasks; for {task} choose the prompt style instead",
+                                         settings=("num_fewshot", "prompt"))
         spec = TASKS[task]
         style = prompt or trained_prompt_style(source or model.name_or_path) or spec.styles[0]
         if style not in spec.styles:
-            raise CompressedExpertsError(f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}")
+            raise CompressedExpertsError(f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}",
+                                         settings=("prompt",))
         stop = spec.stop(style, tokenizer)  # before the data: a tokenizer without a chat template fails at once
         max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)

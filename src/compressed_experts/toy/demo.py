@@ -51,9 +51,10 @@ class Plan:
     bench_tokens: int = 48
 
     def __post_init__(self) -> None:
-        small = [f"{k}={v}" for k, v in asdict(self).items() if not v > 0]
+        small = {k: v for k, v in asdict(self).items() if not v > 0}
         if small:
-            raise CompressedExpertsError(f"demo settings must be positive: {', '.join(small)}")
+            named = ", ".join(f"{k}={v}" for k, v in small.items())
+            raise CompressedExpertsError(f"demo settings must be positive: {named}", settings=tuple(small))
 
 
 QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, domain_blocks=16, bench_tokens=24)
@@ -65,7 +66,7 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     if seeds < 1:
-        raise CompressedExpertsError(f"--seeds must be at least 1, got {seeds}")
+        raise CompressedExpertsError(f"seeds must be at least 1, got {seeds}", settings=("seeds",))
     model = model or BUNDLED
     out = Path(out)
     started = time.perf_counter()

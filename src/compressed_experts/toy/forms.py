@@ -72,7 +72,7 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     if seeds < 1:
-        raise CompressedExpertsError(f"--seeds must be at least 1, got {seeds}")
+        raise CompressedExpertsError(f"seeds must be at least 1, got {seeds}", settings=("seeds",))
     model = model or BUNDLED
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,11 +49,14 @@ class Recipe:
     held_out_blocks: int = 64  # sequences of the held-out part scored at the end
 
     def __post_init__(self) -> None:
-        small = [f"{k}={v}" for k, v in asdict(self).items() if isinstance(v, int) and k != "seed" and v < 1]
-        if small or (self.max_files is not None and self.max_files < 1) or not self.lr > 0:
-            raise CompressedExpertsError(f"recipe settings must be positive: {', '.join(small) or 'max_files or lr'}")
+        small = {k: v for k, v in asdict(self).items()
+                 if k != "seed" and v is not None and not isinstance(v, bool) and not v > 0}
+        if small:
+            named = ", ".join(f"{k}={v}" for k, v in small.items())
+            raise CompressedExpertsError(f"recipe settings must be positive: {named}", settings=tuple(small))
         if self.hidden_size % self.heads:
-            raise CompressedExpertsError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})")
+            raise CompressedExpertsError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})",
+                                         settings=("hidden_size", "heads"))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NoReturn
 
 from ..config import CEConfig, setting
 from ..errors import CompressedExpertsError
@@ -66,9 +67,12 @@ class TrainConfig:
     overwrite: bool = setting(False, "Replace the run in out.")
 
     def __post_init__(self) -> None:
+        def fail(message: str, *settings: str) -> NoReturn:
+            raise CompressedExpertsError(message, settings=settings)
+
         def one_of(name: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, name) not in allowed:
-                raise CompressedExpertsError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                fail(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}", name)
 
         one_of("method", METHODS)
         one_of("trainable", TRAINABLE)
@@ -76,45 +80,51 @@ class TrainConfig:
         one_of("prompt", PROMPT_FORMATS)
         for name in ("lr", "epochs", "save_steps"):
             if not getattr(self, name) > 0:
-                raise CompressedExpertsError(f"{name} must be positive, got {getattr(self, name)}")
+                fail(f"{name} must be positive, got {getattr(self, name)}", name)
         if self.ce_lr is not None and not self.ce_lr > 0:
-            raise CompressedExpertsError(f"ce_lr must be positive, got {self.ce_lr}")
+            fail(f"ce_lr must be positive, got {self.ce_lr}", "ce_lr")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
-                raise CompressedExpertsError(f"{name} must be at least 1, got {getattr(self, name)}")
+                fail(f"{name} must be at least 1, got {getattr(self, name)}", name)
         for name in ("max_steps", "seq_len", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise CompressedExpertsError(f"{name} must be at least 1, got {getattr(self, name)}")
+                fail(f"{name} must be at least 1, got {getattr(self, name)}", name)
         if self.save_steps > 1 and self.save_steps != int(self.save_steps):
-            raise CompressedExpertsError(f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}")
+            fail(f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}",
+                 "save_steps")
         if not 0 <= self.warmup < 1:
-            raise CompressedExpertsError(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}")
+            fail(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}", "warmup")
         if self.resume and self.overwrite:
-            raise CompressedExpertsError("--resume continues the run in --out and --overwrite deletes it: choose one")
+            fail("resume continues the run in out and overwrite deletes it: choose one", "resume", "out", "overwrite")
         if self.method == "full":
             if self.n_ce:
-                raise CompressedExpertsError(f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave --n-ce out)")
+                fail(f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave n_ce out)",
+                     "method", "n_ce")
             if self.trainable != "all":
-                raise CompressedExpertsError(f"method full has no compressed experts to train; --trainable {self.trainable} needs --method ce")
+                fail(f"method full has no compressed experts to train; trainable {self.trainable} needs method ce",
+                     "method", "trainable")
         else:
             if self.n_ce is not None:
                 CEConfig(self.n_ce)
                 if self.n_ce == 0:
-                    raise CompressedExpertsError(f"n_ce=0 with method {self.method} is full top-k: use --method full")
+                    fail(f"n_ce=0 with method {self.method} is full top-k: use method full", "n_ce", "method")
             if self.method == "top-m" and self.trainable != "all":
-                raise CompressedExpertsError(f"method top-m has no compressed experts; --trainable {self.trainable} needs --method ce")
+                fail(f"method top-m has no compressed experts; trainable {self.trainable} needs method ce",
+                     "method", "trainable")
         if self.ce_lr is not None and self.method != "ce":
-            raise CompressedExpertsError(f"ce_lr sets the compressed experts' learning rate; method {self.method} has none")
+            fail(f"ce_lr sets the compressed experts' learning rate; method {self.method} has none", "ce_lr", "method")
         if (self.form is not None or self.r is not None) and self.method != "ce":
-            raise CompressedExpertsError(f"--form and --r choose the compressed experts of method ce, not {self.method}")
+            fail(f"form and r choose the compressed experts of method ce, not {self.method}", "form", "r", "method")
         if self.form is not None:
             if self.form not in CE_FORMS:
-                raise CompressedExpertsError(f"--form must be one of {', '.join(CE_FORMS)} (none is --method top-m), not {self.form!r}")
+                fail(f"form must be one of {', '.join(CE_FORMS)} (none is method top-m), not {self.form!r}",
+                     "form", "method")
             CEConfig(1, self.form, self.r)  # r only with subset or slim, a whole number
         if not self.distill_weight >= 0:
-            raise CompressedExpertsError(f"distill_weight must be 0 or more, got {self.distill_weight}")
+            fail(f"distill_weight must be 0 or more, got {self.distill_weight}", "distill_weight")
         if self.distill_weight and self.method == "full":
-            raise CompressedExpertsError("--distill-weight pulls converted blocks towards full top-k; method full has none")
+            fail("distill_weight pulls converted blocks towards full top-k; method full has none",
+                 "distill_weight", "method")
 
     def ce_config(self, top_k: int, existing: CEConfig | None = None) -> CEConfig | None:
         """The conversion this run trains (None for full top-k), given the model's top-k and the
@@ -123,14 +133,18 @@ class TrainConfig:
             return None
         n_ce = self.n_ce if self.n_ce is not None else existing.n_ce if existing is not None else top_k // 2
         if n_ce == 0:
-            raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use --method full")
+            raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use method full",
+                                         settings=("method",))
         if self.method == "top-m":
             return CEConfig(n_ce, TOP_M)
         form = self.form or (existing.form if existing is not None and existing.form != TOP_M else FORMS[0])
         r = self.r if self.r is not None else existing.r if existing is not None and existing.form == form else None
         wanted = CEConfig(n_ce, form, r)
         if not get_form(form).parameters and self.trainable == "ce":
-            raise CompressedExpertsError(f"form {form} adds no parameters, so --trainable ce has nothing to train; use all or ce+router")
+            raise CompressedExpertsError(
+                f"form {form} adds no parameters, so trainable ce has nothing to train; use trainable all or ce+router",
+                settings=("form", "trainable"),
+            )
         return wanted
 
     def to_json(self, **extra) -> str:

@@ -70,13 +70,15 @@ def build_dataset(records, tokenizer, seq_len: int, prompt_format: str = "alpaca
             total = sum(len(row) for row in encoded["input_ids"])
             raise CompressedExpertsError(
                 f"the data holds {total} tokens, fewer than one packed sequence of {seq_len}: "
-                f"lower --seq-len, add data, or turn packing off (--no-packing)"
+                f"lower seq_len, add data, or turn packing off",
+                settings=("seq_len", "packing"),
             )
     # A sequence with no token in the loss (a prompt cut off before its response) would make
     # a batch's mean loss 0/0; such sequences teach nothing and are left out.
     examples = examples.filter(lambda row: any(label != IGNORE for label in row["labels"]), desc="dropping loss-free")
     if len(examples) == 0:
         raise CompressedExpertsError(
-            "no sequence has a token in the loss: are the responses empty, or cut off by a short --seq-len?"
+            "no sequence has a token in the loss: are the responses empty, or cut off by a short seq_len?",
+            settings=("seq_len",),
         )
     return examples

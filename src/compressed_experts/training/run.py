@@ -65,16 +65,20 @@ def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
                              markers=(CONFIG_FILE, *MODEL_MARKERS), keep=config.resume, resumable=True)
     if config.resume:
         if not (out / CONFIG_FILE).is_file():
-            raise CompressedExpertsError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+            raise CompressedExpertsError(f"resume: {out} holds no run to continue (no {CONFIG_FILE})",
+                                         settings=("resume",))
         if (out / SUMMARY_FILE).is_file():
-            raise CompressedExpertsError(f"--resume: the run in {out} has already finished")
+            raise CompressedExpertsError(f"resume: the run in {out} has already finished", settings=("resume",))
         changed = config.differences(TrainConfig.read(out))
         if changed:
-            raise CompressedExpertsError(f"--resume with other settings than the run in {out}: {'; '.join(changed)}")
+            names = tuple(change.split(":", 1)[0] for change in changed)  # "lr: 0.003 -> 0.001"
+            raise CompressedExpertsError(f"resume with other settings than the run in {out}: {'; '.join(changed)}",
+                                         settings=("resume", *names))
         last = latest_checkpoint(out / CHECKPOINTS)
         if last is None:
             raise CompressedExpertsError(
-                f"--resume: the run in {out} wrote no checkpoint yet; start it again with --overwrite"
+                f"resume: the run in {out} wrote no checkpoint yet; start it again with overwrite",
+                settings=("resume", "overwrite"),
             )
         return last, False
     return None, clear
@@ -101,12 +105,14 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
         held = f"n_ce={existing.n_ce}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
         raise CompressedExpertsError(
             f"{config.model} already has compressed experts ({held}); "
-            f"method {config.method} needs {'the original model' if wanted is None else wanted}"
+            f"method {config.method} needs {'the original model' if wanted is None else wanted}",
+            settings=("method",),
         )
     limit = getattr(model_config, "max_position_embeddings", None)
     seq_len = config.seq_len or min(_DEFAULT_SEQ_LEN, limit or _DEFAULT_SEQ_LEN)
     if limit is not None and seq_len > limit:
-        raise CompressedExpertsError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions)")
+        raise CompressedExpertsError(f"seq_len {seq_len} is longer than the model takes ({limit} positions)",
+                                     settings=("seq_len",))
     return wanted, seq_len
 
 
@@ -141,7 +147,7 @@ def train(config: TrainConfig) -> TrainResult:
     wanted, seq_len = _check_structure(config)
     precision = _precision(config.precision)
     if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise CompressedExpertsError("this GPU has no bfloat16: use --precision fp32")
+        raise CompressedExpertsError("this GPU has no bfloat16: use precision fp32", settings=("precision",))
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

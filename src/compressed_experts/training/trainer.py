@@ -145,7 +145,8 @@ def diverged(what: str, step: int, output_dir: str) -> TrainingDiverged:
     last = latest_checkpoint(Path(output_dir))
     return TrainingDiverged(
         f"{what} at step {step + 1}; stopped before updating the weights. Last good checkpoint: "
-        f"{last or 'none yet'}. Try a lower --lr or fp32 precision"
+        f"{last or 'none yet'}. Try a lower lr or precision fp32",
+        settings=("lr", "precision"),
     )
 
 
