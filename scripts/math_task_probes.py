@@ -24,16 +24,17 @@ from pathlib import Path
 
 from compressed_experts.checkpoint import load_tokenizer
 from compressed_experts.evaluation import evaluate
-from compressed_experts.toy import tasks
 from compressed_experts.sources import BUNDLED
+from compressed_experts.toy import tasks
 from compressed_experts.training import TrainConfig, train
 
 WORKED = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 
 
 #: Two-digit operands (carries on most lines), counts up to 200.
-BIG = tasks.Numbers(operands=(10, 49), packs=(9, 9), buy_below=150, packs_below=120, double_below=100,
-                    divisors=(2, 3, 4, 5))
+BIG = tasks.Numbers(
+    operands=(10, 49), packs=(9, 9), buy_below=150, packs_below=120, double_below=100, divisors=(2, 3, 4, 5)
+)
 
 VARIANTS = {
     "base": dict(),
@@ -76,22 +77,59 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/math-probes"))
     args = parser.parse_args()
     out = args.out / f"{args.variant}-{args.steps}steps-bs{args.batch_size}-lr{args.lr:g}-seed{args.seed}"
-    train_file = tasks.write_math(out / "train.jsonl", tasks.math_problems(args.train, "train", **VARIANTS[args.variant]))
-    test_file = tasks.write_math_eval(out / "test.jsonl", tasks.math_problems(args.test, "test", **VARIANTS[args.variant]))
+    train_file = tasks.write_math(
+        out / "train.jsonl", tasks.math_problems(args.train, "train", **VARIANTS[args.variant])
+    )
+    test_file = tasks.write_math_eval(
+        out / "test.jsonl", tasks.math_problems(args.test, "test", **VARIANTS[args.variant])
+    )
     tokenizer = load_tokenizer(BUNDLED)
     for method in args.methods:
         started = time.perf_counter()
-        run = train(TrainConfig(model=BUNDLED, data=str(train_file), out=str(out / method), method=method,
-                                n_ce=None if method == "full" else 4, ce_lr=3e-2 if method == "ce" else None,
-                                max_steps=args.steps, lr=args.lr, seq_len=256, batch_size=args.batch_size, seed=args.seed,
-                                precision="fp32", gradient_checkpointing=False, warmup=0.05, overwrite=True,
-                                response_only=True, logging_steps=50))
-        result = evaluate(run.model.eval(), tokenizer, "gsm8k", data=test_file, batch_size=32, max_new_tokens=192,
-                          prompt="alpaca", out=out / method / "eval_math.json", source=str(out / method), progress=False)
-        line = {"variant": args.variant, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                "method": method, "exact_match": result["score"],
-                "arithmetic_lines_right": arithmetic_right([e["output"] for e in result["examples"]]),
-                "seconds": round(time.perf_counter() - started)}
+        run = train(
+            TrainConfig(
+                model=BUNDLED,
+                data=str(train_file),
+                out=str(out / method),
+                method=method,
+                n_ce=None if method == "full" else 4,
+                ce_lr=3e-2 if method == "ce" else None,
+                max_steps=args.steps,
+                lr=args.lr,
+                seq_len=256,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                precision="fp32",
+                gradient_checkpointing=False,
+                warmup=0.05,
+                overwrite=True,
+                response_only=True,
+                logging_steps=50,
+            )
+        )
+        result = evaluate(
+            run.model.eval(),
+            tokenizer,
+            "gsm8k",
+            data=test_file,
+            batch_size=32,
+            max_new_tokens=192,
+            prompt="alpaca",
+            out=out / method / "eval_math.json",
+            source=str(out / method),
+            progress=False,
+        )
+        line = {
+            "variant": args.variant,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "method": method,
+            "exact_match": result["score"],
+            "arithmetic_lines_right": arithmetic_right([e["output"] for e in result["examples"]]),
+            "seconds": round(time.perf_counter() - started),
+        }
         print(json.dumps(line), flush=True)
         with open(args.out / "probes.jsonl", "a") as log:
             log.write(json.dumps(line) + "\n")

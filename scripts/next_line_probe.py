@@ -42,15 +42,18 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = ce.load_tokenizer("bundled")
     items = sample_lines(args.lines, args.seed, tokenizer)
-    models = {"full top-8": ce.from_pretrained("bundled"),
-              "top-4": ce.convert(ce.from_pretrained("bundled"), ce.CEConfig(n_ce=4, form="none"))}
+    models = {
+        "full top-8": ce.from_pretrained("bundled"),
+        "top-4": ce.convert(ce.from_pretrained("bundled"), ce.CEConfig(n_ce=4, form="none")),
+    }
     for name, model in models.items():
         right = 0
         with torch.no_grad():
             for ids, line in items:
-                out = model.eval().generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
-                                            pad_token_id=tokenizer.pad_token_id)
-                right += tokenizer.decode(out[0, len(ids):]).split("\n")[0].strip() == line
+                out = model.eval().generate(
+                    torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+                right += tokenizer.decode(out[0, len(ids) :]).split("\n")[0].strip() == line
         print(f"{name}: {right}/{len(items)} held-out lines completed exactly ({right / len(items):.1%})")
 
 

@@ -9,11 +9,17 @@ import torch
 
 from compressed_experts import bench
 
-
 #: Fixed median times (s) per variant, scaled by the call's number, stand in for the measured ones
 #: (whose machinery is checked by the interleaved_medians tests), so that every figure and row is known.
-FAKE_SECONDS = {"transformers:eager": 4e-3, "transformers:grouped_mm": 3e-3, "full": 2e-3, "top-m": 1.5e-3,
-                "ce": 1e-3, "subset": 1.25e-3, "slim": 0.75e-3}
+FAKE_SECONDS = {
+    "transformers:eager": 4e-3,
+    "transformers:grouped_mm": 3e-3,
+    "full": 2e-3,
+    "top-m": 1.5e-3,
+    "ce": 1e-3,
+    "subset": 1.25e-3,
+    "slim": 0.75e-3,
+}
 
 
 def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
@@ -26,15 +32,20 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
         return calls[-1]
 
     monkeypatch.setattr(bench, "interleaved_medians", fixed_medians)
-    result = bench.run(device="cpu", shapes=("tiny",), dtypes=("float32",), tokens=(1, 8), repeats=5,
-                       end_to_end=False, command="test")
+    result = bench.run(
+        device="cpu", shapes=("tiny",), dtypes=("float32",), tokens=(1, 8), repeats=5, end_to_end=False, command="test"
+    )
     rows = result["rows"]
     variants = {r["variant"] for r in rows}
     assert variants == {"transformers:eager", "transformers:grouped_mm", "full", "top-m", "ce", "subset", "slim"}
     assert len(rows) == 7 * 2 * 2 and len(calls) == 2 * 2  # variants x token counts x modes
     # Each row holds its own call's median of its own variant, in ms, groups in order (tokens, then mode).
-    assert [(r["tokens"], r["mode"]) for r in rows[::7]] == [(1, "forward"), (1, "forward+backward"),
-                                                             (8, "forward"), (8, "forward+backward")]
+    assert [(r["tokens"], r["mode"]) for r in rows[::7]] == [
+        (1, "forward"),
+        (1, "forward+backward"),
+        (8, "forward"),
+        (8, "forward+backward"),
+    ]
     assert [r["ms"] for r in rows] == [calls[i // 7][r["variant"]] * 1e3 for i, r in enumerate(rows)]
     full = next(r for r in rows if r["variant"] == "full" and r["tokens"] == 1 and r["mode"] == "forward")
     ce = next(r for r in rows if r["variant"] == "ce" and r["tokens"] == 1 and r["mode"] == "forward")
@@ -53,11 +64,15 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     # ms of transformers (fastest), full, top-m and ce; ratios ce, top-m, full/transformers, subset, slim;
     # GFLOP per token (toy: below 0.0005) and MB read per token of full, ce and subset (one token: the
     # float32 weights of 4, 2 and 2 + 2 x 4/32 experts: 0.098, 0.049 and 0.055 MB).
-    assert ("| tiny | float32 | 1 | forward | 3.00 (grouped_mm) | 2.00 | 1.50 | 1.00 | 0.50 | 0.75 | 0.67 | "
-            "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |") in lines
+    assert (
+        "| tiny | float32 | 1 | forward | 3.00 (grouped_mm) | 2.00 | 1.50 | 1.00 | 0.50 | 0.75 | 0.67 | "
+        "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
+    ) in lines
     # The second call's times are twice the first's, so the same ratios.
-    assert ("| tiny | float32 | 1 | forward+backward | 6.00 (grouped_mm) | 4.00 | 3.00 | 2.00 | 0.50 | 0.75 | 0.67 | "
-            "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |") in lines
+    assert (
+        "| tiny | float32 | 1 | forward+backward | 6.00 (grouped_mm) | 4.00 | 3.00 | 2.00 | 0.50 | 0.75 | 0.67 | "
+        "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
+    ) in lines
 
 
 class FakeClock:
@@ -75,6 +90,7 @@ class FakeClock:
         def run():
             calls.append(name)
             self.now += next(durations)
+
         return run
 
 
@@ -82,10 +98,26 @@ def test_interleaved_medians_time_every_function_alike(monkeypatch):
     clock, calls = FakeClock(), []
     monkeypatch.setattr(bench, "time", clock)
     # One warm-up run each (its time is not counted), then 5 timed runs; the medians are 3 and 20 (the means 3.8 and 27).
-    fns = {"a": clock.runner("a", [100, 9, 1, 3, 2, 4], calls), "b": clock.runner("b", [100, 40, 10, 20, 50, 15], calls)}
+    fns = {
+        "a": clock.runner("a", [100, 9, 1, 3, 2, 4], calls),
+        "b": clock.runner("b", [100, 40, 10, 20, 50, 15], calls),
+    }
     medians = bench.interleaved_medians(fns, torch.device("cpu"), repeats=5, warmup=1)
     assert medians == {"a": 3, "b": 20}
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]  # the order rotates from round to round
+    assert calls == [
+        "a",
+        "b",
+        "a",
+        "b",
+        "b",
+        "a",
+        "a",
+        "b",
+        "b",
+        "a",
+        "a",
+        "b",
+    ]  # the order rotates from round to round
 
 
 def test_end_to_end_on_a_toy_model(monkeypatch):
@@ -99,8 +131,16 @@ def test_end_to_end_on_a_toy_model(monkeypatch):
         return medians[-1]
 
     monkeypatch.setattr(bench, "interleaved_medians", recorded)
-    config = OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4)
+    config = OlmoeConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=4,
+    )
     result = bench.bench_end_to_end(torch.device("cpu"), torch.float32, prompt=24, new_tokens=4, n_ce=2, config=config)
     assert set(result) == {"transformers", "full", "ce"}
     prefill, first, decode = medians  # a 24-token forward, a 1-token generate, a 4-token generate
@@ -108,8 +148,15 @@ def test_end_to_end_on_a_toy_model(monkeypatch):
         assert figures["prefill_tokens_per_s"] == pytest.approx(24 / prefill[name])
         # the 3 tokens after the first, in the time the 4-token generate took beyond the 1-token one
         assert figures["decode_tokens_per_s"] == pytest.approx(3 / max(decode[name] - first[name], 1e-9))
-    report = bench.markdown({"device": "cpu", "machine": "m", "command": "c", "rows": [],
-                             "end_to_end": {"dtype": "float32", "prompt": 24, "new_tokens": 4, **result}}).splitlines()
+    report = bench.markdown(
+        {
+            "device": "cpu",
+            "machine": "m",
+            "command": "c",
+            "rows": [],
+            "end_to_end": {"dtype": "float32", "prompt": 24, "new_tokens": 4, **result},
+        }
+    ).splitlines()
     t, f, c = (result[k]["decode_tokens_per_s"] for k in ("transformers", "full", "ce"))
     assert f"| decode tokens per s | {t:.1f} | {f:.1f} | {c:.1f} | {c / f:.2f} |" in report
     assert "| | transformers' model | full top-8 (this library) | compressed experts (n_ce 4) | ce / full |" in report

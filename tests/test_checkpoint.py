@@ -7,10 +7,10 @@ import logging
 
 import pytest
 import torch
+from conftest import assert_same_logits, compressed_layers, randomise_compressed_experts, tokens
 from transformers import AutoModelForCausalLM
 
 import compressed_experts as ce
-from conftest import assert_same_logits, compressed_layers, randomise_compressed_experts, tokens
 
 
 def saved(tmp_path, family="olmoe", n_ce=2, dtype=None):
@@ -47,7 +47,9 @@ def test_top_m_form_round_trip(tmp_path):
     ids = tokens()
     with torch.no_grad():
         assert_same_logits(loaded(ids).logits, model(ids).logits)
-    assert ce.ce_config_of(ce.from_pretrained(tmp_path / "top-m", n_ce=4)) == ce.CEConfig(4, "none")  # repeating n_ce alone is fine
+    assert ce.ce_config_of(ce.from_pretrained(tmp_path / "top-m", n_ce=4)) == ce.CEConfig(
+        4, "none"
+    )  # repeating n_ce alone is fine
     with pytest.raises(ce.CompressedExpertsError, match="n_ce=4, form=none; got form=ia3"):
         ce.from_pretrained(tmp_path / "top-m", form="ia3")
 
@@ -86,7 +88,9 @@ def test_plain_checkpoint_loads_plain_or_converted(tmp_path):
 
 def test_asking_for_another_n_ce_than_saved_is_an_error(tmp_path):
     _, path = saved(tmp_path, n_ce=2)
-    with pytest.raises(ce.CompressedExpertsError, match="already has compressed experts with n_ce=2, form=ia3; got n_ce=3"):
+    with pytest.raises(
+        ce.CompressedExpertsError, match="already has compressed experts with n_ce=2, form=ia3; got n_ce=3"
+    ):
         ce.from_pretrained(path, n_ce=3)
     assert ce.ce_config_of(ce.from_pretrained(path, n_ce=2)) == ce.CEConfig(2)
 
@@ -198,9 +202,15 @@ def test_missing_shard_is_named(tmp_path):
     [
         (lambda c: [c], "not a transformers model config"),
         (lambda c: {**c, "compressed_experts": [4]}, "no base model type"),
-        (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "format_version": "1"}}, "bad format_version"),
+        (
+            lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "format_version": "1"}},
+            "bad format_version",
+        ),
         (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "format_version": 99}}, "upgrade"),
-        (lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "base_model_type": "nonsense"}}, "unknown base model type"),
+        (
+            lambda c: {**c, "compressed_experts": {**c["compressed_experts"], "base_model_type": "nonsense"}},
+            "unknown base model type",
+        ),
     ],
 )
 def test_odd_config_contents(tmp_path, change, message):

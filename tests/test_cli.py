@@ -6,11 +6,11 @@ import json
 import re
 
 import torch
+from conftest import tokens, write_arithmetic
 from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.cli import app
-from conftest import tokens, write_arithmetic
 
 runner = CliRunner()
 
@@ -32,7 +32,12 @@ def test_convert_then_info(tmp_path):
     assert re.search(r"n ce\s*│\s*4\s*│", result.output)
     assert re.search(r"expert-equivalents per token\s*│\s*4\.\d\d of 8\s*│", result.output)
     slim = tmp_path / "slim"
-    assert runner.invoke(app, ["convert", "tiny:olmoe", "--n-ce", "4", "--form", "slim", "--r", "4", "--out", str(slim)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["convert", "tiny:olmoe", "--n-ce", "4", "--form", "slim", "--r", "4", "--out", str(slim)]
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["info", str(slim)])
     assert re.search(r"\br\s*│\s*4\s*│", result.output), result.output
     assert re.search(r"expert-equivalents per token\s*│\s*5\.00 of 8\s*│", result.output), result.output  # 4 + 4 * 4/16
@@ -63,7 +68,9 @@ def test_overwrite_replaces_an_earlier_model(tmp_path):
 def test_info_on_a_dense_model(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     result = runner.invoke(app, ["info", str(tmp_path)])
     assert result.exit_code == 2 and "has no MoE blocks" in " ".join(result.output.split())
@@ -82,8 +89,14 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["bench", "--tokens", "0,16"], "must be positive"),
         (["bench", "--shapes", "none", "--no-end-to-end"], "measures nothing"),
         (["bench", "--doc", str(tmp_path / "nowhere" / "B.md")], "does not exist"),
-        (["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")], "no benchmark results"),
-        (["demo", "--math-steps", "0", "--out", str(tmp_path / "demo")], "demo settings must be positive: --math-steps=0"),
+        (
+            ["bench", "--report-only", "--out-dir", str(tmp_path / "none"), "--doc", str(tmp_path / "B.md")],
+            "no benchmark results",
+        ),
+        (
+            ["demo", "--math-steps", "0", "--out", str(tmp_path / "demo")],
+            "demo settings must be positive: --math-steps=0",
+        ),
     ]
     (tmp_path / "file.txt").write_text("x")
     for args, message in cases:
@@ -106,8 +119,26 @@ def test_library_errors_name_the_flags(tmp_path):
 def test_train_command_runs_and_summarises(tmp_path):
     data = write_arithmetic(tmp_path / "data.jsonl")
     out = tmp_path / "run"
-    args = ["train", "--model", "tiny:olmoe", "--data", str(data), "--out", str(out), "--method", "top-m",
-            "--n-ce", "2", "--seq-len", "64", "--batch-size", "2", "--max-steps", "3", "--no-gradient-checkpointing"]
+    args = [
+        "train",
+        "--model",
+        "tiny:olmoe",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--method",
+        "top-m",
+        "--n-ce",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--no-gradient-checkpointing",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
@@ -121,7 +152,8 @@ def test_train_command_runs_and_summarises(tmp_path):
 
 
 def test_train_command_reports_a_bad_option_in_one_line(tmp_path):
-    result = runner.invoke(app, ["train", "--model", "tiny:olmoe", "--data", "x.jsonl", "--out", str(tmp_path / "r"),
-                                 "--precision", "fp8"])
+    result = runner.invoke(
+        app, ["train", "--model", "tiny:olmoe", "--data", "x.jsonl", "--out", str(tmp_path / "r"), "--precision", "fp8"]
+    )
     assert result.exit_code == 2
     assert "precision must be one of auto, bf16-mixed, bf16, fp32" in " ".join(result.output.split())

@@ -13,7 +13,10 @@ from compressed_experts.architectures import family_of, moe_blocks
 def test_conversion_keeps_router_and_expert_weights(family):
     model = ce.tiny_model(family)
     spec = family_of(model)
-    before = {name: (getattr(b, spec.router_attr), b.experts.gate_up_proj, b.experts.down_proj) for name, b in moe_blocks(model, spec)}
+    before = {
+        name: (getattr(b, spec.router_attr), b.experts.gate_up_proj, b.experts.down_proj)
+        for name, b in moe_blocks(model, spec)
+    }
     ce.convert(model, ce.CEConfig(1))
     assert ce.ce_config_of(model) == ce.CEConfig(1)
     for name, block in moe_blocks(model, spec):
@@ -25,8 +28,9 @@ def test_conversion_keeps_router_and_expert_weights(family):
             assert not isinstance(getattr(block, attr), ce.CompressedExperts)
     # Every decoder layer whose MLP holds routed experts, and nothing else, is an MoE block (deepseek_v3's
     # first layers are dense).
-    assert list(before) == [f"model.layers.{i}.mlp" for i, layer in enumerate(model.model.layers)
-                            if hasattr(layer.mlp, "experts")]
+    assert list(before) == [
+        f"model.layers.{i}.mlp" for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")
+    ]
     assert len(before) == model.config.num_hidden_layers - getattr(model.config, "first_k_dense_replace", 0)
 
 
@@ -40,10 +44,19 @@ def test_dense_model_says_it_has_no_moe_blocks():
 
 def test_unsupported_moe_family_lists_the_supported_ones():
     granite = AutoModelForCausalLM.from_config(
-        GraniteMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        GraniteMoeConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
     )
-    with pytest.raises(ce.UnsupportedModelError, match="not supported.*OLMoE.*PhiMoE.*Mixtral.*Qwen2-MoE.*Qwen3-MoE.*DeepSeek-V3"):
+    with pytest.raises(
+        ce.UnsupportedModelError, match="not supported.*OLMoE.*PhiMoE.*Mixtral.*Qwen2-MoE.*Qwen3-MoE.*DeepSeek-V3"
+    ):
         ce.convert(granite, ce.CEConfig(1))
 
 

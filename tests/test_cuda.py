@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 import compressed_experts as ce
 import compressed_experts.backends.products as products
 from compressed_experts.backends import decode as decode_kernel
-from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from conftest import reference
 
 from compressed_experts import CompressedExperts
 from compressed_experts.backends import decode as decode_kernel
-from conftest import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -57,7 +57,12 @@ def check(inputs, n_ce, with_vectors, tol):
     dtype = x.dtype
     on = lambda t: t.to(DEVICE)  # noqa: E731
     out = decode_kernel.fused_decode(
-        on(x), on(index), on(weights), on(gate_up), on(down), n_ce,
+        on(x),
+        on(index),
+        on(weights),
+        on(gate_up),
+        on(down),
+        n_ce,
         tuple(map(on, vectors)) if with_vectors else None,
     )
     assert out.dtype == dtype and out.shape == x.shape

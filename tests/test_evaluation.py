@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 import compressed_experts as ce
+from compressed_experts.cli import app as cli_app
 from compressed_experts.evaluation import compare, evaluate, load_results, model_summary
 from compressed_experts.evaluation import run as run_module
-from compressed_experts.cli import app as cli_app
 from compressed_experts.evaluation.generation import generate, left_pad
 from compressed_experts.evaluation.prompts import alpaca_prompt
 
@@ -114,18 +114,41 @@ def test_gsm8k_end_to_end_and_the_results_file(model, tokenizer, tmp_path):
     rows[1] = {**rows[1], "answer": f"#### {number}"}
     data = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
     out = tmp_path / "results" / "full.json"
-    result = evaluate(model, tokenizer, "gsm8k", data=data, limit=2, batch_size=2, max_new_tokens=6, prompt="plain",
-                      out=out, source="tiny:olmoe", progress=False)
+    result = evaluate(
+        model,
+        tokenizer,
+        "gsm8k",
+        data=data,
+        limit=2,
+        batch_size=2,
+        max_new_tokens=6,
+        prompt="plain",
+        out=out,
+        source="tiny:olmoe",
+        progress=False,
+    )
     assert (result["task"], result["metric"], result["n"]) == ("gsm8k", "exact_match", 2)
     assert [e["output"] for e in result["examples"]] == written
     assert [(e["prediction"], e["correct"]) for e in result["examples"]][1] == (number, True)
     assert [e["correct"] for e in result["examples"]] == [False, True] and result["score"] == 0.5
     assert result["settings"] | {"compressed_experts_version": None} == {
-        "data": str(data), "limit": 2, "batch_size": 2, "prompt": "plain", "max_new_tokens": 6, "temperature": 0.0,
-        "dtype": "float32", "device": "cpu", "compressed_experts_version": None,
+        "data": str(data),
+        "limit": 2,
+        "batch_size": 2,
+        "prompt": "plain",
+        "max_new_tokens": 6,
+        "temperature": 0.0,
+        "dtype": "float32",
+        "device": "cpu",
+        "compressed_experts_version": None,
     }
-    assert result["model"] == {"source": "tiny:olmoe", "method": "full", "n_ce": 0, "top_k": 8,
-                               "active_parameters": ce.active_parameters(model)["active"]}
+    assert result["model"] == {
+        "source": "tiny:olmoe",
+        "method": "full",
+        "n_ce": 0,
+        "top_k": 8,
+        "active_parameters": ce.active_parameters(model)["active"],
+    }
     first = result["examples"][0]
     assert first["prompt"] == f"Question: {GSM8K_ROWS[0]['question']}\nAnswer:"
     assert first["target"] == "7" and set(first) == {"prompt", "output", "target", "prediction", "correct", "verdict"}
@@ -145,16 +168,21 @@ def test_scores_and_verdicts_of_known_outputs(model, tokenizer, tmp_path, monkey
 def test_few_shot_prompts_for_base_models(model, tokenizer, tmp_path, monkeypatch):
     canned(monkeypatch, ["x"] * 3)
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
-    prompt = evaluate(model, tokenizer, "gsm8k", data=data, limit=1, prompt="fewshot", progress=False)["examples"][0]["prompt"]
+    prompt = evaluate(model, tokenizer, "gsm8k", data=data, limit=1, prompt="fewshot", progress=False)["examples"][0][
+        "prompt"
+    ]
     assert prompt.count("The answer is") == 4 and prompt.endswith(f"Question: {GSM8K_ROWS[0]['question']}\nAnswer:")
 
 
 def test_math_from_a_local_file(model, tokenizer, tmp_path, monkeypatch):
     canned(monkeypatch, ["Halve it: $\\boxed{\\dfrac{1}{2}}$.", "$\\boxed{3}$"])
-    data = write_jsonl(tmp_path / "math.jsonl", [
-        {"problem": "What is 1 divided by 2?", "solution": "It is $\\boxed{0.5}$."},
-        {"problem": "What is 2 + 2?", "answer": "4"},
-    ])
+    data = write_jsonl(
+        tmp_path / "math.jsonl",
+        [
+            {"problem": "What is 1 divided by 2?", "solution": "It is $\\boxed{0.5}$."},
+            {"problem": "What is 2 + 2?", "answer": "4"},
+        ],
+    )
     result = evaluate(model, tokenizer, "math", data=data, progress=False)
     assert [e["correct"] for e in result["examples"]] == [True, False] and result["score"] == 0.5
 
@@ -181,7 +209,10 @@ def test_humaneval_from_the_package(model, tokenizer, monkeypatch):
 
 def test_mbpp_from_a_local_file(model, tokenizer, tmp_path, monkeypatch):
     canned(monkeypatch, ["```python\ndef square(x):\n    return x * x\n```", "import os\nos.listdir('/')"])
-    row = {"text": "Write a function that squares a number.", "test_list": ["assert square(3) == 9", "assert square(-2) == 4"]}
+    row = {
+        "text": "Write a function that squares a number.",
+        "test_list": ["assert square(3) == 9", "assert square(-2) == 4"],
+    }
     data = write_jsonl(tmp_path / "mbpp.jsonl", [row, row])
     result = evaluate(model, tokenizer, "mbpp", data=data, timeout=2.0, progress=False)
     assert [e["verdict"] for e in result["examples"]][0] == "passed"
@@ -284,7 +315,10 @@ def test_top_m_models_are_told_apart(model):
     [
         ({"task": "gsm9k"}, "unknown task 'gsm9k'; choose from gsm8k, math, humaneval, mbpp, or lm-eval:<task>"),
         ({"task": "lm-eval:"}, "unknown task"),
-        ({"task": "gsm8k", "data": "wrong"}, "has the fields problem, solution; the gsm8k task needs question and answer"),
+        (
+            {"task": "gsm8k", "data": "wrong"},
+            "has the fields problem, solution; the gsm8k task needs question and answer",
+        ),
         ({"task": "math", "data": "wrong", "limit": 0}, "limit must be a positive whole number"),
         ({"task": "humaneval", "prompt": "fewshot"}, "takes the prompt styles alpaca, chat, plain, not 'fewshot'"),
         ({"task": "gsm8k", "prompt": "chat"}, "prompt chat needs a tokenizer with a chat template"),
@@ -298,8 +332,11 @@ def test_top_m_models_are_told_apart(model):
     ],
 )
 def test_mistakes_are_clear_errors(model, tokenizer, tmp_path, kwargs, message):
-    files = {"wrong": write_jsonl(tmp_path / "w.jsonl", [{"problem": "p", "solution": "s"}]),
-             "missing": tmp_path / "none.jsonl", "not json": tmp_path / "bad.jsonl"}
+    files = {
+        "wrong": write_jsonl(tmp_path / "w.jsonl", [{"problem": "p", "solution": "s"}]),
+        "missing": tmp_path / "none.jsonl",
+        "not json": tmp_path / "bad.jsonl",
+    }
     (tmp_path / "bad.jsonl").write_text("{oops\n")
     if "data" in kwargs:
         kwargs["data"] = files[kwargs["data"]]
@@ -316,8 +353,19 @@ def test_a_tokenizer_larger_than_the_model_is_refused(model):
 
 def results_file(path, source, method, n_ce, active, task, score, settings=None, n=10):
     model = {"source": source, "method": method, "n_ce": n_ce, "top_k": 8, "active_parameters": active}
-    path.write_text(json.dumps({"task": task, "metric": "m", "score": score, "n": n, "settings": settings or {},
-                                "model": model, "examples": []}))
+    path.write_text(
+        json.dumps(
+            {
+                "task": task,
+                "metric": "m",
+                "score": score,
+                "n": n,
+                "settings": settings or {},
+                "model": model,
+                "examples": [],
+            }
+        )
+    )
     return path
 
 
@@ -351,7 +399,9 @@ def test_compare_tells_apart_the_methods_of_one_checkpoint(tmp_path):
     comparison = compare(files)
     assert comparison["reference"] == "tiny:olmoe"
     assert [(row["label"], row["recovery"]) for row in comparison["rows"]] == [
-        ("full top-8", 1.0), ("top-4 + 4 CE", pytest.approx(0.9)), ("top-4", pytest.approx(0.6))
+        ("full top-8", 1.0),
+        ("top-4 + 4 CE", pytest.approx(0.9)),
+        ("top-4", pytest.approx(0.6)),
     ]
 
 
@@ -390,7 +440,9 @@ def test_compare_with_several_full_models_takes_the_reference_given(tmp_path):
     chosen = compare(files, reference="base-b")
     assert chosen["reference"] == "base-b"
     assert {row["source"]: row["recovery"] for row in chosen["rows"]} == {"base-a": 1.25, "base-b": 1.0, "ce": 1.0}
-    with pytest.raises(ce.CompressedExpertsError, match="no full top-k model from ce among the results; the candidates: base-a, base-b"):
+    with pytest.raises(
+        ce.CompressedExpertsError, match="no full top-k model from ce among the results; the candidates: base-a, base-b"
+    ):
         compare(files, reference="ce")
     app, runner = cli()
     plot = ["--plot", str(tmp_path / "q.png")]
@@ -410,11 +462,15 @@ def test_commands(model, tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
     common = ["--task", "gsm8k", "--data", str(data), "--limit", "2", "--max-new-tokens", "4", "--prompt", "plain"]
     for source, extra in ((full_dir, []), (ce_dir, ["--tokenizer", "tiny:olmoe"])):
-        result = runner.invoke(app, ["eval", "--model", str(source), *common, *extra, "--out", str(tmp_path / f"{source.name}.json")])
+        result = runner.invoke(
+            app, ["eval", "--model", str(source), *common, *extra, "--out", str(tmp_path / f"{source.name}.json")]
+        )
         assert result.exit_code == 0, result.output
         assert "gsm8k: exact_match" in result.output
     assert load_results(tmp_path / "ce.json")["model"]["source"] == str(ce_dir)
-    result = runner.invoke(app, ["compare", str(tmp_path / "full.json"), str(tmp_path / "ce.json"), "--plot", str(tmp_path / "q.png")])
+    result = runner.invoke(
+        app, ["compare", str(tmp_path / "full.json"), str(tmp_path / "ce.json"), "--plot", str(tmp_path / "q.png")]
+    )
     assert result.exit_code == 0, result.output
     assert "full top-8" in result.output and "top-4 + 4 CE" in result.output and (tmp_path / "q.png").is_file()
     for args, message in (

@@ -31,8 +31,15 @@ def test_final_number(text, expected):
 
 @pytest.mark.parametrize(
     ("prediction", "target", "same"),
-    [("42.0", "42", True), ("1234.50", "1234.5", True), ("-3", "-3", True), (".5", "1/2", True),
-     ("42", "43", False), ("-3", "3", False), (None, "42", False)],
+    [
+        ("42.0", "42", True),
+        ("1234.50", "1234.5", True),
+        ("-3", "-3", True),
+        (".5", "1/2", True),
+        ("42", "43", False),
+        ("-3", "3", False),
+        (None, "42", False),
+    ],
 )
 def test_numbers_match(prediction, target, same):
     assert numbers_match(prediction, target) is same
@@ -57,10 +64,21 @@ def test_last_boxed(text, expected):
 @pytest.mark.parametrize(
     ("prediction", "target"),
     [
-        ("\\frac{1}{2}", "0.5"), ("\\dfrac12", "\\frac{1}{2}"), ("1/2", "\\frac12"), ("-\\frac{3}{4}", "-0.75"),
-        ("90^\\circ", "90"), ("5\\text{ cm}", "5"), ("\\left( 1, 2 \\right)", "(1,2)"), ("x = 3", "3"),
-        ("\\text{(A)}", "(A)"), ("\\$18.00", "18"), ("10\\%", "10"), ("\\sqrt2", "\\sqrt{2}"),
-        ("1{,}000", "1000"), ("{4}", "4"), ("\\frac{\\sqrt{3}}{2}.", "\\dfrac{\\sqrt{3}}{2}"),
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac12", "\\frac{1}{2}"),
+        ("1/2", "\\frac12"),
+        ("-\\frac{3}{4}", "-0.75"),
+        ("90^\\circ", "90"),
+        ("5\\text{ cm}", "5"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("x = 3", "3"),
+        ("\\text{(A)}", "(A)"),
+        ("\\$18.00", "18"),
+        ("10\\%", "10"),
+        ("\\sqrt2", "\\sqrt{2}"),
+        ("1{,}000", "1000"),
+        ("{4}", "4"),
+        ("\\frac{\\sqrt{3}}{2}.", "\\dfrac{\\sqrt{3}}{2}"),
     ],
 )
 def test_latex_answers_that_match(prediction, target):

@@ -74,8 +74,9 @@ def test_multiple_choice_task(model, tasks, tmp_path):
     assert 0 < expected_acc < 1  # the model gets some right and some wrong, so a constant score fails
 
     out = tmp_path / "choice.json"
-    result = evaluate(model, tokenizer, "lm-eval:sums_choice", data=tasks / "sums_choice.yaml",
-                      batch_size=2, out=out, progress=False)
+    result = evaluate(
+        model, tokenizer, "lm-eval:sums_choice", data=tasks / "sums_choice.yaml", batch_size=2, out=out, progress=False
+    )
     assert (result["task"], result["metric"], result["n"]) == ("lm-eval:sums_choice", "acc", 3)
     assert result["score"] == pytest.approx(expected_acc, abs=1e-12)
     assert [e["prompt"] for e in result["examples"]] == [_prompt(q) for q in QUESTIONS]

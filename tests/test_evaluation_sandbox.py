@@ -110,9 +110,14 @@ def test_databases_and_fifos_only_in_the_scratch_folder(tmp_path):
         ),
     }
     verdicts = dict(zip(programs, run_programs(list(programs.values()), timeout=GENEROUS, workers=4)))
-    assert verdicts["database outside"] == f"failed: writing outside the scratch folder is blocked (sqlite3.connect {database})"
+    assert (
+        verdicts["database outside"]
+        == f"failed: writing outside the scratch folder is blocked (sqlite3.connect {database})"
+    )
     assert verdicts["database URI outside"].startswith("failed: writing outside the scratch folder is blocked (sqlite3")
-    assert verdicts["fifo outside"] == f"failed: changing files outside the scratch folder is blocked (os.mkfifo {fifo})"
+    assert (
+        verdicts["fifo outside"] == f"failed: changing files outside the scratch folder is blocked (os.mkfifo {fifo})"
+    )
     assert verdicts["fifo imported from posix"] == verdicts["fifo outside"]
     assert verdicts["node outside"] == f"failed: changing files outside the scratch folder is blocked (os.mknod {node})"
     assert verdicts["in the scratch folder"] == "passed"

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import FAMILY_NAMES, assert_same_logits, compressed_layers, distance_to_full, full_twin
 from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.cli import app
 from compressed_experts.fit import calibration_blocks, fit
-from conftest import FAMILY_NAMES, assert_same_logits, compressed_layers, distance_to_full, full_twin
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 40
 
@@ -86,8 +86,12 @@ def test_calibration_text_sources(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
     from_txt = calibration_blocks(tokenizer, str(tmp_path / "c.txt"), seq_len=64, tokens=512)
     assert from_txt.shape == (8, 64)
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": TEXT[i:i + 300]}) + "\n" for i in range(0, 2000, 300)))
-    shuffled = [calibration_blocks(tokenizer, str(tmp_path / "c.jsonl"), seq_len=64, tokens=256, seed=s) for s in (0, 0, 1)]
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"text": TEXT[i : i + 300]}) + "\n" for i in range(0, 2000, 300))
+    )
+    shuffled = [
+        calibration_blocks(tokenizer, str(tmp_path / "c.jsonl"), seq_len=64, tokens=256, seed=s) for s in (0, 0, 1)
+    ]
     assert torch.equal(shuffled[0], shuffled[1]) and not torch.equal(shuffled[0], shuffled[2])
 
 
@@ -108,8 +112,11 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     with pytest.raises(ce.CompressedExpertsError, match="nothing to fit"):
         fit(ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2, "none")), blocks(), progress=False)
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
-    for kwargs, message in (({"steps": -1}, "steps must be"), ({"lr": 0.0}, "lr must be positive"),
-                            ({"batch_tokens": 0}, "batch_tokens must be")):
+    for kwargs, message in (
+        ({"steps": -1}, "steps must be"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"batch_tokens": 0}, "batch_tokens must be"),
+    ):
         with pytest.raises(ce.CompressedExpertsError, match=message):
             fit(model, blocks(), progress=False, **kwargs)
     with pytest.raises(ce.CompressedExpertsError, match="non-empty"):
@@ -120,8 +127,26 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
     runner = CliRunner()
     (tmp_path / "calib.txt").write_text(TEXT)
     out = tmp_path / "fitted"
-    args = ["fit", "tiny:olmoe", "--n-ce", "2", "--form", "slim", "--r", "4", "--calib", str(tmp_path / "calib.txt"),
-            "--seq-len", "64", "--tokens", "1024", "--steps", "5", "--out", str(out)]
+    args = [
+        "fit",
+        "tiny:olmoe",
+        "--n-ce",
+        "2",
+        "--form",
+        "slim",
+        "--r",
+        "4",
+        "--calib",
+        str(tmp_path / "calib.txt"),
+        "--seq-len",
+        "64",
+        "--tokens",
+        "1024",
+        "--steps",
+        "5",
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "fit_report.json").read_text())
@@ -131,17 +156,39 @@ def test_fit_command_writes_a_model_that_loads_back(tmp_path):
     # A plain model without --n-ce, a form that is not there, a bad form or r (before the missing
     # calibration file is even looked at) fail with one line and no output.
     missing = ["--calib", str(tmp_path / "missing.txt")]
-    for bad, message in ((["fit", "tiny:olmoe", "--out", str(tmp_path / "x")], "give --n-ce"),
-                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "lora", *missing, "--out", str(tmp_path / "x")],
-                          "choose from ia3, none, subset, slim"),
-                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "none", *missing, "--out", str(tmp_path / "x")],
-                          "nothing to fit"),
-                         (["fit", "tiny:olmoe", "--n-ce", "2", "--form", "slim", "--r", "999", *missing,
-                           "--out", str(tmp_path / "x")], "use --r between 1 and"),
-                         (["fit", "tiny:olmoe", "--n-ce", "2", "--steps", "-1", *missing, "--out", str(tmp_path / "x")],
-                          "steps must be a whole number"),
-                         (["fit", str(out), "--form", "ia3", "--out", str(tmp_path / "y")], "already has compressed experts"),
-                         (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use --r between 1 and")):
+    for bad, message in (
+        (["fit", "tiny:olmoe", "--out", str(tmp_path / "x")], "give --n-ce"),
+        (
+            ["fit", "tiny:olmoe", "--n-ce", "2", "--form", "lora", *missing, "--out", str(tmp_path / "x")],
+            "choose from ia3, none, subset, slim",
+        ),
+        (
+            ["fit", "tiny:olmoe", "--n-ce", "2", "--form", "none", *missing, "--out", str(tmp_path / "x")],
+            "nothing to fit",
+        ),
+        (
+            [
+                "fit",
+                "tiny:olmoe",
+                "--n-ce",
+                "2",
+                "--form",
+                "slim",
+                "--r",
+                "999",
+                *missing,
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            "use --r between 1 and",
+        ),
+        (
+            ["fit", "tiny:olmoe", "--n-ce", "2", "--steps", "-1", *missing, "--out", str(tmp_path / "x")],
+            "steps must be a whole number",
+        ),
+        (["fit", str(out), "--form", "ia3", "--out", str(tmp_path / "y")], "already has compressed experts"),
+        (args[:-1] + [str(tmp_path / "z"), "--r", "999"], "use --r between 1 and"),
+    ):
         result = runner.invoke(app, bad)
         assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

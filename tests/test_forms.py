@@ -11,13 +11,13 @@ import copy
 
 import pytest
 import torch
+from conftest import E, H, I, K, PlainExperts, assert_same_logits, compressed_layers, reference, routing
 
 import compressed_experts as ce
 import compressed_experts.backends.products as products
 from compressed_experts import CompressedExperts
 from compressed_experts.forms.subset import first_neurons
 from compressed_experts.neurons import ActivationImportance, select_neurons, weight_importance
-from conftest import E, H, I, K, PlainExperts, assert_same_logits, compressed_layers, reference, routing
 
 
 def reference_neuron_form(x, gate_up, down, act, index, weights, n_ce, aux_gate_up, aux_down):
@@ -122,8 +122,11 @@ def test_gradients_match_reference(form):
     x_ref = x.detach().clone().requires_grad_(True)
     # The reference reads the subset's neurons straight from the main weights (views, not copies),
     # so their gradients add up exactly as in the layer.
-    aux = (torch.cat(first_neurons(twin)[:2], dim=1), first_neurons(twin)[2]) if form == "subset" else (
-        twin.ce_gate_up_proj, twin.ce_down_proj)
+    aux = (
+        (torch.cat(first_neurons(twin)[:2], dim=1), first_neurons(twin)[2])
+        if form == "subset"
+        else (twin.ce_gate_up_proj, twin.ce_down_proj)
+    )
     reference_neuron_form(
         x_ref, twin.gate_up_proj, twin.down_proj, twin.act_fn, index, weights, 2, *aux
     ).square().sum().backward()
@@ -188,7 +191,12 @@ def test_convert_selects_by_weights_and_accounts_the_real_cost():
         converted = ce.convert(copy.deepcopy(plain), ce.CEConfig(2, form, r=4))
         assert ce.ce_config_of(converted) == ce.CEConfig(2, form, r=4)
         layer = compressed_layers(converted)[0]
-        assert weight_importance(layer)[:, :4].min(dim=1).values.ge(weight_importance(layer)[:, 4:].max(dim=1).values).all()
+        assert (
+            weight_importance(layer)[:, :4]
+            .min(dim=1)
+            .values.ge(weight_importance(layer)[:, 4:].max(dim=1).values)
+            .all()
+        )
         full_twin = copy.deepcopy(converted)
         for each in compressed_layers(full_twin):
             each.n_ce = 0  # the reordering leaves the full model's output as it was
@@ -277,8 +285,14 @@ def test_generate_with_the_cache_matches_full_recomputation(form):
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(3, form, r=4)).eval()
     prompt = torch.randint(4, 100, (2, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        generated = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True,
-                                   attention_mask=torch.ones_like(prompt), pad_token_id=0)
+        generated = model.generate(
+            prompt,
+            max_new_tokens=8,
+            do_sample=False,
+            use_cache=True,
+            attention_mask=torch.ones_like(prompt),
+            pad_token_id=0,
+        )
         logits = model(generated).logits
     # Greedy: every generated token is the argmax of the full recomputation at the step before it.
     torch.testing.assert_close(generated[:, 6:], logits[:, 5:-1].argmax(-1), rtol=0, atol=0)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import E, H, I, K, PlainExperts, reference, routing
 from torch import nn
 
 import compressed_experts as ce
 import compressed_experts.backends.products as products
 from compressed_experts import CompressedExperts
-from conftest import E, H, I, K, PlainExperts, reference, routing
+
 
 def layer(n_ce, seed=0):
     module = CompressedExperts(PlainExperts(seed), n_ce)
@@ -48,8 +49,9 @@ def test_the_reference_is_the_method(n_ce):
     module = layer(n_ce)
     x = torch.randn(7, H)
     index, weights = routing(7, skip=(2,))
-    torch.testing.assert_close(reference(module, x, index, weights), method_by_hand(module, x, index, weights),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        reference(module, x, index, weights), method_by_hand(module, x, index, weights), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_parameters_start_at_one_and_share_the_expert_weights():
@@ -67,7 +69,9 @@ def test_matches_reference(n_ce, tokens):
     module = layer(n_ce)
     x = torch.randn(tokens, H)
     index, weights = routing(tokens, skip=(2, 5))  # experts 2 and 5 get no token
-    torch.testing.assert_close(module(x, index, weights).double(), reference(module, x, index, weights), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        module(x, index, weights).double(), reference(module, x, index, weights), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_depends_on_auxiliary_vectors_only_through_their_weighted_average():
@@ -129,8 +133,13 @@ def test_all_zero_auxiliary_weights_fall_back_to_a_uniform_average():
 @pytest.mark.parametrize("n_ce", [0, 2])
 @pytest.mark.parametrize("tokens", [1, 3, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
 def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dtype, tol, device):
     if not products.HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 import compressed_experts as ce
-from conftest import compressed_layers, randomise_compressed_experts, reference, tokens
 
 
 def logits(model, ids, **kwargs):
@@ -125,5 +125,12 @@ def test_gradients_reach_compressed_experts_experts_and_router(family):
         if type(block).__name__ != family_spec.block_class:
             continue
         experts, router = block.experts, getattr(block, family_spec.router_attr)
-        for param in (experts.ce_gate, experts.ce_up, experts.ce_down, experts.gate_up_proj, experts.down_proj, router.weight):
+        for param in (
+            experts.ce_gate,
+            experts.ce_up,
+            experts.ce_down,
+            experts.gate_up_proj,
+            experts.down_proj,
+            router.weight,
+        ):
             assert param.grad is not None and param.grad.abs().sum() > 0, name

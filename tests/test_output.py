@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from test_training import FAST, write_arithmetic
 from typer.testing import CliRunner
 
 import compressed_experts as ce
@@ -15,7 +16,6 @@ from compressed_experts.cli import app
 from compressed_experts.fit import calibration_blocks
 from compressed_experts.sources import BUNDLED, BUNDLED_DIR
 from compressed_experts.training import TrainConfig, train
-from test_training import FAST, write_arithmetic
 
 runner = CliRunner()
 
@@ -48,7 +48,10 @@ def test_check_output_dir_says_what_must_be_replaced(tmp_path):
     with pytest.raises(ce.CompressedExpertsError, match="is the source model itself"):
         check_output_dir(BUNDLED_DIR, overwrite=True, sources={"source model": BUNDLED})  # "bundled" is a folder too
     # Sources that are not on this machine cannot be overwritten: nothing to check.
-    assert check_output_dir(tmp_path / "new", sources={"model": "tiny:olmoe", "data": "org/name", "tokenizer": None}) is False
+    assert (
+        check_output_dir(tmp_path / "new", sources={"model": "tiny:olmoe", "data": "org/name", "tokenizer": None})
+        is False
+    )
 
 
 def test_convert_and_train_refuse_the_same_outputs(tmp_path, monkeypatch):
@@ -156,8 +159,10 @@ def test_calibration_text_must_be_named(tmp_path):
 
 def test_the_fit_command_calibrates_on_the_bundled_corpus_by_default(tmp_path):
     out = tmp_path / "fitted"
-    result = runner.invoke(app, ["fit", "tiny:olmoe", "--n-ce", "2", "--seq-len", "32", "--tokens", "64", "--steps", "1",
-                                 "--out", str(out)])
+    result = runner.invoke(
+        app,
+        ["fit", "tiny:olmoe", "--n-ce", "2", "--seq-len", "32", "--tokens", "64", "--steps", "1", "--out", str(out)],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "fit_report.json").read_text())
     assert report["calibration"] == "bundled held-out corpus" and report["calibration_tokens"] == 64

@@ -12,13 +12,29 @@ import compressed_experts as ce
 
 # The published configs' shape fields (the rest are defaults that do not change parameter counts).
 OLMOE_1B_7B = dict(
-    model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
-    num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, tie_word_embeddings=False,
+    model_type="olmoe",
+    vocab_size=50304,
+    hidden_size=2048,
+    intermediate_size=1024,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    num_experts=64,
+    num_experts_per_tok=8,
+    tie_word_embeddings=False,
 )
 PHI_35_MOE = dict(
-    model_type="phimoe", vocab_size=32064, hidden_size=4096, intermediate_size=6400, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, num_local_experts=16, num_experts_per_tok=2,
-    tie_word_embeddings=False, attention_bias=True,
+    model_type="phimoe",
+    vocab_size=32064,
+    hidden_size=4096,
+    intermediate_size=6400,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=16,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    attention_bias=True,
 )
 
 
@@ -33,8 +49,12 @@ def test_olmoe_1b_7b_matches_the_worked_example(tmp_path):
     expert = 3 * hidden * inter  # 6.29 M
     # Input and output embeddings (untied); q, k, v, o (16 heads of 128) and the q and k norms;
     # a router per layer; two norms per layer and the final one.
-    dense = 2 * vocab * hidden + layers * (4 * hidden * hidden + 2 * hidden) + layers * experts * hidden \
+    dense = (
+        2 * vocab * hidden
+        + layers * (4 * hidden * hidden + 2 * hidden)
+        + layers * experts * hidden
         + (2 * layers + 1) * hidden
+    )
     vectors = 2 * hidden + inter  # one expert's compressed expert: gate, up and down vectors
     assert counts["main_experts"] == layers * 4 * expert
     assert counts["compressed_experts"] == layers * 4 * vectors
@@ -51,8 +71,12 @@ def test_phi_35_moe_matches_the_worked_example(tmp_path):
     expert = 3 * hidden * inter
     # Untied embeddings; q and o (H x H) and k and v (8 KV heads of 128), all with biases; a router
     # per layer; LayerNorms (weight and bias), two per layer and the final one.
-    dense = 2 * vocab * hidden + layers * (2 * hidden * hidden + 2 * kv * hidden + 2 * hidden + 2 * kv) \
-        + layers * experts * hidden + (2 * layers + 1) * 2 * hidden
+    dense = (
+        2 * vocab * hidden
+        + layers * (2 * hidden * hidden + 2 * kv * hidden + 2 * hidden + 2 * kv)
+        + layers * experts * hidden
+        + (2 * layers + 1) * 2 * hidden
+    )
     assert counts["main_experts"] == layers * 1 * expert
     assert counts["active_full_topk"] == dense + layers * 2 * expert == 6_640_967_680  # "~6.6 B active"
     assert counts["active"] == dense + layers * (expert + 2 * hidden + inter)
@@ -74,11 +98,18 @@ def test_parts_against_counts_from_the_config(family):
     num_experts = ce.describe(model)["experts"]
     assert counts["routers"] == experts * num_experts * hidden  # one [E, H] router weight per block
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n and "self_attn" not in n)
-    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n and ".experts." not in n
-                and "gate.weight" not in n and "router" not in n and "shared" not in n)
+    dense = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if ".mlp." in n and ".experts." not in n and "gate.weight" not in n and "router" not in n and "shared" not in n
+    )
     assert counts["other"] == norms + dense
-    shared = [getattr(layer.mlp, name) for layer in layers for name in ("shared_expert", "shared_expert_gate", "shared_experts")
-              if hasattr(layer.mlp, name)]
+    shared = [
+        getattr(layer.mlp, name)
+        for layer in layers
+        for name in ("shared_expert", "shared_expert_gate", "shared_experts")
+        if hasattr(layer.mlp, name)
+    ]
     assert counts["shared_experts"] == sum(p.numel() for module in shared for p in module.parameters())
     assert bool(shared) == (family in ("qwen2_moe", "deepseek_v3"))
     plain = ce.active_parameters(ce.tiny_model(family))

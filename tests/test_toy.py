@@ -18,8 +18,18 @@ from compressed_experts.toy.demo import LABELS
 from compressed_experts.toy.pretrain import Recipe, lm_loss, pretrain
 from compressed_experts.toy.tasks import Numbers, domain_split, make_problem, math_problems
 
-SMALL = Recipe(vocab_size=400, hidden_size=32, intermediate_size=16, layers=2, heads=2, max_steps=12,
-               max_files=30, batch_size=4, seq_len=64, held_out_blocks=4)
+SMALL = Recipe(
+    vocab_size=400,
+    hidden_size=32,
+    intermediate_size=16,
+    layers=2,
+    heads=2,
+    max_steps=12,
+    max_files=30,
+    batch_size=4,
+    seq_len=64,
+    held_out_blocks=4,
+)
 
 #: Test code like that of the held-out part (the standard library's test suite), fixed here so that
 #: the shipped model's loss on it is the same on every Python version.
@@ -70,7 +80,7 @@ class QueueTests(unittest.TestCase):
 if __name__ == "__main__":
     unittest.main()
 ''',
-    '''import os
+    """import os
 import tempfile
 import unittest
 from test import support
@@ -131,7 +141,7 @@ def load_tests(loader, tests, pattern):
 
 if __name__ == "__main__":
     unittest.main()
-''',
+""",
 ]
 SHIPPED_LOSS_ON_HELD_OUT_LIKE = 2.4524  # the loss of 3 blocks of 256 tokens of it, float32
 
@@ -146,8 +156,10 @@ def test_corpus_parts_are_disjoint_real_text():
     assert "import" in dict(train)["json/__init__.py"]
 
 
-@pytest.mark.parametrize("restate, numbers", [(False, Numbers()), (True, Numbers()),
-                                             (False, Numbers(operands=(10, 49), buy_below=150, divisors=(2, 5)))])
+@pytest.mark.parametrize(
+    "restate, numbers",
+    [(False, Numbers()), (True, Numbers()), (False, Numbers(operands=(10, 49), buy_below=150, divisors=(2, 5)))],
+)
 def test_math_problems_are_deterministic_disjoint_and_correct(restate, numbers):
     make = functools.partial(make_problem, numbers=numbers, restate=restate)
     train, test = math_problems(300, "train", make=make), math_problems(100, "test", make=make)
@@ -172,8 +184,16 @@ def test_math_problems_are_deterministic_disjoint_and_correct(restate, numbers):
         assert final_number(problem.solution) == str(problem.answer)
 
 
-@pytest.mark.parametrize("bad", [dict(operands=(9, 1)), dict(operands=(0, 9)), dict(packs=(1, 5)),
-                                 dict(divisors=(1, 2)), dict(operands=(10, 49), buy_below=11)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(operands=(9, 1)),
+        dict(operands=(0, 9)),
+        dict(packs=(1, 5)),
+        dict(divisors=(1, 2)),
+        dict(operands=(10, 49), buy_below=11),
+    ],
+)
 def test_number_ranges_that_cannot_make_a_problem_are_refused(bad):
     with pytest.raises(ce.CompressedExpertsError, match="cannot make a problem"):
         Numbers(**bad)
@@ -213,8 +233,17 @@ def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     from compressed_experts.toy.demo import Plan, run_demo
 
     out, _ = small_pretrained
-    plan = Plan(math_train=40, math_test=6, math_steps=3, domain_steps=2, domain_blocks=2, batch_size=2,
-                seq_len=64, bench_prompts=2, bench_tokens=4)
+    plan = Plan(
+        math_train=40,
+        math_test=6,
+        math_steps=3,
+        domain_steps=2,
+        domain_blocks=2,
+        batch_size=2,
+        seq_len=64,
+        bench_prompts=2,
+        bench_tokens=4,
+    )
     results = run_demo(tmp_path / "demo", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
     assert len(results["runs"]) == 6
     for name in ("demo_results.json", "demo_table.md", "demo_plot.png"):
@@ -234,8 +263,10 @@ def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
         assert [r["seed"] for r in mine] == [0, 1]
         acc, loss = [r["math_accuracy"] for r in mine], [r["domain_loss"] for r in mine]
         acc_sd, loss_sd = abs(acc[0] - acc[1]) / 2**0.5, abs(loss[0] - loss[1]) / 2**0.5
-        assert (f"| {label} | {rows[method]['active_parameters']:,} | {sum(acc) / 2:.1%} ± {acc_sd:.1%} | "
-                f"{sum(loss) / 2:.4f} ± {loss_sd:.4f} | {results['decode_tokens_per_s'][method]:.0f} |") in lines
+        assert (
+            f"| {label} | {rows[method]['active_parameters']:,} | {sum(acc) / 2:.1%} ± {acc_sd:.1%} | "
+            f"{sum(loss) / 2:.4f} ± {loss_sd:.4f} | {results['decode_tokens_per_s'][method]:.0f} |"
+        ) in lines
     saving = 1 - rows["ce"]["active_parameters"] / rows["full"]["active_parameters"]
     assert f"- Active parameters saved by compressed experts: {saving:.1%}" in lines
 
@@ -246,8 +277,17 @@ def test_forms_study_end_to_end_on_a_small_model(small_pretrained, tmp_path):
     from compressed_experts.toy.forms import BEGIN, END, StudyPlan, run_study, table_markdown
 
     out, _ = small_pretrained
-    plan = StudyPlan(seq_len=64, calib_tokens=256, fit_steps=2, eval_blocks=2, second=(6, 8), sweep_r=(6, 12),
-                     sweep_n_ce=(2,), finetune_steps=1, batch_size=2)
+    plan = StudyPlan(
+        seq_len=64,
+        calib_tokens=256,
+        fit_steps=2,
+        eval_blocks=2,
+        second=(6, 8),
+        sweep_r=(6, 12),
+        sweep_n_ce=(2,),
+        finetune_steps=1,
+        batch_size=2,
+    )
     results = run_study(tmp_path / "forms", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
     for name in ("forms_results.json", "forms_table.md", "forms_pareto.png"):
         assert (tmp_path / "forms" / name).is_file()
@@ -286,7 +326,11 @@ def test_shipped_model_has_the_stated_architecture_size_and_loss():
     loss = lm_loss(model, tokenizer, HELD_OUT_LIKE, seq_len, blocks=3)
     # The same figure by hand: the texts' tokens with EOS after each, cut into 3 blocks of seq_len,
     # the mean negative log-likelihood of each next token.
-    ids = [i for text in HELD_OUT_LIKE for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    ids = [
+        i
+        for text in HELD_OUT_LIKE
+        for i in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
     assert len(ids) >= 3 * seq_len
     blocks = torch.tensor(ids[: 3 * seq_len]).view(3, seq_len)
     with torch.no_grad():
@@ -298,8 +342,10 @@ def test_shipped_model_has_the_stated_architecture_size_and_loss():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(platform.python_version() != json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())["python"],
-                    reason="the stated held-out loss is of the test suite of the Python version it was measured on")
+@pytest.mark.skipif(
+    platform.python_version() != json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())["python"],
+    reason="the stated held-out loss is of the test suite of the Python version it was measured on",
+)
 def test_shipped_model_reproduces_its_stated_held_out_loss_on_that_python():
     report = json.loads((BUNDLED_DIR / "pretrain_report.json").read_text())
     model, tokenizer = ce.from_pretrained("bundled", dtype=torch.float32), ce.load_tokenizer("bundled")

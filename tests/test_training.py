@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, tokens, write_arithmetic
 
 import compressed_experts as ce
-from compressed_experts.training import TrainConfig, TrainingDiverged, train
 from compressed_experts.text import load_records
+from compressed_experts.training import TrainConfig, TrainingDiverged, train
 from compressed_experts.training.data import build_dataset
-from conftest import FAST, tokens, write_arithmetic
+
 
 @pytest.fixture
 def data(tmp_path) -> Path:
@@ -41,7 +42,9 @@ def test_each_method_learns_and_loads_back(tmp_path, data, method):
     assert (summary["active_parameters"] < summary["active_full_topk"]) == (method != "full")
     assert not (out / "checkpoints").exists()  # removed once the final model is saved
     loaded = ce.from_pretrained(out)
-    assert ce.ce_config_of(loaded) == (None if method == "full" else ce.CEConfig(4, "ia3" if method == "ce" else "none"))
+    assert ce.ce_config_of(loaded) == (
+        None if method == "full" else ce.CEConfig(4, "ia3" if method == "ce" else "none")
+    )
     ids = tokens()
     result.model.eval()
     with torch.no_grad():
@@ -75,8 +78,11 @@ def test_trainable_ce_trains_only_the_vectors_and_saves_them_alone(tmp_path, dat
 @pytest.mark.slow
 def test_ce_lr_moves_the_vectors_further(tmp_path, data):
     def drift(ce_lr):
-        model = train(TrainConfig(data=str(data), out=str(tmp_path / str(ce_lr)), trainable="ce",
-                                  max_steps=5, ce_lr=ce_lr, **FAST)).model
+        model = train(
+            TrainConfig(
+                data=str(data), out=str(tmp_path / str(ce_lr)), trainable="ce", max_steps=5, ce_lr=ce_lr, **FAST
+            )
+        ).model
         return max((p - 1).abs().max().item() for n, p in model.named_parameters() if ".ce_" in n)
 
     assert drift(3e-2) > 3 * drift(None)
@@ -200,13 +206,43 @@ def test_overwrite_replaces_a_run_but_not_foreign_files(tmp_path, data):
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(tmp_path, data):
     """gloo on CPU: two processes of batch 1 see the same global batch as one process of batch 2."""
-    common = ["--model", "tiny:olmoe", "--data", str(data), "--seq-len", "64", "--lr", "3e-3", "--warmup", "0",
-              "--max-steps", "6", "--logging-steps", "1"]
+    common = [
+        "--model",
+        "tiny:olmoe",
+        "--data",
+        str(data),
+        "--seq-len",
+        "64",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "0",
+        "--max-steps",
+        "6",
+        "--logging-steps",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = train(TrainConfig(data=str(data), out=str(tmp_path / "one"), max_steps=6,
-                               **{**FAST, "batch_size": 2})).summary
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "compressed_experts", "train", *common, "--batch-size", "1", "--out", str(tmp_path / "two")]
+    single = train(
+        TrainConfig(data=str(data), out=str(tmp_path / "one"), max_steps=6, **{**FAST, "batch_size": 2})
+    ).summary
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "compressed_experts",
+        "train",
+        *common,
+        "--batch-size",
+        "1",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
@@ -264,11 +300,24 @@ def test_dense_models_and_broken_records_are_refused_before_training(tmp_path, d
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(tmp_path / "dense")
     with pytest.raises(ce.UnsupportedModelError, match="supported"):
-        train(TrainConfig(**{**FAST, "model": str(tmp_path / "dense"), "data": str(data), "out": str(tmp_path / "r"),
-                             "method": "full"}))
+        train(
+            TrainConfig(
+                **{
+                    **FAST,
+                    "model": str(tmp_path / "dense"),
+                    "data": str(data),
+                    "out": str(tmp_path / "r"),
+                    "method": "full",
+                }
+            )
+        )
     broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps({"instruction": "Add 1 and 2.", "output": "3"}) + "\n"
-                      + json.dumps({"instruction": "Add 2 and 2.", "output": None}) + "\n")
+    broken.write_text(
+        json.dumps({"instruction": "Add 1 and 2.", "output": "3"})
+        + "\n"
+        + json.dumps({"instruction": "Add 2 and 2.", "output": None})
+        + "\n"
+    )
     with pytest.raises(ce.CompressedExpertsError, match="lacks its instruction or output/response text"):
         train(TrainConfig(**{**FAST, "data": str(broken), "out": str(tmp_path / "r")}))
     with pytest.raises(ce.CompressedExpertsError, match="save_steps is a whole number"):

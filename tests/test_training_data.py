@@ -44,13 +44,20 @@ def test_response_only_masks_the_prompt_and_keeps_the_eos():
 
 
 def test_chat_messages_under_the_alpaca_template():
-    record = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Ciao"},
+        ]
+    }
     assert segments(record, TOK, "alpaca") == [
-        (alpaca_prompt("Be brief.\n\nHi"), False), ("Hello", True), (alpaca_prompt("Bye"), False), ("Ciao", True),
+        (alpaca_prompt("Be brief.\n\nHi"), False),
+        ("Hello", True),
+        (alpaca_prompt("Bye"), False),
+        ("Ciao", True),
     ]
 
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-
-import compressed_experts as ce
-from compressed_experts.training import TrainConfig, train
 from conftest import compressed_layers, reference, tokens
 from test_fit import distance_to_full
 from test_training import FAST, write_arithmetic
+
+import compressed_experts as ce
+from compressed_experts.training import TrainConfig, train
 
 
 @pytest.fixture
@@ -96,8 +96,18 @@ def test_distillation_keeps_the_model_closer_to_full_top_k(tmp_path, data):
 
     def run(weight):
         out = tmp_path / f"d{weight}"
-        result = train(TrainConfig(data=str(data), out=str(out), form="slim", r=4, trainable="ce", max_steps=8,
-                                   distill_weight=weight, **FAST))
+        result = train(
+            TrainConfig(
+                data=str(data),
+                out=str(out),
+                form="slim",
+                r=4,
+                trainable="ce",
+                max_steps=8,
+                distill_weight=weight,
+                **FAST,
+            )
+        )
         log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
         return result.model.eval(), log
 
@@ -115,8 +125,9 @@ def test_distillation_weight_does_not_grow_with_gradient_accumulation(tmp_path, 
 
     def logged(out, **change):
         train(TrainConfig(out=str(tmp_path / out), **{**settings, **change}))
-        entry = next(e for e in map(json.loads, (tmp_path / out / "training_log.jsonl").read_text().splitlines())
-                     if "loss" in e)
+        entry = next(
+            e for e in map(json.loads, (tmp_path / out / "training_log.jsonl").read_text().splitlines()) if "loss" in e
+        )
         return entry["loss"], entry["distill"]
 
     (whole, distill), (split, _) = logged("whole"), logged("split", batch_size=2, grad_accum=2)

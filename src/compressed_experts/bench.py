@@ -26,9 +26,9 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
 
 from .architectures import family_by_name
 from .config import CEConfig
-from .forms import NEURON_FORMS, TOP_M
-from .errors import CompressedExpertsError
 from .convert import convert
+from .errors import CompressedExpertsError
+from .forms import NEURON_FORMS, TOP_M
 from .layer import CompressedExperts
 
 
@@ -95,7 +95,7 @@ def interleaved_medians(
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             start = time.perf_counter()
             fns[name]()
             _sync(device)
@@ -135,7 +135,9 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, TOP_M))
     variants["ce"] = _with_experts(block, compressed)
     for form in NEURON_FORMS:  # weight-chosen neurons: the choice changes nothing about the time
-        variants[form] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts)))
+        variants[form] = _with_experts(
+            block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts))
+        )
     return variants
 
 
@@ -174,9 +176,11 @@ def _expert_cost(
 
 def _runner(block: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     if mode == "forward":
+
         def run() -> None:
             with torch.no_grad():
                 block(x)
+
         return run
     x_grad = x.clone().requires_grad_(True)
     probe = torch.randn_like(x)
@@ -184,12 +188,18 @@ def _runner(block: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     def run() -> None:
         (block(x_grad) * probe).sum().backward()
         block.zero_grad(set_to_none=True)
+
     return run
 
 
 def bench_layers(
-    shapes: Iterable[str], dtypes: Iterable[torch.dtype], tokens: Iterable[int], modes: Iterable[str],
-    device: torch.device, repeats: int = 5, progress: Callable[[str], None] = lambda _: None,
+    shapes: Iterable[str],
+    dtypes: Iterable[torch.dtype],
+    tokens: Iterable[int],
+    modes: Iterable[str],
+    device: torch.device,
+    repeats: int = 5,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> list[Row]:
     """Every variant of every (shape, dtype, tokens, mode), timed in turns on shared weights and inputs."""
     rows = []
@@ -205,42 +215,77 @@ def bench_layers(
                     progress(f"{shape_key}, {str(dtype).removeprefix('torch.')}, {count} tokens, {mode}")
                     runs = {name: _runner(block, x, mode) for name, block in variants.items()}
                     medians = interleaved_medians(runs, device, repeats)
-                    costs = {n: _expert_cost(variants["full"], router_attr, x.view(-1, x.shape[-1]), n, dtype)
-                             for n in (top_k, top_k - shape.n_ce)}
+                    costs = {
+                        n: _expert_cost(variants["full"], router_attr, x.view(-1, x.shape[-1]), n, dtype)
+                        for n in (top_k, top_k - shape.n_ce)
+                    }
                     main, full_cost = costs[top_k - shape.n_ce], costs[top_k]
                     # Auxiliary experts at r/I of an expert (their weights read: those of the experts hit beyond the main ones).
                     share = neurons(variants["full"].experts) / variants["full"].experts.intermediate_dim
                     costs["neurons"] = tuple(m + (f - m) * share for m, f in zip(main, full_cost))
                     for name, seconds in medians.items():
-                        kind = "neurons" if name in NEURON_FORMS else top_k - shape.n_ce if name in ("top-m", "ce") else top_k
+                        kind = (
+                            "neurons"
+                            if name in NEURON_FORMS
+                            else top_k - shape.n_ce
+                            if name in ("top-m", "ce")
+                            else top_k
+                        )
                         gflop, mb = costs[kind]
-                        rows.append(Row(shape_key, str(dtype).removeprefix("torch."), count, mode, name,
-                                        seconds * 1e3, gflop * (3 if mode != "forward" else 1), mb))
+                        rows.append(
+                            Row(
+                                shape_key,
+                                str(dtype).removeprefix("torch."),
+                                count,
+                                mode,
+                                name,
+                                seconds * 1e3,
+                                gflop * (3 if mode != "forward" else 1),
+                                mb,
+                            )
+                        )
             del variants
     return rows
 
 
 def end_to_end_config() -> OlmoeConfig:
     """A 4-layer model of OLMoE-1B-7B's shape (its real vocabulary and layer sizes)."""
-    return OlmoeConfig(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
-                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
+    return OlmoeConfig(
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
 
 
 #: The end-to-end run's settings, in one place for the measurement and its report.
 E2E_DTYPE, E2E_PROMPT, E2E_NEW_TOKENS = "bfloat16", 512, 32
 
 
-def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = E2E_PROMPT, new_tokens: int = E2E_NEW_TOKENS,
-                     repeats: int = 5, n_ce: int = 4, progress: Callable[[str], None] = lambda _: None,
-                     config: OlmoeConfig | None = None) -> dict:
+def bench_end_to_end(
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt: int = E2E_PROMPT,
+    new_tokens: int = E2E_NEW_TOKENS,
+    repeats: int = 5,
+    n_ce: int = 4,
+    progress: Callable[[str], None] = lambda _: None,
+    config: OlmoeConfig | None = None,
+) -> dict:
     """Prefill and greedy-decode tokens/s of ``config`` (default :func:`end_to_end_config`), timed in
     turns: transformers' own model, this library's full top-k (n_ce 0) and compressed experts
     (random vectors), all on the same weights."""
     torch.manual_seed(0)
     config = config or end_to_end_config()
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
-    models = {"transformers": plain, "full": convert(copy.deepcopy(plain), CEConfig(0)),
-              "ce": convert(copy.deepcopy(plain), CEConfig(n_ce))}
+    models = {
+        "transformers": plain,
+        "full": convert(copy.deepcopy(plain), CEConfig(0)),
+        "ce": convert(copy.deepcopy(plain), CEConfig(n_ce)),
+    }
     with torch.no_grad():
         for layer in models["ce"].modules():
             if isinstance(layer, CompressedExperts):
@@ -250,8 +295,9 @@ def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = E2E
     short = ids[:, :16]
 
     def generate(model, count):
-        return lambda: model.generate(short, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                      pad_token_id=config.pad_token_id)
+        return lambda: model.generate(
+            short, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=config.pad_token_id
+        )
 
     with torch.no_grad():
         progress("end to end: prefill")
@@ -260,19 +306,37 @@ def bench_end_to_end(device: torch.device, dtype: torch.dtype, prompt: int = E2E
         first = interleaved_medians({k: generate(m, 1) for k, m in models.items()}, device, repeats)
         decode = interleaved_medians({k: generate(m, new_tokens) for k, m in models.items()}, device, repeats)
     # The decode rate leaves out the short prompt's prefill (timed as a one-token generate).
-    return {k: {"prefill_tokens_per_s": prompt / prefill[k],
-                "decode_tokens_per_s": (new_tokens - 1) / max(decode[k] - first[k], 1e-9)} for k in models}
+    return {
+        k: {
+            "prefill_tokens_per_s": prompt / prefill[k],
+            "decode_tokens_per_s": (new_tokens - 1) / max(decode[k] - first[k], 1e-9),
+        }
+        for k in models
+    }
 
 
 # ---------------------------------------------------------------- reporting
 
-TARGETS = (  # (what, shape, dtype, tokens, mode, numerator, denominator, bound, "max" or "min"), CPU targets of the issue
-    ("compressed experts / full top-k", "olmoe", "bfloat16", 1, "forward", "ce", "full", 0.60, "max"),
-    ("compressed experts / full top-k", "olmoe", "bfloat16", 512, "forward", "ce", "full", 0.60, "max"),
-    ("compressed experts / full top-k, training step", "olmoe", "bfloat16", 512, "forward+backward", "ce", "full", 0.70, "max"),
-) + tuple(
-    ("full top-k / transformers' fastest", "olmoe", "bfloat16", n, "forward", "full", "transformers", 1.0, "max")
-    for n in (1, 16, 512)
+TARGETS = (
+    (  # (what, shape, dtype, tokens, mode, numerator, denominator, bound, "max" or "min"), CPU targets of the issue
+        ("compressed experts / full top-k", "olmoe", "bfloat16", 1, "forward", "ce", "full", 0.60, "max"),
+        ("compressed experts / full top-k", "olmoe", "bfloat16", 512, "forward", "ce", "full", 0.60, "max"),
+        (
+            "compressed experts / full top-k, training step",
+            "olmoe",
+            "bfloat16",
+            512,
+            "forward+backward",
+            "ce",
+            "full",
+            0.70,
+            "max",
+        ),
+    )
+    + tuple(
+        ("full top-k / transformers' fastest", "olmoe", "bfloat16", n, "forward", "full", "transformers", 1.0, "max")
+        for n in (1, 16, 512)
+    )
 )
 
 
@@ -295,47 +359,74 @@ def _ms(variants: dict[str, dict], variant: str) -> float | None:
     return variants[variant]["ms"] if variant in variants else None
 
 
+def _costs(variants: dict[str, dict], field: str) -> str:
+    """One cost column (GFLOP or MB per token) of full top-k, compressed experts and subset."""
+    return ", ".join(
+        f"{variants[n][field]:{'.3f' if 'gflop' in field else '.1f'}}"
+        for n in ("full", "ce", "subset")
+        if n in variants
+    )
+
+
 def markdown(result: dict) -> str:
     """One device's results as Markdown: the layer table with ratios, end to end, and the targets."""
     groups = _grouped_rows(result["rows"])
     lines = [f"### {result['device']}: {result['machine']}", "", f"Command: `{result['command']}`", ""]
     lines += [f"- `{key}`: {SHAPES[key].name}" for key in sorted({k[0] for k in groups}) if key in SHAPES]
-    lines += ["", "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
-              "ce/full | top-m/full | full/transformers | subset/full | slim/full | "
-              "expert GFLOP/token full, ce, subset | expert MB read/token full, ce, subset |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | "
+        "ce/full | top-m/full | full/transformers | subset/full | slim/full | "
+        "expert GFLOP/token full, ce, subset | expert MB read/token full, ce, subset |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     ratio = lambda a, b: "-" if a is None else f"{a / b:.2f}"  # noqa: E731  (results from before the forms lack them)
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])):
         v = groups[key]
         t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce", "subset", "slim")}
         best = _fastest_transformers(v)["variant"].split(":")[1]
-        cost = lambda field: ", ".join(f"{v[n][field]:{'.3f' if 'gflop' in field else '.1f'}}"  # noqa: E731
-                                       for n in ("full", "ce", "subset") if n in v)
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best}) | "
             f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {t['ce'] / t['full']:.2f} | "
             f"{t['top-m'] / t['full']:.2f} | {t['full'] / t['transformers']:.2f} | "
             f"{ratio(t['subset'], t['full'])} | {ratio(t['slim'], t['full'])} | "
-            f"{cost('gflop_per_token')} | {cost('expert_mb_per_token')} |"
+            f"{_costs(v, 'gflop_per_token')} | {_costs(v, 'expert_mb_per_token')} |"
         )
     e2e = result.get("end_to_end")
     if e2e:
-        names = {"transformers": "transformers' model", "full": "full top-8 (this library)",
-                 "ce": "compressed experts (n_ce 4)"}
+        names = {
+            "transformers": "transformers' model",
+            "full": "full top-8 (this library)",
+            "ce": "compressed experts (n_ce 4)",
+        }
         present = [k for k in names if k in e2e]
-        lines += ["", f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
-                  f"{e2e['new_tokens']} greedy tokens):", "",
-                  "| | " + " | ".join(names[k] for k in present) + " | ce / full |", "|---" * (len(present) + 2) + "|"]
+        lines += [
+            "",
+            f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
+            f"{e2e['new_tokens']} greedy tokens):",
+            "",
+            "| | " + " | ".join(names[k] for k in present) + " | ce / full |",
+            "|---" * (len(present) + 2) + "|",
+        ]
         base = "full" if "full" in e2e else "transformers"
         for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             values = " | ".join(f"{e2e[k][metric]:.1f}" for k in present)
             lines.append(f"| {metric.replace('_', ' ')} | {values} | {e2e['ce'][metric] / e2e[base][metric]:.2f} |")
         if base == "transformers":
-            lines += ["", "(Measured before this library's own full top-k was added to the end-to-end run: "
-                      "the ratio is against transformers' model.)"]
+            lines += [
+                "",
+                "(Measured before this library's own full top-k was added to the end-to-end run: "
+                "the ratio is against transformers' model.)",
+            ]
     checks = targets(result)
     if checks:
-        lines += ["", "Targets (ratios of this run):", "", "| target | measured | bound | met | off by |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Targets (ratios of this run):",
+            "",
+            "| target | measured | bound | met | off by |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {name} | {value:.2f} | {kind} {bound} | {'yes' if ok else 'no'} | {'' if ok else f'{value / bound - 1:+.0%}'} |"
             for name, value, bound, kind, ok in checks
@@ -387,23 +478,51 @@ def write_report(result: dict | None, directory: Path, document: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
     if not results:
         raise CompressedExpertsError(f"no benchmark results in {directory}: run compressed-experts bench first")
-    parts = ["# Benchmarks", "", "Generated by `compressed-experts bench` from the JSON files in "
-             f"`{directory.as_posix()}/`; each section was measured on the machine it names, all variants of a row "
-             "in the same run. Times are medians of the stated repeats after warm-up; random weights and inputs. "
-             "GPU sections appear only where a GPU run was made.", ""]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `compressed-experts bench` from the JSON files in "
+        f"`{directory.as_posix()}/`; each section was measured on the machine it names, all variants of a row "
+        "in the same run. Times are medians of the stated repeats after warm-up; random weights and inputs. "
+        "GPU sections appear only where a GPU run was made.",
+        "",
+    ]
     document.write_text("\n".join(parts) + "\n".join(markdown(r) for r in results))
 
 
-def run(device: str = "auto", shapes=("olmoe", "phimoe"), dtypes=("bfloat16", "float32"), tokens=(1, 16, 512),
-        modes=("forward", "forward+backward"), repeats: int = 5, end_to_end: bool = True, command: str = "",
-        progress: Callable[[str], None] = lambda _: None) -> dict:
+def run(
+    device: str = "auto",
+    shapes=("olmoe", "phimoe"),
+    dtypes=("bfloat16", "float32"),
+    tokens=(1, 16, 512),
+    modes=("forward", "forward+backward"),
+    repeats: int = 5,
+    end_to_end: bool = True,
+    command: str = "",
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
     """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
-    key = "cpu" if dev.type == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
-    result = {"device": key, "machine": machine(dev), "command": command,
-              "repeats": repeats, "rows": [asdict(r) for r in rows]}
+    key = (
+        "cpu"
+        if dev.type == "cpu"
+        else "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+    )
+    result = {
+        "device": key,
+        "machine": machine(dev),
+        "command": command,
+        "repeats": repeats,
+        "rows": [asdict(r) for r in rows],
+    }
     if end_to_end:
-        result["end_to_end"] = {"dtype": E2E_DTYPE, "prompt": E2E_PROMPT, "new_tokens": E2E_NEW_TOKENS,
-                                **bench_end_to_end(dev, getattr(torch, E2E_DTYPE), repeats=repeats, progress=progress)}
+        result["end_to_end"] = {
+            "dtype": E2E_DTYPE,
+            "prompt": E2E_PROMPT,
+            "new_tokens": E2E_NEW_TOKENS,
+            **bench_end_to_end(dev, getattr(torch, E2E_DTYPE), repeats=repeats, progress=progress),
+        }
     return result

@@ -39,9 +39,19 @@ from .sources import TINY_PREFIX, is_hub_id, local_dir, local_path, resolve, tin
 from .tiny import tiny_model, tiny_tokenizer
 
 __all__ = [  # TINY_PREFIX is re-exported: callers used to find it here
-    "TINY_PREFIX", "apply_compressed_experts", "check_output_dir", "commit_staged", "from_pretrained",
-    "load_tokenizer", "save_compressed_experts", "save_model", "skeleton", "staged_save", "staging_dir",
-    "tokenizer_if_any", "write_atomic",
+    "TINY_PREFIX",
+    "apply_compressed_experts",
+    "check_output_dir",
+    "commit_staged",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_compressed_experts",
+    "save_model",
+    "skeleton",
+    "staged_save",
+    "staging_dir",
+    "tokenizer_if_any",
+    "write_atomic",
 ]
 
 #: Keyword arguments of ``from_pretrained`` that also matter for finding config.json.
@@ -89,7 +99,9 @@ def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
             raise CheckpointError(f"{file} is truncated or not a safetensors file: re-save or re-download it")
         (length,) = struct.unpack("<Q", raw)
         if 8 + length > size:
-            raise CheckpointError(f"{file} is truncated or corrupt (header runs past the end): re-save or re-download it")
+            raise CheckpointError(
+                f"{file} is truncated or corrupt (header runs past the end): re-save or re-download it"
+            )
         try:
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -134,6 +146,7 @@ def _local_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
 def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: PreTrainedModel) -> None:
     """Compare the checkpoint's compressed experts with those its config implies, before loading."""
+
     # Compare by (kind, shape): on save, some families rename module paths (Mixtral's
     # ".mlp." becomes ".block_sparse_moe."), so in-memory and saved names differ.
     def kinds(items) -> Counter:
@@ -206,7 +219,9 @@ def _resolve(
         if requested is None:
             _needs_n_ce(form, r)
         fields = {k: v for k, v in config_dict.items() if k != "model_type"}
-        return _plain_config(source, config_dict.get("model_type"), fields, "transformers does not know model type"), requested
+        return _plain_config(
+            source, config_dict.get("model_type"), fields, "transformers does not know model type"
+        ), requested
     section = config_dict.get(SECTION)
     section = dict(section) if isinstance(section, dict) else {}
     base_type = section.pop("base_model_type", None)
@@ -323,8 +338,10 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
         return tiny_tokenizer()
     from transformers import AutoTokenizer
 
-    advice = ("save one into the model directory (tokenizer.save_pretrained), "
-              "or take one from another source (the tokenizer setting)")
+    advice = (
+        "save one into the model directory (tokenizer.save_pretrained), "
+        "or take one from another source (the tokenizer setting)"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, TypeError) as err:
@@ -346,10 +363,20 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     ce = ce_config_of(model)
     vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
     if ce is None or not vectors:
-        form = "" if ce is None else f" (form {ce.form} adds no parameters; its choice of neurons lives in the expert weights)"
-        raise CompressedExpertsError(f"this model has no compressed-expert parameters to save{form}: use save_pretrained")
-    meta = {"n_ce": str(ce.n_ce), "form": ce.form, "base_model_type": model.config.model_type,
-            "format_version": str(ce.to_dict()["format_version"])}
+        form = (
+            ""
+            if ce is None
+            else f" (form {ce.form} adds no parameters; its choice of neurons lives in the expert weights)"
+        )
+        raise CompressedExpertsError(
+            f"this model has no compressed-expert parameters to save{form}: use save_pretrained"
+        )
+    meta = {
+        "n_ce": str(ce.n_ce),
+        "form": ce.form,
+        "base_model_type": model.config.model_type,
+        "format_version": str(ce.to_dict()["format_version"]),
+    }
     if ce.r is not None:
         meta["r"] = str(ce.r)
     save_file(vectors, os.fspath(path), metadata=meta)
@@ -368,9 +395,14 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read compressed experts from {path}: {first_line(err)}") from err
     try:
-        ce = CEConfig.from_dict({"n_ce": int(meta["n_ce"]), "form": meta["form"],
-                                 "r": int(meta["r"]) if "r" in meta else None,
-                                 "format_version": int(meta.get("format_version", 1))})
+        ce = CEConfig.from_dict(
+            {
+                "n_ce": int(meta["n_ce"]),
+                "form": meta["form"],
+                "r": int(meta["r"]) if "r" in meta else None,
+                "format_version": int(meta.get("format_version", 1)),
+            }
+        )
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
     if meta.get("base_model_type") != model.config.model_type:
@@ -379,13 +411,17 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
         )
     existing = ce_config_of(model)
     if existing is not None and existing != ce:
-        raise CompressedExpertsError(f"the model already has other compressed experts ({existing}); give the base model")
+        raise CompressedExpertsError(
+            f"the model already has other compressed experts ({existing}); give the base model"
+        )
     # Names and shapes are checked on a meta-device twin first, so a mismatch changes nothing.
     twin = model if existing is not None else _skeleton(type(model), model.config, ce)
     shapes = {n: tuple(p.shape) for n, p in twin.named_parameters() if is_compressed_expert(n)}
     wrong = sorted(set(shapes) ^ set(vectors)) or [n for n in shapes if shapes[n] != tuple(vectors[n].shape)]
     if wrong:
-        raise CheckpointError(f"{path} does not fit this model (first mismatch: {wrong[0]}): was it trained on another one?")
+        raise CheckpointError(
+            f"{path} does not fit this model (first mismatch: {wrong[0]}): was it trained on another one?"
+        )
     if existing is None:
         convert(model, ce)
     params = dict(model.named_parameters())
@@ -437,8 +473,9 @@ def check_output_dir(
         raise CompressedExpertsError(f"out {out} is a file; give a directory", settings=("out",))
     cwd = Path.cwd().resolve()
     if target.resolve() == cwd or target.resolve() in cwd.parents:
-        raise CompressedExpertsError(f"out {out} is the working directory or above it: choose a subdirectory",
-                                     settings=("out",))
+        raise CompressedExpertsError(
+            f"out {out} is the working directory or above it: choose a subdirectory", settings=("out",)
+        )
     for label, value in (sources or {}).items():
         path = local_path(value)
         if path is None:
@@ -449,15 +486,21 @@ def check_output_dir(
                 settings=("out",),
             )
         if _inside(path, target) or _inside(target, path):
-            raise CompressedExpertsError(f"out {out} overlaps the {label} ({value}): choose another out",
-                                         settings=("out",))
+            raise CompressedExpertsError(
+                f"out {out} overlaps the {label} ({value}): choose another out", settings=("out",)
+            )
     if keep or not target.is_dir() or not any(target.iterdir()):
         return False
     if not overwrite:
-        advice = "choose another out, pass overwrite to replace it, or use resume to continue it" if resumable \
+        advice = (
+            "choose another out, pass overwrite to replace it, or use resume to continue it"
+            if resumable
             else "choose another out or pass overwrite to replace it"
-        raise CompressedExpertsError(f"out {out} is not empty (it already holds files): {advice}",
-                                     settings=("out", "overwrite", "resume") if resumable else ("out", "overwrite"))
+        )
+        raise CompressedExpertsError(
+            f"out {out} is not empty (it already holds files): {advice}",
+            settings=("out", "overwrite", "resume") if resumable else ("out", "overwrite"),
+        )
     if not any((target / marker).exists() for marker in markers):
         raise CompressedExpertsError(
             f"overwrite only replaces {replaces} (one with {' or '.join(markers)}); {out} holds files "

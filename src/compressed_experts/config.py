@@ -11,6 +11,7 @@ from .forms import NEURON_FORMS, get_form
 #: Version of the ``compressed_experts`` section written into a saved model's config.json.
 FORMAT_VERSION = 1
 
+
 def setting(default: Any = MISSING, help: str = "") -> Any:
     """A field of a settings dataclass with its help text: the one place a setting is described
     (the CLI makes its flags from these fields, with the same defaults)."""
@@ -49,8 +50,9 @@ class CEConfig:
                     settings=("r", "form"),
                 )
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-                raise CompressedExpertsError(f"r must be a whole number of neurons, 1 or more; got {self.r!r}",
-                                             settings=("r",))
+                raise CompressedExpertsError(
+                    f"r must be a whole number of neurons, 1 or more; got {self.r!r}", settings=("r",)
+                )
 
     def neurons(self, intermediate: int) -> int:
         """The ``r`` of an expert with ``intermediate`` neurons; raises if it does not fit (``1..I``)."""
@@ -62,7 +64,7 @@ class CEConfig:
             )
         return r
 
-    def resolved(self, intermediate: int) -> "CEConfig":
+    def resolved(self, intermediate: int) -> CEConfig:
         """This config with the default ``r`` spelled out for experts of ``intermediate`` neurons.
 
         Converted models and their saved configs carry the resolved form, so that two configs
@@ -84,7 +86,7 @@ class CEConfig:
         return {**asdict(self), "format_version": FORMAT_VERSION}
 
     @classmethod
-    def from_dict(cls, section: dict[str, Any]) -> "CEConfig":
+    def from_dict(cls, section: dict[str, Any]) -> CEConfig:
         """Read back what :meth:`to_dict` wrote; refuses sections from a newer format."""
         version = section.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int):

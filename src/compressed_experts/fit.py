@@ -17,8 +17,8 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +60,23 @@ def calibration_texts(source: str | os.PathLike | Sequence[str] | None, tokenize
 
 
 def calibration_blocks(
-    tokenizer, source: str | os.PathLike | Sequence[str] | None = None, seq_len: int = 256, tokens: int = 16384,
+    tokenizer,
+    source: str | os.PathLike | Sequence[str] | None = None,
+    seq_len: int = 256,
+    tokens: int = 16384,
     seed: int = 0,
 ) -> torch.Tensor:
     """About ``tokens`` calibration tokens from ``source`` (see :func:`calibration_texts`; there is
     no default: pass the text) as ``[n, seq_len]`` blocks; the texts are shuffled by ``seed``
     first, so seeds draw different text."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise CompressedExpertsError(f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}",
-                                     settings=("seq_len",))
+        raise CompressedExpertsError(
+            f"seq_len must be a whole number of tokens, 2 or more; got {seq_len!r}", settings=("seq_len",)
+        )
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < seq_len:
-        raise CompressedExpertsError(f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}",
-                                     settings=("tokens", "seq_len"))
+        raise CompressedExpertsError(
+            f"tokens must be at least one block of seq_len ({seq_len}); got {tokens!r}", settings=("tokens", "seq_len")
+        )
     texts = calibration_texts(source, tokenizer)
     if not any(text.strip() for text in texts):
         where = source if isinstance(source, (str, os.PathLike)) else "given as a list"
@@ -99,7 +104,7 @@ def _capture(model, layer: CompressedExperts, blocks: torch.Tensor, batch_size: 
         with torch.no_grad():
             for start in range(0, blocks.shape[0], batch_size):
                 try:
-                    model(blocks[start:start + batch_size].to(device), use_cache=False)
+                    model(blocks[start : start + batch_size].to(device), use_cache=False)
                 except _Captured:
                     pass
     finally:
@@ -141,14 +146,16 @@ class FitConfig:
         for name, least in (("steps", 0), ("batch_tokens", 1), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise CompressedExpertsError(f"{name} must be a whole number, at least {least}; got {value!r}",
-                                             settings=(name,))
+                raise CompressedExpertsError(
+                    f"{name} must be a whole number, at least {least}; got {value!r}", settings=(name,)
+                )
         if self.lr is not None and not self.lr > 0:
             raise CompressedExpertsError(f"lr must be positive, got {self.lr}", settings=("lr",))
 
 
-def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progress: bool = True,
-        **settings: Any) -> dict[str, Any]:
+def fit(
+    model, blocks: torch.Tensor, config: FitConfig | None = None, *, progress: bool = True, **settings: Any
+) -> dict[str, Any]:
     """Fit the compressed experts of a converted ``model`` to its full top-k blocks, in place.
 
     The settings are a :class:`FitConfig`, or its fields as keyword arguments
@@ -164,12 +171,15 @@ def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progres
     """
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
     if not layers:
-        raise CompressedExpertsError("this model has no compressed experts: convert it first (n_ce and form), then fit",
-                                     settings=("n_ce", "form"))
+        raise CompressedExpertsError(
+            "this model has no compressed experts: convert it first (n_ce and form), then fit",
+            settings=("n_ce", "form"),
+        )
     form, spec = layers[0].form, layers[0].form_spec
     if not (spec.parameters or spec.selects_neurons):
-        raise CompressedExpertsError(f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}",
-                                     settings=("form",))
+        raise CompressedExpertsError(
+            f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}", settings=("form",)
+        )
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
     if config is not None and settings:
@@ -180,18 +190,31 @@ def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progres
         raise CompressedExpertsError(f"fit: {err}; its settings are those of FitConfig") from None
     steps, batch_tokens, batch_size, seed = config.steps, config.batch_tokens, config.batch_size, config.seed
     lr = spec.fit_lr if config.lr is None else config.lr  # None: no parameters for Adam (subset)
-    low = sorted({str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32})
+    low = sorted(
+        {str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32}
+    )
     if low:
-        warnings.warn(f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "
-                      f"load the model in float32 to fit it", stacklevel=2)
+        warnings.warn(
+            f"fitting compressed experts held in {', '.join(low)}: small Adam steps are rounded away; "
+            f"load the model in float32 to fit it",
+            stacklevel=2,
+        )
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    report: dict[str, Any] = {"form": form, "n_ce": layers[0].n_ce, "r": layers[0].r, "steps": steps, "lr": lr,
-                              "seed": seed, "calibration_tokens": blocks.numel(), "blocks": []}
+    report: dict[str, Any] = {
+        "form": form,
+        "n_ce": layers[0].n_ce,
+        "r": layers[0].r,
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "calibration_tokens": blocks.numel(),
+        "blocks": [],
+    }
     started = time.perf_counter()
     bar = tqdm(total=len(layers) * (steps + 1), desc="fitting", unit="step", disable=not progress, dynamic_ncols=True)
     try:
@@ -228,9 +251,16 @@ def fit(model, blocks: torch.Tensor, config: FitConfig | None = None, *, progres
             else:
                 bar.update(steps)
             after = _relative_error(layer, inputs, target, batch_tokens)
-            report["blocks"].append({"block": number, "tokens": rows, "relative_error_converted": converted,
-                                     "relative_error_before": before,
-                                     "relative_error_after": after, "seconds": time.perf_counter() - began})
+            report["blocks"].append(
+                {
+                    "block": number,
+                    "tokens": rows,
+                    "relative_error_converted": converted,
+                    "relative_error_before": before,
+                    "relative_error_after": after,
+                    "seconds": time.perf_counter() - began,
+                }
+            )
             del inputs, target
     finally:
         bar.close()

@@ -48,7 +48,10 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         for attr in family.shared_attrs:
             owner[f"{name}.{attr}."] = "shared_experts"
     embedding_ids = {
-        id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None for p in m.parameters()
+        id(p)
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
     }
     for name, param in model.named_parameters():
         total += param.numel()

@@ -52,7 +52,7 @@ def resolve(source: Any) -> str:
 
 def tiny_family(source: str) -> str | None:
     """The family of a ``tiny:<family>`` source (as given, checked when the model is built), else None."""
-    return source[len(TINY_PREFIX):] if source.startswith(TINY_PREFIX) else None
+    return source[len(TINY_PREFIX) :] if source.startswith(TINY_PREFIX) else None
 
 
 def is_hub_id(source: str) -> bool:

@@ -158,19 +158,23 @@ def _chat_segments(messages: list[dict[str, str]], tokenizer) -> list[tuple[str,
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise CompressedExpertsError("this tokenizer's chat template does not extend turn by turn; use prompt alpaca",
-                                         settings=("prompt",))
-        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            raise CompressedExpertsError(
+                "this tokenizer's chat template does not extend turn by turn; use prompt alpaca", settings=("prompt",)
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
         done = full
     return pieces
 
 
 def check_prompt_format(prompt_format: str, tokenizer) -> None:
     if prompt_format not in PROMPT_FORMATS:
-        raise CompressedExpertsError(f"unknown prompt format {prompt_format!r}; choose from {', '.join(PROMPT_FORMATS)}")
+        raise CompressedExpertsError(
+            f"unknown prompt format {prompt_format!r}; choose from {', '.join(PROMPT_FORMATS)}"
+        )
     if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise CompressedExpertsError("the tokenizer has no chat template; use prompt alpaca (the paper's format)",
-                                     settings=("prompt",))
+        raise CompressedExpertsError(
+            "the tokenizer has no chat template; use prompt alpaca (the paper's format)", settings=("prompt",)
+        )
 
 
 def token_blocks(tokenizer, texts, seq_len: int, blocks: int | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ def _model_type(model: nn.Module) -> str:
 
 
 def _looks_like_moe(model: nn.Module) -> bool:
-    return any(hasattr(m, "gate_up_proj") and getattr(m, "gate_up_proj").dim() == 3 for m in model.modules())
+    return any(hasattr(m, "gate_up_proj") and m.gate_up_proj.dim() == 3 for m in model.modules())
 
 
 def family_of(model: nn.Module) -> Family:

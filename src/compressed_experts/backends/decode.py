@@ -44,9 +44,22 @@ if _HAS_TRITON:
 
     @triton.jit
     def _gate_up_kernel(
-        x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner,
-        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr,
-        HAS_CE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x,
+        index,
+        weights,
+        gate_up,
+        ce_gate,
+        ce_up,
+        ce_down,
+        inner,
+        slots: tl.constexpr,
+        main: tl.constexpr,
+        hidden: tl.constexpr,
+        inter: tl.constexpr,
+        HAS_CE: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pair = tl.program_id(0).to(tl.int64)  # token * slots + slot; int64: offsets below can pass 2**31
         token = pair // slots
@@ -90,9 +103,18 @@ if _HAS_TRITON:
 
     @triton.jit
     def _down_kernel(
-        inner, index, weights, down, out,
-        slots: tl.constexpr, main: tl.constexpr, hidden: tl.constexpr, inter: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        inner,
+        index,
+        weights,
+        down,
+        out,
+        slots: tl.constexpr,
+        main: tl.constexpr,
+        hidden: tl.constexpr,
+        inter: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,8 +143,13 @@ def available() -> bool:
 
 
 def fused_decode(
-    x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-    n_ce: int, vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    n_ce: int,
+    vectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The experts' output for ``x`` ``[T, H]`` routed to ``index``/``weights`` ``[T, k]``.
 
@@ -144,14 +171,38 @@ def fused_decode(
     device = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device:  # Triton launches on the current device, which need not be x's (models split over GPUs)
         _gate_up_kernel[(tokens * slots, triton.cdiv(inter, 16))](
-            x, index, weights, gate_up, ce_gate, ce_up, ce_down, inner, slots, slots - n_ce, hidden, inter,
-            HAS_CE=vectors is not None, BLOCK_S=block_s, BLOCK_N=16, BLOCK_K=256,
+            x,
+            index,
+            weights,
+            gate_up,
+            ce_gate,
+            ce_up,
+            ce_down,
+            inner,
+            slots,
+            slots - n_ce,
+            hidden,
+            inter,
+            HAS_CE=vectors is not None,
+            BLOCK_S=block_s,
+            BLOCK_N=16,
+            BLOCK_K=256,
         )
         # Blocks of 16 and 8 output rows: at one token that is still a few hundred programs, enough to
         # keep the reads of the weights in flight on a large GPU.
         _down_kernel[(tokens, triton.cdiv(hidden, 8))](
-            inner, index, weights, down, out, slots, slots - n_ce, hidden, inter,
-            BLOCK_S=block_s, BLOCK_N=8, BLOCK_K=256,
+            inner,
+            index,
+            weights,
+            down,
+            out,
+            slots,
+            slots - n_ce,
+            hidden,
+            inter,
+            BLOCK_S=block_s,
+            BLOCK_N=8,
+            BLOCK_K=256,
         )
     return out
 
@@ -191,5 +242,6 @@ class Decode(Backend):
     def run(self, call: Call) -> torch.Tensor:
         layer = call.layer
         vectors = layer.form_spec.kernel_vectors(layer) if call.n_ce else None
-        return fused_decode(call.x, call.top_k_index, call.top_k_weights, layer.gate_up_proj, layer.down_proj,
-                            call.n_ce, vectors)
+        return fused_decode(
+            call.x, call.top_k_index, call.top_k_weights, layer.gate_up_proj, layer.down_proj, call.n_ce, vectors
+        )

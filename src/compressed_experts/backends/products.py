@@ -8,8 +8,8 @@ row blocks gives the same result with one host sync per call, never one per expe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class Grouping:
     slots: int
 
     @classmethod
-    def build(cls, expert_index: torch.Tensor, num_experts: int) -> "Grouping":
+    def build(cls, expert_index: torch.Tensor, num_experts: int) -> Grouping:
         """Group the ``[tokens, slots]`` expert ids by expert (stable, so equal ids keep token order).
 
         Ids must lie in ``0..num_experts-1`` (expert parallelism's "dropped" id is not supported).
@@ -66,7 +66,9 @@ def grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if a.device.type == "cuda":  # F.grouped_mm (torch >= 2.10) takes these dtypes on Ampere or newer
         return torch.cuda.get_device_capability(a.device) >= (8, 0) and a.dtype in (
-            torch.bfloat16, torch.float32, torch.float16
+            torch.bfloat16,
+            torch.float32,
+            torch.float16,
         )
     return False
 
@@ -84,8 +86,10 @@ def grouped_mm_reason(x: torch.Tensor, runs: list[ExpertRun]) -> str | None:
                 weight = torch.empty(weight.shape, dtype=x.dtype, device="meta")
             rows = x.new_empty(0, weight.shape[-1])  # rows are gathered into fresh, contiguous tensors
             if not grouped_mm_takes(rows, weight.transpose(-2, -1)):
-                return (f"grouped_mm cannot take {x.dtype} operands of shape {list(weight.shape)} on {x.device} "
-                        f"(it needs 16-byte aligned rows; on CUDA an Ampere or newer GPU)")
+                return (
+                    f"grouped_mm cannot take {x.dtype} operands of shape {list(weight.shape)} on {x.device} "
+                    f"(it needs 16-byte aligned rows; on CUDA an Ampere or newer GPU)"
+                )
     return None
 
 
@@ -234,7 +238,9 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
         inner = act_fn(gate) * up
     if run.neuron_limit is not None:
         slot, r = run.neuron_limit
-        cut = (groups.order % groups.slots >= slot).unsqueeze(-1) & (torch.arange(inner.shape[-1], device=inner.device) >= r)
+        cut = (groups.order % groups.slots >= slot).unsqueeze(-1) & (
+            torch.arange(inner.shape[-1], device=inner.device) >= r
+        )
         inner = inner.masked_fill(cut, 0)
     out = grouped_linear(inner, down, groups.offsets, grouped)
     # Weight and sum at the routing weights' precision (float32 for some routers), round once.

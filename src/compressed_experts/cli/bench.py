@@ -26,7 +26,9 @@ def csv_values(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> t
     if allowed is not None:
         bad = [v for v in values if v not in allowed]
         if bad:
-            raise CompressedExpertsError(f"unknown value(s) {', '.join(map(str, bad))}; choose from {', '.join(allowed)}")
+            raise CompressedExpertsError(
+                f"unknown value(s) {', '.join(map(str, bad))}; choose from {', '.join(allowed)}"
+            )
     if not values:
         raise CompressedExpertsError("an empty list was given")
     return values
@@ -35,17 +37,26 @@ def csv_values(text: str, allowed: tuple[str, ...] | None = None, kind=str) -> t
 @app.command()
 def bench(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    shapes: Annotated[str, typer.Option(help="Layer shapes: olmoe, phimoe; 'none' for end to end only.")] = "olmoe,phimoe",
+    shapes: Annotated[
+        str, typer.Option(help="Layer shapes: olmoe, phimoe; 'none' for end to end only.")
+    ] = "olmoe,phimoe",
     dtypes: Annotated[str, typer.Option(help="bfloat16, float32.")] = "bfloat16,float32",
     tokens: Annotated[str, typer.Option(help="Token counts per call.")] = "1,16,512",
     modes: Annotated[str, typer.Option(help="forward, forward+backward.")] = "forward,forward+backward",
     repeats: Annotated[int, typer.Option(help="Timed repeats (median reported), after 2 warm-ups.")] = 5,
-    end_to_end: Annotated[bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")] = True,
+    end_to_end: Annotated[
+        bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")
+    ] = True,
     out_dir: Annotated[Path, typer.Option(help="Where <device>.json goes.")] = Path("benchmarks"),
-    doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path("BENCHMARKS.md"),
-    report_only: Annotated[bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")] = False,
+    doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path(
+        "BENCHMARKS.md"
+    ),
+    report_only: Annotated[
+        bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")
+    ] = False,
 ) -> None:
     """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
+
     def action() -> None:
         if report_only:
             benchmark.write_report(None, out_dir, doc)
@@ -56,7 +67,11 @@ def bench(
         check_device(device)
         # Every argument and output is checked now, not after a run of many minutes.
         layer_shapes = () if shapes == "none" else csv_values(shapes, tuple(benchmark.SHAPES))
-        settings = (csv_values(dtypes, ("bfloat16", "float32")), csv_values(tokens, kind=int), csv_values(modes, ("forward", "forward+backward")))
+        settings = (
+            csv_values(dtypes, ("bfloat16", "float32")),
+            csv_values(tokens, kind=int),
+            csv_values(modes, ("forward", "forward+backward")),
+        )
         if not layer_shapes and not end_to_end:
             raise CompressedExpertsError("--shapes none with --no-end-to-end measures nothing")
         if not doc.parent.is_dir():
@@ -68,7 +83,12 @@ def bench(
         command = "compressed-experts bench " + " ".join(sys.argv[2:])
         with console.status("benchmarking") as status:
             result = benchmark.run(
-                device, layer_shapes, *settings, repeats, end_to_end, command,
+                device,
+                layer_shapes,
+                *settings,
+                repeats,
+                end_to_end,
+                command,
                 progress=lambda text: status.update(f"benchmarking: {text}"),
             )
         benchmark.write_report(result, out_dir, doc)

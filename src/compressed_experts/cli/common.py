@@ -83,8 +83,14 @@ def settings_options(settings: type, *, skip: tuple[str, ...] = ()) -> list[insp
             spelling += "/--no-" + spelling[2:]
         option = typer.Option(spelling, help=field.metadata.get("help"))
         default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[hints[field.name], option]))
+        params.append(
+            inspect.Parameter(
+                field.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[hints[field.name], option],
+            )
+        )
     return params
 
 
@@ -92,7 +98,8 @@ def with_options(command: Callable[..., None], *groups: list[inspect.Parameter])
     """``command`` (which takes keyword arguments) with the given parameters as its signature:
     typer builds the command's arguments and flags from the signature."""
     command.__signature__ = inspect.Signature(
-        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for group in groups for p in group])
+        [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for group in groups for p in group]
+    )
     return command
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -19,12 +19,25 @@ from ..forms import REGISTRY
 from ..parameters import describe
 from ..toy.tasks import domain_split
 from .app import app
-from .common import (DEVICE_HELP, DTYPE_HELP, SourceArg, check_device, console, options_of, run, settings_options,
-                     show_model, with_options)
+from .common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    SourceArg,
+    check_device,
+    console,
+    options_of,
+    run,
+    settings_options,
+    show_model,
+    with_options,
+)
 
 FORM_HELP = "; ".join(f"{name}: {form.help}" for name, form in REGISTRY.items()) + "."
-R_HELP = "Neurons per auxiliary expert (" + ", ".join(n for n, f in REGISTRY.items() if f.takes_r) + \
-    "); default an eighth of the expert's."
+R_HELP = (
+    "Neurons per auxiliary expert ("
+    + ", ".join(n for n, f in REGISTRY.items() if f.takes_r)
+    + "); default an eighth of the expert's."
+)
 
 
 @app.command()
@@ -41,7 +54,7 @@ def convert(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds a model.")] = False,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     form: Annotated[str, typer.Option(help=FORM_HELP)] = "ia3",
-    r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
+    r: Annotated[int | None, typer.Option(help=R_HELP)] = None,
 ) -> None:
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
 
@@ -70,10 +83,17 @@ def _save(model, source: str, out: Path, extra: dict[str, str] | None = None, to
 def _fit_options(
     source: SourceArg,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the fitted model to.")],
-    n_ce: Annotated[Optional[int], typer.Option("--n-ce", help="Routed experts per token replaced (needed for a plain model).")] = None,
-    form: Annotated[Optional[str], typer.Option(help=FORM_HELP + " Default: the checkpoint's, else ia3.")] = None,
-    r: Annotated[Optional[int], typer.Option(help=R_HELP)] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a .txt, .json/.jsonl/.parquet file or a dataset name; default the training files of the bundled corpus's held-out part.")] = None,
+    n_ce: Annotated[
+        int | None, typer.Option("--n-ce", help="Routed experts per token replaced (needed for a plain model).")
+    ] = None,
+    form: Annotated[str | None, typer.Option(help=FORM_HELP + " Default: the checkpoint's, else ia3.")] = None,
+    r: Annotated[int | None, typer.Option(help=R_HELP)] = None,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration text: a .txt, .json/.jsonl/.parquet file or a dataset name; default the training files of the bundled corpus's held-out part."
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
     tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 16384,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP + " float32 fits best.")] = "float32",
@@ -100,14 +120,17 @@ def fit(**options) -> None:
         if wanted is None:
             raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
         if wanted.form not in fittable_forms():
-            raise CompressedExpertsError(f"form {wanted.form} has nothing to fit; choose one of {', '.join(fittable_forms())}")
+            raise CompressedExpertsError(
+                f"form {wanted.form} has nothing to fit; choose one of {', '.join(fittable_forms())}"
+            )
         tokenizer = load_tokenizer(source)
         with console.status("reading calibration text"):
             # Without --calib: the training files of the bundled corpus's held-out part (the
             # standard library's test suite; the files the demo scores on are not among them).
             texts = calib if calib is not None else domain_split()[0]
-            blocks = calibration_blocks(tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"],
-                                        seed=config.seed)
+            blocks = calibration_blocks(
+                tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"], seed=config.seed
+            )
         with console.status(f"loading {source}"):
             model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=options["dtype"]).to(where)
         report = fit_model(model, blocks, config)
@@ -117,8 +140,14 @@ def fit(**options) -> None:
         for column in ("block", "tokens", "relative error as converted", "neurons chosen", "fitted", "seconds"):
             table.add_column(column, justify="right")
         for row in report["blocks"]:
-            table.add_row(str(row["block"]), f"{row['tokens']:,}", f"{row['relative_error_converted']:.4f}",
-                          f"{row['relative_error_before']:.4f}", f"{row['relative_error_after']:.4f}", f"{row['seconds']:.1f}")
+            table.add_row(
+                str(row["block"]),
+                f"{row['tokens']:,}",
+                f"{row['relative_error_converted']:.4f}",
+                f"{row['relative_error_before']:.4f}",
+                f"{row['relative_error_after']:.4f}",
+                f"{row['seconds']:.1f}",
+            )
         console.print(table)
 
     run(action)

@@ -74,7 +74,7 @@ def last_boxed(text: str) -> str | None:
         match = re.match(r"\s+([^\s$]+)", text[start:])
         return match.group(1) if match else None
     end = _closing(text, start)
-    return text[start + 1:end] if end is not None else None  # None: cut off inside the box
+    return text[start + 1 : end] if end is not None else None  # None: cut off inside the box
 
 
 def _unwrap(text: str, command: str) -> str:
@@ -84,7 +84,7 @@ def _unwrap(text: str, command: str) -> str:
         end = _closing(text, start)
         if end is None:
             return text
-        text = text[:at] + text[start + 1:end] + text[end + 1:]
+        text = text[:at] + text[start + 1 : end] + text[end + 1 :]
     return text
 
 
@@ -98,9 +98,23 @@ def normalise_latex(answer: str) -> str:
     ``\\sqrt{2}`` and ``.5`` as ``0.5``; and removes braces around the whole answer.
     """
     text = answer.strip()
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-                     ("{,}", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\$", ""), ("$", ""),
-                     ("^{\\circ}", ""), ("^\\circ", ""), ("\\%", ""), ("%", "")):
+    for old, new in (
+        ("\\left", ""),
+        ("\\right", ""),
+        ("\\dfrac", "\\frac"),
+        ("\\tfrac", "\\frac"),
+        ("{,}", ""),
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\:", ""),
+        ("\\$", ""),
+        ("$", ""),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\%", ""),
+        ("%", ""),
+    ):
         text = text.replace(old, new)
     unit = re.fullmatch(r"(.*[\d}])\s*\\(?:text|mbox)\{[^{}]*\}", text, re.DOTALL)
     text = unit.group(1) if unit else text

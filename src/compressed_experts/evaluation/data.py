@@ -29,7 +29,7 @@ def read_jsonl(task: Task, path: Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise CompressedExpertsError(f"no such data file: {path}")
     rows = []
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as lines:
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if limit is not None and len(rows) == limit:
                 break

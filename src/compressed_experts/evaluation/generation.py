@@ -24,8 +24,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
     return ids, mask
 
 
@@ -56,14 +56,22 @@ def generate(
     own BOS, for prompts whose template writes its own (chat), as training tokenized them.
     """
     if batch_size < 1 or max_new_tokens < 1:
-        raise CompressedExpertsError(f"batch size and max new tokens must be at least 1, not {batch_size} and {max_new_tokens}")
+        raise CompressedExpertsError(
+            f"batch size and max new tokens must be at least 1, not {batch_size} and {max_new_tokens}"
+        )
     eos = _token_ids(model.generation_config.eos_token_id, tokenizer.eos_token_id)
     pad = _token_ids(tokenizer.pad_token_id, eos[0] if eos else None)
     if not pad:
         raise CompressedExpertsError("the tokenizer has no padding or end-of-sequence token: set tokenizer.pad_token")
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or None,
-        top_k=None, top_p=None, pad_token_id=pad[0], eos_token_id=eos or None, stop_strings=list(stop) or None,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or None,
+        top_k=None,
+        top_p=None,
+        pad_token_id=pad[0],
+        eos_token_id=eos or None,
+        stop_strings=list(stop) or None,
     )
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
@@ -72,12 +80,12 @@ def generate(
     label = progress if isinstance(progress, str) else "generating"
     with tqdm(total=len(prompts), desc=label, unit="example", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], pad[0])
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, tokenizer=tokenizer
             )
-            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
             for i, text in zip(rows, texts):
                 outputs[i] = truncate_at_stop(text, stop)
             bar.update(len(rows))

@@ -48,29 +48,38 @@ def chat_stop(tokenizer) -> tuple[str, ...]:
 
 #: Grade-school word problems with worked answers ending in "The answer is N.".
 ARITHMETIC_EXAMPLES = (
-    ("A baker makes 24 muffins and packs them in boxes of 6. She sells every box for $5. How many "
-     "dollars does she make?",
-     "24 muffins in boxes of 6 fill 24 / 6 = 4 boxes. At $5 a box she makes 4 * 5 = 20 dollars. The answer is 20."),
-    ("Tom has three times as many marbles as Ana, who has 7. Tom then gives 5 marbles to his sister. "
-     "How many marbles does Tom have now?",
-     "Tom starts with 3 * 7 = 21 marbles. After giving 5 away he has 21 - 5 = 16. The answer is 16."),
-    ("A train runs at 60 kilometres per hour for 2.5 hours, then at 40 kilometres per hour for 1 hour. "
-     "How many kilometres does it travel?",
-     "The first part covers 60 * 2.5 = 150 km and the second 40 * 1 = 40 km, so 150 + 40 = 190 km in all. "
-     "The answer is 190."),
-    ("A school has 480 students. A quarter of them come by bus, 150 walk, and the rest are driven. "
-     "How many students are driven to school?",
-     "By bus: 480 / 4 = 120. By bus or on foot: 120 + 150 = 270. Driven: 480 - 270 = 210. The answer is 210."),
+    (
+        "A baker makes 24 muffins and packs them in boxes of 6. She sells every box for $5. How many "
+        "dollars does she make?",
+        "24 muffins in boxes of 6 fill 24 / 6 = 4 boxes. At $5 a box she makes 4 * 5 = 20 dollars. The answer is 20.",
+    ),
+    (
+        "Tom has three times as many marbles as Ana, who has 7. Tom then gives 5 marbles to his sister. "
+        "How many marbles does Tom have now?",
+        "Tom starts with 3 * 7 = 21 marbles. After giving 5 away he has 21 - 5 = 16. The answer is 16.",
+    ),
+    (
+        "A train runs at 60 kilometres per hour for 2.5 hours, then at 40 kilometres per hour for 1 hour. "
+        "How many kilometres does it travel?",
+        "The first part covers 60 * 2.5 = 150 km and the second 40 * 1 = 40 km, so 150 + 40 = 190 km in all. "
+        "The answer is 190.",
+    ),
+    (
+        "A school has 480 students. A quarter of them come by bus, 150 walk, and the rest are driven. "
+        "How many students are driven to school?",
+        "By bus: 480 / 4 = 120. By bus or on foot: 120 + 150 = 270. Driven: 480 - 270 = 210. The answer is 210.",
+    ),
 )
 
 #: Competition-style problems with solutions ending in a boxed answer.
 COMPETITION_EXAMPLES = (
     ("What is the value of $3^2 + 4^2$?", "$3^2 = 9$ and $4^2 = 16$, so the sum is $9 + 16 = \\boxed{25}$."),
     ("Solve for $x$: $2x + 6 = 14$.", "Subtracting 6 gives $2x = 8$, so $x = \\boxed{4}$."),
-    ("Write $\\frac{18}{24}$ in lowest terms.",
-     "The greatest common divisor of 18 and 24 is 6, so $\\frac{18}{24} = \\boxed{\\frac{3}{4}}$."),
-    ("How many positive divisors does 12 have?",
-     "The divisors are 1, 2, 3, 4, 6 and 12, so there are $\\boxed{6}$."),
+    (
+        "Write $\\frac{18}{24}$ in lowest terms.",
+        "The greatest common divisor of 18 and 24 is 6, so $\\frac{18}{24} = \\boxed{\\frac{3}{4}}$.",
+    ),
+    ("How many positive divisors does 12 have?", "The divisors are 1, 2, 3, 4, 6 and 12, so there are $\\boxed{6}$."),
 )
 
 FEWSHOT_STOP = ("\n\nQuestion:", "\n\nProblem:")

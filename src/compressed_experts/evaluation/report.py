@@ -35,12 +35,14 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if not isinstance(result, dict) or k not in result]
     missing += [f"model.{k}" for k in _MODEL_REQUIRED if not missing and k not in result["model"]]
     if missing:
-        raise CompressedExpertsError(f"{path} is not a results file of compressed-experts eval: it lacks {', '.join(missing)}")
+        raise CompressedExpertsError(
+            f"{path} is not a results file of compressed-experts eval: it lacks {', '.join(missing)}"
+        )
     return result
 
 
 def method_label(model: dict[str, Any]) -> str:
-    """"full top-8", "top-4" or "top-4 + 4 CE" (falls back to n_ce where top-k is unknown)."""
+    """ "full top-8", "top-4" or "top-4 + 4 CE" (falls back to n_ce where top-k is unknown)."""
     k, n_ce, method = model.get("top_k"), model["n_ce"], model["method"]
     if method == "full":
         return f"full top-{k}" if k else "full"
@@ -84,7 +86,9 @@ def _reference(rows: list[dict[str, Any]], reference: str | None) -> dict[str, A
     chosen = [row for row in full if row["source"] == reference]
     if not chosen:
         candidates = ", ".join(row["source"] for row in full) or "none; evaluate the unmodified model too"
-        raise CompressedExpertsError(f"no full top-k model from {reference} among the results; the candidates: {candidates}")
+        raise CompressedExpertsError(
+            f"no full top-k model from {reference} among the results; the candidates: {candidates}"
+        )
     return chosen[0]
 
 
@@ -133,8 +137,13 @@ def compare(
 def comparison_table(comparison: dict[str, Any]) -> Table:
     """The comparison as the paper lays it out: method, active parameters, each task, recovery."""
     table = Table(title="quality against active parameters per token")
-    for name, justify in (("method", "left"), ("model", "left"), ("active params", "right"),
-                          *((task, "right") for task in comparison["tasks"]), ("recovery", "right")):
+    for name, justify in (
+        ("method", "left"),
+        ("model", "left"),
+        ("active params", "right"),
+        *((task, "right") for task in comparison["tasks"]),
+        ("recovery", "right"),
+    ):
         table.add_column(name, justify=justify)
     for row in comparison["rows"]:
         scores = [f"{row['scores'][t]:.1%}" if t in row["scores"] else "-" for t in comparison["tasks"]]
@@ -148,7 +157,9 @@ def write_plot(comparison: dict[str, Any], path: Path) -> None:
     try:
         from matplotlib.figure import Figure  # the object API draws with Agg and leaves pyplot's backend alone
     except ImportError as err:
-        raise CompressedExpertsError("the plot needs matplotlib: pip install matplotlib, or leave the plot out") from err
+        raise CompressedExpertsError(
+            "the plot needs matplotlib: pip install matplotlib, or leave the plot out"
+        ) from err
 
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     axes = figure.add_subplot()

@@ -108,42 +108,68 @@ def evaluate(
         given = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature or None}
         unused = [name for name, value in given.items() if value is not None]
         if unused:
-            raise CompressedExpertsError(f"lm-eval tasks bring their own {', '.join(unused)}: leave it out",
-                                         settings=tuple(unused))
-        run = run_lm_eval(model, tokenizer, task[len(PREFIX):], data, limit, batch_size, num_fewshot)
+            raise CompressedExpertsError(
+                f"lm-eval tasks bring their own {', '.join(unused)}: leave it out", settings=tuple(unused)
+            )
+        run = run_lm_eval(model, tokenizer, task[len(PREFIX) :], data, limit, batch_size, num_fewshot)
         metric, score, examples = run["metric"], run["score"], run["examples"]
         settings.update(data=str(data) if data is not None else None, **run["settings"])
     else:
         if num_fewshot is not None:
-            raise CompressedExpertsError(f"num_fewshot is for lm-eval tasks; for {task} choose the prompt style instead",
-                                         settings=("num_fewshot", "prompt"))
+            raise CompressedExpertsError(
+                f"num_fewshot is for lm-eval tasks; for {task} choose the prompt style instead",
+                settings=("num_fewshot", "prompt"),
+            )
         spec = TASKS[task]
         style = prompt or trained_prompt_style(source or model.name_or_path) or spec.styles[0]
         if style not in spec.styles:
-            raise CompressedExpertsError(f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}",
-                                         settings=("prompt",))
+            raise CompressedExpertsError(
+                f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}", settings=("prompt",)
+            )
         stop = spec.stop(style, tokenizer)  # before the data: a tokenizer without a chat template fails at once
         max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)
         prompts = [spec.prompt(row, style, tokenizer) for row in rows]
         outputs = generate(
-            model, tokenizer, prompts, max_new_tokens, batch_size, stop, temperature, progress and task,
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            batch_size,
+            stop,
+            temperature,
+            progress and task,
             add_special_tokens=style != "chat",
         )
         scored = spec.score(rows, outputs, timeout)
         metric, score = spec.metric, sum(correct for _, _, correct, _ in scored) / len(scored)
         examples = [
-            {"prompt": p, "output": o, "target": target, "prediction": prediction, "correct": correct, "verdict": verdict}
+            {
+                "prompt": p,
+                "output": o,
+                "target": target,
+                "prediction": prediction,
+                "correct": correct,
+                "verdict": verdict,
+            }
             for p, o, (target, prediction, correct, verdict) in zip(prompts, outputs, scored)
         ]
         settings.update(prompt=style, max_new_tokens=max_new_tokens, temperature=temperature)
         if spec.metric == "pass@1":
             settings["timeout_s"] = timeout
-    settings.update(dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
-                    compressed_experts_version=version("compressed-experts"))
+    settings.update(
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        compressed_experts_version=version("compressed-experts"),
+    )
     result = {
-        "task": task, "metric": metric, "score": score, "n": len(examples), "settings": settings,
-        "model": model_summary(model, source), "examples": examples,
+        "task": task,
+        "metric": metric,
+        "score": score,
+        "n": len(examples),
+        "settings": settings,
+        "model": model_summary(model, source),
+        "examples": examples,
     }
     if out is not None:
         save_results(result, Path(out))

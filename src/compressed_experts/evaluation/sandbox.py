@@ -27,8 +27,12 @@ from pathlib import Path
 from ..errors import CompressedExpertsError
 
 _CHILD = Path(__file__).with_name("sandbox_child.py")
-_SIGNALS = {signal.SIGXCPU: "timed out (CPU time limit)", signal.SIGXFSZ: "failed: wrote more than the file size limit",
-            signal.SIGKILL: "failed: killed (out of memory?)", signal.SIGSEGV: "failed: crashed (SIGSEGV)"}
+_SIGNALS = {
+    signal.SIGXCPU: "timed out (CPU time limit)",
+    signal.SIGXFSZ: "failed: wrote more than the file size limit",
+    signal.SIGKILL: "failed: killed (out of memory?)",
+    signal.SIGSEGV: "failed: crashed (SIGSEGV)",
+}
 #: Programs run several at a time, one per core; and a BLAS pool of one thread per core (numpy's)
 #: reserves memory per thread, which counts against the address-space limit on a many-core machine.
 _ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -59,8 +63,13 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, file
     try:
         with tempfile.TemporaryFile() as output:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-B", str(_CHILD)], cwd=scratch, env=env, stdin=subprocess.PIPE,
-                stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-I", "-B", str(_CHILD)],
+                cwd=scratch,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             try:
                 process.communicate(json.dumps(job).encode(), timeout=timeout)
@@ -75,7 +84,7 @@ def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024, file
             lines = output.read().decode(errors="replace").splitlines()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    verdicts = [line[len(nonce) + 1:] for line in lines if line.startswith(nonce + " ")]
+    verdicts = [line[len(nonce) + 1 :] for line in lines if line.startswith(nonce + " ")]
     if verdicts:
         return verdicts[-1]
     if process.returncode < 0:

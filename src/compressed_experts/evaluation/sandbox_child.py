@@ -55,11 +55,23 @@ _FORBIDDEN = {
 }
 #: Events that change the file system: (path argument, its dir_fd argument or None) for each path.
 _CHANGES = {
-    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
-    "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
-    "os.utime": ((0, 3),), "os.truncate": ((0, None),), "os.chflags": ((0, None),), "os.lchflags": ((0, None),),
-    "os.setxattr": ((0, None),), "os.removexattr": ((0, None),), "shutil.rmtree": ((0, 1),),
-    "os.mkfifo": ((0, 1),), "os.mknod": ((0, 1),),  # raised by the wrappers of _audit_file_creation
+    "os.remove": ((0, 1),),
+    "os.rmdir": ((0, 1),),
+    "os.mkdir": ((0, 2),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.link": ((0, 2), (1, 3)),
+    "os.symlink": ((1, 2),),
+    "os.chmod": ((0, 2),),
+    "os.chown": ((0, 3),),
+    "os.utime": ((0, 3),),
+    "os.truncate": ((0, None),),
+    "os.chflags": ((0, None),),
+    "os.lchflags": ((0, None),),
+    "os.setxattr": ((0, None),),
+    "os.removexattr": ((0, None),),
+    "shutil.rmtree": ((0, 1),),
+    "os.mkfifo": ((0, 1),),
+    "os.mknod": ((0, 1),),  # raised by the wrappers of _audit_file_creation
 }
 #: Events that read the file system (a path as first argument).
 _READS = ("os.listdir", "os.scandir", "os.chdir", "glob.glob", "os.listxattr", "os.getxattr")
@@ -182,8 +194,12 @@ def _install_guard(nonce: str, scratch: str, verdict_frame) -> None:
 
 def _limit_resources(memory_mb: int, cpu_s: int, file_mb: int) -> None:
     megabyte = 1 << 20
-    for limit, value in ((resource.RLIMIT_AS, memory_mb * megabyte), (resource.RLIMIT_CPU, cpu_s),
-                         (resource.RLIMIT_FSIZE, file_mb * megabyte), (resource.RLIMIT_CORE, 0)):
+    for limit, value in (
+        (resource.RLIMIT_AS, memory_mb * megabyte),
+        (resource.RLIMIT_CPU, cpu_s),
+        (resource.RLIMIT_FSIZE, file_mb * megabyte),
+        (resource.RLIMIT_CORE, 0),
+    ):
         hard = resource.getrlimit(limit)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # never above what we may set
         # CPU: the hard limit a second above the soft one, so that SIGXCPU ("timed out") comes

@@ -32,7 +32,9 @@ def get_form(name: str) -> Form:
     try:
         return REGISTRY[name]
     except (KeyError, TypeError):
-        raise CompressedExpertsError(f"unknown compressed-expert form {name!r}; choose from {', '.join(FORMS)}") from None
+        raise CompressedExpertsError(
+            f"unknown compressed-expert form {name!r}; choose from {', '.join(FORMS)}"
+        ) from None
 
 
 def is_compressed_expert(name: str) -> bool:

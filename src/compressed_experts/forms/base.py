@@ -67,8 +67,13 @@ def main_run(layer: Any, split: Split, **kwargs: Any) -> ExpertRun:
     return ExpertRun(split.main_index, split.main_weights, layer.gate_up_proj, layer.down_proj, **kwargs)
 
 
-def expert(layer: Any, e: int, x: torch.Tensor, neurons: int | None = None,
-           scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def expert(
+    layer: Any,
+    e: int,
+    x: torch.Tensor,
+    neurons: int | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Expert ``e`` of ``layer`` on one token, in ``x``'s dtype: ``Down(act(Gate(x*g)) * Up(x*u) * d)``,
     with only its first ``neurons`` intermediate neurons when given."""
     inter = layer.intermediate_dim

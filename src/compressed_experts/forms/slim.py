@@ -24,12 +24,13 @@ class Slim(Form):
 
     def initial_parameters(self, layer) -> dict[str, torch.Tensor]:
         gate, up, down = first_neurons(layer)
-        return {"ce_gate_up_proj": torch.cat([gate, up], dim=1).detach().clone(),
-                "ce_down_proj": down.detach().clone()}
+        return {"ce_gate_up_proj": torch.cat([gate, up], dim=1).detach().clone(), "ce_down_proj": down.detach().clone()}
 
     def runs(self, layer, split: Split) -> list[ExpertRun]:
-        return [main_run(layer, split),
-                ExpertRun(split.aux_index, split.aux_weights, layer.ce_gate_up_proj, layer.ce_down_proj)]
+        return [
+            main_run(layer, split),
+            ExpertRun(split.aux_index, split.aux_weights, layer.ce_gate_up_proj, layer.ce_down_proj),
+        ]
 
     def token_output(self, layer, x, main, aux):
         r = layer.r

@@ -31,17 +31,22 @@ class Subset(Form):
             # Training the expert weights: gradients through slices of them would cost a zeroed
             # weight-sized buffer per slice and step, so the auxiliary pairs run the whole expert
             # with the neurons past r masked out instead: the same output and gradients.
-            return [ExpertRun(
-                torch.cat([split.main_index, split.aux_index], dim=-1),
-                torch.cat([split.main_weights, split.aux_weights], dim=-1),
-                layer.gate_up_proj, layer.down_proj, neuron_limit=(split.main_index.shape[-1], layer.r),
-            )]
+            return [
+                ExpertRun(
+                    torch.cat([split.main_index, split.aux_index], dim=-1),
+                    torch.cat([split.main_weights, split.aux_weights], dim=-1),
+                    layer.gate_up_proj,
+                    layer.down_proj,
+                    neuron_limit=(split.main_index.shape[-1], layer.r),
+                )
+            ]
         gate, up, down = first_neurons(layer)
         return [main_run(layer, split), ExpertRun(split.aux_index, split.aux_weights, (gate, up), down)]
 
     def token_output(self, layer, x, main, aux):
         return weighted_sum(main, lambda e: expert(layer, e, x)) + weighted_sum(
-            aux, lambda e: expert(layer, e, x, neurons=layer.r))
+            aux, lambda e: expert(layer, e, x, neurons=layer.r)
+        )
 
     def auxiliary_cost(self, layer) -> int:
         return 3 * layer.hidden_dim * layer.r

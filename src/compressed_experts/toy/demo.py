@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -60,8 +61,9 @@ class Plan:
 QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, domain_blocks=16, bench_tokens=24)
 
 
-def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None = None,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(
+    out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None = None, say: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run the demo into ``out`` (one run directory per seed, task and method) and return its results."""
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
@@ -80,31 +82,70 @@ def run_demo(out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None =
     models: dict[str, Any] = {}
     for seed in range(seeds):
         for method in METHODS:
-            common = dict(model=model, method=method, n_ce=None if method == "full" else plan.n_ce, lr=plan.lr,
-                          ce_lr=plan.ce_lr if method == "ce" else None, seq_len=plan.seq_len, batch_size=plan.batch_size,
-                          seed=seed, precision="fp32", gradient_checkpointing=False, warmup=0.05, logging_steps=10,
-                          overwrite=True)
+            common = dict(
+                model=model,
+                method=method,
+                n_ce=None if method == "full" else plan.n_ce,
+                lr=plan.lr,
+                ce_lr=plan.ce_lr if method == "ce" else None,
+                seq_len=plan.seq_len,
+                batch_size=plan.batch_size,
+                seed=seed,
+                precision="fp32",
+                gradient_checkpointing=False,
+                warmup=0.05,
+                logging_steps=10,
+                overwrite=True,
+            )
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on math")
             run_dir = out / f"seed{seed}" / "math" / method
-            fitted = train(TrainConfig(**common, data=str(math_train), out=str(run_dir), max_steps=plan.math_steps,
-                                       response_only=True))
+            fitted = train(
+                TrainConfig(
+                    **common, data=str(math_train), out=str(run_dir), max_steps=plan.math_steps, response_only=True
+                )
+            )
             say(f"seed {seed}, {LABELS[method]}: evaluating math")
-            result = evaluate(fitted.model.eval(), tokenizer, "gsm8k", data=math_test, batch_size=32,
-                              max_new_tokens=128, prompt="alpaca", out=run_dir / "eval_math.json",
-                              source=str(run_dir), progress=False)
+            result = evaluate(
+                fitted.model.eval(),
+                tokenizer,
+                "gsm8k",
+                data=math_test,
+                batch_size=32,
+                max_new_tokens=128,
+                prompt="alpaca",
+                out=run_dir / "eval_math.json",
+                source=str(run_dir),
+                progress=False,
+            )
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on the held-out domain")
             domain_dir = out / f"seed{seed}" / "domain" / method
-            adapted = train(TrainConfig(**common, data=str(domain_file), out=str(domain_dir), max_steps=plan.domain_steps))
+            adapted = train(
+                TrainConfig(**common, data=str(domain_file), out=str(domain_dir), max_steps=plan.domain_steps)
+            )
             loss = lm_loss(adapted.model, tokenizer, domain_held, plan.seq_len, plan.domain_blocks)
-            runs.append({"seed": seed, "method": method, "math_accuracy": result["score"], "domain_loss": loss,
-                         "active_parameters": result["model"]["active_parameters"],
-                         "train_seconds": fitted.summary["seconds"] + adapted.summary["seconds"]})
+            runs.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "math_accuracy": result["score"],
+                    "domain_loss": loss,
+                    "active_parameters": result["model"]["active_parameters"],
+                    "train_seconds": fitted.summary["seconds"] + adapted.summary["seconds"],
+                }
+            )
             if seed == 0:
                 models[method] = fitted.model
     say("timing greedy decoding")
     speed = _decode_speed(models, tokenizer, plan)
-    results = {"plan": asdict(plan), "seeds": seeds, "model": model, "runs": runs, "decode_tokens_per_s": speed,
-               "summary": summarise(runs, speed), "seconds": time.perf_counter() - started}
+    results = {
+        "plan": asdict(plan),
+        "seeds": seeds,
+        "model": model,
+        "runs": runs,
+        "decode_tokens_per_s": speed,
+        "summary": summarise(runs, speed),
+        "seconds": time.perf_counter() - started,
+    }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot(results["summary"], out / "demo_plot.png")
     (out / "demo_table.md").write_text(table_markdown(results))
@@ -118,11 +159,14 @@ def _decode_speed(models: dict[str, Any], tokenizer, plan: Plan) -> dict[str, fl
     count = plan.bench_tokens
 
     def run(model):
-        return lambda: model.generate(**batch, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                      pad_token_id=tokenizer.pad_token_id)
+        return lambda: model.generate(
+            **batch, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
 
     with torch.no_grad():
-        times = interleaved_medians({m: run(model.eval()) for m, model in models.items()}, torch.device("cpu"), repeats=5)
+        times = interleaved_medians(
+            {m: run(model.eval()) for m, model in models.items()}, torch.device("cpu"), repeats=5
+        )
     return {m: len(prompts) * count / t for m, t in times.items()}
 
 
@@ -173,8 +217,11 @@ def table_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for row in summary["methods"].values():
-        lines.append(f"| {row['label']} | {row['active_parameters']:,} | {_fmt(row['math_accuracy'], True)} | "
-                     f"{_fmt(row['domain_loss'], False)} | {row['decode_tokens_per_s']:.0f} |")
+        lines.append(
+            f"| {row['label']} | {row['active_parameters']:,} | {_fmt(row['math_accuracy'], True)} | "
+            f"{_fmt(row['domain_loss'], False)} | {row['decode_tokens_per_s']:.0f} |"
+        )
+
     def maybe(value, pct=True, why="n/a"):
         return why if value is None else (f"{value:.1%}" if pct else f"{value:.2f}x")
 
@@ -199,7 +246,10 @@ def plot(summary: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label in ((axes[0], "math_accuracy", "math exact match"), (axes[1], "domain_loss", "domain held-out loss")):
+    for ax, key, label in (
+        (axes[0], "math_accuracy", "math exact match"),
+        (axes[1], "domain_loss", "domain held-out loss"),
+    ):
         for row in summary["methods"].values():
             mean, spread = row[key]
             ax.errorbar(row["active_parameters"] / 1e6, mean, yerr=spread, fmt="o", capsize=4, label=row["label"])
@@ -223,14 +273,22 @@ def write_report(results: dict[str, Any], command: str, document: Path) -> None:
 def write_section(document: Path, begin: str, end: str, command: str, seconds: float, table: str) -> None:
     """Put ``table``, the command and the machine between the markers ``begin`` and ``end`` of
     ``document`` (appended if it has none), keeping whatever is written around them (the discussion)."""
-    block = "\n".join([
-        begin, "", f"Command: `{command}`", "",
-        f"Machine: {machine()}; {seconds / 60:.1f} minutes.", "",
-        table.rstrip(), "", end,
-    ])
+    block = "\n".join(
+        [
+            begin,
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {machine()}; {seconds / 60:.1f} minutes.",
+            "",
+            table.rstrip(),
+            "",
+            end,
+        ]
+    )
     text = document.read_text() if document.is_file() else "# Results\n\n"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     document.write_text(text)

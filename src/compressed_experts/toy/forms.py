@@ -62,12 +62,26 @@ class StudyPlan:
     distill_weight: float = 1.0  # probed on slim, one seed: 10 raised the loss by 0.15; 1 left it within 0.003
 
 
-QUICK_STUDY = StudyPlan(calib_tokens=1024, fit_steps=10, eval_blocks=4, second=None, sweep_r=(6, 12),
-                        sweep_n_ce=(4,), finetune_steps=3, batch_size=4)
+QUICK_STUDY = StudyPlan(
+    calib_tokens=1024,
+    fit_steps=10,
+    eval_blocks=4,
+    second=None,
+    sweep_r=(6, 12),
+    sweep_n_ce=(4,),
+    finetune_steps=3,
+    batch_size=4,
+)
 
 
-def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: str | None = None,
-              finetune: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_study(
+    out: Path,
+    plan: StudyPlan = StudyPlan(),
+    seeds: int = 1,
+    model: str | None = None,
+    finetune: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and a plot)."""
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
@@ -88,10 +102,21 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
         counts = active_parameters(scored)
         ce = ce_config_of(scored)
         form, n_ce, r = (ce.form, ce.n_ce, ce.r) if ce is not None else ("full", 0, None)
-        rows.append({"stage": stage, "form": form, "n_ce": n_ce, "r": r, "seed": seed,
-                     "loss": lm_loss(scored, tokenizer, held, plan.seq_len, plan.eval_blocks),
-                     "expert_equivalents": counts["expert_equivalents"], "top_k": top_k,
-                     "active": counts["active"], "added": counts["added"], **extra})
+        rows.append(
+            {
+                "stage": stage,
+                "form": form,
+                "n_ce": n_ce,
+                "r": r,
+                "seed": seed,
+                "loss": lm_loss(scored, tokenizer, held, plan.seq_len, plan.eval_blocks),
+                "expert_equivalents": counts["expert_equivalents"],
+                "top_k": top_k,
+                "active": counts["active"],
+                "added": counts["added"],
+                **extra,
+            }
+        )
 
     def converted(n_ce: int, form: str, r: int | None = None):
         return convert(copy.deepcopy(base), CEConfig(n_ce, form, r if form in NEURON_FORMS else None))
@@ -120,34 +145,66 @@ def run_study(out: Path, plan: StudyPlan = StudyPlan(), seeds: int = 1, model: s
             report = fit(fitted, blocks, steps=plan.fit_steps, seed=seed, progress=False)
             add("fitted", fitted, seed, fit_seconds=report["seconds"])
         if finetune:
-            data = write_domain_train(out / "data" / "domain_train.jsonl", plan.finetune_steps, plan.batch_size, plan.seq_len)
-            runs = [("fine-tuned", "full", dict(method="full")), ("fine-tuned", "none", dict(method="top-m", n_ce=plan.n_ce)),
-                    ("fine-tuned", "ia3", dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr)),
-                    ("fine-tuned + distill", "ia3", dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr,
-                                                         distill_weight=plan.distill_weight)),
-                    ("fine-tuned", "slim", dict(method="ce", model=str(fitted_dirs["slim"]))),
-                    ("fine-tuned + distill", "slim", dict(method="ce", model=str(fitted_dirs["slim"]),
-                                                          distill_weight=plan.distill_weight))]
+            data = write_domain_train(
+                out / "data" / "domain_train.jsonl", plan.finetune_steps, plan.batch_size, plan.seq_len
+            )
+            runs = [
+                ("fine-tuned", "full", dict(method="full")),
+                ("fine-tuned", "none", dict(method="top-m", n_ce=plan.n_ce)),
+                ("fine-tuned", "ia3", dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr)),
+                (
+                    "fine-tuned + distill",
+                    "ia3",
+                    dict(method="ce", form="ia3", n_ce=plan.n_ce, ce_lr=plan.ce_lr, distill_weight=plan.distill_weight),
+                ),
+                ("fine-tuned", "slim", dict(method="ce", model=str(fitted_dirs["slim"]))),
+                (
+                    "fine-tuned + distill",
+                    "slim",
+                    dict(method="ce", model=str(fitted_dirs["slim"]), distill_weight=plan.distill_weight),
+                ),
+            ]
             for stage, form, settings in runs:
                 say(f"seed {seed}: fine-tuning {form} ({stage})")
                 settings = {"model": model, **settings}
-                result = train(TrainConfig(data=str(data), out=str(out / f"seed{seed}" / f"ft-{form}-{stage}"),
-                                           max_steps=plan.finetune_steps, lr=plan.lr, seq_len=plan.seq_len,
-                                           batch_size=plan.batch_size, seed=seed, precision="fp32",
-                                           gradient_checkpointing=False, warmup=0.05, overwrite=True, **settings))
+                result = train(
+                    TrainConfig(
+                        data=str(data),
+                        out=str(out / f"seed{seed}" / f"ft-{form}-{stage}"),
+                        max_steps=plan.finetune_steps,
+                        lr=plan.lr,
+                        seq_len=plan.seq_len,
+                        batch_size=plan.batch_size,
+                        seed=seed,
+                        precision="fp32",
+                        gradient_checkpointing=False,
+                        warmup=0.05,
+                        overwrite=True,
+                        **settings,
+                    )
+                )
                 add(stage, result.model.eval(), seed, train_seconds=result.summary["seconds"])
     blocks = calibration_blocks(tokenizer, calibration, plan.seq_len, plan.calib_tokens, 0)
     for n_ce in plan.sweep_n_ce:
         for r in plan.sweep_r:
             for form in ("subset", "slim"):
-                if any(x["stage"] == "fitted" and x["seed"] == 0 and (x["form"], x["n_ce"], x["r"]) == (form, n_ce, r) for x in rows):
+                if any(
+                    x["stage"] == "fitted" and x["seed"] == 0 and (x["form"], x["n_ce"], x["r"]) == (form, n_ce, r)
+                    for x in rows
+                ):
                     continue  # measured above
                 say(f"sweep: fitting {form} with n_ce={n_ce}, r={r}")
                 fitted = converted(n_ce, form, r)
                 report = fit(fitted, blocks, steps=plan.fit_steps, seed=0, progress=False)
                 add("fitted", fitted, 0, fit_seconds=report["seconds"], sweep=True)
-    results = {"plan": asdict(plan), "seeds": seeds, "model": model, "rows": rows,
-               "summary": summarise(rows), "seconds": time.perf_counter() - started}
+    results = {
+        "plan": asdict(plan),
+        "seeds": seeds,
+        "model": model,
+        "rows": rows,
+        "summary": summarise(rows),
+        "seconds": time.perf_counter() - started,
+    }
     (out / "forms_results.json").write_text(json.dumps(results, indent=2))
     (out / "forms_table.md").write_text(table_markdown(results))
     pareto_plot(rows, out / "forms_pareto.png")
@@ -159,8 +216,11 @@ def _reference(rows: list[dict[str, Any]], form: str, n_ce: int, stage: str, see
     the untuned model for converted and fitted rows, the same seed's fine-tuned one for fine-tuned rows."""
     tuned = stage.startswith("fine-tuned")
     for row in rows:
-        if row["form"] == form and (form == "full" or row["n_ce"] == n_ce) and (
-                (row["stage"] == "fine-tuned" and row["seed"] == seed) if tuned else row["stage"] == "reference"):
+        if (
+            row["form"] == form
+            and (form == "full" or row["n_ce"] == n_ce)
+            and ((row["stage"] == "fine-tuned" and row["seed"] == seed) if tuned else row["stage"] == "reference")
+        ):
             return row["loss"]
     raise CompressedExpertsError(f"the study has no {form} reference for {stage} rows")
 
@@ -179,14 +239,22 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 share = gap_closed(row["loss"], top_m, full, lower_is_better=True)
                 closed.append(float("nan") if share is None else share)
         first = members[0]
-        summary.append({
-            "stage": stage, "form": form, "n_ce": n_ce, "r": r, "seeds": len(members),
-            "loss": mean_spread([m["loss"] for m in members]),
-            "gap_closed": mean_spread(closed) if closed else None,
-            "expert_equivalents": first["expert_equivalents"], "top_k": first["top_k"],
-            "added": first["added"], "sweep": bool(first.get("sweep")),
-            "fit_seconds": mean_spread([m["fit_seconds"] for m in members]) if "fit_seconds" in first else None,
-        })
+        summary.append(
+            {
+                "stage": stage,
+                "form": form,
+                "n_ce": n_ce,
+                "r": r,
+                "seeds": len(members),
+                "loss": mean_spread([m["loss"] for m in members]),
+                "gap_closed": mean_spread(closed) if closed else None,
+                "expert_equivalents": first["expert_equivalents"],
+                "top_k": first["top_k"],
+                "added": first["added"],
+                "sweep": bool(first.get("sweep")),
+                "fit_seconds": mean_spread([m["fit_seconds"] for m in members]) if "fit_seconds" in first else None,
+            }
+        )
     return summary
 
 
@@ -222,12 +290,19 @@ def pareto_plot(rows: list[dict[str, Any]], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"none": ("top-m", "s", "grey"), "subset": ("subset (fitted)", "^", "tab:blue"),
-              "slim": ("slim (fitted)", "o", "tab:orange"), "ia3": ("ia3 (fitted)", "D", "tab:green")}
+    styles = {
+        "none": ("top-m", "s", "grey"),
+        "subset": ("subset (fitted)", "^", "tab:blue"),
+        "slim": ("slim (fitted)", "o", "tab:orange"),
+        "ia3": ("ia3 (fitted)", "D", "tab:green"),
+    }
     for form, (label, marker, color) in styles.items():
         stage = "reference" if form == "none" else "fitted"
-        points = sorted((r["expert_equivalents"] / r["top_k"], r["loss"], r["r"]) for r in rows
-                        if r["form"] == form and r["stage"] == stage and r["seed"] in (None, 0))
+        points = sorted(
+            (r["expert_equivalents"] / r["top_k"], r["loss"], r["r"])
+            for r in rows
+            if r["form"] == form and r["stage"] == stage and r["seed"] in (None, 0)
+        )
         if points:
             ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=label)
             for x, y, r in points:

@@ -49,14 +49,19 @@ class Recipe:
     held_out_blocks: int = 64  # sequences of the held-out part scored at the end
 
     def __post_init__(self) -> None:
-        small = {k: v for k, v in asdict(self).items()
-                 if k != "seed" and v is not None and not isinstance(v, bool) and not v > 0}
+        small = {
+            k: v
+            for k, v in asdict(self).items()
+            if k != "seed" and v is not None and not isinstance(v, bool) and not v > 0
+        }
         if small:
             named = ", ".join(f"{k}={v}" for k, v in small.items())
             raise CompressedExpertsError(f"recipe settings must be positive: {named}", settings=tuple(small))
         if self.hidden_size % self.heads:
-            raise CompressedExpertsError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})",
-                                         settings=("hidden_size", "heads"))
+            raise CompressedExpertsError(
+                f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})",
+                settings=("hidden_size", "heads"),
+            )
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -68,8 +73,11 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=PAD)
@@ -79,10 +87,18 @@ def initial_model(recipe: Recipe, tokenizer):
     from transformers import AutoModelForCausalLM, OlmoeConfig
 
     config = OlmoeConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        num_experts=recipe.experts, num_experts_per_tok=recipe.top_k, max_position_embeddings=2 * recipe.seq_len,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        num_experts=recipe.experts,
+        num_experts_per_tok=recipe.top_k,
+        max_position_embeddings=2 * recipe.seq_len,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
         tie_word_embeddings=False,
         output_router_logits=True,  # the load-balancing loss while pretraining; switched off in the export
     )
@@ -98,7 +114,7 @@ def lm_loss(model, tokenizer, texts: list[str], seq_len: int, blocks: int, batch
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, usable, batch_size):
-            batch = data[start:start + batch_size]
+            batch = data[start : start + batch_size]
             loss = model(batch, labels=batch).loss
             total += loss.item() * batch.numel()
             count += batch.numel()
@@ -115,8 +131,9 @@ def pretrain(out: Path, recipe: Recipe = Recipe(), resume: bool = False, overwri
     corpus = training_texts()[: recipe.max_files]
     started = time.perf_counter()
     # The library's output policy; --overwrite replaces only an earlier pretraining directory (one with init/).
-    clear = check_output_dir(out, overwrite=overwrite, replaces="a toy pretraining directory", markers=("init",),
-                             keep=resume, resumable=True)
+    clear = check_output_dir(
+        out, overwrite=overwrite, replaces="a toy pretraining directory", markers=("init",), keep=resume, resumable=True
+    )
     if not resume:
         if clear:
             shutil.rmtree(out)
@@ -125,12 +142,26 @@ def pretrain(out: Path, recipe: Recipe = Recipe(), resume: bool = False, overwri
         model = initial_model(recipe, tokenizer)
         model.save_pretrained(out / "init")
         tokenizer.save_pretrained(out / "init")
-    result = train(TrainConfig(
-        model=str(out / "init"), data=str(out / "corpus" / "train.jsonl"), out=str(out / "run"), method="full",
-        lr=recipe.lr, warmup=0.02, weight_decay=0.1, max_steps=recipe.max_steps, seq_len=recipe.seq_len,
-        batch_size=recipe.batch_size, seed=recipe.seed, precision="fp32", gradient_checkpointing=False,
-        logging_steps=max(1, min(25, recipe.max_steps // 10)), save_steps=0.1, resume=resume,
-    ))
+    result = train(
+        TrainConfig(
+            model=str(out / "init"),
+            data=str(out / "corpus" / "train.jsonl"),
+            out=str(out / "run"),
+            method="full",
+            lr=recipe.lr,
+            warmup=0.02,
+            weight_decay=0.1,
+            max_steps=recipe.max_steps,
+            seq_len=recipe.seq_len,
+            batch_size=recipe.batch_size,
+            seed=recipe.seed,
+            precision="fp32",
+            gradient_checkpointing=False,
+            logging_steps=max(1, min(25, recipe.max_steps // 10)),
+            save_steps=0.1,
+            resume=resume,
+        )
+    )
     model = result.model
     model.config.output_router_logits = False
     tokenizer = load_tokenizer(out / "init")
@@ -165,10 +196,14 @@ def plot_loss(log_file: Path, png: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     entries = [json.loads(line) for line in log_file.read_text().splitlines()]
-    points = [(e["num_input_tokens_seen"] / 1e6, e["loss"]) for e in entries if "loss" in e and "num_input_tokens_seen" in e]
+    points = [
+        (e["num_input_tokens_seen"] / 1e6, e["loss"]) for e in entries if "loss" in e and "num_input_tokens_seen" in e
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([p[0] for p in points], [p[1] for p in points], label="training loss")
-    ax.axhline(report["held_out_loss"], color="tab:red", linestyle="--", label=f"held-out loss {report['held_out_loss']:.3f}")
+    ax.axhline(
+        report["held_out_loss"], color="tab:red", linestyle="--", label=f"held-out loss {report['held_out_loss']:.3f}"
+    )
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Bundled model: pretraining on the standard library", fontsize=10)

@@ -14,15 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CompressedExpertsError
 from .corpus import held_out_texts, write_jsonl
 
-NAMES = [("Ada", "She", "her"), ("Ben", "He", "his"), ("Cleo", "She", "her"), ("Dev", "He", "his"),
-         ("Eva", "She", "her"), ("Finn", "He", "his"), ("Gia", "She", "her"), ("Hugo", "He", "his")]
+NAMES = [
+    ("Ada", "She", "her"),
+    ("Ben", "He", "his"),
+    ("Cleo", "She", "her"),
+    ("Dev", "He", "his"),
+    ("Eva", "She", "her"),
+    ("Finn", "He", "his"),
+    ("Gia", "She", "her"),
+    ("Hugo", "He", "his"),
+]
 ITEMS = ["apples", "stamps", "marbles", "books", "coins", "shells", "cards", "pencils", "stickers", "tickets"]
 FRIENDS = ["Ivy", "Jon", "Kai", "Lea", "Max", "Noa"]
 TEST_SHARE = 10  # one problem in TEST_SHARE falls in the test split
@@ -56,15 +64,21 @@ class Numbers:
         # Every count must allow some operation (buying below buy_below, giving above the smallest
         # operand + 1), or drawing a problem would never end.
         low, high = self.operands
-        if not (1 <= low <= high and min(self.packs) >= 2 and min(self.divisors, default=2) >= 2
-                and self.buy_below > low + 1):
+        if not (
+            1 <= low <= high
+            and min(self.packs) >= 2
+            and min(self.divisors, default=2) >= 2
+            and self.buy_below > low + 1
+        ):
             raise CompressedExpertsError(
                 f"number ranges that cannot make a problem: {self}; operands need 1 <= low <= high, packs and "
-                f"divisors at least 2, and buy_below above the smallest operand + 1")
+                f"divisors at least 2, and buy_below above the smallest operand + 1"
+            )
 
 
-def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: str,
-          numbers: Numbers = Numbers()) -> tuple[str, str, int] | None:
+def _step(
+    rng: random.Random, value: int, pronoun: str, possessive: str, items: str, numbers: Numbers = Numbers()
+) -> tuple[str, str, int] | None:
     """One operation on the running count: (sentence, worked line, new value), or None if it does not fit."""
     low, high = numbers.operands
     kind = rng.choice(["buy", "packs", "give", "double", "share"])
@@ -73,8 +87,11 @@ def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: 
         return f"{pronoun} buys {b} more.", f"{value} + {b} = {value + b}.", value + b
     if kind == "packs" and value < numbers.packs_below:
         c, d = rng.randint(2, numbers.packs[0]), rng.randint(2, numbers.packs[1])
-        return (f"{pronoun} buys {c} packs of {d} {items} each.",
-                f"{c} packs of {d} is {c} * {d} = {c * d}. {value} + {c * d} = {value + c * d}.", value + c * d)
+        return (
+            f"{pronoun} buys {c} packs of {d} {items} each.",
+            f"{c} packs of {d} is {c} * {d} = {c * d}. {value} + {c * d} = {value + c * d}.",
+            value + c * d,
+        )
     if kind == "give" and value > low + 1:
         e = rng.randint(low, min(high, value - 1))
         friend = rng.choice(FRIENDS)
@@ -85,8 +102,11 @@ def _step(rng: random.Random, value: int, pronoun: str, possessive: str, items: 
     if kind != "share" or not divisors:
         return None
     k = rng.choice(divisors)
-    return (f"{pronoun} splits them equally into {k} boxes and keeps one box.",
-            f"{value} / {k} = {value // k}.", value // k)
+    return (
+        f"{pronoun} splits them equally into {k} boxes and keeps one box.",
+        f"{value} / {k} = {value // k}.",
+        value // k,
+    )
 
 
 def make_problem(rng: random.Random, steps: int, numbers: Numbers = Numbers(), restate: bool = False) -> Problem:
@@ -113,8 +133,13 @@ def _split_of(question: str) -> str:
     return "test" if digest % TEST_SHARE == 0 else "train"
 
 
-def math_problems(n: int, split: str, seed: int = 0, steps: tuple[int, int] = (3, 4),
-                  make: Callable[[random.Random, int], Problem] = make_problem) -> list[Problem]:
+def math_problems(
+    n: int,
+    split: str,
+    seed: int = 0,
+    steps: tuple[int, int] = (3, 4),
+    make: Callable[[random.Random, int], Problem] = make_problem,
+) -> list[Problem]:
     """``n`` distinct problems of ``split`` ("train" or "test"), each with 3 to 4 operations
     (``steps``), drawn by ``make``."""
     rng = random.Random(f"math-{split}-{seed}")

@@ -1,9 +1,18 @@
 """Supervised fine-tuning of full top-k, top-m and compressed-experts models on the transformers Trainer."""
 
-from .config import METHODS, PRECISIONS, TRAINABLE, TrainConfig
 from ..text import alpaca_prompt
+from .config import METHODS, PRECISIONS, TRAINABLE, TrainConfig
 
-__all__ = ["METHODS", "PRECISIONS", "TRAINABLE", "TrainConfig", "TrainResult", "TrainingDiverged", "alpaca_prompt", "train"]
+__all__ = [
+    "METHODS",
+    "PRECISIONS",
+    "TRAINABLE",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "alpaca_prompt",
+    "train",
+]
 _LAZY = {"train": "run", "TrainResult": "run", "TrainingDiverged": "trainer"}
 
 

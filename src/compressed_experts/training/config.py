@@ -39,11 +39,17 @@ class TrainConfig:
     method: str = setting("ce", "full (all top-k experts), top-m (top k - n_ce only) or ce.")
     n_ce: int | None = setting(None, "Experts per token replaced; default the checkpoint's, else half the top-k.")
     form: str | None = setting(None, f"Method ce: {', '.join(CE_FORMS)}; default the checkpoint's, else {FORMS[0]}.")
-    r: int | None = setting(None, "Neurons per auxiliary expert (subset, slim); default the checkpoint's, else an eighth of the expert's.")
-    distill_weight: float = setting(0.0, "Weight of a term pulling each converted block towards the full top-k block's output.")
+    r: int | None = setting(
+        None, "Neurons per auxiliary expert (subset, slim); default the checkpoint's, else an eighth of the expert's."
+    )
+    distill_weight: float = setting(
+        0.0, "Weight of a term pulling each converted block towards the full top-k block's output."
+    )
     trainable: str = setting("all", "all (the paper), ce+router, or ce (the compressed experts only).")
     lr: float = setting(2e-5, "Peak learning rate (cosine schedule).")
-    ce_lr: float | None = setting(None, "Learning rate of the compressed experts; default lr (a larger one moves them faster).")
+    ce_lr: float | None = setting(
+        None, "Learning rate of the compressed experts; default lr (a larger one moves them faster)."
+    )
     epochs: float = setting(2.0, "Passes over the data (ignored with max_steps).")
     max_steps: int | None = setting(None, "Stop after this many optimizer steps.")
     seq_len: int | None = setting(None, "Tokens per sequence; default min(2048, the model's limit).")
@@ -90,41 +96,58 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}", name)
         if self.save_steps > 1 and self.save_steps != int(self.save_steps):
-            fail(f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}",
-                 "save_steps")
+            fail(
+                f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}",
+                "save_steps",
+            )
         if not 0 <= self.warmup < 1:
             fail(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}", "warmup")
         if self.resume and self.overwrite:
             fail("resume continues the run in out and overwrite deletes it: choose one", "resume", "out", "overwrite")
         if self.method == "full":
             if self.n_ce:
-                fail(f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave n_ce out)",
-                     "method", "n_ce")
+                fail(
+                    f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave n_ce out)",
+                    "method",
+                    "n_ce",
+                )
             if self.trainable != "all":
-                fail(f"method full has no compressed experts to train; trainable {self.trainable} needs method ce",
-                     "method", "trainable")
+                fail(
+                    f"method full has no compressed experts to train; trainable {self.trainable} needs method ce",
+                    "method",
+                    "trainable",
+                )
         else:
             if self.n_ce is not None:
                 CEConfig(self.n_ce)
                 if self.n_ce == 0:
                     fail(f"n_ce=0 with method {self.method} is full top-k: use method full", "n_ce", "method")
             if self.method == "top-m" and self.trainable != "all":
-                fail(f"method top-m has no compressed experts; trainable {self.trainable} needs method ce",
-                     "method", "trainable")
+                fail(
+                    f"method top-m has no compressed experts; trainable {self.trainable} needs method ce",
+                    "method",
+                    "trainable",
+                )
         if self.ce_lr is not None and self.method != "ce":
             fail(f"ce_lr sets the compressed experts' learning rate; method {self.method} has none", "ce_lr", "method")
         if (self.form is not None or self.r is not None) and self.method != "ce":
             fail(f"form and r choose the compressed experts of method ce, not {self.method}", "form", "r", "method")
         if self.form is not None:
             if self.form not in CE_FORMS:
-                fail(f"form must be one of {', '.join(CE_FORMS)} (none is method top-m), not {self.form!r}",
-                     "form", "method")
+                fail(
+                    f"form must be one of {', '.join(CE_FORMS)} (none is method top-m), not {self.form!r}",
+                    "form",
+                    "method",
+                )
             CEConfig(1, self.form, self.r)  # r only with subset or slim, a whole number
         if not self.distill_weight >= 0:
             fail(f"distill_weight must be 0 or more, got {self.distill_weight}", "distill_weight")
         if self.distill_weight and self.method == "full":
-            fail("distill_weight pulls converted blocks towards full top-k; method full has none",
-                 "distill_weight", "method")
+            fail(
+                "distill_weight pulls converted blocks towards full top-k; method full has none",
+                "distill_weight",
+                "method",
+            )
 
     def ce_config(self, top_k: int, existing: CEConfig | None = None) -> CEConfig | None:
         """The conversion this run trains (None for full top-k), given the model's top-k and the
@@ -133,8 +156,10 @@ class TrainConfig:
             return None
         n_ce = self.n_ce if self.n_ce is not None else existing.n_ce if existing is not None else top_k // 2
         if n_ce == 0:
-            raise CompressedExpertsError(f"the model routes to top-{top_k}: there is no expert to compress; use method full",
-                                         settings=("method",))
+            raise CompressedExpertsError(
+                f"the model routes to top-{top_k}: there is no expert to compress; use method full",
+                settings=("method",),
+            )
         if self.method == "top-m":
             return CEConfig(n_ce, TOP_M)
         form = self.form or (existing.form if existing is not None and existing.form != TOP_M else FORMS[0])
@@ -152,7 +177,7 @@ class TrainConfig:
         return json.dumps({**asdict(self), **extra}, indent=2)
 
     @classmethod
-    def read(cls, directory: Path) -> "TrainConfig":
+    def read(cls, directory: Path) -> TrainConfig:
         """The settings a run in ``directory`` was started with."""
         try:
             saved = json.loads((directory / CONFIG_FILE).read_text())
@@ -161,7 +186,9 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
 
-    def differences(self, other: "TrainConfig") -> list[str]:
+    def differences(self, other: TrainConfig) -> list[str]:
         """Settings that differ from ``other``, apart from those a resumption may change."""
         mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in _RESUMABLE_CHANGES and mine[k] != theirs[k]]
+        return [
+            f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in _RESUMABLE_CHANGES and mine[k] != theirs[k]
+        ]

@@ -40,29 +40,33 @@ def _adds_bos(tokenizer) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def build_dataset(records, tokenizer, seq_len: int, prompt_format: str = "alpaca",
-                  packing: bool = True, response_only: bool = False):
+def build_dataset(
+    records, tokenizer, seq_len: int, prompt_format: str = "alpaca", packing: bool = True, response_only: bool = False
+):
     """Tokenized training examples: fixed ``seq_len`` blocks when packing, else one truncated
     example per record (padded per batch by the collator)."""
     check_prompt_format(prompt_format, tokenizer)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        out = [tokenize(segments(row, tokenizer, prompt_format), tokenizer, response_only, prompt_format) for row in rows]
+        out = [
+            tokenize(segments(row, tokenizer, prompt_format), tokenizer, response_only, prompt_format) for row in rows
+        ]
         return {"input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
     encoded = records.map(encode, batched=True, remove_columns=records.column_names, desc="tokenizing")
     if not packing:
         examples = encoded.map(lambda row: {k: v[:seq_len] for k, v in row.items()}, desc="truncating")
     else:
+
         def pack(batch: dict[str, list]) -> dict[str, list]:
             # Blocks are cut within each map batch; the last partial block of a batch is dropped.
             ids = [t for row in batch["input_ids"] for t in row]
             labels = [t for row in batch["labels"] for t in row]
             cut = len(ids) - len(ids) % seq_len
             return {
-                "input_ids": [ids[i:i + seq_len] for i in range(0, cut, seq_len)],
-                "labels": [labels[i:i + seq_len] for i in range(0, cut, seq_len)],
+                "input_ids": [ids[i : i + seq_len] for i in range(0, cut, seq_len)],
+                "labels": [labels[i : i + seq_len] for i in range(0, cut, seq_len)],
             }
 
         examples = encoded.map(pack, batched=True, batch_size=1000, desc="packing")

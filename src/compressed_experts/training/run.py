@@ -61,19 +61,28 @@ def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
         return (latest_checkpoint(out / CHECKPOINTS) if config.resume else None), False
     # Where a run may go, and what --overwrite may replace, is the library's one output policy.
     sources = {"model": config.model, "data": config.data, "tokenizer": config.tokenizer}
-    clear = check_output_dir(out, overwrite=config.overwrite, sources=sources, replaces="a run or a model",
-                             markers=(CONFIG_FILE, *MODEL_MARKERS), keep=config.resume, resumable=True)
+    clear = check_output_dir(
+        out,
+        overwrite=config.overwrite,
+        sources=sources,
+        replaces="a run or a model",
+        markers=(CONFIG_FILE, *MODEL_MARKERS),
+        keep=config.resume,
+        resumable=True,
+    )
     if config.resume:
         if not (out / CONFIG_FILE).is_file():
-            raise CompressedExpertsError(f"resume: {out} holds no run to continue (no {CONFIG_FILE})",
-                                         settings=("resume",))
+            raise CompressedExpertsError(
+                f"resume: {out} holds no run to continue (no {CONFIG_FILE})", settings=("resume",)
+            )
         if (out / SUMMARY_FILE).is_file():
             raise CompressedExpertsError(f"resume: the run in {out} has already finished", settings=("resume",))
         changed = config.differences(TrainConfig.read(out))
         if changed:
             names = tuple(change.split(":", 1)[0] for change in changed)  # "lr: 0.003 -> 0.001"
-            raise CompressedExpertsError(f"resume with other settings than the run in {out}: {'; '.join(changed)}",
-                                         settings=("resume", *names))
+            raise CompressedExpertsError(
+                f"resume with other settings than the run in {out}: {'; '.join(changed)}", settings=("resume", *names)
+            )
         last = latest_checkpoint(out / CHECKPOINTS)
         if last is None:
             raise CompressedExpertsError(
@@ -111,8 +120,9 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     limit = getattr(model_config, "max_position_embeddings", None)
     seq_len = config.seq_len or min(_DEFAULT_SEQ_LEN, limit or _DEFAULT_SEQ_LEN)
     if limit is not None and seq_len > limit:
-        raise CompressedExpertsError(f"seq_len {seq_len} is longer than the model takes ({limit} positions)",
-                                     settings=("seq_len",))
+        raise CompressedExpertsError(
+            f"seq_len {seq_len} is longer than the model takes ({limit} positions)", settings=("seq_len",)
+        )
     return wanted, seq_len
 
 
@@ -198,15 +208,25 @@ def train(config: TrainConfig) -> TrainResult:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            resolved = {"n_ce": wanted.n_ce if wanted is not None else 0, "form": wanted.form if wanted is not None else None,
-                        "r": wanted.r if wanted is not None else None, "seq_len": seq_len, "precision": precision}
+            resolved = {
+                "n_ce": wanted.n_ce if wanted is not None else 0,
+                "form": wanted.form if wanted is not None else None,
+                "r": wanted.r if wanted is not None else None,
+                "seq_len": seq_len,
+                "precision": precision,
+            }
             write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
         else:
             _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
     collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
     trainer = CETrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=tokenizer, callbacks=[ProgressAndLog(out / LOG_FILE), StopOnNonFinite()], ce_lr=config.ce_lr,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[ProgressAndLog(out / LOG_FILE), StopOnNonFinite()],
+        ce_lr=config.ce_lr,
         distill_weight=config.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better

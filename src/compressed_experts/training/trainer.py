@@ -44,7 +44,9 @@ class CETrainer(Trainer):
         self.ce_lr = ce_lr
         self._staging: str | None = None
         self.distill_weight = distill_weight
-        self._distilled = [m for m in self.model.modules() if isinstance(m, CompressedExperts)] if distill_weight else []
+        self._distilled = (
+            [m for m in self.model.modules() if isinstance(m, CompressedExperts)] if distill_weight else []
+        )
         self._distill_sum, self._distill_count = 0.0, 0
 
     def create_optimizer(self, model=None):
@@ -53,11 +55,19 @@ class CETrainer(Trainer):
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             decay = set(self.get_decay_parameter_names(self.model))
             groups = [
-                {"params": [p for n, p in named if not is_compressed_expert(n) and n in decay],
-                 "weight_decay": self.args.weight_decay},
-                {"params": [p for n, p in named if not is_compressed_expert(n) and n not in decay], "weight_decay": 0.0},
-                {"params": [p for n, p in named if is_compressed_expert(n)], "weight_decay": 0.0,
-                 "lr": self.ce_lr or self.args.learning_rate},
+                {
+                    "params": [p for n, p in named if not is_compressed_expert(n) and n in decay],
+                    "weight_decay": self.args.weight_decay,
+                },
+                {
+                    "params": [p for n, p in named if not is_compressed_expert(n) and n not in decay],
+                    "weight_decay": 0.0,
+                },
+                {
+                    "params": [p for n, p in named if is_compressed_expert(n)],
+                    "weight_decay": 0.0,
+                    "lr": self.ce_lr or self.args.learning_rate,
+                },
             ]
             groups = [g for g in groups if g["params"]]
             fused = all(p.device.type in ("cuda", "cpu") for g in groups for p in g["params"])
@@ -67,7 +77,9 @@ class CETrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         for layer in self._distilled:
             layer.distill_loss = None
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss = result[0] if return_outputs else result
         terms = [layer.distill_loss for layer in self._distilled if layer.distill_loss is not None]
         if terms:  # the mean over blocks, so the weight does not grow with the model's depth
@@ -92,7 +104,10 @@ class CETrainer(Trainer):
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is not None:
             return scaled
-        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return (
+            bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
+        )
 
     def train(self, *args, **kwargs):
         for layer in self._distilled:
@@ -184,7 +199,9 @@ class ProgressAndLog(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="training", unit="step", dynamic_ncols=True
+            )
         self._mark = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_step_end(self, args, state, control, **kwargs):
