@@ -1,17 +1,19 @@
-"""The supported model families, and how to find a model's family and MoE blocks."""
+"""The supported model families (one module each, found here), and how to find a model's family and MoE blocks."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from . import deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+from ..plugins import modules
 from .base import Family
 
+#: Every module of this package that defines a ``FAMILY``: adding a family is one module here.
 FAMILIES: tuple[Family, ...] = tuple(
-    module.FAMILY for module in (olmoe, phimoe, mixtral, qwen2_moe, qwen3_moe, deepseek_v3)
+    module.FAMILY for module in modules(sys.modules[__name__]) if isinstance(getattr(module, "FAMILY", None), Family)
 )
 
 

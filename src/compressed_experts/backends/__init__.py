@@ -4,24 +4,26 @@
 expert) and ``decode`` (fused Triton kernels for a few tokens on CUDA) are the fast ones. Each
 says whether it can run a call and why not. ``auto`` is the ordered preference list
 :data:`AUTO`, decided here and nowhere else. To add a backend, write a
-:class:`~compressed_experts.backends.base.Backend` subclass in a module of its own and list it
-in :data:`_ALL` (and in :data:`AUTO` where ``auto`` should consider it).
+:class:`~compressed_experts.backends.base.Backend` subclass with a ``name`` in a module of its
+own here: the package finds it, and ``set_compute_path`` takes it; list it in :data:`AUTO`
+where ``auto`` should consider it.
 """
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import CompressedExpertsError
+from ..plugins import discover
 from ..routing import Call
 from .base import Backend
-from .decode import Decode
-from .eager import Eager
-from .grouped import Grouped
-from .loop import Loop
 
-_ALL: tuple[Backend, ...] = (Eager(), Grouped(), Loop(), Decode())
-BACKENDS: dict[str, Backend] = {backend.name: backend for backend in _ALL}
-#: ``auto``: the first of these that can run a call and prefers it (loop always can, and always does).
-AUTO: tuple[Backend, ...] = (BACKENDS["decode"], BACKENDS["grouped"], BACKENDS["loop"])
+BACKENDS: dict[str, Backend] = {
+    cls.name: cls() for cls in sorted(discover(sys.modules[__name__], Backend), key=lambda c: c.name)
+}
+#: ``auto``: the first of these that can run a call and prefers it. The last, loop, runs anywhere
+#: and always prefers. A new backend joins auto only when it is listed here, where it should rank.
+AUTO: tuple[Backend, ...] = tuple(BACKENDS[name] for name in ("decode", "grouped", "loop"))
 #: What ``set_compute_path`` accepts.
 PATHS: tuple[str, ...] = ("auto", *BACKENDS)
 

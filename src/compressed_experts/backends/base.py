@@ -2,7 +2,7 @@
 
 A backend computes one call of a compressed-experts block (:class:`~compressed_experts.routing.Call`):
 it says whether it can run a given call, and why not, and runs it. Adding a backend is one
-module in this package that defines a subclass and lists it in ``backends/__init__.py``.
+module in this package that defines a subclass with a ``name``: the package finds it.
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """The compressed-expert forms: what stands in for a token's auxiliary experts, one module each.
 
-To add a form, write a :class:`~compressed_experts.forms.base.Form` subclass in a module of its
-own here and list it in :data:`_ALL`; ``CEConfig``, conversion, parameter counts, fitting,
-saving and the CLI's ``--form`` take it from this registry.
+To add a form, write a :class:`~compressed_experts.forms.base.Form` subclass with a ``name`` and
+a ``rank`` in a module of its own here: the registry finds it, and ``CEConfig``, conversion,
+parameter counts, fitting, saving and the CLI's ``--form`` take it from the registry.
 """
 
 from __future__ import annotations
 
-from ..errors import CompressedExpertsError
-from .base import Form
-from .ia3 import IA3
-from .none import NoForm
-from .slim import Slim
-from .subset import Subset
+import sys
 
-_ALL: tuple[Form, ...] = (IA3(), NoForm(), Subset(), Slim())
+from ..errors import CompressedExpertsError
+from ..plugins import discover
+from .base import Form
+from .none import NoForm
+
+_ALL: tuple[Form, ...] = tuple(cls() for cls in sorted(discover(sys.modules[__name__], Form), key=lambda c: c.rank))
 REGISTRY: dict[str, Form] = {form.name: form for form in _ALL}
 
 #: Names of every form, the default first.

@@ -5,7 +5,7 @@ the parameters it adds to a block and their initial values, the expert runs a ca
 (batched, for the fast backends), the same thing for one token (the readable reference, run
 by the ``eager`` backend and used by the tests as the oracle), what an auxiliary expert costs
 per token, and what :func:`compressed_experts.fit` optimises. Adding a form is one module in
-this package that defines a subclass and registers it in ``forms/__init__.py``.
+this package that defines a subclass with a ``name`` and a ``rank``: the package finds it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class Form:
     """Base class of the forms; the defaults describe a form that adds nothing."""
 
     name: ClassVar[str]
+    #: Place in listings (``FORMS``, help, error messages); the lowest is the default form.
+    rank: ClassVar[int]
     #: One line for users: what an auxiliary expert becomes (shown by the CLI's --form help).
     help: ClassVar[str]
     #: Whether the form takes ``r``, the intermediate neurons of an auxiliary expert.

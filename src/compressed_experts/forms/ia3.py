@@ -17,6 +17,7 @@ from .base import Form, expert, main_run, weighted_sum
 
 class IA3(Form):
     name = "ia3"
+    rank = 0
     help = "the paper's vectors: three per expert, averaged over the token's auxiliary experts, that scale its main experts"
     parameters = ("ce_gate", "ce_up", "ce_down")
     fit_lr = 1e-2

@@ -9,6 +9,7 @@ from .base import Form, expert, main_run, weighted_sum
 
 class NoForm(Form):
     name = "none"
+    rank = 1
     help = "nothing: the auxiliary experts are dropped (the top-m baseline)"
     backends = ("eager", "grouped", "loop", "decode")
 

@@ -16,6 +16,7 @@ from .subset import first_neurons
 
 class Slim(Form):
     name = "slim"
+    rank = 3
     help = "a small trainable MLP of r neurons per expert, a copy of its most important neurons to start with"
     takes_r = True
     parameters = ("ce_gate_up_proj", "ce_down_proj")

@@ -22,6 +22,7 @@ def first_neurons(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 class Subset(Form):
     name = "subset"
+    rank = 2
     help = "each auxiliary expert runs its own r most important neurons (no parameters added)"
     takes_r = True
     selects_neurons = True
