@@ -29,6 +29,7 @@ PATHS: tuple[str, ...] = ("auto", *BACKENDS)
 
 
 def check_path(path: str) -> None:
+    """Refuse a compute path that names no backend, listing those that do."""
     if path not in PATHS:
         raise CompressedExpertsError(f"unknown compute path {path!r}; choose from {', '.join(PATHS)}")
 
@@ -36,7 +37,12 @@ def check_path(path: str) -> None:
 def choose(path: str, call: Call) -> Backend:
     """The backend that computes ``call`` under compute path ``path``; a clear error when a forced one cannot."""
     if path == "auto":
-        return next(b for b in AUTO if b.unavailable(call) is None and b.preferred(call))
+        for backend in AUTO:
+            if backend.unavailable(call) is None and backend.preferred(call):
+                return backend
+        raise CompressedExpertsError(
+            f"no compute backend can run the {call.layer.form} form here: {AUTO[-1].unavailable(call)}"
+        )
     backend = BACKENDS[path]
     reason = backend.unavailable(call)
     if reason is not None:
