@@ -6,7 +6,20 @@ from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import CompressedExpertsError
-from .forms import NEURON_FORMS, get_form
+from .forms import FORMS, NEURON_FORMS, get_form
+
+__all__ = [
+    "DTYPE_NAMES",
+    "FORMAT_VERSION",
+    "FORMS",
+    "NEURON_FORMS",
+    "SAVED_MODEL_TYPE",
+    "SECTION",
+    "CEConfig",
+    "check_dtype_name",
+    "mark_config",
+    "setting",
+]
 
 #: Version of the ``compressed_experts`` section written into a saved model's config.json.
 FORMAT_VERSION = 1

@@ -49,7 +49,7 @@ class ActivationImportance:
         index, weights = split.aux_index, split.aux_weights
         groups = Grouping.build(index, layer.num_experts)
         rows = hidden_states[groups.token]
-        grouped = grouped_mm_takes(rows, layer.gate_up_proj.transpose(-2, -1))
+        grouped = layer.path != "loop" and grouped_mm_takes(rows, layer.gate_up_proj.transpose(-2, -1))
         gate, up = grouped_linear(rows, layer.gate_up_proj, groups.offsets, grouped).chunk(2, -1)
         magnitude = (layer.act_fn(gate) * up).abs().float() * weights.reshape(-1)[groups.order].float().unsqueeze(-1)
         experts = index.reshape(-1)[groups.order].cpu()

@@ -8,14 +8,14 @@ computed) both speak in these terms and know nothing of each other.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Split:
-    """Each token's routed experts ordered by weight, the first ``m`` main, the rest auxiliary."""
+class Split(NamedTuple):
+    """Each token's routed experts ordered by weight, the first ``m`` main, the rest auxiliary
+    (a tuple, so ``main_index, main_weights, aux_index, aux_weights = split_routing(...)`` works)."""
 
     main_index: torch.Tensor  # [T, m]
     main_weights: torch.Tensor  # [T, m], as the router gave them (not renormalised)

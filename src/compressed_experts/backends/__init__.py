@@ -38,7 +38,7 @@ def choose(path: str, call: Call) -> Backend:
     """The backend that computes ``call`` under compute path ``path``; a clear error when a forced one cannot."""
     if path == "auto":
         for backend in AUTO:
-            if backend.unavailable(call) is None and backend.preferred(call):
+            if backend.preferred(call) and backend.unavailable(call) is None:  # preferred is the cheap test
                 return backend
         raise CompressedExpertsError(
             f"no compute backend can run the {call.layer.form} form here: {AUTO[-1].unavailable(call)}"

@@ -56,16 +56,14 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(stride * t.element_size() % 16 == 0 for stride in t.stride() if stride != 1)
 
 
-def grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` takes ``a`` ``[rows, K]`` and ``b`` ``[E, K, N]``: 16-byte aligned rows everywhere."""
-    if not HAS_GROUPED_MM or not (_aligned(a) and _aligned(b)):
+def _device_takes(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``F.grouped_mm`` runs on ``device`` in ``dtype`` (torch >= 2.10; CUDA: Ampere or newer)."""
+    if not HAS_GROUPED_MM:
         return False
-    if b.shape[-1] * a.element_size() % 16:  # the output's rows
-        return False
-    if a.device.type == "cpu":
-        return a.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if a.device.type == "cuda":  # F.grouped_mm (torch >= 2.10) takes these dtypes on Ampere or newer
-        return torch.cuda.get_device_capability(a.device) >= (8, 0) and a.dtype in (
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (
             torch.bfloat16,
             torch.float32,
             torch.float16,
@@ -73,19 +71,32 @@ def grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return False
 
 
+def grouped_mm_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes ``a`` ``[rows, K]`` and ``b`` ``[E, K, N]``: 16-byte aligned rows everywhere."""
+    aligned = _aligned(a) and _aligned(b) and b.shape[-1] * a.element_size() % 16 == 0  # the output's rows too
+    return aligned and _device_takes(a.dtype, a.device)
+
+
 def grouped_mm_reason(x: torch.Tensor, runs: list[ExpertRun]) -> str | None:
-    """Why ``grouped_mm`` cannot take every product of these runs on ``x``'s rows, or None if it can."""
+    """Why ``grouped_mm`` cannot take every product of these runs on ``x``'s rows, or None if it can.
+
+    Worked out from dtypes, shapes and strides alone (no tensor is made): the rows are gathered
+    into fresh contiguous ``[rows, in]`` tensors, and a weight of another dtype is cast per call
+    into a fresh contiguous copy.
+    """
     if not HAS_GROUPED_MM:
         return "this PyTorch has no torch.nn.functional.grouped_mm (2.10 or newer has)"
+    dtype_ok = _device_takes(x.dtype, x.device)
+    size = x.element_size()
     for run in runs:
         weights = list(run.weight_tensors())
-        if not isinstance(run.gate_up, tuple):  # scaled runs multiply each half of the fused weight apart
+        if run.scales is not None and not isinstance(run.gate_up, tuple):  # scaled: each half apart
             weights.append(run.gate_up[:, : run.gate_up.shape[1] // 2])
         for weight in weights:
-            if weight.dtype != x.dtype:  # cast per call into a fresh, contiguous copy
-                weight = torch.empty(weight.shape, dtype=x.dtype, device="meta")
-            rows = x.new_empty(0, weight.shape[-1])  # rows are gathered into fresh, contiguous tensors
-            if not grouped_mm_takes(rows, weight.transpose(-2, -1)):
+            out_features, in_features = weight.shape[-2:]
+            strides = weight.stride() if weight.dtype == x.dtype else (out_features * in_features, in_features)
+            aligned = all(stride * size % 16 == 0 for stride in strides if stride != 1)
+            if not (dtype_ok and aligned and in_features * size % 16 == 0 and out_features * size % 16 == 0):
                 return (
                     f"grouped_mm cannot take {x.dtype} operands of shape {list(weight.shape)} on {x.device} "
                     f"(it needs 16-byte aligned rows; on CUDA an Ampere or newer GPU)"
