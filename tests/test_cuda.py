@@ -101,5 +101,8 @@ def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch)
     torch.testing.assert_close(forced, grouped, rtol=1e-4, atol=1e-4)
     subset = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4, "subset")).cuda()
     ce.set_compute_path(subset, "decode")
-    with torch.no_grad(), pytest.raises(ce.CompressedExpertsError, match="the subset form has no decode implementation"):
+    with (
+        torch.no_grad(),
+        pytest.raises(ce.CompressedExpertsError, match="the subset form has no decode implementation"),
+    ):
         subset(ids)
