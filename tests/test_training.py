@@ -247,6 +247,9 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data):
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert two["tokens"] == single["tokens"] == 6 * 2 * 64
+    # The summary says how the run was distributed: two processes of batch 1, one of batch 2.
+    assert (two["world_size"], two["global_batch"], two["distributed"]) == (2, 2, "MULTI_CPU")
+    assert (single["world_size"], single["global_batch"], single["distributed"]) == (1, 2, "NO")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -356,12 +357,14 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     """Write only the compressed experts of ``model`` (a few MB) to a safetensors file.
 
     With the base model they were trained on, the file is the whole fine-tune when only the
-    vectors were trained; :func:`apply_compressed_experts` puts them back.
+    vectors were trained; :func:`apply_compressed_experts` puts them back. In a distributed run
+    every process should call it: parameters sharded by FSDP2 are gathered (which takes every
+    process), and only the first process writes the file.
     """
     from safetensors.torch import save_file
 
     ce = ce_config_of(model)
-    vectors = {n: p.detach().contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
+    vectors = {n: _whole(p.detach()).contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
     if ce is None or not vectors:
         form = (
             ""
@@ -379,7 +382,13 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     }
     if ce.r is not None:
         meta["r"] = str(ce.r)
-    save_file(vectors, os.fspath(path), metadata=meta)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        save_file({n: v.cpu() for n, v in vectors.items()}, os.fspath(path), metadata=meta)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole (every process must take part); others as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> PreTrainedModel:

@@ -230,6 +230,14 @@ def train(config: TrainConfig) -> TrainResult:
         distill_weight=config.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate builds its FSDP plugin for accelerators only: on CPU processes it would run plain
+        # data parallel, every process holding the whole model, without a word.
+        raise CompressedExpertsError(
+            "the accelerate config asks for FSDP, but accelerate shards only on GPUs (and other accelerators): "
+            "here it would run plain data parallel. Drop the FSDP config, or shard a training loop of your own "
+            "with compressed_experts.training.sharding"
+        )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
@@ -254,6 +262,9 @@ def train(config: TrainConfig) -> TrainResult:
         "sequences": len(dataset),
         "seq_len": seq_len,
         "precision": precision,
+        "world_size": trainer.args.world_size,
+        "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
+        "distributed": trainer.accelerator.distributed_type.value,
         "resumed_from": str(resume_from) if resume_from else None,
     }
     _save_final(trainer, out, config, summary)
@@ -271,9 +282,9 @@ def _save_final(trainer, out: Path, config: TrainConfig, summary: dict[str, Any]
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.config.use_cache = True
     trainer.save_model(str(staging))
+    if config.trainable == "ce":  # every process: sharded (FSDP2) vectors are gathered; the first writes
+        save_compressed_experts(model, staging / CE_FILE)
     if trainer.is_world_process_zero():  # save_model wrote the tokenizer too (the Trainer's processing_class)
-        if config.trainable == "ce":
-            save_compressed_experts(model, staging / CE_FILE)
         commit_staged(staging, out, merge=True)  # beside the run's log and settings
         write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: its presence means "finished"
         if not config.keep_checkpoints:

@@ -148,6 +148,11 @@ class CETrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled:
+            # FSDP checkpoints are the modules' own sharded state (torch.distributed.checkpoint), names
+            # as in memory: the Trainer's FSDP loader restores them, compressed experts included.
+            # (Not run here: accelerate shards on GPUs only; see training/sharding.py for the CPU tests.)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
         # Read in float32 and cast per tensor: with bfloat16 weights the compressed experts are
         # float32 master copies, which a bfloat16 load would round back to 1.0.
