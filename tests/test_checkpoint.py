@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import assert_same_logits, compressed_layers, randomise_compressed_experts, tokens
-from transformers import AutoModelForCausalLM
 
 import compressed_experts as ce
 
@@ -69,10 +70,14 @@ def test_round_trip_in_bfloat16(tmp_path):
         assert_same_logits(loaded(tokens()).logits, model(tokens()).logits)
 
 
-def test_plain_transformers_refuses_a_compressed_checkpoint(tmp_path):
+def test_transformers_without_the_library_refuses_a_compressed_checkpoint(tmp_path):
+    """In a process that never imported compressed_experts, the Auto classes refuse the directory
+    (naming its model type) instead of loading it as the base family; with the library imported
+    they load it (tests/test_auto_classes.py)."""
     _, path = saved(tmp_path)
-    with pytest.raises(ValueError, match="compressed_experts"):
-        AutoModelForCausalLM.from_pretrained(path)
+    script = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "compressed_experts" in run.stderr
 
 
 def test_plain_checkpoint_loads_plain_or_converted(tmp_path):
@@ -264,18 +269,17 @@ def test_a_model_directory_without_a_tokenizer_is_said_so(tmp_path):
 
 
 def test_loading_the_tokenizer_of_a_converted_model_logs_no_model_type_warning(tmp_path):
-    """AutoTokenizer reads a converted model's config.json (model_type compressed_experts) and
-    transformers.configuration_utils warns "You are using a model of type `compressed_experts` to
-    instantiate a model of type ..."; the package filters that record out of that logger.
+    """AutoTokenizer reads a converted model's config.json (model_type compressed_experts). Without
+    the library's registration with AutoConfig, transformers.configuration_utils warned "You are
+    using a model of type `compressed_experts` to instantiate a model of type ..."; with it,
+    the config reads as what it is and nothing is logged.
 
     transformers' stderr handler writes to the sys.stderr object of import time (under pytest,
     the session capture's stream), which capfd never reads, so the records are collected by a
-    handler on that logger itself: a logger's filters run before its handlers, so the handler
-    sees exactly what gets through."""
+    handler on that logger itself, with any filters on it taken off."""
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
     model.save_pretrained(tmp_path)
     ce.tiny_tokenizer().save_pretrained(tmp_path)
-    notice = "model of type `compressed_experts` to instantiate"
     messages: list[str] = []
 
     class Collect(logging.Handler):
@@ -290,12 +294,17 @@ def test_loading_the_tokenizer_of_a_converted_model_logs_no_model_type_warning(t
     try:
         with pytest.MonkeyPatch.context() as unfiltered:
             unfiltered.setattr(config_logger, "filters", [])
-            ce.load_tokenizer(tmp_path)
-        # Without the filter this path does log the notice, so its absence below means something.
-        assert any(notice in m for m in messages), messages
-        messages.clear()
-        assert ce.load_tokenizer(tmp_path)("ab").input_ids
-        assert not [m for m in messages if notice in m]
+            # The same warning path, shown to be live: a config read as another type logs it.
+            from transformers import OlmoeConfig
+
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+            OlmoeConfig.from_pretrained(other)
+            assert any("model of type `mixtral` to instantiate" in m for m in messages), messages
+            messages.clear()
+            assert ce.load_tokenizer(tmp_path)("ab").input_ids
+        assert not [m for m in messages if "compressed_experts" in m], messages
     finally:
         config_logger.removeHandler(handler)
         config_logger.setLevel(level)

@@ -4,10 +4,11 @@ calibration text that the caller always names."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
-from test_training import FAST, write_arithmetic
+from conftest import FAST, write_arithmetic
 from typer.testing import CliRunner
 
 import compressed_experts as ce
@@ -167,3 +168,12 @@ def test_the_fit_command_calibrates_on_the_bundled_corpus_by_default(tmp_path):
     report = json.loads((out / "fit_report.json").read_text())
     assert report["calibration"] == "bundled held-out corpus" and report["calibration_tokens"] == 64
     assert ce.load_tokenizer(out)("ab").input_ids  # the tokenizer went along
+
+
+def test_a_saved_model_directory_gets_the_usual_permissions(tmp_path):
+    """The staged save used to be a mkdtemp folder (mode 0700); save_pretrained and train give 0755."""
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
+    umask = os.umask(0)
+    os.umask(umask)
+    save_model(model, tmp_path / "out")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

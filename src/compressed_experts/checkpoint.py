@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import shutil
 import struct
@@ -32,7 +31,8 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .config import SAVED_MODEL_TYPE, SECTION, CEConfig
+from .auto_classes import loader_class, register, split_saved
+from .config import SAVED_MODEL_TYPE, CEConfig, mark_config
 from .convert import ce_config_of, convert, swap_blocks
 from .errors import CheckpointError, CompressedExpertsError, first_line
 from .layer import is_compressed_expert
@@ -59,15 +59,9 @@ __all__ = [  # TINY_PREFIX is re-exported: callers used to find it here
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder", "force_download")
 
 
-class _OwnModelTypeNotice(logging.Filter):
-    """Drops transformers' warning that config type ``compressed_experts`` is not the one it
-    builds: AutoTokenizer reads our config.json that way, and the tokenizer does not depend on it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return f"model of type `{SAVED_MODEL_TYPE}` to instantiate" not in record.getMessage()
-
-
-logging.getLogger("transformers.configuration_utils").addFilter(_OwnModelTypeNotice())
+# AutoConfig / AutoModelForCausalLM (and AutoTokenizer, which reads config.json) know saved
+# directories once this package is imported.
+register()
 
 
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -170,16 +164,6 @@ def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: 
         )
 
 
-def _loader_class(model_cls: type[PreTrainedModel], ce: CEConfig) -> type[PreTrainedModel]:
-    """``model_cls`` converted at construction, so that transformers' loader fills the compressed experts."""
-
-    def __init__(self, config, *args, **kwargs):
-        model_cls.__init__(self, config, *args, **kwargs)
-        swap_blocks(self, ce)  # the checkpoint holds the chosen neurons: no selection to redo
-
-    return type(model_cls.__name__, (model_cls,), {"__init__": __init__})
-
-
 def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: str) -> PretrainedConfig:
     try:
         return AutoConfig.for_model(model_type, **fields)
@@ -223,12 +207,10 @@ def _resolve(
         return _plain_config(
             source, config_dict.get("model_type"), fields, "transformers does not know model type"
         ), requested
-    section = config_dict.get(SECTION)
-    section = dict(section) if isinstance(section, dict) else {}
-    base_type = section.pop("base_model_type", None)
-    if not isinstance(base_type, str):
-        raise CheckpointError(f"{source}: config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
-    ce = CEConfig.from_dict(section)
+    try:
+        base_type, fields, ce = split_saved(config_dict)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     asked = {"n_ce": n_ce, "form": form, "r": r}
     if any(value is not None and value != getattr(ce, key) for key, value in asked.items()):
         held = ", ".join(f"{key}={getattr(ce, key)}" for key in asked if getattr(ce, key) is not None)
@@ -238,7 +220,6 @@ def _resolve(
             f"Leave them out, or convert the original model again",
             settings=tuple(key for key in asked if asked[key] is not None or getattr(ce, key) is not None),
         )
-    fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
     return _plain_config(source, base_type, fields, "unknown base model type"), ce
 
 
@@ -313,9 +294,8 @@ def from_pretrained(
         if not saved:
             raise CheckpointError(f"{source} holds no *.safetensors weights")
         _check_compressed_shapes(saved, expected)
-    model = _load(_loader_class(model_cls, ce), source, config, kwargs)
-    model.__class__ = model_cls  # the loader subclass added nothing but its constructor
-    return model
+    mark_config(config, ce)  # what the loader class converts to, as it is built
+    return _load(loader_class(model_cls), source, config, kwargs)  # back to model_cls once filled
 
 
 def _load(model_cls: type[PreTrainedModel], source: str, config: PretrainedConfig, kwargs: dict[str, Any]):

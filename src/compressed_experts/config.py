@@ -133,10 +133,12 @@ def check_dtype_name(name: str, setting: str = "dtype") -> None:
 #: refuses the directory instead of silently loading it as the full top-k model.
 SECTION = "compressed_experts"
 SAVED_MODEL_TYPE = "compressed_experts"
+#: Prefix of the architectures a saved config.json names (``CompressedExpertsOlmoeForCausalLM``).
+ARCHITECTURE_PREFIX = "CompressedExperts"
 _SAVING_CLASSES: dict[type, type] = {}
 
 
-def _saving_class(base: type) -> type:
+def saving_class(base: type) -> type:
     """A subclass of ``base`` whose serialised form carries the section under our model_type.
 
     In memory ``config.model_type`` stays the family's own (transformers uses it to find the
@@ -151,9 +153,15 @@ def _saving_class(base: type) -> type:
             if isinstance(out.get(SECTION), dict):
                 out[SECTION] = {**out[SECTION], "base_model_type": out["model_type"]}
                 out["model_type"] = SAVED_MODEL_TYPE
+                # A name of our own: a tool that picks its model class by architecture refuses the
+                # checkpoint instead of serving the base family with the compressed experts dropped.
+                out["architectures"] = [
+                    name if name.startswith(ARCHITECTURE_PREFIX) else ARCHITECTURE_PREFIX + name
+                    for name in out.get("architectures") or ()
+                ] or None
             return out
 
-        name = f"CompressedExperts{base.__name__}"
+        name = f"{ARCHITECTURE_PREFIX}{base.__name__}"
         cls = type(name, (base,), {"to_dict": to_dict, "__module__": __name__, "__qualname__": name})
         globals()[name] = cls  # importable by name, so a pickled config loads back
         _SAVING_CLASSES[base] = cls
@@ -163,4 +171,4 @@ def _saving_class(base: type) -> type:
 def mark_config(model_config: Any, ce_config: CEConfig) -> None:
     """Record ``ce_config`` in a transformers model config so that save_pretrained writes it."""
     setattr(model_config, SECTION, ce_config.to_dict())
-    model_config.__class__ = _saving_class(type(model_config))
+    model_config.__class__ = saving_class(type(model_config))

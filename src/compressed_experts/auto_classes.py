@@ -1,0 +1,98 @@
+"""Compressed-experts checkpoints through transformers' Auto classes, once this package is imported.
+
+A saved directory's config.json has ``model_type: compressed_experts`` (a type transformers
+does not know, so nothing loads it as the plain base model by mistake), the base family in its
+``compressed_experts`` section, and architectures named ``CompressedExperts<Base>ForCausalLM``
+(so that a tool that picks its model class by architecture, a serving engine say, refuses it
+rather than serving the base family with the compressed experts dropped).
+
+:func:`register` (run on import) teaches ``AutoConfig`` that model type and teaches
+``AutoModelForCausalLM`` one loader class per supported family: the family's own causal-LM
+class, converted as it is built, so that transformers' loader fills the compressed experts.
+``AutoConfig.from_pretrained(dir)`` and ``AutoModelForCausalLM.from_pretrained(dir)`` then give
+what :func:`compressed_experts.from_pretrained` gives, and so does any tool that loads by path
+through them (lm-evaluation-harness's ``hf`` model, for one) in a process that imported
+``compressed_experts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .architectures import FAMILIES
+from .config import SAVED_MODEL_TYPE, SECTION, CEConfig, mark_config, saving_class
+from .convert import swap_blocks
+from .errors import CheckpointError
+
+_LOADERS: dict[type, type] = {}
+
+
+def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CEConfig]:
+    """(base model type, the base family's fields, the compressed-experts settings) of a saved config.json."""
+    section = config_dict.get(SECTION)
+    section = dict(section) if isinstance(section, dict) else {}
+    base_type = section.pop("base_model_type", None)
+    if not isinstance(base_type, str):
+        raise CheckpointError(f"config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
+    fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
+    return base_type, fields, CEConfig.from_dict(section)
+
+
+class CompressedExpertsConfig(PretrainedConfig):
+    """What ``AutoConfig`` finds under ``model_type: compressed_experts``: it reads such a config.json
+    as its base family's config, carrying the compressed-experts section (never an instance itself)."""
+
+    model_type = SAVED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        base_type, fields, ce = split_saved(config_dict)
+        if base_type not in CONFIG_MAPPING:
+            raise CheckpointError(f"unknown base model type {base_type!r}: does this transformers know the family?")
+        made = CONFIG_MAPPING[base_type].from_dict(fields, **kwargs)
+        config = made[0] if isinstance(made, tuple) else made
+        mark_config(config, ce)
+        return made
+
+
+def loader_class(model_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """``model_cls`` converted as it is built, to the compressed experts its config records."""
+    if model_cls not in _LOADERS:
+
+        def __init__(self, config, *args, **kwargs):
+            model_cls.__init__(self, config, *args, **kwargs)
+            # The checkpoint holds the chosen neurons: nothing to select, only the blocks to swap.
+            swap_blocks(self, CEConfig.from_dict(getattr(config, SECTION)))
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            loaded = model_cls.from_pretrained.__func__(cls, *args, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+            model.__class__ = model_cls  # built and filled: the family's own class from here on
+            return loaded
+
+        name = f"CompressedExperts{model_cls.__name__}"
+        attributes = {
+            "__init__": __init__,
+            "from_pretrained": from_pretrained,
+            "config_class": saving_class(model_cls.config_class),
+            "__module__": __name__,
+            "__qualname__": name,
+        }
+        _LOADERS[model_cls] = type(name, (model_cls,), attributes)
+    return _LOADERS[model_cls]
+
+
+def register() -> None:
+    """Teach transformers' ``AutoConfig`` and ``AutoModelForCausalLM`` compressed-experts checkpoints."""
+    if SAVED_MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(SAVED_MODEL_TYPE, CompressedExpertsConfig)
+    for family in FAMILIES:
+        base_config = CONFIG_MAPPING[family.model_types[0]]
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+        if saving_class(base_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            AutoModelForCausalLM.register(saving_class(base_config), loader_class(model_cls))

@@ -1,0 +1,55 @@
+"""Saved compressed-experts directories through transformers' Auto classes (after importing the
+library), and a config.json that no tool can mistake for its base family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_same_logits, compressed_layers, randomise_compressed_experts, tokens
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import compressed_experts as ce
+
+
+@pytest.fixture
+def saved(tmp_path, family):
+    model = ce.convert(ce.tiny_model(family), ce.CEConfig(1))
+    randomise_compressed_experts(model)
+    model.save_pretrained(tmp_path / "model")
+    ce.tiny_tokenizer().save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        return tmp_path / "model", model.eval()(tokens()).logits
+
+
+def test_auto_classes_load_the_compressed_experts_model(saved, family):
+    directory, logits = saved
+    config = AutoConfig.from_pretrained(directory)
+    assert config.compressed_experts["n_ce"] == 1 and config.model_type == family
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert ce.ce_config_of(model) == ce.CEConfig(1)
+    assert type(model).__name__ == type(ce.from_pretrained(directory)).__name__  # the family's own class
+    with torch.no_grad():
+        assert_same_logits(model(tokens()).logits, logits)
+
+
+def test_config_json_names_an_architecture_of_its_own(saved):
+    directory, _ = saved
+    saved_config = json.loads((directory / "config.json").read_text())
+    assert saved_config["model_type"] == "compressed_experts"
+    (name,) = saved_config["architectures"]
+    assert name.startswith("CompressedExperts") and name.endswith("ForCausalLM")
+    # Saved again after loading: the name is not prefixed twice.
+    again = directory.parent / "again"
+    AutoModelForCausalLM.from_pretrained(directory).save_pretrained(again)
+    assert json.loads((again / "config.json").read_text())["architectures"] == [name]
+
+
+def test_lm_eval_loads_a_saved_directory_by_path(saved):
+    from lm_eval.models.huggingface import HFLM
+
+    directory, _ = saved
+    lm = HFLM(pretrained=str(directory), device="cpu", batch_size=1)
+    layers = compressed_layers(lm.model)
+    assert layers and all(layer.n_ce == 1 for layer in layers)
