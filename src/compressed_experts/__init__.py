@@ -17,7 +17,7 @@ For each token keep the ``k - n_ce`` most important routed experts and replace t
 from .architectures import FAMILIES
 from .checkpoint import apply_compressed_experts, from_pretrained, load_tokenizer, save_compressed_experts
 from .config import CEConfig
-from .convert import ce_config_of, convert
+from .convert import ce_config_of, convert, float32_compressed_experts
 from .errors import CheckpointError, CompressedExpertsError, UnsupportedModelError
 from .fit import FitConfig, calibration_blocks, fit
 from .layer import CompressedExperts, set_compute_path
@@ -44,6 +44,7 @@ __all__ = [
     "convert",
     "describe",
     "fit",
+    "float32_compressed_experts",
     "from_pretrained",
     "load_tokenizer",
     "save_compressed_experts",

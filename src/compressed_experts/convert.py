@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
 from .config import CEConfig, mark_config
 from .errors import CompressedExpertsError, UnsupportedModelError
-from .layer import CompressedExperts
+from .layer import CompressedExperts, is_compressed_expert
 from .neurons import select_neurons, weight_importance
 
 
@@ -75,3 +76,17 @@ def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
     """The compressed-experts settings of a converted model (``r`` resolved), or None for a plain one."""
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
     return CEConfig(n_ce=layers[0].n_ce, form=layers[0].form, r=layers[0].r) if layers else None
+
+
+def float32_compressed_experts(model: PreTrainedModel) -> PreTrainedModel:
+    """Hold ``model``'s compressed experts in float32 whatever its dtype, in place; returns it.
+
+    For training a bfloat16 or float16 model with any trainer or loop: the vectors start at 1.0,
+    where a bfloat16 number has steps of 2^-7, so an optimizer step of 2e-5 rounds away and they
+    never move. The layer casts them to the activations' dtype per call (same outputs), and they
+    save in float32. Build the optimizer after this call.
+    """
+    for name, param in model.named_parameters():
+        if is_compressed_expert(name) and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model

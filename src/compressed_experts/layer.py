@@ -10,6 +10,8 @@ changes what is done with the routing it is handed. It knows nothing of any one 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -67,6 +69,8 @@ class CompressedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            self._warn_if_untrainable()
         out = self._compute(hidden_states, top_k_index, top_k_weights, self.n_ce)
         if self.distill and self.training and self.n_ce:
             with torch.no_grad():
@@ -74,6 +78,23 @@ class CompressedExperts(nn.Module):
             # Relative to the target's mean square, so one weight means the same in every block and model.
             self.distill_loss = (out.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
         return out
+
+    def _warn_if_untrainable(self) -> None:
+        """Warn (once per place) when trainable compressed experts are held in a 16-bit float: their
+        steps of about 2e-5 near 1.0 round away there, so any trainer or loop would leave them as they are."""
+        low = {
+            str(p.dtype).removeprefix("torch.")
+            for n, p in self.named_parameters(recurse=False)
+            if is_compressed_expert(n) and p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+        }
+        if low:
+            warnings.warn(
+                f"compressed experts held in {', '.join(sorted(low))} are being trained: optimizer steps this "
+                f"small round away near 1.0, so they will not move. Call "
+                f"compressed_experts.float32_compressed_experts(model) before building the optimizer "
+                f"(compressed-experts train --precision bf16 does this)",
+                stacklevel=3,
+            )
 
     def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""

@@ -29,7 +29,7 @@ from ..checkpoint import (
     staging_dir,
     write_atomic,
 )
-from ..convert import ce_config_of, convert, swap_blocks
+from ..convert import ce_config_of, convert, float32_compressed_experts, swap_blocks
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
 from ..parameters import active_parameters
@@ -197,9 +197,7 @@ def train(config: TrainConfig) -> TrainResult:
     if wanted is not None and ce_config_of(model) is None:
         convert(model, wanted)
     if precision == "bf16":  # float32 master copies for the vectors; the layer casts them per call
-        for name, param in model.named_parameters():
-            if is_compressed_expert(name):
-                param.data = param.data.float()
+        float32_compressed_experts(model)
     _set_trainable(model, config.trainable, family_of(model).router_attr)
     model.config.use_cache = False
 
