@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.cli import app as cli_app
-from compressed_experts.evaluation import compare, evaluate, load_results, model_summary
+from compressed_experts.evaluation import EvalConfig, compare, evaluate, load_results, model_summary
 from compressed_experts.evaluation import run as run_module
 from compressed_experts.evaluation.generation import generate, left_pad
 from compressed_experts.evaluation.prompts import alpaca_prompt
@@ -482,3 +482,16 @@ def test_commands(model, tokenizer, tmp_path):
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_eval_settings_are_checked_before_any_model_loads(model, tokenizer):
+    with pytest.raises(ce.CompressedExpertsError, match="batch_size must be a positive whole number, got 0"):
+        evaluate(model, tokenizer, "gsm8k", batch_size=0)
+    with pytest.raises(ce.CompressedExpertsError, match="unexpected keyword argument 'limt'.*EvalConfig"):
+        evaluate(model, tokenizer, "gsm8k", limt=3)
+    with pytest.raises(ce.CompressedExpertsError, match="EvalConfig or its settings as keywords, not both"):
+        evaluate(model, tokenizer, "gsm8k", EvalConfig(limit=1), limit=2)
+    # The command's flags come from EvalConfig, and its errors name them as flags.
+    app, runner = cli()
+    result = runner.invoke(app, ["eval", "--model", "no/such-model", "--task", "gsm8k", "--batch-size", "0"])
+    assert result.exit_code == 2 and "--batch-size must be a positive whole number, got 0" in result.output

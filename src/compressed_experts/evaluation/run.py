@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..config import setting
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError, UnsupportedModelError
 from ..parameters import active_parameters
@@ -56,21 +58,52 @@ def trained_prompt_style(source: str | os.PathLike | None) -> str | None:
     return TrainConfig.read(Path(source)).prompt
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """How :func:`evaluate` scores a task; refused when built if a setting cannot work."""
+
+    data: str | None = setting(
+        None, "Local JSONL in the data set's format (lm-eval: a task YAML or folder); default the hub's."
+    )
+    limit: int | None = setting(None, "Evaluate the first N examples only.")
+    batch_size: int = setting(8, "Prompts generated together.")
+    max_new_tokens: int | None = setting(None, "Longest answer; default: the task's own.")
+    prompt: str | None = setting(
+        None,
+        "alpaca or chat (fine-tuned models; default: as trained, per the model directory's "
+        "training_config.json, else alpaca), fewshot (base models; gsm8k, math) or plain.",
+    )
+    temperature: float = setting(0.0, "0 for greedy decoding.")
+    timeout: float = setting(10.0, "Seconds each generated program may run (humaneval, mbpp).")
+    num_fewshot: int | None = setting(None, "Few-shot examples for lm-eval tasks.")
+
+    def __post_init__(self) -> None:
+        check_timeout(self.timeout)
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise CompressedExpertsError(f"{name} must be a positive whole number, got {value!r}", settings=(name,))
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise CompressedExpertsError(
+                f"max_new_tokens must be at least 1, not {self.max_new_tokens}; leave it out for the task's own limit",
+                settings=("max_new_tokens",),
+            )
+        if not self.temperature >= 0:
+            raise CompressedExpertsError(
+                f"temperature must be 0 (greedy) or more, got {self.temperature}", settings=("temperature",)
+            )
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: str,
-    data: str | os.PathLike | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    prompt: str | None = None,
-    temperature: float = 0.0,
-    timeout: float = 10.0,
-    num_fewshot: int | None = None,
+    config: EvalConfig | None = None,
+    *,
     out: str | os.PathLike | None = None,
     source: str | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Score ``model`` on ``task`` and return the results (also written to ``out`` as JSON if given).
 
@@ -87,16 +120,25 @@ def evaluate(
     ``source`` names the model in the results and is where it was loaded from (default: the
     model's ``name_or_path``).
 
+    The settings are an :class:`EvalConfig`, or its fields as keyword arguments
+    (``evaluate(model, tokenizer, "gsm8k", data="test.jsonl", limit=100)``).
+
     The results hold the task, metric, score, number of examples ``n``, the settings, the model
     (:func:`model_summary`) and every example's prompt, output, target, prediction and verdict.
     """
     check_task_name(task)
-    check_timeout(timeout)
-    if max_new_tokens is not None and max_new_tokens < 1:
+    if config is not None and settings:
+        raise CompressedExpertsError("give evaluate an EvalConfig or its settings as keywords, not both")
+    if config is not None and not isinstance(config, EvalConfig):
         raise CompressedExpertsError(
-            f"max_new_tokens must be at least 1, not {max_new_tokens}; leave it out for the task's own limit",
-            settings=("max_new_tokens",),
+            f"config must be an EvalConfig, got {type(config).__name__}; give data= as a keyword"
         )
+    try:
+        config = config or EvalConfig(**settings)
+    except TypeError as err:  # an unknown keyword
+        raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
+    data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
+    prompt, temperature, timeout, num_fewshot = config.prompt, config.temperature, config.timeout, config.num_fewshot
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise CompressedExpertsError(

@@ -43,7 +43,8 @@ def check_timeout(timeout: float) -> None:
     if not 0 < timeout < math.inf:
         raise CompressedExpertsError(
             f"the timeout is how many seconds each generated program may run: give a positive number "
-            f"(e.g. 10), not {timeout!r}"
+            f"(e.g. 10), not {timeout!r}",
+            settings=("timeout",),
         )
 
 
