@@ -298,3 +298,22 @@ def test_generate_with_the_cache_matches_full_recomputation(form):
         logits = model(generated).logits
     # Greedy: every generated token is the argmax of the full recomputation at the step before it.
     torch.testing.assert_close(generated[:, 6:], logits[:, 5:-1].argmax(-1), rtol=0, atol=0)
+
+
+def test_auto_keeps_aligned_runs_on_grouped_mm_when_another_run_cannot_take_it(monkeypatch):
+    if not products.HAS_GROUPED_MM:
+        pytest.skip("this torch build has no grouped_mm")
+    module = neuron_layer("slim", n_ce=2, r=3)  # 3 float32 neurons: 12-byte rows, which grouped_mm refuses
+    x = torch.randn(64, H)
+    index, weights = routing(64)
+    calls = []
+    real = products.F.grouped_mm
+    monkeypatch.setattr(products.F, "grouped_mm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    with torch.no_grad():
+        out = module(x, index, weights)
+    # The main experts' two products on grouped_mm ([E, H, 2I] and [E, I, H]); the slim MLPs loop.
+    assert calls == [(E, H, 2 * I), (E, I, H)]
+    torch.testing.assert_close(out.double(), reference(module, x, index, weights), rtol=1e-5, atol=1e-6)
+    module.path = "grouped"  # forced: every run on grouped_mm, or a clear refusal
+    with pytest.raises(ce.CompressedExpertsError, match="grouped path cannot run here: grouped_mm cannot take"):
+        module(x, index, weights)

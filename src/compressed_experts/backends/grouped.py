@@ -2,6 +2,12 @@
 
 Rows (token, expert pairs) sorted by expert, one grouped product per projection, no host sync
 on CUDA. The fastest backend from a few dozen rows up on both CPU and GPU (BENCHMARKS.md).
+
+Forced (path ``grouped``), every run of a call goes through grouped_mm, or the call is refused.
+Under ``auto`` it is taken when grouped_mm can take at least one run, and each run goes where it
+is faster: grouped_mm if it takes the run's operands and the run is not decode-sized on CPU, the
+loop otherwise (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
+grouped_mm).
 """
 
 from __future__ import annotations
@@ -18,13 +24,27 @@ class Grouped(Backend):
     help = "torch's grouped_mm, all experts in one product (needs 16-byte aligned rows; Ampere or newer on CUDA)"
 
     def unavailable(self, call: Call) -> str | None:
-        return super().unavailable(call) or grouped_mm_reason(call.x, call.runs)
+        reason = super().unavailable(call) or grouped_mm_reason(call.x, call.runs)
+        if reason is None or call.layer.path == self.name:
+            return reason
+        return reason if all(grouped_mm_reason(call.x, [run]) for run in call.runs) else None
 
     def preferred(self, call: Call) -> bool:
-        # Decode-sized calls on CPU: grouped_mm there visits every expert, empty ones included, with
-        # per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync).
-        return not (call.x.device.type == "cpu" and call.main_rows * 4 <= call.layer.num_experts)
+        return not _few_rows(call.x, call.main_rows, call.layer.num_experts)
 
     def run(self, call: Call) -> torch.Tensor:
-        layer = call.layer
-        return run_all(call.x, call.runs, layer.act_fn, layer.num_experts, grouped=True)
+        layer, x = call.layer, call.x
+        if layer.path == self.name:
+            choices = True
+        else:
+            choices = [
+                grouped_mm_reason(x, [run]) is None and not _few_rows(x, run.index.numel(), layer.num_experts)
+                for run in call.runs
+            ]
+        return run_all(x, call.runs, layer.act_fn, layer.num_experts, grouped=choices)
+
+
+def _few_rows(x: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Decode-sized on CPU: grouped_mm there visits every expert, empty ones included, with per-expert
+    bookkeeping; looping over the experts that have rows is cheaper (one host sync)."""
+    return x.device.type == "cpu" and rows * 4 <= num_experts

@@ -260,10 +260,14 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
     return groups.combine(out, x.shape[0])
 
 
-def run_all(x: torch.Tensor, runs: list[ExpertRun], act_fn: Callable, num_experts: int, grouped: bool) -> torch.Tensor:
-    """The sum of the runs, computed wide and rounded once to ``x``'s dtype."""
+def run_all(
+    x: torch.Tensor, runs: list[ExpertRun], act_fn: Callable, num_experts: int, grouped: bool | list[bool]
+) -> torch.Tensor:
+    """The sum of the runs, computed wide and rounded once to ``x``'s dtype; ``grouped`` says, for all
+    runs or run by run, whether their products go through grouped_mm or the loop."""
+    choices = grouped if isinstance(grouped, list) else [grouped] * len(runs)
     total = None
-    for run in runs:
-        part = run_experts(x, run, act_fn, num_experts, grouped)
+    for run, choice in zip(runs, choices):
+        part = run_experts(x, run, act_fn, num_experts, choice)
         total = part if total is None else total + part
     return total.to(x.dtype)
