@@ -61,16 +61,17 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     assert stored["rows"] == rows and stored["machine"] == bench.machine(torch.device("cpu"))
     lines = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
     assert f"### cpu: {bench.machine(torch.device('cpu'))}" in lines
-    # ms of transformers (fastest), full, top-m and ce; ratios ce, top-m, full/transformers, subset, slim;
+    # ms of transformers (fastest), full, top-m and ce; the fastest full top-k (here the library's);
+    # ratios to it of ce and top-m, full/transformers, ratios to it of subset and slim;
     # GFLOP per token (toy: below 0.0005) and MB read per token of full, ce and subset (one token: the
     # float32 weights of 4, 2 and 2 + 2 x 4/32 experts: 0.098, 0.049 and 0.055 MB).
     assert (
-        "| tiny | float32 | 1 | forward | 3.00 (grouped_mm) | 2.00 | 1.50 | 1.00 | 0.50 | 0.75 | 0.67 | "
+        "| tiny | float32 | 1 | forward | 3.00 (grouped_mm) | 2.00 | 1.50 | 1.00 | full | 0.50 | 0.75 | 0.67 | "
         "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
     ) in lines
     # The second call's times are twice the first's, so the same ratios.
     assert (
-        "| tiny | float32 | 1 | forward+backward | 6.00 (grouped_mm) | 4.00 | 3.00 | 2.00 | 0.50 | 0.75 | 0.67 | "
+        "| tiny | float32 | 1 | forward+backward | 6.00 (grouped_mm) | 4.00 | 3.00 | 2.00 | full | 0.50 | 0.75 | 0.67 | "
         "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
     ) in lines
 
@@ -158,5 +159,45 @@ def test_end_to_end_on_a_toy_model(monkeypatch):
         }
     ).splitlines()
     t, f, c = (result[k]["decode_tokens_per_s"] for k in ("transformers", "full", "ce"))
-    assert f"| decode tokens per s | {t:.1f} | {f:.1f} | {c:.1f} | {c / f:.2f} |" in report
-    assert "| | transformers' model | full top-8 (this library) | compressed experts (n_ce 4) | ce / full |" in report
+    assert f"| decode tokens per s | {t:.1f} | {f:.1f} | {c:.1f} | {c / max(t, f):.2f} |" in report  # the faster
+    assert "| | transformers' model | full top-8 (this library) | compressed experts (n_ce 4) | ce / fastest |" in report
+
+
+def test_ratios_and_targets_are_against_the_fastest_full_top_k():
+    """Where transformers' experts beat this library's full top-k, compressed experts are measured against them."""
+    ms = {"transformers:eager": 5.0, "transformers:grouped_mm": 2.0, "full": 2.5, "top-m": 1.5, "ce": 1.4}
+    rows = [
+        {
+            "shape": "olmoe",
+            "dtype": "bfloat16",
+            "tokens": 512,
+            "mode": "forward",
+            "variant": v,
+            "ms": t,
+            "gflop_per_token": 0.1,
+            "expert_mb_per_token": 1.0,
+        }
+        for v, t in ms.items()
+    ]
+    e2e = {
+        "dtype": "bfloat16",
+        "prompt": 8,
+        "new_tokens": 4,
+        "transformers": {"prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 20.0},
+        "full": {"prefill_tokens_per_s": 9.0, "decode_tokens_per_s": 16.0},
+        "ce": {"prefill_tokens_per_s": 12.0, "decode_tokens_per_s": 24.0},
+    }
+    result = {"device": "cpu", "machine": "m", "command": "c", "rows": rows, "end_to_end": e2e}
+    lines = bench.markdown(result).splitlines()
+    # ce 1.4 / 2.0 (transformers' grouped_mm, the fastest) = 0.70, not 1.4 / 2.5 = 0.56.
+    assert (
+        "| olmoe | bfloat16 | 512 | forward | 2.00 (grouped_mm) | 2.50 | 1.50 | 1.40 | transformers (grouped_mm) | "
+        "0.70 | 0.75 | 1.25 | - | - | 0.100, 0.100 | 1.0, 1.0 |" in lines
+    )
+    assert "| decode tokens per s | 20.0 | 16.0 | 24.0 | 1.20 |" in lines  # 24 / 20 (transformers' model), not 24 / 16
+    checks = {name: (round(value, 2), ok) for name, value, _, _, ok in bench.targets(result)}
+    assert checks == {
+        "compressed experts / fastest full top-k (olmoe, bfloat16, 512 tokens, forward)": (0.7, False),
+        "full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward)": (1.25, False),
+        "decode tokens/s, compressed experts / fastest full top-k model (end to end)": (1.2, False),
+    }
