@@ -160,7 +160,9 @@ def test_end_to_end_on_a_toy_model(monkeypatch):
     ).splitlines()
     t, f, c = (result[k]["decode_tokens_per_s"] for k in ("transformers", "full", "ce"))
     assert f"| decode tokens per s | {t:.1f} | {f:.1f} | {c:.1f} | {c / max(t, f):.2f} |" in report  # the faster
-    assert "| | transformers' model | full top-8 (this library) | compressed experts (n_ce 4) | ce / fastest |" in report
+    assert (
+        "| | transformers' model | full top-8 (this library) | compressed experts (n_ce 4) | ce / fastest |" in report
+    )
 
 
 def test_ratios_and_targets_are_against_the_fastest_full_top_k():
