@@ -158,8 +158,9 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
         x.grad = None
         calls.clear()
         out = module(x, index, weights)
-        # auto loops on CPU only for decode-sized calls; on a GPU it always takes grouped_mm.
-        grouped = path == "grouped" or (path == "auto" and (device == "cuda" or tokens * (K - n_ce) * 4 > E))
+        # With gradients on, auto takes grouped_mm at every size (the loop only serves decode-sized
+        # inference on CPU: test_auto_loops_for_decode_sized_inference_on_cpu_only).
+        grouped = path in ("grouped", "auto")
         assert (len(calls) > 0) == grouped
         out.float().square().sum().backward()
         grads = [x.grad, module.gate_up_proj.grad, module.down_proj.grad]
@@ -235,3 +236,24 @@ def test_no_tokens():
     module = layer(2)
     out = module(torch.zeros(0, H), torch.zeros(0, K, dtype=torch.long), torch.zeros(0, K))
     assert out.shape == (0, H)
+
+
+def test_auto_loops_for_decode_sized_inference_on_cpu_only(monkeypatch):
+    if not products.HAS_GROUPED_MM:
+        pytest.skip("this torch build has no grouped_mm")
+    module = layer(2)
+    calls = []
+    real = products.F.grouped_mm
+    monkeypatch.setattr(products.F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    index, weights = routing(1)  # 1 token x 2 main experts: rows * 4 <= E
+    x = torch.randn(1, H)
+    with torch.no_grad():
+        module(x, index, weights)
+    assert not calls  # inference: the loop
+    module(x, index, weights).sum().backward()
+    assert calls  # a training step: grouped_mm, whose backward is the faster one at this size
+    index, weights = routing(5)
+    with torch.no_grad():
+        calls.clear()
+        module(torch.randn(5, H), index, weights)
+    assert calls  # 10 rows > E / 4: grouped_mm
