@@ -16,6 +16,7 @@ import platform
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -518,7 +519,9 @@ def run(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
+    with warnings.catch_warnings():  # training steps in 16 bits are timed here, not trained: no advice wanted
+        warnings.filterwarnings("ignore", message="compressed experts held in")
+        rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
     key = (
         "cpu"
         if dev.type == "cpu"
