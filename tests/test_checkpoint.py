@@ -308,3 +308,13 @@ def test_loading_the_tokenizer_of_a_converted_model_logs_no_model_type_warning(t
     finally:
         config_logger.removeHandler(handler)
         config_logger.setLevel(level)
+
+
+def test_an_adapter_directory_is_named_as_one(tmp_path):
+    """from_pretrained, load_tokenizer and eval on a PEFT adapter folder say it is an adapter."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))
+    for load in (ce.from_pretrained, ce.load_tokenizer):
+        with pytest.raises(ce.CheckpointError, match="is a PEFT adapter, not a model.*PeftModel.from_pretrained"):
+            load(adapter)

@@ -64,10 +64,21 @@ _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder"
 register()
 
 
+def _refuse_adapter(path: Path) -> None:
+    """A PEFT adapter directory (adapter_config.json, no config.json) gets an error that says so."""
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        raise CheckpointError(
+            f"{path} is a PEFT adapter, not a model: this library does not load adapters yet (a LoRA adapter "
+            f"does not hold the compressed experts). Load the model it was trained on, then the adapter with "
+            f"peft.PeftModel.from_pretrained(model, {str(path)!r})"
+        )
+
+
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     path = Path(source, kwargs.get("subfolder") or "")  # as local_dir sees it
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
+    _refuse_adapter(path)
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path} is not a model directory: it has no config.json "
@@ -317,6 +328,7 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
     source = resolve(source)
     if tiny_family(source) is not None:
         return tiny_tokenizer()
+    _refuse_adapter(Path(source, kwargs.get("subfolder") or ""))
     from transformers import AutoTokenizer
 
     advice = (
