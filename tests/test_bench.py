@@ -203,3 +203,18 @@ def test_ratios_and_targets_are_against_the_fastest_full_top_k():
         "full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward)": (1.25, False),
         "decode tokens/s, compressed experts / fastest full top-k model (end to end)": (1.2, False),
     }
+
+
+def test_a_partial_run_on_another_machine_is_refused_before_measuring(tmp_path):
+    rows = [
+        {"shape": "olmoe", "dtype": "bfloat16", "tokens": n, "mode": "forward", "variant": "full", "ms": 1.0}
+        for n in (1, 512)
+    ]
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "machine": "another CPU", "rows": rows}))
+    cpu = torch.device("cpu")
+    with pytest.raises(bench.CompressedExpertsError, match="measured on another CPU; this is .*two machines"):
+        bench.check_mergeable(tmp_path, cpu, {("olmoe", "bfloat16", 1, "forward")}, end_to_end=False)
+    # Every row the file holds: allowed, and the new run then replaces the old one whole.
+    bench.check_mergeable(tmp_path, cpu, {("olmoe", "bfloat16", n, "forward") for n in (1, 512)}, end_to_end=False)
+    new = {"machine": bench.machine(cpu), "repeats": 5, "rows": rows[:1]}
+    assert bench._merge(json.loads((tmp_path / "cpu.json").read_text()), new) == new

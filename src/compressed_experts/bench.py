@@ -434,7 +434,7 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {name} | {value:.2f} | {kind} {bound} | {'yes' if ok else 'no'} | {'' if ok else f'{value / bound - 1:+.0%}'} |"
+            f"| {name} | {value:.3f} | {kind} {bound} | {'yes' if ok else 'no'} | {'' if ok else f'{value / bound - 1:+.1%}'} |"
             for name, value, bound, kind, ok in checks
         ]
     return "\n".join(lines) + "\n"
@@ -469,7 +469,10 @@ def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
 
 
 def _merge(stored: dict, new: dict) -> dict:
-    """``stored`` with the rows and end-to-end figures that ``new`` measured replaced by ``new``'s."""
+    """``stored`` with the rows and end-to-end figures that ``new`` measured replaced by ``new``'s
+    (measured on the same machine; from another machine, ``new`` replaces it whole)."""
+    if stored["machine"] != new["machine"]:  # check_mergeable let it through: it measured every row
+        return new
     key = lambda r: (r["shape"], r["dtype"], r["tokens"], r["mode"], r["variant"])  # noqa: E731
     fresh = {key(r) for r in new["rows"]}
     merged = dict(stored, machine=new["machine"], repeats=new["repeats"])
@@ -504,6 +507,40 @@ def write_report(result: dict | None, directory: Path, document: Path) -> None:
     document.write_text("\n".join(parts) + "\n".join(markdown(r) for r in results))
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA where there is a GPU, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def device_key(dev: torch.device) -> str:
+    """The name of a device's results file: ``cpu``, or ``cuda-<card>``."""
+    if dev.type == "cpu":
+        return "cpu"
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+
+
+def check_mergeable(directory: Path, dev: torch.device, keys: set[tuple], end_to_end: bool) -> None:
+    """Refuse, before anything is measured, a run that would put two machines in one table: a run on
+    another machine than the stored results must measure every row they hold (it then replaces them)."""
+    path = directory / f"{device_key(dev)}.json"
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    here = machine(dev)
+    if stored["machine"] == here:
+        return
+    held = {(r["shape"], r["dtype"], r["tokens"], r["mode"]) for r in stored["rows"]}
+    if held - keys or ("end_to_end" in stored and not end_to_end):
+        raise CompressedExpertsError(
+            f"{path} was measured on {stored['machine']}; this is {here}. A partial run would put two machines "
+            f"in one table: measure every row it holds (the default shapes, dtypes, tokens and modes, end to "
+            f"end included), or write to another out_dir",
+            settings=("out_dir",),
+        )
+
+
 def run(
     device: str = "auto",
     shapes=("olmoe", "phimoe"),
@@ -516,19 +553,12 @@ def run(
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     with warnings.catch_warnings():  # training steps in 16 bits are timed here, not trained: no advice wanted
         warnings.filterwarnings("ignore", message="compressed experts held in")
         rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
-    key = (
-        "cpu"
-        if dev.type == "cpu"
-        else "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
-    )
     result = {
-        "device": key,
+        "device": device_key(dev),
         "machine": machine(dev),
         "command": command,
         "repeats": repeats,

@@ -80,6 +80,9 @@ def bench(
         for target in (out_dir, doc.parent):
             if not os.access(target, os.W_OK):
                 raise CompressedExpertsError(f"cannot write to {target}")
+        dtypes_, tokens_, modes_ = settings
+        planned = {(sh, dt, n, mode) for sh in layer_shapes for dt in dtypes_ for n in tokens_ for mode in modes_}
+        benchmark.check_mergeable(out_dir, benchmark.resolve_device(device), planned, end_to_end)
         command = "compressed-experts bench " + " ".join(sys.argv[2:])
         with console.status("benchmarking") as status:
             result = benchmark.run(
