@@ -49,7 +49,9 @@ def test_config_json_names_an_architecture_of_its_own(saved):
 def test_lm_eval_loads_a_saved_directory_by_path(saved):
     from lm_eval.models.huggingface import HFLM
 
-    directory, _ = saved
+    directory, logits = saved
     lm = HFLM(pretrained=str(directory), device="cpu", batch_size=1)
     layers = compressed_layers(lm.model)
     assert layers and all(layer.n_ce == 1 for layer in layers)
+    with torch.no_grad():  # the trained vectors came with it, not fresh ones
+        assert_same_logits(lm.model.float().eval()(tokens()).logits, logits)

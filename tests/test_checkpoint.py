@@ -311,7 +311,7 @@ def test_loading_the_tokenizer_of_a_converted_model_logs_no_model_type_warning(t
 
 
 def test_an_adapter_directory_is_named_as_one(tmp_path):
-    """from_pretrained, load_tokenizer and eval on a PEFT adapter folder say it is an adapter."""
+    """from_pretrained and load_tokenizer (which eval calls first) on a PEFT adapter folder say it is an adapter."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "x"}))

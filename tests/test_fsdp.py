@@ -83,9 +83,11 @@ def test_the_vectors_file_is_gathered_from_the_shards(runs):
     base = ce.tiny_model("olmoe")
     ce.apply_compressed_experts(base, two / "vectors.safetensors")
     trained = ce.from_pretrained(two / "final")
-    for (name, p), (_, q) in zip(base.named_parameters(), trained.named_parameters()):
-        if ce.layer.is_compressed_expert(name):
-            assert p.shape == q.shape and torch.equal(p, q), name
+    applied = {n: p for n, p in base.named_parameters() if ce.layer.is_compressed_expert(n)}
+    expected = {n: p for n, p in trained.named_parameters() if ce.layer.is_compressed_expert(n)}
+    assert applied.keys() == expected.keys() and len(applied) == 2 * 3  # 2 blocks x ce_gate, ce_up, ce_down
+    for name, p in applied.items():
+        assert torch.equal(p, expected[name]), name
 
 
 def test_resume_after_kill_from_sharded_checkpoints_ends_where_an_uninterrupted_run_does(runs, tmp_path):
@@ -102,6 +104,10 @@ def test_resume_after_kill_from_sharded_checkpoints_ends_where_an_uninterrupted_
 
 def test_train_refuses_an_fsdp_config_that_accelerate_would_run_unsharded(tmp_path, monkeypatch):
     data = write_arithmetic(tmp_path / "data.jsonl")
+    settings = dict(data=str(data), out=str(tmp_path / "run"), max_steps=1, **FAST)
+    train(TrainConfig(**settings))  # a finished run, which the refused one must not replace
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ce.CompressedExpertsError, match="accelerate shards only on GPUs"):
-        train(TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=1, **FAST))
+        train(TrainConfig(**settings, overwrite=True))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import compressed_layers, reference, tokens
-from test_fit import distance_to_full
-from test_training import FAST, write_arithmetic
+from conftest import FAST, compressed_layers, distance_to_full, reference, tokens, write_arithmetic
 
 import compressed_experts as ce
 from compressed_experts.training import TrainConfig, train

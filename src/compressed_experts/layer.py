@@ -69,7 +69,7 @@ class CompressedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.training and self.n_ce and torch.is_grad_enabled():
             self._warn_if_untrainable()
         out = self._compute(hidden_states, top_k_index, top_k_weights, self.n_ce)
         if self.distill and self.training and self.n_ce:

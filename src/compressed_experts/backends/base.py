@@ -16,8 +16,6 @@ from ..routing import Call
 
 class Backend:
     name: ClassVar[str]
-    #: One line for users (the ``set_compute_path`` docs list these).
-    help: ClassVar[str]
 
     def unavailable(self, call: Call) -> str | None:
         """Why this backend cannot compute ``call`` (a phrase that completes "cannot run here: ..."), or None."""

@@ -218,7 +218,6 @@ def _is_silu(act) -> bool:
 
 class Decode(Backend):
     name = "decode"
-    help = "fused Triton kernels for a few tokens on CUDA (inference only; ia3 and top-m)"
 
     def unavailable(self, call: Call) -> str | None:
         layer, x = call.layer, call.x

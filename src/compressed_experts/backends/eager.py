@@ -16,7 +16,6 @@ from .base import Backend
 
 class Eager(Backend):
     name = "eager"
-    help = "token by token in float64: the readable reference (slow; for checking the others)"
 
     def run(self, call: Call) -> torch.Tensor:
         layer, form = call.layer, call.layer.form_spec

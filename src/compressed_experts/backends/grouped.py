@@ -21,7 +21,6 @@ from .products import grouped_mm_reason, run_all
 
 class Grouped(Backend):
     name = "grouped"
-    help = "torch's grouped_mm, all experts in one product (needs 16-byte aligned rows; Ampere or newer on CUDA)"
 
     def unavailable(self, call: Call) -> str | None:
         reason = super().unavailable(call) or grouped_mm_reason(call.x, call.runs)

@@ -15,7 +15,6 @@ from .products import run_all
 
 class Loop(Backend):
     name = "loop"
-    help = "one matmul per expert with rows (runs anywhere; one host sync per call)"
 
     def run(self, call: Call) -> torch.Tensor:
         layer = call.layer

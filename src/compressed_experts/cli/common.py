@@ -70,14 +70,12 @@ DEVICE_HELP = "auto (CUDA when there is a GPU), cpu or cuda."
 DTYPE_HELP = "Weights dtype: auto (as saved), float32, bfloat16, float16."
 
 
-def settings_options(settings: type, *, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def settings_options(settings: type) -> list[inspect.Parameter]:
     """One ``--flag`` per field of a settings dataclass: its type, its default and the help text
     written on the field (:func:`compressed_experts.config.setting`). Nothing is restated here."""
     hints = typing.get_type_hints(settings)
     params = []
     for field in dataclasses.fields(settings):
-        if field.name in skip:
-            continue
         spelling = flag(field.name)
         if hints[field.name] is bool:  # --packing / --no-packing, as typer spells a bool it names itself
             spelling += "/--no-" + spelling[2:]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel
 
 from ..architectures import family_of
@@ -126,6 +127,21 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
     return wanted, seq_len
 
 
+def _refuse_unsharded_fsdp(distributed_type: DistributedType) -> None:
+    """accelerate builds its FSDP plugin for accelerators only: on CPU processes an FSDP config would
+    run plain data parallel, every process holding the whole model, without a word. Refused before
+    any weight is read or any earlier run is replaced."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and distributed_type in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+    ):
+        raise CompressedExpertsError(
+            "the accelerate config asks for FSDP, but accelerate shards only on GPUs (and other accelerators): "
+            "here it would run plain data parallel. Drop the FSDP config, or shard a training loop of your own "
+            "with compressed_experts.training.sharding"
+        )
+
+
 def _set_trainable(model, trainable: str, router_attr: str) -> None:
     for name, param in model.named_parameters():
         if trainable == "all":
@@ -192,6 +208,7 @@ def train(config: TrainConfig) -> TrainResult:
         )
     except ValueError as err:  # a combination transformers refuses: said before any weight is read
         raise CompressedExpertsError(f"these training settings do not work together: {err}") from err
+    _refuse_unsharded_fsdp(args.distributed_state.distributed_type)
 
     model = from_pretrained(config.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if wanted is not None and ce_config_of(model) is None:
@@ -228,14 +245,6 @@ def train(config: TrainConfig) -> TrainResult:
         distill_weight=config.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
-        # accelerate builds its FSDP plugin for accelerators only: on CPU processes it would run plain
-        # data parallel, every process holding the whole model, without a word.
-        raise CompressedExpertsError(
-            "the accelerate config asks for FSDP, but accelerate shards only on GPUs (and other accelerators): "
-            "here it would run plain data parallel. Drop the FSDP config, or shard a training loop of your own "
-            "with compressed_experts.training.sharding"
-        )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
