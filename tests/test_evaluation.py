@@ -495,3 +495,18 @@ def test_eval_settings_are_checked_before_any_model_loads(model, tokenizer):
     app, runner = cli()
     result = runner.invoke(app, ["eval", "--model", "no/such-model", "--task", "gsm8k", "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size must be a positive whole number, got 0" in result.output
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"temperature": None}, "temperature must be 0"),
+        ({"timeout": "10"}, "timeout must be a number of seconds"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be at least 1"),
+        ({"num_fewshot": -1}, "num_fewshot must be a whole number, 0 or more"),
+        ({"data": 123}, "data must be a file or folder path"),
+    ],
+)
+def test_eval_settings_of_the_wrong_type_are_clear_errors(settings, message):
+    with pytest.raises(ce.CompressedExpertsError, match=message):
+        EvalConfig(**settings)

@@ -114,7 +114,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
     for kwargs, message in (
         ({"steps": -1}, "steps must be"),
-        ({"lr": 0.0}, "lr must be positive"),
+        ({"lr": 0.0}, "lr must be a positive number"),
         ({"batch_tokens": 0}, "batch_tokens must be"),
     ):
         with pytest.raises(ce.CompressedExpertsError, match=message):

@@ -149,8 +149,9 @@ class FitConfig:
                 raise CompressedExpertsError(
                     f"{name} must be a whole number, at least {least}; got {value!r}", settings=(name,)
                 )
-        if self.lr is not None and not self.lr > 0:
-            raise CompressedExpertsError(f"lr must be positive, got {self.lr}", settings=("lr",))
+        lr = self.lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise CompressedExpertsError(f"lr must be a positive number, got {lr!r}", settings=("lr",))
 
 
 def fit(

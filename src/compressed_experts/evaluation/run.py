@@ -78,20 +78,29 @@ class EvalConfig:
     num_fewshot: int | None = setting(None, "Few-shot examples for lm-eval tasks.")
 
     def __post_init__(self) -> None:
-        check_timeout(self.timeout)
-        for name in ("limit", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise CompressedExpertsError(f"{name} must be a positive whole number, got {value!r}", settings=(name,))
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not number(self.timeout):
             raise CompressedExpertsError(
-                f"max_new_tokens must be at least 1, not {self.max_new_tokens}; leave it out for the task's own limit",
+                f"timeout must be a number of seconds, got {self.timeout!r}", settings=("timeout",)
+            )
+        check_timeout(self.timeout)
+        for name, least in (("limit", 1), ("batch_size", 1), ("num_fewshot", 0)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                what = "a positive whole number" if least else "a whole number, 0 or more"
+                raise CompressedExpertsError(f"{name} must be {what}, got {value!r}", settings=(name,))
+        tokens = self.max_new_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise CompressedExpertsError(
+                f"max_new_tokens must be at least 1, not {tokens!r}; leave it out for the task's own limit",
                 settings=("max_new_tokens",),
             )
-        if not self.temperature >= 0:
+        if not (number(self.temperature) and self.temperature >= 0):
             raise CompressedExpertsError(
-                f"temperature must be 0 (greedy) or more, got {self.temperature}", settings=("temperature",)
+                f"temperature must be 0 (greedy) or more, got {self.temperature!r}", settings=("temperature",)
             )
+        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
+            raise CompressedExpertsError(f"data must be a file or folder path, got {self.data!r}", settings=("data",))
 
 
 def evaluate(
