@@ -37,6 +37,23 @@ def fresh_model():
     return model.train()
 
 
+def misuse(out: Path) -> None:
+    """An optimizer built before sharding, and a model sharded twice: the errors they get."""
+    errors = {}
+    model = fresh_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    shard(model)
+    for name, mistake in (
+        ("stale optimizer", lambda: save_sharded(model, optimizer, out / "ckpt")),
+        ("sharded twice", lambda: shard(model)),
+    ):
+        try:
+            mistake()
+        except ce.CompressedExpertsError as err:
+            errors[name] = str(err)
+    (out / "errors.json").write_text(json.dumps(errors))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -45,8 +62,13 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--die-at", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--misuse", action="store_true", help="record the errors of two mistakes, then stop")
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    if args.misuse:
+        misuse(Path(args.out))
+        dist.destroy_process_group()
+        return
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
     model = fresh_model()

@@ -111,3 +111,12 @@ def test_train_refuses_an_fsdp_config_that_accelerate_would_run_unsharded(tmp_pa
     with pytest.raises(ce.CompressedExpertsError, match="accelerate shards only on GPUs"):
         train(TrainConfig(**settings, overwrite=True))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_sharding_mistakes_are_clear_errors(tmp_path):
+    run = launch(tmp_path / "misuse", 1, "--misuse", port=29565)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads((tmp_path / "misuse" / "errors.json").read_text())
+    assert "build it after shard(model)" in errors["stale optimizer"]
+    assert "is already sharded" in errors["sharded twice"]
+    assert not (tmp_path / "misuse" / "ckpt").exists()

@@ -51,3 +51,8 @@ def test_inference_and_float32_models_do_not_warn():
         with torch.no_grad():
             model.train()(tokens())  # no gradients: nothing trains
         step(ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4)).train())
+
+
+def test_float32_compressed_experts_needs_a_converted_model():
+    with pytest.raises(ce.CompressedExpertsError, match="convert it first"):
+        ce.float32_compressed_experts(ce.tiny_model("olmoe"))

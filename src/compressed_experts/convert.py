@@ -84,9 +84,12 @@ def float32_compressed_experts(model: PreTrainedModel) -> PreTrainedModel:
     For training a bfloat16 or float16 model with any trainer or loop: the vectors start at 1.0,
     where a bfloat16 number has steps of 2^-7, so an optimizer step of 2e-5 rounds away and they
     never move. The layer casts them to the activations' dtype per call (same outputs), and they
-    save in float32. Build the optimizer after this call.
+    save in float32. Build the optimizer (and shard the model) after this call.
     """
-    for name, param in model.named_parameters():
-        if is_compressed_expert(name) and param.dtype != torch.float32:
+    params = [p for name, p in model.named_parameters() if is_compressed_expert(name)]
+    if not params:
+        raise CompressedExpertsError("this model has no compressed-expert parameters: convert it first")
+    for param in params:
+        if param.dtype != torch.float32:
             param.data = param.data.float()
     return model

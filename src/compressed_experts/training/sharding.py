@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..checkpoint import commit_staged, staging_dir
 from ..errors import CompressedExpertsError
@@ -61,6 +61,8 @@ def shard(model: nn.Module, *, reshard_after_forward: bool = True, **fsdp_kwargs
         raise CompressedExpertsError(
             "shard needs a process group: start with torchrun and call init_process_group first"
         )
+    if isinstance(model, FSDPModule):
+        raise CompressedExpertsError(f"{type(model).__name__} is already sharded: shard it once")
     units = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in units]
     if not layers:
@@ -85,6 +87,11 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     once all have written: a process killed mid-save leaves the previous ``directory`` whole.
     """
     directory = Path(directory)
+    params = {id(p) for p in model.parameters()}
+    if any(id(p) not in params for group in optimizer.param_groups for p in group["params"]):
+        raise CompressedExpertsError(
+            "the optimizer holds parameters the model no longer has: build it after shard(model)"
+        )
     staging = staging_dir(directory)
     if _main():
         shutil.rmtree(staging, ignore_errors=True)  # a leftover of a save that was killed
