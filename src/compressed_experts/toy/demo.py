@@ -31,6 +31,10 @@ from .pretrain import lm_loss
 from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
 
 METHODS = ("full", "top-m", "ce")
+#: How the toy recipes (the demo, the forms study) fine-tune the small bundled model on CPU:
+#: float32 (no bfloat16 speed-up there), no activation checkpointing (the activations are small),
+#: a short warm-up; each run replaces its own earlier output.
+RECIPE_TRAINING = dict(precision="fp32", gradient_checkpointing=False, warmup=0.05, overwrite=True)
 LABELS = {"full": "full top-8", "top-m": "top-4", "ce": "compressed experts"}
 
 
@@ -91,11 +95,8 @@ def run_demo(
                 seq_len=plan.seq_len,
                 batch_size=plan.batch_size,
                 seed=seed,
-                precision="fp32",
-                gradient_checkpointing=False,
-                warmup=0.05,
                 logging_steps=10,
-                overwrite=True,
+                **RECIPE_TRAINING,
             )
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on math")
             run_dir = out / f"seed{seed}" / "math" / method

@@ -32,7 +32,7 @@ from ..forms import NEURON_FORMS
 from ..parameters import active_parameters
 from ..sources import BUNDLED
 from ..training import TrainConfig
-from .demo import mean_spread
+from .demo import RECIPE_TRAINING, mean_spread
 from .pretrain import lm_loss
 from .tasks import domain_split, write_domain_train
 
@@ -176,10 +176,7 @@ def run_study(
                         seq_len=plan.seq_len,
                         batch_size=plan.batch_size,
                         seed=seed,
-                        precision="fp32",
-                        gradient_checkpointing=False,
-                        warmup=0.05,
-                        overwrite=True,
+                        **RECIPE_TRAINING,
                         **settings,
                     )
                 )
