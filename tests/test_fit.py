@@ -206,3 +206,13 @@ def test_every_family_fits_and_round_trips(family, tmp_path):
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert_same_logits(ce.from_pretrained(tmp_path)(blocks(count=2)).logits, model(blocks(count=2)).logits)
+
+
+def test_fit_settings_given_the_wrong_way_are_clear_errors():
+    model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(2))
+    with pytest.raises(ce.CompressedExpertsError, match="config must be a FitConfig"):
+        fit(model, blocks(count=2), 100)  # steps given positionally
+    with pytest.raises(ce.CompressedExpertsError, match="not both"):
+        fit(model, blocks(count=2), ce.FitConfig(steps=1), steps=2)
+    with pytest.raises(ce.CompressedExpertsError, match="unexpected keyword argument 'step'.*FitConfig"):
+        fit(model, blocks(count=2), step=1)

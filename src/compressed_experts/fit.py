@@ -185,6 +185,10 @@ def fit(
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
     if config is not None and settings:
         raise CompressedExpertsError("give fit a FitConfig or its settings as keywords, not both")
+    if config is not None and not isinstance(config, FitConfig):
+        raise CompressedExpertsError(
+            f"config must be a FitConfig, got {type(config).__name__}; give steps= etc. as keywords"
+        )
     try:
         config = config or FitConfig(**settings)
     except TypeError as err:  # an unknown keyword
