@@ -1,0 +1,347 @@
+"""vLLM model classes for compressed-experts checkpoints: vLLM's own model of each family, with its
+fused MoE experts replaced by a block that runs the library's compressed experts.
+
+Every supported family's vLLM model builds its routed experts with one call,
+``FusedMoEFactory(...)``, handing it the family's routing (softmax or sigmoid, top-k,
+renormalisation, grouped top-k with a bias, PhiMoE's sparsemixer as a custom routing function,
+a routed scaling factor), its shared experts and its gate. While a ``CompressedExperts<Base>``
+model is built, that name in the family's module points to :class:`CompressedExpertsRunner`,
+which takes the same arguments and:
+
+- routes each token with the router vLLM itself builds from them (``create_fused_moe_router``),
+  so each family's routing is vLLM's, unchanged;
+- computes the routed experts with :class:`compressed_experts.layer.CompressedExperts` (the
+  library's forms and compute backends: the same math as ``ce.from_pretrained``), inside a
+  ``torch.library`` custom op with a fake implementation, so that vLLM's torch.compile treats it
+  as one opaque call (its shapes inside depend on the routing);
+- runs the family's shared experts (built by vLLM) beside it, applies the scaling vLLM would,
+  and all-reduces over tensor-parallel ranks.
+
+Attention, norms, embeddings, the LM head and the loading of every other weight stay vLLM's.
+The expert weights and the compressed experts are read by :meth:`CompressedExpertsRunner.load_one`
+from the checkpoint's names (``experts.<e>.gate_proj.weight`` or ``w1``/``w3``/``w2``,
+``experts.compressed.ce_gate`` or ``experts.ce_gate``), cut to the rank's shard
+(:mod:`compressed_experts.serving.sharding`). A compressed-expert weight whose shape disagrees
+with the form and ``r`` of config.json, one the form does not have, or one missing from the
+checkpoint is refused with an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import re
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
+
+from ..config import SECTION, CEConfig
+from ..errors import CheckpointError
+from ..forms import CE_PARAMETERS, get_form
+from ..layer import CompressedExperts
+from .sharding import local_settings, shard
+
+#: base architecture (as transformers names it) -> (vLLM module, vLLM class) of the families vLLM implements.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "PhimoeForCausalLM": ("phimoe", "PhiMoEForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+}
+
+# The checkpoint's spellings of one expert's projections (transformers' names and Mixtral/PhiMoE's).
+_EXPERT_WEIGHT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+# Runners by a name unique in this process, for the custom op to find its block (as vLLM's own
+# fused MoE op finds its layer by name).
+_RUNNERS: weakref.WeakValueDictionary[str, CompressedExpertsRunner] = weakref.WeakValueDictionary()
+_COUNTER = itertools.count()
+
+
+@torch.library.custom_op("compressed_experts::routed_experts", mutates_args=())
+def routed_experts(hidden_states: torch.Tensor, router_logits: torch.Tensor, runner: str) -> torch.Tensor:
+    """The routed experts' output of the block registered as ``runner`` (one opaque call for torch.compile)."""
+    return _RUNNERS[runner].routed(hidden_states, router_logits)
+
+
+@routed_experts.register_fake
+def _(hidden_states: torch.Tensor, router_logits: torch.Tensor, runner: str) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+def ce_config_of(hf_config: Any) -> CEConfig:
+    """The compressed-experts settings a checkpoint's config carries (refused when absent)."""
+    section = getattr(hf_config, SECTION, None)
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            "this config has no compressed_experts section: it is not a compressed-experts checkpoint "
+            "(serve a plain model with vLLM's own architecture)"
+        )
+    return CEConfig.from_dict(section)
+
+
+class CompressedExpertsRunner(nn.Module):
+    """Stands where vLLM's fused MoE runner stands (``block.experts``), with the same call:
+    ``forward(hidden_states, router_logits)`` returns the routed experts' output plus the shared
+    experts' (when the family has them), all-reduced over tensor-parallel ranks."""
+
+    def __init__(
+        self,
+        *,
+        ce: CEConfig,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        prefix: str = "",
+        renormalize: bool = True,
+        use_grouped_topk: bool = False,
+        num_expert_group: int | None = None,
+        topk_group: int | None = None,
+        custom_routing_function: Any = None,
+        scoring_func: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        apply_routed_scale_to_output: bool = False,
+        e_score_correction_bias: torch.Tensor | None = None,
+        activation: str = "silu",
+        quant_config: Any = None,
+        shared_experts: nn.Module | None = None,
+        gate: nn.Module | None = None,
+        enable_eplb: bool = False,
+        is_sequence_parallel: bool = False,
+        fuse_shared_experts: bool = False,
+        reduce_results: bool = True,
+        **_ignored: Any,
+    ) -> None:
+        super().__init__()
+        refused = {
+            "quantization": quant_config is not None,
+            "expert-parallel load balancing (EPLB)": enable_eplb,
+            "sequence-parallel MoE": is_sequence_parallel,
+            "fused shared experts": fuse_shared_experts,
+            f"activation {activation!r} (the experts are SiLU-gated)": activation != "silu",
+        }
+        for what, on in refused.items():
+            if on:
+                raise CheckpointError(f"compressed-experts serving does not support {what}")
+        ce.check_top_k(top_k)
+        self.prefix = prefix
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.ce_config = ce.resolved(intermediate_size)
+        form, r = local_settings(self.ce_config.form, self.ce_config.r, intermediate_size, self.tp_size, self.tp_rank)
+        self.scale_output = routed_scaling_factor if apply_routed_scale_to_output else 1.0
+        self.router = create_fused_moe_router(
+            top_k=top_k,
+            global_num_experts=num_experts,
+            renormalize=renormalize,
+            use_grouped_topk=use_grouped_topk,
+            num_expert_group=num_expert_group,
+            topk_group=topk_group,
+            custom_routing_function=custom_routing_function,
+            scoring_func=scoring_func,
+            routed_scaling_factor=1.0 if apply_routed_scale_to_output else routed_scaling_factor,
+            e_score_correction_bias=e_score_correction_bias,
+        )
+        # Not submodules of this block: vLLM's model owns them and loads their weights.
+        self.__dict__["gate"] = gate
+        self.__dict__["shared_experts"] = shared_experts
+        # The library's block over this rank's shard of the experts.
+        local = intermediate_size // self.tp_size
+        experts = nn.Module()
+        experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
+        experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
+        experts.act_fn = nn.SiLU()
+        self.ce = CompressedExperts(experts, ce.n_ce, form=form, r=r).requires_grad_(False)
+        self.ce_names = set(get_form(self.ce_config.form).parameters)  # what the checkpoint must hold
+        self.name = f"{prefix}#{next(_COUNTER)}"
+        _RUNNERS[self.name] = self
+
+    def extra_repr(self) -> str:
+        return f"{self.ce_config}, tp={self.tp_size}"
+
+    def routed(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output on this rank (before the all-reduce)."""
+        weights, index = self.router.select_experts(hidden_states, router_logits)
+        return self.ce(hidden_states, index.long(), weights.to(hidden_states.dtype))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.gate is not None:  # the families that hand vLLM's runner their gate
+            router_logits, _ = self.gate(hidden_states)
+        out = routed_experts(hidden_states, router_logits, self.name)
+        if self.scale_output != 1.0:
+            out = out * self.scale_output
+        if self.shared_experts is not None:
+            shared = self.shared_experts(hidden_states if shared_experts_input is None else shared_experts_input)
+            out = out + (shared[0] if isinstance(shared, tuple) else shared)
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def load_one(self, name: str, weight: torch.Tensor) -> str | None:
+        """Load the checkpoint tensor ``experts.<name>`` into this rank's block; the parameter's name
+        (relative to this module), or None when ``name`` is no expert weight."""
+        layer = self.ce
+        found = _EXPERT_WEIGHT.match(name)
+        if found:
+            e, part = int(found.group(1)), _PART[found.group(2)]
+            inter = layer.intermediate_dim
+            if part == "down":
+                target, piece = layer.down_proj[e], shard("down_proj", weight, self.tp_size, self.tp_rank)
+            else:
+                rows = slice(0, inter) if part == "gate" else slice(inter, 2 * inter)
+                target = layer.gate_up_proj[e, rows]
+                piece = shard(f"{part}_proj", weight, self.tp_size, self.tp_rank)
+            self._copy(f"experts.{name}", target, piece)
+            return "ce.gate_up_proj" if part != "down" else "ce.down_proj"
+        if name in ("gate_up_proj", "down_proj"):  # fused [E, 2I, H] / [E, H, I], as transformers v5 holds them
+            target = getattr(layer, name)
+            self._copy(f"experts.{name}", target, shard(name, weight, self.tp_size, self.tp_rank))
+            return f"ce.{name}"
+        leaf = name.removeprefix("compressed.")  # saved as experts.compressed.ce_gate, or experts.ce_gate
+        if leaf not in CE_PARAMETERS:
+            return None
+        if leaf not in self.ce_names:
+            raise CheckpointError(
+                f"{self.prefix}.{name}: the checkpoint holds compressed experts ({leaf}) that its config's form "
+                f"{self.ce_config.form!r} does not have: config.json and the weights disagree"
+            )
+        if not hasattr(layer, leaf):  # this rank runs the subset form's main experts only: nothing to hold
+            return None
+        expected = _full_shape(leaf, layer, self.ce_config, self.tp_size)
+        if tuple(weight.shape) != expected:
+            raise CheckpointError(
+                f"{self.prefix}.{name} has shape {tuple(weight.shape)}, but form {self.ce_config.form!r}"
+                f"{'' if self.ce_config.r is None else f' with r={self.ce_config.r}'} needs {expected}: "
+                f"config.json and the weights disagree"
+            )
+        target = getattr(layer, leaf)
+        self._copy(f"experts.{name}", target, shard(leaf, weight, self.tp_size, self.tp_rank))
+        return next(n for n, p in self.named_parameters() if p is target)
+
+    def _copy(self, name: str, target: torch.Tensor, piece: torch.Tensor) -> None:
+        if tuple(target.shape) != tuple(piece.shape):
+            raise CheckpointError(
+                f"{self.prefix}.{name}: shape {tuple(piece.shape)} on this rank, the model needs {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(piece)
+
+
+def _full_shape(leaf: str, layer: CompressedExperts, ce: CEConfig, tp: int) -> tuple[int, ...]:
+    """The unsharded shape of compressed-expert parameter ``leaf`` for ``ce`` (as the checkpoint holds it)."""
+    E, H, inter = layer.num_experts, layer.hidden_dim, layer.intermediate_dim * tp
+    r = ce.r or 0
+    return {
+        "ce_gate": (E, H),
+        "ce_up": (E, H),
+        "ce_down": (E, inter),
+        "ce_gate_up_proj": (E, 2 * r, H),
+        "ce_down_proj": (E, H, r),
+    }[leaf]
+
+
+@contextlib.contextmanager
+def _runners_in(module: Any, ce: CEConfig, **extra: Any) -> Iterator[None]:
+    """While the family's model is built, its ``FusedMoEFactory`` builds compressed-experts blocks."""
+    original = module.FusedMoEFactory
+
+    def factory(**kwargs: Any) -> CompressedExpertsRunner:
+        return CompressedExpertsRunner(ce=ce, **{**kwargs, **extra})
+
+    module.FusedMoEFactory = factory
+    try:
+        yield
+    finally:
+        module.FusedMoEFactory = original
+
+
+def _family_extra(base_arch: str, hf_config: Any) -> dict[str, Any]:
+    """Arguments a family's vLLM block leaves out that its transformers model uses."""
+    if base_arch == "PhimoeForCausalLM":
+        # vLLM's PhiMoE fixes sparsemixer's threshold at 0.01; transformers reads router_jitter_noise
+        # (0.01 in Phi-3.5-MoE's config). Use the config's, so every checkpoint routes as transformers does.
+        from vllm.model_executor.models.phimoe import sparsemixer
+
+        eps = float(getattr(hf_config, "router_jitter_noise", 0.01))
+
+        def routing(hidden_states, gating_output, topk, renormalize):
+            return sparsemixer(gating_output, jitter_eps=eps)
+
+        return {"custom_routing_function": routing}
+    return {}
+
+
+def model_class(base_arch: str) -> type[nn.Module]:
+    """``CompressedExperts<base_arch>``: vLLM's model of the family with compressed-experts blocks."""
+    module_name, class_name = FAMILIES[base_arch]
+    module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
+    base = getattr(module, class_name)
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        ce = ce_config_of(hf_config)
+        with _runners_in(module, ce, **_family_extra(base_arch, hf_config)):
+            base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        runners = {m.prefix: m for m in self.modules() if isinstance(m, CompressedExpertsRunner)}
+        loaded: set[str] = set()
+
+        def others() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, weight in weights:
+                head, sep, tail = name.partition(".experts.")
+                runner = runners.get(head + ".experts") if sep else None
+                param = runner.load_one(tail, weight) if runner is not None else None
+                if param is None:
+                    yield name, weight
+                else:
+                    loaded.add(f"{runner.prefix}.{param}")
+
+        loaded |= set(base.load_weights(self, others()))
+        missing = sorted(
+            f"{r.prefix}.{n}"
+            for r in runners.values()
+            for n, p in r.named_parameters()
+            if n.rsplit(".", 1)[-1] in r.ce_names and f"{r.prefix}.{n}" not in loaded
+        )
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks compressed experts its config's form {next(iter(runners.values())).ce_config.form!r} "
+                f"needs ({missing[0]}, {len(missing)} in all): config.json and the weights disagree"
+            )
+        return loaded
+
+    name = f"CompressedExperts{base_arch}"
+    return type(name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__})
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """``CompressedExperts<Base>ForCausalLM`` classes, built on first use (what vLLM's registry imports)."""
+    base = name.removeprefix("CompressedExperts")
+    if name.startswith("CompressedExperts") and base in FAMILIES:
+        cls = model_class(base)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
