@@ -4,7 +4,7 @@
 (demo, toy forms, toy pretrain). No library module imports this package.
 """
 
-from . import bench, evaluate, experiments, model, train  # noqa: F401  (each registers its commands)
+from . import bench, evaluate, experiments, model, serve, train  # noqa: F401  (each registers its commands)
 from .app import app
 
 __all__ = ["app"]

@@ -1,0 +1,55 @@
+"""``compressed-experts serve``: the vLLM server command it builds (no vLLM needed: --dry-run)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from compressed_experts.cli import app
+from compressed_experts.errors import CompressedExpertsError
+from compressed_experts.serving.server import server_command
+from compressed_experts.sources import BUNDLED_DIR
+
+
+def test_cpu_command_sets_the_cpu_settings(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    command = server_command("bundled", port=8123, dtype="float32", max_model_len=256, cpu=True)
+    argv = command.argv
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--model") + 1] == str(BUNDLED_DIR)
+    assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--dtype") + 1] == "float32" and argv[argv.index("--max-model-len") + 1] == "256"
+    assert "--enforce-eager" in argv and "--tensor-parallel-size" not in argv
+    assert command.env == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_gpu_command_compiles_and_splits(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    command = server_command("bundled", tensor_parallel_size=2, cpu=False, extra=["--max-num-seqs", "64"])
+    assert "--enforce-eager" not in command.argv and command.env == {}
+    assert command.argv[command.argv.index("--tensor-parallel-size") + 1] == "2"
+    assert command.argv[-2:] == ["--max-num-seqs", "64"]
+    assert server_command("bundled", cpu=True).env == {}  # the user's own KV-cache size wins
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "message"),
+    [
+        ("tiny:olmoe", {}, "save it first"),
+        ("bundled", {"dtype": "float64"}, "dtype must be"),
+        ("bundled", {"port": 0}, "--port"),
+        ("bundled", {"tensor_parallel_size": 0}, "--tensor-parallel-size"),
+    ],
+)
+def test_mistakes_are_refused_before_vllm_starts(source, kwargs, message):
+    with pytest.raises(CompressedExpertsError, match=message):
+        server_command(source, **kwargs)
+
+
+def test_cli_dry_run_prints_the_command(tmp_path):
+    result = CliRunner().invoke(app, ["serve", "bundled", "--port", "8124", "--max-num-seqs", "4", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "vllm.entrypoints.openai.api_server" in result.output and "--max-num-seqs 4" in result.output
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "empty"), "--dry-run"])
+    assert result.exit_code == 2 and "no config.json" in result.output
