@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from . import answers, prompts
-from .sandbox import run_programs
+from .sandbox import Program, run_programs
 
 #: A model continuing a bare Python function has finished it when it starts anything at top level.
 _FUNCTION_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
@@ -132,16 +132,24 @@ def _humaneval_plain_prompt(example: dict, style: str) -> str:
     return example["prompt"]
 
 
-def humaneval_program(example: dict, output: str) -> str:
-    """The problem's prompt with the model's code and the problem's tests, ready to run.
+def humaneval_program(example: dict, output: str) -> Program:
+    """The problem's prompt with the model's code, to run against the problem's tests.
 
     A completion that writes the whole function is placed after the prompt (whose function then
-    has only its docstring, and is replaced); one that writes the body continues the prompt.
+    has only its docstring, and is replaced); one that writes the body continues the prompt. The
+    tests run apart from the code (:class:`~.sandbox.Program`), with the prompt's own helper
+    functions where it compiles alone, and call the code's entry point only.
     """
     code = code_of(output)
-    whole = re.search(rf"^def {re.escape(example['entry_point'])}\b", code, re.MULTILINE)
+    entry = example["entry_point"]
+    whole = re.search(rf"^def {re.escape(entry)}\b", code, re.MULTILINE)
     body = f"\n{code}" if whole else code
-    return f"{example['prompt']}{body}\n\n{example['test']}\n\ncheck({example['entry_point']})\n"
+    tests = f"{example['test']}\n\ncheck({entry})\n"
+    try:
+        compile(example["prompt"], "<prompt>", "exec")
+    except (SyntaxError, ValueError):  # a prompt that stops inside its function: the tests take all from the code
+        return Program(f"{example['prompt']}{body}\n", tests)
+    return Program(f"{example['prompt']}{body}\n", tests, setup=example["prompt"], calls=(entry,))
 
 
 def _mbpp_tests(example: dict) -> str:
@@ -156,12 +164,14 @@ def _mbpp_plain_prompt(example: dict, style: str) -> str:
     return f'"""\n{_field(example, ("text", "prompt"))}\n{_mbpp_tests(example)}\n"""\n'
 
 
-def mbpp_program(example: dict, output: str) -> str:
-    """The model's code, the problem's set-up code (if any) and its asserts."""
-    return f"{code_of(output)}\n\n{example.get('test_setup_code') or ''}\n\n{_mbpp_tests(example)}\n"
+def mbpp_program(example: dict, output: str) -> Program:
+    """The model's code and the problem's set-up code (if any), to run against its asserts (which
+    take the set-up's names from their own run of it)."""
+    setup = example.get("test_setup_code") or ""
+    return Program(f"{code_of(output)}\n\n{setup}\n", _mbpp_tests(example), setup=setup)
 
 
-def _code_scorer(program: Callable[[dict, str], str], tests: Callable[[dict], str]):
+def _code_scorer(program: Callable[[dict, str], Program], tests: Callable[[dict], str]):
     def score(examples, outputs, timeout):
         verdicts = run_programs([program(e, o) for e, o in zip(examples, outputs)], timeout)
         return [(tests(e), code_of(o), v == "passed", v) for e, o, v in zip(examples, outputs, verdicts)]
