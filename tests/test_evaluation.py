@@ -216,8 +216,24 @@ def test_mbpp_from_a_local_file(model, tokenizer, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "mbpp.jsonl", [row, row])
     result = evaluate(model, tokenizer, "mbpp", data=data, timeout=2.0, progress=False)
     assert [e["verdict"] for e in result["examples"]][0] == "passed"
-    assert result["examples"][1]["verdict"].startswith("failed: reading outside the scratch folder")
+    assert result["examples"][1]["verdict"].startswith("failed: ")  # ran, but defined no square
+    assert result["settings"]["isolation"] in ("bubblewrap+seccomp", "bubblewrap", "python-guard")
     assert "assert square(3) == 9" in result["examples"][0]["prompt"]
+
+
+def test_code_tasks_can_require_the_os_sandbox(model, tokenizer, tmp_path, monkeypatch):
+    from compressed_experts.evaluation import sandbox_os
+
+    calls = canned(monkeypatch, ["def square(x):\n    return x * x"])
+    data = write_jsonl(tmp_path / "mbpp.jsonl", [{"text": "Square.", "test_list": ["assert square(3) == 9"]}])
+    monkeypatch.setattr(sandbox_os, "probe", lambda: ("", "bubblewrap is not installed"))
+    with pytest.raises(ce.CompressedExpertsError, match="needs the operating system's sandbox") as err:
+        evaluate(model, tokenizer, "mbpp", data=data, require_sandbox=True, progress=False)
+    assert err.value.settings == ("require_sandbox",) and calls == []  # refused before generating
+    with pytest.warns(RuntimeWarning, match="WITHOUT the operating system's sandbox"):
+        monkeypatch.setattr("compressed_experts.evaluation.sandbox._warned", False)
+        result = evaluate(model, tokenizer, "mbpp", data=data, progress=False)
+    assert result["settings"]["isolation"] == "python-guard" and result["examples"][0]["verdict"] == "passed"
 
 
 CHAT_DATA = {

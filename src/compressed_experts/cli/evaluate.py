@@ -12,6 +12,7 @@ from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..evaluation.report import compare, comparison_table
 from ..evaluation.run import EvalConfig, check_task_name, evaluate
+from ..evaluation.sandbox import PYTHON_GUARD, guard_warning
 from .app import app
 from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, options_of, run, settings_options, with_options
 
@@ -59,6 +60,8 @@ def eval_command(**options) -> None:
             source=model,
         )
         console.print(f"{task}: {result['metric']} [bold]{result['score']:.1%}[/] on {result['n']} examples")
+        if result["settings"].get("isolation") == PYTHON_GUARD:
+            console.print(f"[bold red]warning:[/] {guard_warning()}", markup=True, highlight=False)
         if out is not None:
             console.print(f"wrote {out}")
 

@@ -19,7 +19,7 @@ from .data import load_examples
 from .generation import generate
 from .harness import PREFIX, run_lm_eval
 from .report import save_results
-from .sandbox import check_timeout
+from .sandbox import check_timeout, isolation_of_runs
 from .tasks import TASKS
 
 
@@ -76,6 +76,11 @@ class EvalConfig:
     temperature: float = setting(0.0, "0 for greedy decoding.")
     timeout: float = setting(10.0, "Seconds each generated program may run (humaneval, mbpp).")
     num_fewshot: int | None = setting(None, "Few-shot examples for lm-eval tasks.")
+    require_sandbox: bool = setting(
+        False,
+        "Refuse to run generated code (humaneval, mbpp) without the operating system's sandbox "
+        "(bubblewrap); without it, such code runs under a Python guard only, with a warning.",
+    )
 
     def __post_init__(self) -> None:
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
@@ -98,6 +103,10 @@ class EvalConfig:
         if not (number(self.temperature) and self.temperature >= 0):
             raise CompressedExpertsError(
                 f"temperature must be 0 (greedy) or more, got {self.temperature!r}", settings=("temperature",)
+            )
+        if not isinstance(self.require_sandbox, bool):
+            raise CompressedExpertsError(
+                f"require_sandbox must be True or False, got {self.require_sandbox!r}", settings=("require_sandbox",)
             )
         if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
             raise CompressedExpertsError(f"data must be a file or folder path, got {self.data!r}", settings=("data",))
@@ -125,7 +134,9 @@ def evaluate(
     library is prompted as it was trained (the ``prompt`` of the training_config.json in the
     directory it was loaded from), any other with ``alpaca``. Decoding is greedy unless
     ``temperature`` > 0; ``max_new_tokens`` defaults to the task's own limit. Generated code runs
-    with a ``timeout`` in seconds per program. ``num_fewshot`` applies to lm-eval tasks only.
+    with a ``timeout`` in seconds per program, in the operating system's sandbox where there is
+    one (the results' ``settings["isolation"]`` says which; ``require_sandbox`` refuses to run it
+    without, instead of warning). ``num_fewshot`` applies to lm-eval tasks only.
     ``source`` names the model in the results and is where it was loaded from (default: the
     model's ``name_or_path``).
 
@@ -178,6 +189,8 @@ def evaluate(
                 f"the {task} task takes the prompt styles {', '.join(spec.styles)}, not {style!r}", settings=("prompt",)
             )
         stop = spec.stop(style, tokenizer)  # before the data: a tokenizer without a chat template fails at once
+        if spec.metric == "pass@1":  # before generating: where the sandbox is required and missing, fail now
+            settings["isolation"] = isolation_of_runs("os" if config.require_sandbox else "auto")
         max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)
         prompts = [spec.prompt(row, style, tokenizer) for row in rows]
