@@ -129,7 +129,7 @@ def isolation(requested: str = "auto") -> str:
 
 def guard_warning() -> str:
     """What to tell the user when programs run under the Python guard alone."""
-    return GUARD_WARNING.format(reason=sandbox_os.probe()[1] or "none was asked for")
+    return GUARD_WARNING.format(reason=sandbox_os.probe()[1] or "isolation='python-guard' was asked for")
 
 
 _warned = False

@@ -18,8 +18,12 @@ library only. The two roles talk over a pair of pipes, in messages of JSON:
     reaches the tests. This process alone reports the verdict, on its standard output, which
     the program's process has no handle on.
 
+Arguments after the role: memory (MB), CPU seconds, file size (MB), the evaluating process's pid
+(0 inside the OS sandbox, which kills its processes with their parent itself; else each process
+asks the kernel for that), ``guard`` or ``-``, and for the tests' process its two ends of the pipes.
+
 Where the operating system gives no sandbox (see :mod:`.sandbox`), the program's process also
-installs the audit-hook guard below (``--guard``): it refuses network access, new processes,
+installs the audit-hook guard below (``guard``): it refuses network access, new processes,
 files outside the scratch folder and the like, but Python code can get around it.
 """
 
