@@ -64,11 +64,13 @@ def transformers_rate(path: Path, batch: int, new_tokens: int) -> float:
     model = ce.from_pretrained(str(path), dtype="float32").eval()
     model.generation_config.eos_token_id = None
     ids = torch.tensor(prompts(batch))
-    kwargs = dict(do_sample=False, pad_token_id=1, attention_mask=torch.ones_like(ids))
+    kwargs = dict(do_sample=False, pad_token_id=1)
     with torch.no_grad():
-        model.generate(ids[:1], max_new_tokens=4, **kwargs)  # warm-up
+        model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4, **kwargs)  # warm-up
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
+        )
         elapsed = time.perf_counter() - start
     return (out.shape[1] - ids.shape[1]) * batch / elapsed
 
