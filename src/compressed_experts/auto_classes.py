@@ -17,6 +17,7 @@ through them (lm-evaluation-harness's ``hf`` model, for one) in a process that i
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
@@ -29,6 +30,21 @@ from .convert import swap_blocks
 from .errors import CheckpointError
 
 _LOADERS: dict[type, type] = {}
+
+#: Checkpoints saved before the compressed experts moved into their own submodule (for PEFT)
+#: name them ``...experts.ce_gate``; transformers' loader renames them to ``...experts.compressed.ce_gate``.
+LEGACY_KEYS = {r"\.experts\.(ce_[a-z_]+)$": r".experts.compressed.\1"}
+
+
+#: Keyword arguments of ``from_pretrained`` that also say where config.json is.
+_CONFIG_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def current_key(key: str) -> str:
+    """A saved parameter name as this version names it (see :data:`LEGACY_KEYS`)."""
+    for pattern, replacement in LEGACY_KEYS.items():
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
 def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CEConfig]:
@@ -64,16 +80,22 @@ def loader_class(model_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
     if model_cls not in _LOADERS:
 
         def __init__(self, config, *args, **kwargs):
+            if not isinstance(getattr(config, SECTION, None), dict):
+                raise CheckpointError(
+                    f"{type(self).__name__} builds compressed-experts models: this config has no compressed_experts "
+                    f"section (a plain {model_cls.__name__} checkpoint?); load it with {model_cls.__name__}"
+                )
             model_cls.__init__(self, config, *args, **kwargs)
             # The checkpoint holds the chosen neurons: nothing to select, only the blocks to swap.
             swap_blocks(self, CEConfig.from_dict(getattr(config, SECTION)))
 
         @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            loaded = model_cls.from_pretrained.__func__(cls, *args, **kwargs)
-            model = loaded[0] if isinstance(loaded, tuple) else loaded
-            model.__class__ = model_cls  # built and filled: the family's own class from here on
-            return loaded
+        def from_pretrained(cls, source, *args, **kwargs):
+            kwargs.setdefault("key_mapping", LEGACY_KEYS)
+            if "config" not in kwargs:  # called directly (PEFT's auto mapping does): read it as AutoConfig does
+                hub = {k: kwargs[k] for k in _CONFIG_KWARGS if k in kwargs}
+                kwargs["config"] = AutoConfig.from_pretrained(source, **hub)
+            return model_cls.from_pretrained.__func__(cls, source, *args, **kwargs)
 
         name = f"CompressedExperts{model_cls.__name__}"
         attributes = {
@@ -83,7 +105,7 @@ def loader_class(model_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
             "__module__": __name__,
             "__qualname__": name,
         }
-        _LOADERS[model_cls] = type(name, (model_cls,), attributes)
+        _LOADERS[model_cls] = globals()[name] = type(name, (model_cls,), attributes)  # importable by name
     return _LOADERS[model_cls]
 
 

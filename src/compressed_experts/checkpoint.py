@@ -31,10 +31,12 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .auto_classes import loader_class, register, split_saved
+from .adapters import base_of, named_weights
+from .auto_classes import current_key, loader_class, register, split_saved
 from .config import SAVED_MODEL_TYPE, CEConfig, mark_config
 from .convert import ce_config_of, convert, swap_blocks
 from .errors import CheckpointError, CompressedExpertsError, first_line
+from .forms import REGISTRY
 from .layer import is_compressed_expert
 from .sources import TINY_PREFIX, is_hub_id, local_dir, local_path, resolve, tiny_family
 from .tiny import tiny_model, tiny_tokenizer
@@ -64,21 +66,97 @@ _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder"
 register()
 
 
-def _refuse_adapter(path: Path) -> None:
-    """A PEFT adapter directory (adapter_config.json, no config.json) gets an error that says so."""
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+def _adapter_config(path: Path) -> dict[str, Any] | None:
+    """The adapter_config.json of a PEFT adapter directory (one with no config.json), else None."""
+    if not (path.is_dir() and not (path / "config.json").is_file() and (path / "adapter_config.json").is_file()):
+        return None
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}/adapter_config.json is not readable JSON: {first_line(err)}") from err
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{path} is a PEFT adapter that names no base model (base_model_name_or_path)")
+    return config
+
+
+def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The compressed experts an adapter holds (PEFT's ``modules_to_save``), by their names in the model."""
+    from safetensors.torch import load_file
+
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
+        return {}
+    try:
+        weights = load_file(os.fspath(file))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read {file}: {first_line(err)}") from err
+    return {current_key(k.removeprefix("base_model.model.")): v for k, v in weights.items() if is_compressed_expert(k)}
+
+
+def _form_held(held: Mapping[str, torch.Tensor]) -> tuple[str | None, int | None]:
+    """The form (and ``r``) whose parameters an adapter holds, judged by their names and shapes."""
+    names = {k.rsplit(".", 1)[-1] for k in held}
+    form = next((name for name, spec in REGISTRY.items() if spec.parameters and set(spec.parameters) == names), None)
+    r = next((int(v.shape[-1]) for k, v in held.items() if k.endswith(".ce_down_proj")), None)
+    return form, r
+
+
+def _load_adapter(
+    path: Path, config: dict[str, Any], n_ce: int | None, form: str | None, r: int | None, kwargs: dict[str, Any]
+):
+    """A PEFT adapter on the model it names as its base, converted as the adapter was trained."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise CheckpointError(f"{path} is a PEFT adapter: install peft (pip install peft) to load it") from err
+    held = _adapter_weights(path)
+    base_source = config["base_model_name_or_path"]
+    if held and n_ce is not None and form is None:
+        form, held_r = _form_held(held)
+        r = r if r is not None else held_r
+    base = from_pretrained(base_source, n_ce=n_ce, form=form, r=r, **kwargs)
+    if held and ce_config_of(base) is None:
         raise CheckpointError(
-            f"{path} is a PEFT adapter, not a model: this library does not load adapters yet (a LoRA adapter "
-            f"does not hold the compressed experts). Load the model it was trained on, then the adapter with "
-            f"peft.PeftModel.from_pretrained(model, {str(path)!r})"
+            f"{path} holds compressed experts but names the plain model {base_source} as its base (the model "
+            f"was converted in memory before PEFT training): give the n_ce it was trained with, "
+            f"e.g. from_pretrained({str(path)!r}, n_ce=4)",
+            settings=("n_ce",),
         )
+
+    def mismatch(weights: Mapping[str, torch.Tensor], values: bool = False) -> list[str]:
+        wanted = {n: p for n, p in weights.items() if is_compressed_expert(n)}
+        names = sorted(set(wanted) ^ set(held)) if held else []
+        return names or [
+            n
+            for n, v in held.items()
+            if tuple(wanted[n].shape) != tuple(v.shape)
+            or (values and not torch.equal(wanted[n].detach().cpu(), v.to(wanted[n].dtype)))
+        ]
+
+    wrong = mismatch(dict(named_weights(base)))
+    if not wrong:
+        model = PeftModel.from_pretrained(base, os.fspath(path))
+        wrong = mismatch(dict(named_weights(model)), values=True)  # PEFT skips what it cannot place, silently
+    if wrong:
+        raise CheckpointError(
+            f"{path} holds compressed experts that do not fit {base_source} as loaded "
+            f"({ce_config_of(base)}; first mismatch: {wrong[0]}): give the n_ce, form and r it was trained with",
+            settings=("n_ce", "form", "r"),
+        )
+    return model.eval()
 
 
 def _read_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     path = Path(source, kwargs.get("subfolder") or "")  # as local_dir sees it
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{source} is a file; give the model's directory (or a hub id)")
-    _refuse_adapter(path)
+    adapter = _adapter_config(path)
+    if adapter is not None:
+        raise CheckpointError(
+            f"{path} is a PEFT adapter, not a model: give the model it was trained on "
+            f"({adapter['base_model_name_or_path']}), or load the adapter with from_pretrained"
+        )
     if path.is_dir() and not (path / "config.json").is_file():
         raise CheckpointError(
             f"{path} is not a model directory: it has no config.json "
@@ -269,7 +347,9 @@ def from_pretrained(
     """Load a causal LM: a saved compressed-experts model, or a plain MoE checkpoint.
 
     ``source`` is a local directory, a hub id, or ``tiny:<family>`` for a tiny model with
-    random weights (offline try-outs and tests). A plain checkpoint is converted when
+    random weights (offline try-outs and tests). A PEFT adapter directory gives a ``PeftModel``
+    (in eval mode) on the base it names, loaded through this function: an adapter trained on a
+    model converted in memory from a plain checkpoint needs the ``n_ce`` it was trained with. A plain checkpoint is converted when
     ``n_ce`` is given, to ``form`` (default ``"ia3"``, the paper's vectors; ``"none"`` for
     the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`).
     Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
@@ -286,6 +366,9 @@ def from_pretrained(
             _needs_n_ce(form, r)
         model = tiny_model(family, dtype=kwargs.get("dtype"))
         return convert(model, requested) if requested is not None else model
+    adapter = _adapter_config(Path(source))
+    if adapter is not None:
+        return _load_adapter(Path(source), adapter, n_ce, form, r, kwargs)
     config_dict = _read_config(source, kwargs)
     config, ce = _resolve(source, config_dict, n_ce, form, r)
     model_cls = _causal_lm_class(source, config)
@@ -328,7 +411,11 @@ def load_tokenizer(source: str | os.PathLike, **kwargs: Any):
     source = resolve(source)
     if tiny_family(source) is not None:
         return tiny_tokenizer()
-    _refuse_adapter(Path(source, kwargs.get("subfolder") or ""))
+    if not Path(source).exists() and not is_hub_id(source):
+        raise CheckpointError(f"no such model directory: {source} (and it is not a hub id of the form org/name)")
+    adapter = _adapter_config(Path(source))
+    if adapter is not None and not (Path(source) / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter["base_model_name_or_path"], **kwargs)  # the base's, as PEFT leaves it
     from transformers import AutoTokenizer
 
     advice = (
@@ -355,8 +442,8 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     """
     from safetensors.torch import save_file
 
-    ce = ce_config_of(model)
-    vectors = {n: _whole(p.detach()).contiguous() for n, p in model.named_parameters() if is_compressed_expert(n)}
+    ce = ce_config_of(base_of(model))
+    vectors = {n: _whole(p.detach()).contiguous() for n, p in named_weights(model) if is_compressed_expert(n)}
     if ce is None or not vectors:
         form = (
             ""
@@ -369,7 +456,7 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     meta = {
         "n_ce": str(ce.n_ce),
         "form": ce.form,
-        "base_model_type": model.config.model_type,
+        "base_model_type": base_of(model).config.model_type,
         "format_version": str(ce.to_dict()["format_version"]),
     }
     if ce.r is not None:
@@ -392,7 +479,7 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
             meta = handle.metadata() or {}
-            vectors = {key: handle.get_tensor(key) for key in handle.keys()}
+            vectors = {current_key(key): handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read compressed experts from {path}: {first_line(err)}") from err
     try:

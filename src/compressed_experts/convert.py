@@ -42,6 +42,8 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     from the weights alone; :func:`compressed_experts.fit` judges them on calibration text.
     """
     layers = swap_blocks(model, config)
+    for layer in layers:
+        layer.converted_from = model.name_or_path or "this model"
     if layers[0].form_spec.selects_neurons:
         for layer in layers:
             select_neurons(layer, weight_importance(layer))

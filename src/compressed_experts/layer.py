@@ -20,7 +20,28 @@ from .errors import CompressedExpertsError
 from .forms import CE_PARAMETERS, Form, get_form, is_compressed_expert
 from .routing import Call, split_routing
 
-__all__ = ["CE_PARAMETERS", "CompressedExperts", "is_compressed_expert", "set_compute_path", "split_routing"]
+__all__ = [
+    "CE_PARAMETERS",
+    "CompressedExperts",
+    "CompressedVectors",
+    "is_compressed_expert",
+    "set_compute_path",
+    "split_routing",
+]
+
+
+class CompressedVectors(nn.Module):
+    """The parameters a form adds to a block (``ce_gate``, ``ce_up``, ...), in a submodule of their own.
+
+    A submodule so that tools which train or save *modules* can name exactly these and nothing
+    else: PEFT's ``modules_to_save=["compressed"]`` trains and saves them in an adapter (a few
+    hundred kilobytes) instead of every expert weight. The block reads them through attribute
+    access (``experts.compressed.ce_gate``), so when PEFT wraps this module the block computes
+    with the adapter's copy.
+    """
+
+    def forward(self) -> None:  # never called: the block reads the parameters
+        raise TypeError("CompressedVectors holds parameters; the CompressedExperts block reads them")
 
 
 class CompressedExperts(nn.Module):
@@ -51,8 +72,28 @@ class CompressedExperts(nn.Module):
         # block without gradients and leaves the relative squared distance to it here.
         self.distill = False
         self.distill_loss: torch.Tensor | None = None
+        # The plain checkpoint this block was converted from in memory (set by convert; None when
+        # loaded converted): a PEFT adapter trained on it names that plain checkpoint as its base.
+        self.converted_from: str | None = None
+        self.compressed = CompressedVectors()
         for name, value in spec.initial_parameters(self).items():
-            setattr(self, name, nn.Parameter(value))
+            self.compressed.register_parameter(name, nn.Parameter(value))
+
+    def __getattr__(self, name: str):
+        """``layer.ce_gate`` and the like: the form's parameters, read from ``self.compressed`` (or,
+        under PEFT, from the active adapter's copy of it)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in CE_PARAMETERS and "compressed" in self._modules:
+                return getattr(self._modules["compressed"], name)
+            raise
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in CE_PARAMETERS and "compressed" in self.__dict__.get("_modules", {}):
+            setattr(self._modules["compressed"], name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def form_spec(self) -> Form:
@@ -71,6 +112,7 @@ class CompressedExperts(nn.Module):
     ) -> torch.Tensor:
         if self.training and self.n_ce and torch.is_grad_enabled():
             self._warn_if_untrainable()
+            self._warn_if_adapter_misnames_base()
         out = self._compute(hidden_states, top_k_index, top_k_weights, self.n_ce)
         if self.distill and self.training and self.n_ce:
             with torch.no_grad():
@@ -84,7 +126,7 @@ class CompressedExperts(nn.Module):
         steps of about 2e-5 near 1.0 round away there, so any trainer or loop would leave them as they are."""
         low = {
             str(p.dtype).removeprefix("torch.")
-            for n, p in self.named_parameters(recurse=False)
+            for n, p in self.named_parameters()
             if is_compressed_expert(n) and p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
         }
         if low:
@@ -93,6 +135,20 @@ class CompressedExperts(nn.Module):
                 f"small round away near 1.0, so they will not move. Call "
                 f"compressed_experts.float32_compressed_experts(model) before building the optimizer "
                 f"(compressed-experts train --precision bf16 does this)",
+                stacklevel=3,
+            )
+
+    def _warn_if_adapter_misnames_base(self) -> None:
+        """Warn when a PEFT adapter trains these compressed experts on a model converted in memory:
+        the adapter will name the plain checkpoint as its base, and PEFT's own loaders would put it
+        back on that plain model, without compressed experts and without a word."""
+        if self.converted_from is not None and hasattr(self._modules["compressed"], "modules_to_save"):
+            warnings.warn(
+                f"compressed experts are being trained in a PEFT adapter on a model converted in memory from "
+                f"{self.converted_from}: the adapter will name that plain model as its base, so "
+                f"AutoPeftModelForCausalLM would load it without compressed experts. Load the adapter with "
+                f"compressed_experts.from_pretrained(ADAPTER_DIR, n_ce={self.n_ce}), or save the converted model "
+                f"first and train on that directory",
                 stacklevel=3,
             )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
+from .adapters import base_of, named_weights
 from .architectures import family_of, moe_blocks
 from .layer import CompressedExperts, is_compressed_expert
 
@@ -23,7 +24,11 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
     ``expert_equivalents`` (routed-expert parameters a token runs per MoE block, in units of
     one full expert: ``k`` for full top-k, ``m + n_ce·r/I`` for ``subset``) and ``added``
     (parameters the compressed experts add to the model's memory).
+
+    A PEFT model is counted as it will be served once merged: its base weights and the adapter's
+    compressed experts, without the LoRA weights or the frozen originals PEFT keeps beside them.
     """
+    model = base_of(model)
     family = family_of(model)
     top_k = model.config.num_experts_per_tok
     parts = dict.fromkeys(
@@ -53,7 +58,8 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         if m is not None
         for p in m.parameters()
     }
-    for name, param in model.named_parameters():
+    weights = dict(named_weights(model))
+    for name, param in weights.items():
         total += param.numel()
         part = next((p for prefix, p in owner.items() if name.startswith(prefix)), None)
         if part == "experts":
@@ -75,7 +81,7 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         "active_full_topk": active_full,
         "active_saving": 1.0 - active / active_full,
         "expert_equivalents": sum(equivalents) / len(equivalents) if equivalents else 0.0,
-        "added": sum(p.numel() for n, p in model.named_parameters() if is_compressed_expert(n)),
+        "added": sum(p.numel() for n, p in weights.items() if is_compressed_expert(n)),
     }
 
 
