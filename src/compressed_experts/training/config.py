@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NoReturn
@@ -84,11 +85,18 @@ class TrainConfig:
         one_of("trainable", TRAINABLE)
         one_of("precision", PRECISIONS)
         one_of("prompt", PROMPT_FORMATS)
+        # Every number is finite: inf passes "positive", and inf x a warm-up's 0 is a NaN learning rate.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                fail(f"{f.name} must be a finite number, got {value}", f.name)
         for name in ("lr", "epochs", "save_steps"):
             if not getattr(self, name) > 0:
                 fail(f"{name} must be positive, got {getattr(self, name)}", name)
         if self.ce_lr is not None and not self.ce_lr > 0:
             fail(f"ce_lr must be positive, got {self.ce_lr}", "ce_lr")
+        if not self.weight_decay >= 0:
+            fail(f"weight_decay must be 0 or more, got {self.weight_decay}", "weight_decay")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}", name)

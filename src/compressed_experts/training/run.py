@@ -282,6 +282,7 @@ def _save_final(trainer, out: Path, config: TrainConfig, summary: dict[str, Any]
     """Model, tokenizer and summary into ``out``: staged (:func:`compressed_experts.checkpoint.staging_dir`)
     by the Trainer's own ``save_model`` (called on every process: it gathers sharded weights under
     FSDP or DeepSpeed), then moved into the run directory by the main process."""
+    trainer.check_finite_weights("the final model")  # every process: a collective under FSDP and DDP
     staging = staging_dir(out)
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)

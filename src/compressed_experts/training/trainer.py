@@ -128,7 +128,25 @@ class CETrainer(Trainer):
     def _get_output_dir(self, trial):
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
 
+    def check_finite_weights(self, what: str) -> None:
+        """Raise :class:`TrainingDiverged` unless every weight is finite, on every process (under
+        FSDP each holds a shard), so that no checkpoint or final model is written from NaN weights.
+        One device-side reduction and one sync: cheap beside the write it guards."""
+        bad = non_finite_parameters(self.accelerator.unwrap_model(self.model))
+        count = torch.tensor(float(len(bad)), device=self.args.device)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        if count.item():
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise diverged(
+                f"the weights became NaN or infinite ({shown or 'on another process'})",
+                self.state.global_step - 1,  # the step whose update made them so
+                self.args.output_dir,
+                f"stopped without writing {what}",
+            )
+
     def _save_checkpoint(self, model, trial) -> None:
+        self.check_finite_weights(f"checkpoint-{self.state.global_step}")
         final_root = Path(self.args.output_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = final_root / name
@@ -161,13 +179,25 @@ class CETrainer(Trainer):
         model.load_state_dict({k: v.to(live[k].dtype) for k, v in saved.items()})
 
 
-def diverged(what: str, step: int, output_dir: str) -> TrainingDiverged:
+def diverged(
+    what: str, step: int, output_dir: str, stopped: str = "stopped before updating the weights"
+) -> TrainingDiverged:
     last = latest_checkpoint(Path(output_dir))
     return TrainingDiverged(
-        f"{what} at step {step + 1}; stopped before updating the weights. Last good checkpoint: "
-        f"{last or 'none yet'}. Try a lower lr or precision fp32",
+        f"{what} at step {step + 1}; {stopped}. Last good checkpoint: {last or 'none yet'}. "
+        f"Try a lower lr or precision fp32",
         settings=("lr", "precision"),
     )
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or infinity (of this process's shard, for sharded ones)."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+    named = [(n, p) for n, p in named if p.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
 class StopOnNonFinite(TrainerCallback):
