@@ -15,7 +15,7 @@ nvidia-smi -L
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 
 echo "== tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_kernel.py tests/test_layer.py 2>&1 | tee "$logs/tests.log" | tail -25
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_kernel.py tests/test_layer.py tests/test_compile.py 2>&1 | tee "$logs/tests.log" | tail -25
 
 echo "== decode kernels against the grouped path (forward, no_grad, median ms of 50 calls)"
 timeout 120 python3 - <<'PY' 2>&1 | tee "$logs/decode_paths.txt"

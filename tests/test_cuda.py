@@ -106,3 +106,14 @@ def test_auto_takes_the_decode_path_for_decode_sized_inference_only(monkeypatch)
         pytest.raises(ce.CompressedExpertsError, match="the subset form has no decode implementation"),
     ):
         subset(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_compiles_on_cuda(dtype):
+    """torch.compile with inductor on CUDA: the block is one opaque operator (traceable.py), outputs agree."""
+    model = ce.convert(ce.tiny_model("olmoe", dtype=dtype), ce.CEConfig(4)).cuda().eval()
+    randomise_compressed_experts(model)
+    ids = tokens().cuda()
+    with torch.no_grad():
+        expected, got = model(ids).logits, torch.compile(model)(ids).logits
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=1e-3 if dtype == torch.float32 else 0.1)

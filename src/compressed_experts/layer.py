@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, traceable
 from .errors import CompressedExpertsError
 from .forms import CE_PARAMETERS, Form, get_form, is_compressed_expert
 from .routing import Call, split_routing
@@ -157,6 +157,21 @@ class CompressedExperts(nn.Module):
         return self._compute(hidden_states, top_k_index, top_k_weights, 0)
 
     def _compute(self, hidden_states, top_k_index, top_k_weights, n_ce: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque operator: no graph break, any length (traceable.py)
+            vectors = [getattr(self, name) for name in self.form_spec.parameters]
+            return traceable.experts(
+                hidden_states,
+                top_k_index,
+                top_k_weights,
+                self.gate_up_proj,
+                self.down_proj,
+                vectors,
+                n_ce,
+                self.form,
+                self.r,
+                self.path,
+                traceable.activation_name(self.act_fn),
+            )
         call = Call(self, hidden_states, top_k_index, top_k_weights, n_ce)
         return backends.choose(self.path, call).run(call)
 
