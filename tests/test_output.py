@@ -37,7 +37,7 @@ def test_check_output_dir_says_what_must_be_replaced(tmp_path):
     assert check_output_dir(tmp_path / "new") is False
     (tmp_path / "empty").mkdir()
     assert check_output_dir(tmp_path / "empty") is False
-    ce.tiny_model("mixtral").save_pretrained(tmp_path / "model")
+    save_model(ce.tiny_model("mixtral"), tmp_path / "model")  # the library's save: with its marker
     assert check_output_dir(tmp_path / "model", overwrite=True) is True
     with pytest.raises(ce.CompressedExpertsError, match="is not empty .*pass overwrite"):
         check_output_dir(tmp_path / "model")

@@ -15,7 +15,9 @@ end, so a failed or interrupted save never leaves half a model there.
 
 from __future__ import annotations
 
+import atexit
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -245,12 +247,33 @@ def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: 
             f"the checkpoint has compressed experts for {blocks_found} MoE blocks but its config describes "
             f"{blocks_expected}: the weights and config.json do not belong together"
         )
-    if found != expected:
-        show = lambda c: ", ".join(f"{kind} {list(shape)}" for kind, shape in sorted(c))  # noqa: E731
-        raise CheckpointError(
-            f"compressed-expert shapes disagree with config.json: found {show(found)}; "
-            f"the config implies {show(expected)}"
-        )
+    if found == expected:
+        return
+    wanted = {kind: list(shape) for kind, shape in expected}  # each kind has one shape in every block
+    by_block: dict[str, dict[str, list[int]]] = {}
+    for key, shape in saved.items():
+        if is_compressed_expert(key):
+            block, kind = key.rsplit(".", 1)
+            by_block.setdefault(block, {})[kind] = list(shape)
+    for block, held in sorted(by_block.items()):
+        for kind, shape in sorted(wanted.items()):
+            if kind not in held:
+                raise CheckpointError(
+                    f"the checkpoint lacks {block}.{kind} (config.json implies {kind} {shape} in every MoE "
+                    f"block): re-save or re-download it"
+                )
+            if held[kind] != shape:
+                raise CheckpointError(
+                    f"{block}.{kind} has shape {held[kind]} in the checkpoint but config.json implies {shape}: "
+                    f"the weights and config.json do not belong together"
+                )
+        extra = sorted(set(held) - set(wanted))
+        if extra:
+            raise CheckpointError(
+                f"the checkpoint holds {block}.{extra[0]}, which the form in config.json does not have: "
+                f"the weights and config.json do not belong together"
+            )
+    raise CheckpointError("compressed-expert shapes disagree with config.json")  # not reached: a block differs
 
 
 def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: str) -> PretrainedConfig:
@@ -342,7 +365,13 @@ def skeleton(
 
 
 def from_pretrained(
-    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, r: int | None = None, **kwargs: Any
+    source: str | os.PathLike,
+    n_ce: int | None = None,
+    form: str | None = None,
+    r: int | None = None,
+    *,
+    verify: bool | None = None,
+    **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a causal LM: a saved compressed-experts model, or a plain MoE checkpoint.
 
@@ -354,6 +383,13 @@ def from_pretrained(
     the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`).
     Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
+
+    A local directory saved by this library is checked against its checksum manifest first
+    (:func:`verify_checkpoint`): ``verify=None`` hashes every file of a checkpoint of up to
+    :data:`VERIFY_LIMIT` bytes and, above that, checks sizes, safetensors headers and the small
+    files (config.json among them); ``verify=True`` always hashes everything; ``verify=False``
+    skips the manifest. Unless ``verify=False``, a model whose weights hold NaN or inf is refused,
+    naming the tensor.
     """
     source = resolve(source)
     requested = _requested(n_ce, form, r)
@@ -368,13 +404,15 @@ def from_pretrained(
         return convert(model, requested) if requested is not None else model
     adapter = _adapter_config(Path(source))
     if adapter is not None:
-        return _load_adapter(Path(source), adapter, n_ce, form, r, kwargs)
+        return _load_adapter(Path(source), adapter, n_ce, form, r, {**kwargs, "verify": verify})
     config_dict = _read_config(source, kwargs)
     config, ce = _resolve(source, config_dict, n_ce, form, r)
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None
     local = local_dir(source, kwargs.get("subfolder"))
+    if local is not None and verify is not False:
+        verify_checkpoint(local, full=verify)  # an edited config.json is caught here, before it is used
     saved = _local_shapes(local) if local is not None else None
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
         if saved and any(is_compressed_expert(k) for k in saved):
@@ -382,24 +420,44 @@ def from_pretrained(
                 f"{source} holds compressed-expert weights but its config.json has no compressed_experts "
                 f"section: restore the config.json that was saved with it"
             )
-        model = _load(model_cls, source, config, kwargs)
+        model = _load(model_cls, source, config, kwargs, check_finite=verify is not False)
         return convert(model, ce) if ce is not None else model
     if saved is not None:
         if not saved:
             raise CheckpointError(f"{source} holds no *.safetensors weights")
         _check_compressed_shapes(saved, expected)
     mark_config(config, ce)  # what the loader class converts to, as it is built
-    return _load(loader_class(model_cls), source, config, kwargs)  # back to model_cls once filled
+    # back to model_cls once filled
+    return _load(loader_class(model_cls), source, config, kwargs, check_finite=verify is not False)
 
 
-def _load(model_cls: type[PreTrainedModel], source: str, config: PretrainedConfig, kwargs: dict[str, Any]):
-    """transformers' loader, with its failures and any missing weight turned into a CheckpointError."""
+def _load(
+    model_cls: type[PreTrainedModel],
+    source: str,
+    config: PretrainedConfig,
+    kwargs: dict[str, Any],
+    check_finite: bool = True,
+):
+    """transformers' loader, with its failures, any missing or misshapen weight and (with
+    ``check_finite``) any NaN or inf weight turned into a one-line CheckpointError."""
+    refuse_mismatch = "ignore_mismatched_sizes" not in kwargs  # reported below, by name, rather than raised
+    options = {"ignore_mismatched_sizes": True, **kwargs} if refuse_mismatch else kwargs
     try:
-        model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as err:
+        model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True, **options)
+    except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot load {source!r}: {first_line(err)}") from err
     if info["missing_keys"]:
         raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
+    mismatched = sorted(info.get("mismatched_keys") or ()) if refuse_mismatch else []
+    if mismatched:
+        key, found, wanted = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise CheckpointError(
+            f"{source}: {key} has shape {list(found)} in the checkpoint but its config.json implies "
+            f"{list(wanted)}{more}: a tensor is missing or the weights and config.json do not belong together"
+        )
+    if check_finite:
+        _check_finite(model, source)
     return model
 
 
@@ -521,8 +579,21 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
 
 # Output directories: one policy for every command that writes a model or a run.
 
-#: What ``overwrite`` replaces unless told otherwise: a directory written by ``save_pretrained``.
-MODEL_MARKERS = ("config.json",)
+#: The file this library writes into every directory it writes (a model, a run, a demo): what
+#: wrote it and, for a saved model, the size and sha256 of every file (the checksum manifest).
+#: ``overwrite`` replaces only a directory that holds it; loading checks the files against it.
+MARKER = "compressed_experts_manifest.json"
+
+#: What ``overwrite`` replaces unless told otherwise: a directory this library wrote. (A model
+#: saved by ``save_pretrained`` alone has no marker: it is not replaced.)
+MODEL_MARKERS = (MARKER,)
+
+#: Loading verifies the sha256 of every file named in the manifest when they total at most this
+#: many bytes (about a second of hashing); above it, only what is cheap (see :func:`verify_checkpoint`).
+VERIFY_LIMIT = 1 << 30
+
+#: Files up to this size are always hashed on load (config.json, the tokenizer, the shard index).
+_SMALL_FILE = 16 << 20
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -530,42 +601,11 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_dir(
-    out: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    sources: Mapping[str, Any] | None = None,
-    replaces: str = "a model directory",
-    markers: Sequence[str] = MODEL_MARKERS,
-    keep: bool = False,
-    resumable: bool = False,
-) -> bool:
-    """Check that ``out`` may be written to; return whether it holds files that must be replaced.
-
-    Nothing is deleted here: the caller replaces ``out`` (:func:`save_model` does so) once every
-    other check has passed. Refused, with a :class:`CompressedExpertsError` that says what to do:
-
-    - ``out`` is a file, or the working directory or a folder above it;
-    - ``out`` is, holds or lies inside one of ``sources`` (label -> source, e.g.
-      ``{"source model": "bundled", "data": "train.jsonl"}``; sources that are not on this machine,
-      hub ids and ``tiny:`` models, cannot be overwritten and are skipped);
-    - ``out`` holds files and ``overwrite`` is not given;
-    - ``overwrite`` is given but ``out`` holds none of ``markers`` (it is not ``replaces``): the
-      only thing ``overwrite`` ever replaces is what such a command wrote.
-
-    With ``keep`` (``out`` is continued, not replaced: a resumed run), only the first two checks
-    apply. ``resumable`` adds "use resume" to the advice for a directory that is not empty.
-    """
+def _check_not_an_input(out: str | os.PathLike, sources: Mapping[str, Any] | None) -> None:
+    """Refuse an ``out`` that is, holds or lies inside one of ``sources`` (label -> source)."""
     target = Path(out)
-    if target.exists() and not target.is_dir():
-        raise CompressedExpertsError(f"out {out} is a file; give a directory", settings=("out",))
-    cwd = Path.cwd().resolve()
-    if target.resolve() == cwd or target.resolve() in cwd.parents:
-        raise CompressedExpertsError(
-            f"out {out} is the working directory or above it: choose a subdirectory", settings=("out",)
-        )
     for label, value in (sources or {}).items():
-        path = local_path(value)
+        path = local_path(value) if value not in (None, "") else None  # "" would be the working directory
         if path is None:
             continue
         if path.resolve() == target.resolve():
@@ -577,6 +617,62 @@ def check_output_dir(
             raise CompressedExpertsError(
                 f"out {out} overlaps the {label} ({value}): choose another out", settings=("out",)
             )
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    sources: Mapping[str, Any] | None = None,
+    replaces: str = "a model directory",
+    markers: Sequence[str] = MODEL_MARKERS,
+    keep: bool = False,
+    resumable: bool = False,
+    lock: bool = True,
+) -> bool:
+    """Check that ``out`` may be written to; return whether it holds files that must be replaced.
+
+    Nothing is deleted here: the caller replaces ``out`` (:func:`save_model` does so) once every
+    other check has passed. Refused, with a :class:`CompressedExpertsError` that says what to do:
+
+    - ``out`` is a file, or the working directory or a folder above it;
+    - ``out`` is, holds or lies inside one of ``sources`` (label -> source, e.g.
+      ``{"source model": "bundled", "data": "train.jsonl"}``; sources that are not on this machine,
+      hub ids and ``tiny:`` models, cannot be overwritten and are skipped);
+    - another process is writing ``out`` (see :func:`output_lock`);
+    - ``out`` holds files and ``overwrite`` is not given;
+    - ``overwrite`` is given but ``out`` holds none of ``markers`` (by default the library's own
+      marker file, :data:`MARKER`): ``overwrite`` only ever replaces what this library wrote.
+
+    With ``lock`` (the default) this process takes ``out``'s lock and holds it until ``out`` is
+    committed (:func:`commit_staged`), :func:`release_output` or the end of the process. With
+    ``keep`` (``out`` is continued, not replaced: a resumed run), the checks of what ``out``
+    holds do not apply. ``resumable`` adds "use resume" to the advice for a directory that is not empty.
+    """
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise CompressedExpertsError(f"out {out} is a file; give a directory", settings=("out",))
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise CompressedExpertsError(
+            f"out {out} is the working directory or above it: choose a subdirectory", settings=("out",)
+        )
+    _check_not_an_input(out, sources)
+    if lock and target.resolve() not in _HELD:
+        _acquire(target)  # before looking inside: another run may be about to write there
+        _HELD.add(target.resolve())
+        try:
+            return _check_contents(target, overwrite, replaces, markers, keep, resumable)
+        except BaseException:
+            release_output(target)
+            raise
+    return _check_contents(target, overwrite, replaces, markers, keep, resumable)
+
+
+def _check_contents(
+    target: Path, overwrite: bool, replaces: str, markers: Sequence[str], keep: bool, resumable: bool
+) -> bool:
+    out = target
     if keep or not target.is_dir() or not any(target.iterdir()):
         return False
     if not overwrite:
@@ -590,12 +686,319 @@ def check_output_dir(
             settings=("out", "overwrite", "resume") if resumable else ("out", "overwrite"),
         )
     if not any((target / marker).exists() for marker in markers):
+        if (target / "config.json").is_file():
+            held = (
+                f"a model that compressed-experts did not write (saved by save_pretrained or another tool: "
+                f"no {MARKER}); not deleting it"
+            )
+        else:
+            held = f"files that are not {replaces} it wrote; not deleting them"
         raise CompressedExpertsError(
-            f"overwrite only replaces {replaces} (one with {' or '.join(markers)}); {out} holds files "
-            f"that are not {replaces}; not deleting them",
-            settings=("overwrite",),
+            f"overwrite only replaces {replaces} written by compressed-experts (one with "
+            f"{' or '.join(markers)}); {out} holds {held}: remove it yourself or choose another out",
+            settings=("overwrite", "out"),
         )
     return True
+
+
+def check_output_file(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    sources: Mapping[str, Any] | None = None,
+    what: str = "results file",
+    setting: str = "out",
+    suffix: str | None = None,
+    ours: Any = None,
+) -> None:
+    """The output policy for a single file (a results JSON, a plot): refuse an ``out`` that is a
+    folder, lacks ``suffix``, is or lies inside one of ``sources``, or exists and ``overwrite``
+    is not given; with ``overwrite``, refuse to replace a file that ``ours(path)`` (when given)
+    does not recognise as one this library wrote."""
+    path = Path(out)
+    if path.is_dir() or not path.name or path.name in (".", ".."):
+        example = (path / f"results{suffix or '.json'}") if path.name else Path(f"results{suffix or '.json'}")
+        raise CompressedExpertsError(
+            f"{setting} {out} is a folder; give a file name such as {example}", settings=(setting,)
+        )
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise CompressedExpertsError(
+            f"{setting} {out} must be a {suffix} file name (e.g. {path.with_suffix(suffix)})", settings=(setting,)
+        )
+    for label, value in (sources or {}).items():
+        source = local_path(value) if value not in (None, "") else None
+        if source is not None and _inside(path, source):
+            kind = "is" if path.resolve() == source.resolve() else "lies inside"
+            raise CompressedExpertsError(
+                f"{setting} {out} {kind} the {label} ({value}): writing it would change an input; "
+                f"choose another {setting}",
+                settings=(setting,),
+            )
+    if not path.exists():
+        return
+    if not overwrite:
+        raise CompressedExpertsError(
+            f"{setting} {out} already exists: choose another {setting} or pass overwrite to replace it",
+            settings=(setting, "overwrite"),
+        )
+    if ours is not None and not ours(path):
+        raise CompressedExpertsError(
+            f"overwrite only replaces a {what} written by compressed-experts; {out} is not one; not replacing it",
+            settings=("overwrite", setting),
+        )
+
+
+# Locks: one writer per output. A lock file beside the output (in its parent, so that replacing
+# the output does not move it) is held with flock; a second process fails at once.
+
+_LOCKS: dict[Path, list[Any]] = {}  # resolved output -> [open lock file, count] (re-entrant per process)
+_HELD: set[Path] = set()  # outputs locked by check_output_dir, released when committed
+
+
+def lock_file(out: str | os.PathLike) -> Path:
+    """The lock file of an output: hidden, beside it (removed when its lock is released)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
+def _acquire(out: Path) -> None:
+    import fcntl
+
+    key = out.resolve()
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return
+    path = lock_file(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CompressedExpertsError(
+                f"out {out} is being written by another run ({holder}): wait for it to finish, or choose another out",
+                settings=("out",),
+            ) from None
+        try:  # the holder before us may have removed the file after we opened it: lock the file that is there
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _LOCKS[key] = [handle, 1]
+
+
+def _release(out: Path) -> None:
+    key = out.resolve()
+    entry = _LOCKS.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _LOCKS[key]
+    handle = entry[0]
+    try:
+        os.unlink(lock_file(key))  # while still locked: whoever opens it next locks a new file
+    except FileNotFoundError:
+        pass
+    handle.close()
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``out``'s lock for the ``with`` block: another process that tries to write ``out``
+    meanwhile (through this library) fails at once, naming this one. Re-entrant within a process;
+    a hold :func:`check_output_dir` takes on ``out`` inside the block ends with the block."""
+    key = Path(out).resolve()
+    held_before = key in _HELD
+    _acquire(key)
+    try:
+        yield
+    finally:
+        if not held_before:
+            release_output(key)  # a hold check_output_dir took inside the block ends with it
+        _release(key)
+
+
+def release_output(out: str | os.PathLike) -> None:
+    """Release the lock :func:`check_output_dir` took on ``out`` (committing ``out`` does so too)."""
+    key = Path(out).resolve()
+    if key in _HELD:
+        _HELD.discard(key)
+        _release(key)
+
+
+@atexit.register
+def _release_all() -> None:
+    for key in list(_LOCKS):
+        _LOCKS[key][1] = 1
+        _release(key)
+
+
+# The marker and checksum manifest.
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _header_sha256(path: Path) -> str | None:
+    """The sha256 of a safetensors file's length and header (names, dtypes, shapes, offsets), or None."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            return None
+        (length,) = struct.unpack("<Q", raw)
+        if 8 + length > path.stat().st_size:
+            return None
+        return hashlib.sha256(raw + handle.read(length)).hexdigest()
+
+
+def _entry(path: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if path.suffix == ".safetensors":
+        entry["header_sha256"] = _header_sha256(path)
+    return entry
+
+
+def write_marker(directory: str | os.PathLike, kind: str, *, files: Sequence[str] = ()) -> None:
+    """Write :data:`MARKER` into ``directory``: what wrote it (``kind``: model, run, demo...) and the
+    size and sha256 of each of ``files`` (names relative to ``directory``; the checksum manifest)."""
+    directory = Path(directory)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("compressed-experts")
+    except PackageNotFoundError:
+        release = "unknown"
+    manifest = {
+        "written_by": "compressed-experts",
+        "version": release,
+        "kind": kind,
+        "files": {name: _entry(directory / name) for name in sorted(files)},
+    }
+    write_atomic(directory / MARKER, json.dumps(manifest, indent=1) + "\n")
+
+
+def _model_files(directory: Path) -> list[str]:
+    """The files of a saved model directory to list in its manifest: every file below it but the
+    marker itself, the lock and staging leftovers (hidden), and a run's checkpoints and log."""
+    names = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if not path.is_file() or relative.parts[0] in (MARKER, "checkpoints") or relative.parts[0].startswith("."):
+            continue
+        names.append(relative.as_posix())
+    return names
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The marker of a directory this library wrote (None where there is none)."""
+    path = Path(directory) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
+            raise TypeError("files")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path} is corrupt ({first_line(err)}): re-save the model, or delete {MARKER} to load it unchecked"
+        ) from err
+    return manifest
+
+
+def verify_checkpoint(directory: str | os.PathLike, *, full: bool | None = True) -> dict[str, Any]:
+    """Check a directory this library saved against its checksum manifest; raise a one-line
+    :class:`CheckpointError` naming the first file that differs (missing, resized, edited).
+
+    ``full=True`` hashes every file and also scans every safetensors tensor for NaN and inf;
+    ``False`` checks what is cheap: each file's size, each safetensors header (names, shapes,
+    dtypes and data offsets) and the whole of every small file (config.json included, so an
+    edited ``n_ce`` or ``num_experts_per_tok`` is caught); ``None`` is full when the files
+    total at most :data:`VERIFY_LIMIT` bytes, else cheap. Returns ``{"files", "bytes", "hashed",
+    "manifest"}`` (``manifest`` False, and nothing checked, where the directory has none).
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return {"files": 0, "bytes": 0, "hashed": 0, "manifest": False}
+    files = manifest["files"]
+    total = sum(int(entry.get("size", 0)) for entry in files.values())
+    if full is None:
+        full = total <= VERIFY_LIMIT
+    advice = "re-save or re-download the model"
+    hashed = 0
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory} lacks {name}, which its {MARKER} lists: {advice}")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointError(
+                f"{path} has {size} bytes, its {MARKER} says {entry.get('size')}: it was truncated or changed; {advice}"
+            )
+        if entry.get("header_sha256") and _header_sha256(path) != entry["header_sha256"]:
+            raise CheckpointError(
+                f"{path} has another safetensors header (tensor names, shapes or data offsets) than when it "
+                f"was saved: {advice}"
+            )
+        if full or size <= _SMALL_FILE:
+            hashed += size
+            if _sha256(path) != entry["sha256"]:
+                edited = (
+                    f"; if you edited {name} on purpose, re-save the model (or load with verify=False)"
+                    if path.suffix == ".json"
+                    else ""
+                )
+                raise CheckpointError(
+                    f"{path} has changed since it was saved (its sha256 differs from {MARKER}): {advice}{edited}"
+                )
+    if full:
+        for name in files:
+            if name.endswith(".safetensors"):
+                _check_finite_file(directory / name)
+    return {"files": len(files), "bytes": total, "hashed": hashed, "manifest": True}
+
+
+def _first_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds a NaN or inf (checked in slices, so memory stays small)."""
+    if not tensor.is_floating_point() or tensor.device.type == "meta":
+        return False
+    flat = tensor.detach().reshape(-1)
+    return any(not bool(torch.isfinite(part).all()) for part in flat.split(1 << 24))
+
+
+def _check_finite_file(file: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(file), framework="pt") as handle:
+        for key in handle.keys():
+            if _first_non_finite(handle.get_tensor(key)):
+                raise CheckpointError(f"{file} holds NaN or inf in {key}: re-save or re-download the model")
+
+
+def _check_finite(model: PreTrainedModel, source: str) -> None:
+    """Refuse a loaded model whose weights hold NaN or inf, naming the first such tensor."""
+    for name, param in named_weights(model):
+        if _first_non_finite(param):
+            raise CheckpointError(
+                f"{source} holds NaN or inf in {name}: the checkpoint is corrupt or was saved from a diverged run"
+            )
 
 
 def staging_dir(out: str | os.PathLike) -> Path:
@@ -605,15 +1008,21 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}.staging"
 
 
-def commit_staged(staging: Path, out: Path, *, merge: bool = False) -> None:
+def commit_staged(staging: Path, out: Path, *, merge: bool = False, manifest: bool | None = None) -> None:
     """Move what was saved in ``staging`` into place at ``out``, and remove ``staging``.
 
     By default ``out`` is replaced whole: an earlier ``out`` is set aside first and deleted only
     once the new one is in place (restored if that fails). With ``merge``, each file of
     ``staging`` replaces its namesake in ``out`` and the rest of ``out`` stays (a run directory
     receiving its final model beside its log).
+
+    With ``manifest`` (the default with ``merge``: a run's final model) the marker and checksum
+    manifest of what ``staging`` holds are written first (:func:`write_marker`). The lock that
+    :func:`check_output_dir` took on ``out`` is released once ``out`` is in place.
     """
     staging, out = Path(staging), Path(out)
+    if manifest if manifest is not None else merge:
+        write_marker(staging, "run" if merge else "model", files=_model_files(staging))
     if merge:
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
@@ -622,6 +1031,7 @@ def commit_staged(staging: Path, out: Path, *, merge: bool = False) -> None:
                 shutil.rmtree(target)
             os.replace(item, target)
         shutil.rmtree(staging, ignore_errors=True)
+        release_output(out)
         return
     old = None
     if out.exists():
@@ -636,22 +1046,25 @@ def commit_staged(staging: Path, out: Path, *, merge: bool = False) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    release_output(out)
 
 
 @contextmanager
-def staged_save(out: str | os.PathLike, *, merge: bool = False) -> Iterator[Path]:
+def staged_save(out: str | os.PathLike, *, merge: bool = False, manifest: bool = True) -> Iterator[Path]:
     """A fresh staging directory for ``out``: write into it in the ``with`` block; when the
-    block ends without an error it is moved into place (:func:`commit_staged`), and whatever
-    happens it is gone afterwards, so a failed save leaves ``out`` as it was."""
+    block ends without an error it is moved into place (:func:`commit_staged`, with the marker
+    and checksum manifest unless ``manifest=False``), and whatever happens it is gone
+    afterwards, so a failed save leaves ``out`` as it was. ``out`` is locked meanwhile."""
     out = Path(out)
     staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of an earlier save that was killed
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        commit_staged(staging, out, merge=merge)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with output_lock(out):
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of an earlier save that was killed
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            commit_staged(staging, out, merge=merge, manifest=manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def tokenizer_if_any(source: str | os.PathLike, **kwargs: Any):
