@@ -94,3 +94,44 @@ def test_nan_weights_after_the_last_step_leave_no_model_and_no_success(tmp_path,
     assert result.exit_code == 2, result.output
     assert "weights became NaN" in result.output and "Last good checkpoint: none yet" in result.output
     assert not (out / "model.safetensors").exists() and not (out / "training_summary.json").exists()
+
+
+# -- text is UTF-8 text: binary files are refused, not read as U+FFFD -------------------------------
+
+
+def test_fit_refuses_a_binary_calibration_file(tmp_path):
+    binary = tmp_path / "weights.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    out = tmp_path / "fitted"
+    result = runner.invoke(app, ["fit", "tiny:olmoe", "--n-ce", "4", "--out", str(out), "--calib", str(binary)])
+    assert result.exit_code == 2, result.output
+    assert "is not a text file: it holds a NUL byte at offset 0" in result.output
+    assert not out.exists()
+
+
+def test_binary_and_non_utf8_data_files_are_refused_naming_the_byte(tmp_path):
+    from compressed_experts.fit import calibration_texts
+    from compressed_experts.text import load_records
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ce.CompressedExpertsError, match="latin.jsonl is not UTF-8 text: the byte at offset 13"):
+        load_records(str(latin))
+    with pytest.raises(ce.CompressedExpertsError, match="binary.jsonl is not a text file: .* NUL byte at offset 8"):
+        load_records(str(binary))
+    with pytest.raises(ce.CompressedExpertsError, match="not UTF-8 text"):
+        train(TrainConfig(**{**FAST, "data": str(latin), "out": str(tmp_path / "run"), "max_steps": 1}))
+    assert not (tmp_path / "run").exists()
+    # Read in 1 MiB chunks: a character across a chunk boundary is fine, and a bad byte past one is
+    # placed exactly; a file cut inside a character is named as such.
+    text = tmp_path / "long.txt"
+    text.write_bytes(b"a" * ((1 << 20) - 1) + "\u00e9".encode() + b"\n\nmore")
+    assert calibration_texts(str(text))[-1] == "more"
+    text.write_bytes(b"a" * ((1 << 20) + 5) + b"\xff")
+    with pytest.raises(ce.CompressedExpertsError, match=f"offset {(1 << 20) + 5} "):
+        calibration_texts(str(text))
+    text.write_bytes("caf\u00e9".encode()[:-1])
+    with pytest.raises(ce.CompressedExpertsError, match="ends inside a character"):
+        calibration_texts(str(text))

@@ -30,7 +30,7 @@ from .errors import CompressedExpertsError
 from .forms import REGISTRY
 from .layer import CompressedExperts, is_compressed_expert
 from .neurons import ActivationImportance, select_neurons
-from .text import load_records, segments, token_blocks
+from .text import load_records, read_text_file, segments, token_blocks
 
 
 def calibration_texts(source: str | os.PathLike | Sequence[str] | None, tokenizer=None) -> list[str]:
@@ -55,7 +55,8 @@ def calibration_texts(source: str | os.PathLike | Sequence[str] | None, tokenize
         if not path.is_file():
             raise CompressedExpertsError(f"no such calibration file: {source}")
         # Paragraphs, so that a seed's shuffle draws different text from one file too.
-        return [part for part in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if part.strip()]
+        # Strictly UTF-8: a binary file is refused, not fitted on U+FFFD characters.
+        return [part for part in read_text_file(path, source).split("\n\n") if part.strip()]
     return ["".join(text for text, _ in segments(record, tokenizer, "alpaca")) for record in load_records(source)]
 
 

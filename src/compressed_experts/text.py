@@ -12,6 +12,7 @@ the loss, and calibration (:mod:`.fit`) and scoring can read any layout as plain
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,45 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return f"{ALPACA_PREAMBLE}### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def check_text_file(path: str | Path, source: str | None = None) -> None:
+    """Refuse a file that is not UTF-8 text: a binary file (a NUL byte), or text in another
+    encoding, naming the first offending byte. Read in chunks: memory stays small for big files."""
+    path, source = Path(path), source or str(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise CompressedExpertsError(
+                    f"{source} is not a text file: it holds a NUL byte at offset {offset + nul} "
+                    f"(a binary file?); give UTF-8 text"
+                )
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = offset - pending + err.start
+                raise CompressedExpertsError(
+                    f"{source} is not UTF-8 text: the byte at offset {at} cannot be decoded (a binary file, or "
+                    f"another encoding: convert it, e.g. with iconv -t utf-8)"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise CompressedExpertsError(
+                f"{source} is not UTF-8 text: it ends inside a character (cut off, or another encoding)"
+            ) from None
+
+
+def read_text_file(path: str | Path, source: str | None = None) -> str:
+    """The text of a UTF-8 file; a binary or otherwise undecodable file is refused (:func:`check_text_file`)
+    rather than read as replacement characters."""
+    check_text_file(path, source)
+    return Path(path).read_text(encoding="utf-8")
+
+
 def load_records(source: str, split: str = "train", limit: int | None = None):
     """A ``datasets.Dataset`` of raw records from a local file or a hub dataset, checked for layout.
 
@@ -56,6 +96,8 @@ def load_records(source: str, split: str = "train", limit: int | None = None):
             )
         if path.stat().st_size == 0:
             raise CompressedExpertsError(f"{source} holds no records (the file is empty)")
+        if builder == "json":  # JSON is UTF-8 text: a binary file is named as one, not a parser's riddle
+            check_text_file(path, source)
         try:
             records = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for a malformed file
