@@ -5,6 +5,7 @@ and this library's, and the helpers count and save a PEFT model as the model it 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -180,3 +181,37 @@ def test_trl_sft_trainer_trains_and_saves_the_compressed_experts(converted_dir, 
     trainer.model.save_pretrained(tmp_path / "adapter")
     loaded = ce.from_pretrained(tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded), logits(trainer.model.eval()), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_trl_on_a_bfloat16_model_warns_and_trains_once_the_vectors_are_float32(converted_dir, tmp_path):
+    """TRL's SFTTrainer on bfloat16 weights (no PEFT): the vectors cannot take its steps, which it
+    says; with ce.float32_compressed_experts first they move."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": ["the cat sat on the mat and the dog ran"] * 8})
+    moved = {}
+    for fix in (False, True):
+        model = ce.from_pretrained(converted_dir, dtype=torch.bfloat16)
+        if fix:
+            ce.float32_compressed_experts(model)
+        before = ce_vectors(model)
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / f"run{fix}"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=2e-5,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            max_length=32,
+        )
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=ce.tiny_tokenizer())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        warned = any("will not move" in str(w.message) for w in caught)
+        assert warned != fix
+        moved[fix] = sum(int((before[n] != p).sum()) for n, p in ce_vectors(model).items())
+    assert moved == {False: 0, True: moved[True]} and moved[True] > 0
