@@ -4,6 +4,7 @@ library), and a config.json that no tool can mistake for its base family."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -55,3 +56,19 @@ def test_lm_eval_loads_a_saved_directory_by_path(saved):
     assert layers and all(layer.n_ce == 1 for layer in layers)
     with torch.no_grad():  # the trained vectors came with it, not fresh ones
         assert_same_logits(lm.model.float().eval()(tokens()).logits, logits)
+
+
+def test_the_config_class_reads_its_own_directory_as_auto_config_does(saved, family, caplog):
+    """PEFT re-reads the base's config with ``type(model.config).from_pretrained`` when it saves an
+    adapter: that gives the same config, without transformers' warning about another model type."""
+    directory, _ = saved
+    loaded = ce.from_pretrained(directory)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)  # transformers' loggers do not propagate to the root
+    try:
+        again = type(loaded.config).from_pretrained(directory)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if "instantiate a model" in r.getMessage()]
+    assert again.model_type == family and again.compressed_experts == loaded.config.compressed_experts
+    assert {**again.to_dict(), "_name_or_path": ""} == {**loaded.config.to_dict(), "_name_or_path": ""}

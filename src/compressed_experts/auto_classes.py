@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .architectures import FAMILIES
-from .config import SAVED_MODEL_TYPE, SECTION, CEConfig, mark_config, saving_class
+from .config import SAVED_MODEL_TYPE, SECTION, CEConfig, mark_config, saving_class, split_saved
 from .convert import swap_blocks
 from .errors import CheckpointError
 
@@ -45,17 +45,6 @@ def current_key(key: str) -> str:
     for pattern, replacement in LEGACY_KEYS.items():
         key = re.sub(pattern, replacement, key)
     return key
-
-
-def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CEConfig]:
-    """(base model type, the base family's fields, the compressed-experts settings) of a saved config.json."""
-    section = config_dict.get(SECTION)
-    section = dict(section) if isinstance(section, dict) else {}
-    base_type = section.pop("base_model_type", None)
-    if not isinstance(base_type, str):
-        raise CheckpointError(f"config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
-    fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
-    return base_type, fields, CEConfig.from_dict(section)
 
 
 class CompressedExpertsConfig(PretrainedConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import CompressedExpertsError
+from .errors import CheckpointError, CompressedExpertsError
 from .forms import FORMS, NEURON_FORMS, get_form
 
 __all__ = [
@@ -138,6 +138,17 @@ ARCHITECTURE_PREFIX = "CompressedExperts"
 _SAVING_CLASSES: dict[type, type] = {}
 
 
+def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CEConfig]:
+    """(base model type, the base family's fields, the compressed-experts settings) of a saved config.json."""
+    section = config_dict.get(SECTION)
+    section = dict(section) if isinstance(section, dict) else {}
+    base_type = section.pop("base_model_type", None)
+    if not isinstance(base_type, str):
+        raise CheckpointError(f"config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
+    fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
+    return base_type, fields, CEConfig.from_dict(section)
+
+
 def saving_class(base: type) -> type:
     """A subclass of ``base`` whose serialised form carries the section under our model_type.
 
@@ -161,8 +172,21 @@ def saving_class(base: type) -> type:
                 ] or None
             return out
 
+        @classmethod
+        def from_pretrained(cls, source, **kwargs):
+            # Read as AutoConfig reads it (the base family's fields, the section kept), not as a
+            # config of another model type: PEFT calls this on save, to compare vocabulary sizes.
+            config_dict, kwargs = cls.get_config_dict(source, **kwargs)
+            if config_dict.get("model_type") != SAVED_MODEL_TYPE:
+                return base.from_dict(config_dict, **kwargs)
+            _, fields, ce = split_saved(config_dict)
+            made = base.from_dict(fields, **kwargs)
+            mark_config(made[0] if isinstance(made, tuple) else made, ce)
+            return made
+
         name = f"{ARCHITECTURE_PREFIX}{base.__name__}"
-        cls = type(name, (base,), {"to_dict": to_dict, "__module__": __name__, "__qualname__": name})
+        attributes = {"to_dict": to_dict, "from_pretrained": from_pretrained, "__module__": __name__}
+        cls = type(name, (base,), {**attributes, "__qualname__": name})
         globals()[name] = cls  # importable by name, so a pickled config loads back
         _SAVING_CLASSES[base] = cls
     return _SAVING_CLASSES[base]
