@@ -465,7 +465,7 @@ def test_compare_with_several_full_models_takes_the_reference_given(tmp_path):
     result = runner.invoke(app, ["compare", *map(str, files), *plot])
     output = " ".join(result.output.split())
     assert result.exit_code == 0 and "choose it with --reference (candidates: base-a, base-b)" in output, output
-    result = runner.invoke(app, ["compare", *map(str, files), *plot, "--reference", "base-a"])
+    result = runner.invoke(app, ["compare", *map(str, files), *plot, "--reference", "base-a", "--overwrite"])
     assert result.exit_code == 0 and "80.0%" in result.output and "--reference" not in result.output, result.output
 
 

@@ -444,8 +444,13 @@ def _load(
     options = {"ignore_mismatched_sizes": True, **kwargs} if refuse_mismatch else kwargs
     try:
         model, info = model_cls.from_pretrained(source, config=config, output_loading_info=True, **options)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source!r}: {first_line(err)}") from err
+    except RuntimeError as err:  # transformers could not assemble the weights (its report above says which)
+        raise CheckpointError(
+            f"cannot load {source!r}: its weights do not fit the model its config.json describes (a tensor is "
+            f"missing or has another shape; transformers: {first_line(err)})"
+        ) from err
     if info["missing_keys"]:
         raise CheckpointError(f"{source} is missing weights: {', '.join(sorted(info['missing_keys'])[:5])}")
     mismatched = sorted(info.get("mismatched_keys") or ()) if refuse_mismatch else []
@@ -941,33 +946,32 @@ def verify_checkpoint(directory: str | os.PathLike, *, full: bool | None = True)
     total = sum(int(entry.get("size", 0)) for entry in files.values())
     if full is None:
         full = total <= VERIFY_LIMIT
-    advice = "re-save or re-download the model"
+    advice = (
+        f"re-save or re-download the model (if you saved over it with another tool, delete its {MARKER}, "
+        f"which describes the earlier save)"
+    )
     hashed = 0
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{directory} lacks {name}, which its {MARKER} lists: {advice}")
+        edited = (
+            f"; if you edited {name} on purpose, re-save the model (or load it with verify=False)"
+            if path.suffix == ".json"
+            else ""
+        )
         size = path.stat().st_size
+        why = None
         if size != entry.get("size"):
-            raise CheckpointError(
-                f"{path} has {size} bytes, its {MARKER} says {entry.get('size')}: it was truncated or changed; {advice}"
-            )
-        if entry.get("header_sha256") and _header_sha256(path) != entry["header_sha256"]:
-            raise CheckpointError(
-                f"{path} has another safetensors header (tensor names, shapes or data offsets) than when it "
-                f"was saved: {advice}"
-            )
-        if full or size <= _SMALL_FILE:
+            why = f"{size} bytes; {MARKER} says {entry.get('size')}: truncated or rewritten"
+        elif entry.get("header_sha256") and _header_sha256(path) != entry["header_sha256"]:
+            why = "another safetensors header: tensor names, shapes or data offsets"
+        elif full or size <= _SMALL_FILE:
             hashed += size
             if _sha256(path) != entry["sha256"]:
-                edited = (
-                    f"; if you edited {name} on purpose, re-save the model (or load with verify=False)"
-                    if path.suffix == ".json"
-                    else ""
-                )
-                raise CheckpointError(
-                    f"{path} has changed since it was saved (its sha256 differs from {MARKER}): {advice}{edited}"
-                )
+                why = f"its sha256 differs from {MARKER}"
+        if why is not None:
+            raise CheckpointError(f"{path} has changed since it was saved ({why}): {advice}{edited}")
     if full:
         for name in files:
             if name.endswith(".safetensors"):

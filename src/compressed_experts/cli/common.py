@@ -55,6 +55,22 @@ def run(action: Callable[[], None]) -> None:
         fail(str(err))
 
 
+def releasing(out, action: Callable[[], None]) -> Callable[[], None]:
+    """``action``, then (however it ends) the release of the lock that the output policy took on
+    ``out`` (:func:`compressed_experts.checkpoint.check_output_dir`): held for the whole command,
+    so that a second command writing there fails at once, and never after it."""
+    from ..checkpoint import release_output
+
+    def released() -> None:
+        try:
+            action()
+        finally:
+            if out is not None:
+                release_output(out)
+
+    return released
+
+
 def check_device(device: str) -> str:
     """Refuse a --device that is not auto, cpu or cuda, or cuda without a GPU; return the device to use."""
     import torch

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..checkpoint import from_pretrained, load_tokenizer
+from ..checkpoint import from_pretrained, load_tokenizer, output_lock
 from ..config import check_dtype_name
-from ..errors import CompressedExpertsError
-from ..evaluation.report import compare, comparison_table
+from ..evaluation.report import check_results_file, compare, comparison_table
 from ..evaluation.run import EvalConfig, check_task_name, evaluate
 from ..evaluation.sandbox import PYTHON_GUARD, guard_warning
 from .app import app
@@ -33,6 +33,7 @@ def _eval_options(
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     out: Annotated[Path | None, typer.Option(help="Results JSON: score, settings and every example.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a results file already.")] = False,
 ) -> None:
     """The eval command's own options; the scoring settings come from EvalConfig."""
 
@@ -40,25 +41,20 @@ def _eval_options(
 def eval_command(**options) -> None:
     """Score a model on a task (math, code, or any lm-evaluation-harness task)."""
     scoring = {name: options.pop(name) for name in list(options) if name in EvalConfig.__dataclass_fields__}
-    model, task, tokenizer, dtype, device, out = (
-        options[name] for name in ("model", "task", "tokenizer", "dtype", "device", "out")
+    model, task, tokenizer, dtype, device, out, overwrite = (
+        options[name] for name in ("model", "task", "tokenizer", "dtype", "device", "out", "overwrite")
     )
 
     def action() -> None:
         check_task_name(task)
         config = EvalConfig(**scoring)
         check_dtype_name(dtype, "dtype")
-        if out is not None and out.is_dir():
-            raise CompressedExpertsError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
+        if out is not None:  # before the model loads: not an input, not an existing file unless --overwrite
+            sources = {"model": model, "tokenizer": tokenizer, "data": config.data}
+            check_results_file(out, overwrite=overwrite, sources=sources)
         loaded, tok = _load(model, tokenizer, dtype, device)
-        result = evaluate(
-            loaded,
-            tok,
-            task,
-            config,
-            out=out,
-            source=model,
-        )
+        with output_lock(out) if out is not None else nullcontext():  # a second eval to --out fails at once
+            result = evaluate(loaded, tok, task, config, out=out, overwrite=overwrite, source=model)
         console.print(f"{task}: {result['metric']} [bold]{result['score']:.1%}[/] on {result['n']} examples")
         if result["settings"].get("isolation") == PYTHON_GUARD:
             console.print(f"[bold red]warning:[/] {guard_warning()}", markup=True, highlight=False)
@@ -83,11 +79,12 @@ def compare_command(
             help="Source of the full top-k model that recovery is measured against, where the results hold several."
         ),
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --plot if it is a PNG already.")] = False,
 ) -> None:
     """Table of methods, active parameters, scores and recovery; plot of score against active parameters."""
 
     def action() -> None:
-        comparison = compare(results, plot=plot, reference=reference)
+        comparison = compare(results, plot=plot, reference=reference, overwrite=overwrite)
         console.print(comparison_table(comparison))
         if comparison["reference"] is None:
             candidates = [row["source"] for row in comparison["rows"] if row["method"] == "full"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,12 +11,14 @@ from typing import Annotated
 import typer
 from rich.markdown import Markdown
 
+from ..checkpoint import check_output_dir, write_marker
+from ..sources import BUNDLED
 from ..toy.demo import QUICK, Plan, run_demo, table_markdown, write_report, write_section
 from ..toy.forms import BEGIN, END, QUICK_STUDY, StudyPlan, run_study
 from ..toy.forms import table_markdown as forms_table
 from ..toy.pretrain import Recipe, pretrain, ship_export
 from .app import app, toy_app
-from .common import check_report_file, console, run
+from .common import check_report_file, console, releasing, run
 
 
 @app.command()
@@ -37,6 +40,7 @@ def demo(
         Path | None,
         typer.Option(help="Also write the table into this Markdown file (e.g. RESULTS.md), between its demo markers."),
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier demo.")] = False,
 ) -> None:
     """The paper's experiment on the bundled model: fine-tune full top-8, top-4 and compressed
     experts, evaluate, time, and print the table (about 15 minutes on two CPU cores)."""
@@ -46,7 +50,9 @@ def demo(
         plan = QUICK if quick else Plan()
         if math_steps is not None:
             plan = dataclasses.replace(plan, math_steps=math_steps)
-        results = run_demo(out, plan, seeds, say=lambda text: console.print(f"[bold]demo:[/] {text}"))
+        results = run_demo(
+            out, plan, seeds, say=lambda text: console.print(f"[bold]demo:[/] {text}"), overwrite=overwrite
+        )
         console.print(Markdown(table_markdown(results)))
         console.print(
             f"{results['seconds'] / 60:.1f} min; wrote {out / 'demo_results.json'}, "
@@ -73,12 +79,18 @@ def toy_forms(
         Path | None,
         typer.Option(help="Also write the table into this Markdown file (e.g. RESULTS.md), between its forms markers."),
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier study.")] = False,
 ) -> None:
     """Compressed-expert forms on the bundled model: held-out loss as converted, fitted and fine-tuned,
     the share of the top-4 -> top-8 gap each closes, and a Pareto plot over r and n_ce."""
 
     def action() -> None:
         check_report_file(report)
+        # The library's output policy: a new or empty --out, or with --overwrite an earlier study's.
+        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces="a forms study directory"):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "forms study")
         results = run_study(
             out,
             QUICK_STUDY if quick else StudyPlan(),
@@ -102,7 +114,7 @@ def toy_forms(
             )
             console.print(f"updated {report}")
 
-    run(action)
+    run(releasing(out, action))
 
 
 @toy_app.command("pretrain")

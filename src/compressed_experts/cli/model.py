@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..checkpoint import check_output_dir, from_pretrained, load_tokenizer, save_model, skeleton, tokenizer_if_any
+from ..checkpoint import (
+    check_output_dir,
+    from_pretrained,
+    load_tokenizer,
+    save_model,
+    skeleton,
+    tokenizer_if_any,
+    verify_checkpoint,
+)
 from ..config import check_dtype_name
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError
@@ -17,6 +25,7 @@ from ..fit import FitConfig, calibration_blocks, fittable_forms
 from ..fit import fit as fit_model
 from ..forms import REGISTRY
 from ..parameters import describe
+from ..sources import local_dir, resolve
 from ..toy.tasks import domain_split
 from .app import app
 from .common import (
@@ -26,6 +35,7 @@ from .common import (
     check_device,
     console,
     options_of,
+    releasing,
     run,
     settings_options,
     show_model,
@@ -41,9 +51,42 @@ R_HELP = (
 
 
 @app.command()
-def info(source: SourceArg) -> None:
+def info(
+    source: SourceArg,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Also check every file against the checksum manifest written when the model was saved, "
+            "and every weight for NaN and inf (reads all the weights)."
+        ),
+    ] = False,
+) -> None:
     """Family, experts, top-k, n_ce, and total and active parameters (reads the config only)."""
-    run(lambda: show_model(describe(skeleton(source)), source))
+
+    def action() -> None:
+        if verify:
+            _verify(source)
+        show_model(describe(skeleton(source)), source)
+
+    run(action)
+
+
+def _verify(source: str) -> None:
+    """``info --verify``: the whole checksum manifest, hashed; refused where there is none."""
+    directory = local_dir(resolve(source))
+    if directory is None:
+        raise CompressedExpertsError(f"--verify checks a model directory on this machine; {source} is not one")
+    with console.status(f"verifying {source}"):
+        report = verify_checkpoint(directory, full=True)
+    if not report["manifest"]:
+        raise CompressedExpertsError(
+            f"{source} has no checksum manifest (compressed_experts_manifest.json): it was not saved by "
+            f"compressed-experts, so there is nothing to verify it against"
+        )
+    console.print(
+        f"verified: {report['files']} files, {report['bytes']:,} bytes match the checksums they were saved with; "
+        f"no NaN or inf in the weights"
+    )
 
 
 @app.command()
@@ -51,7 +94,9 @@ def convert(
     source: SourceArg,
     n_ce: Annotated[int, typer.Option("--n-ce", help="Routed experts per token replaced by compressed experts.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds a model.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
+    ] = False,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     form: Annotated[str, typer.Option(help=FORM_HELP)] = "ia3",
     r: Annotated[int | None, typer.Option(help=R_HELP)] = None,
@@ -66,7 +111,7 @@ def convert(
         _save(model, source, out)
         show_model(describe(model), f"{source} -> {out}")
 
-    run(action)
+    run(releasing(out, action))
 
 
 def _save(model, source: str, out: Path, extra: dict[str, str] | None = None, tokenizer=None) -> None:
@@ -98,7 +143,9 @@ def _fit_options(
     tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 16384,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP + " float32 fits best.")] = "float32",
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it already holds a model.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
+    ] = False,
 ) -> None:
     """The fit command's own options; the fitting settings come from FitConfig."""
 
@@ -150,7 +197,7 @@ def fit(**options) -> None:
             )
         console.print(table)
 
-    run(action)
+    run(releasing(out, action))
 
 
 app.command("fit")(with_options(fit, options_of(_fit_options), settings_options(FitConfig)))

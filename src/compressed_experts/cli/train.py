@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..training import TrainConfig
 from .app import app
-from .common import console, run, settings_options, with_options
+from .common import console, releasing, run, settings_options, with_options
 
 
 def train(**settings: Any) -> None:
@@ -23,7 +23,7 @@ def train(**settings: Any) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             _show_summary(result.summary, Path(settings["out"]))
 
-    run(action)
+    run(releasing(settings["out"], action))  # the run's lock (see check_output_dir) ends with the command
 
 
 def _show_summary(summary: dict[str, Any], out: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ..checkpoint import check_output_file, write_atomic
 from ..errors import CompressedExpertsError
 
 _REQUIRED = ("task", "metric", "score", "n", "settings", "model", "examples")
@@ -18,9 +19,33 @@ _COMPARED_SETTINGS = ("data", "limit", "prompt", "max_new_tokens", "temperature"
 
 
 def save_results(result: dict[str, Any], path: Path) -> None:
-    """Write one evaluation's results as JSON (folders created as needed)."""
+    """Write one evaluation's results as JSON (folders created as needed), in one step: readers see
+    the whole file or none. Check ``path`` first (:func:`check_results_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+
+
+def is_results_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a results file of compressed-experts eval (what ``overwrite`` may replace)."""
+    try:
+        load_results(path)
+    except (CompressedExpertsError, OSError):
+        return False
+    return True
+
+
+def check_results_file(
+    path: str | os.PathLike, *, overwrite: bool = False, sources: dict[str, Any] | None = None
+) -> None:
+    """The output policy for a results file: not a folder, not an input (the model, its
+    tokenizer, the data) nor inside one, not an existing file unless ``overwrite``, and then only
+    a results file of compressed-experts eval."""
+    check_output_file(path, overwrite=overwrite, sources=sources, what="results file", ours=is_results_file)
+
+
+def _is_png(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,7 +118,11 @@ def _reference(rows: list[dict[str, Any]], reference: str | None) -> dict[str, A
 
 
 def compare(
-    paths: list[str | os.PathLike], plot: str | os.PathLike | None = None, reference: str | None = None
+    paths: list[str | os.PathLike],
+    plot: str | os.PathLike | None = None,
+    reference: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Gather results files into rows (one per model: source, method and n_ce) of scores per task, with recovery ratios.
 
@@ -102,10 +131,21 @@ def compare(
     over the tasks both have (None without a reference or a common task). The reference is the full
     top-k model whose source is ``reference``, or without it the only full model (None where there
     are several: choose one). Rows come in order of active parameters, largest first. With ``plot``,
-    also writes a PNG of score against active parameters per token, one series per task.
+    also writes a PNG of score against active parameters per token, one series per task: a new
+    file, or with ``overwrite`` a PNG that is there (never one of the results files).
     """
     if not paths:
         raise CompressedExpertsError("give at least one results file")
+    if plot is not None:
+        check_output_file(
+            plot,
+            overwrite=overwrite,
+            sources={f"results file {p}": p for p in paths},
+            what="PNG plot",
+            setting="plot",
+            suffix=".png",
+            ours=_is_png,
+        )
     rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     seen: dict[tuple[str, str, int, str], Path] = {}
     first: dict[str, tuple[Path, dict[str, Any]]] = {}

@@ -18,7 +18,7 @@ from ..training.config import CONFIG_FILE, TrainConfig
 from .data import load_examples
 from .generation import generate
 from .harness import PREFIX, run_lm_eval
-from .report import save_results
+from .report import check_results_file, save_results
 from .sandbox import check_timeout, isolation_of_runs
 from .tasks import TASKS
 
@@ -119,6 +119,7 @@ def evaluate(
     config: EvalConfig | None = None,
     *,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     source: str | None = None,
     progress: bool = True,
     **settings: Any,
@@ -138,7 +139,9 @@ def evaluate(
     one (the results' ``settings["isolation"]`` says which; ``require_sandbox`` refuses to run it
     without, instead of warning). ``num_fewshot`` applies to lm-eval tasks only.
     ``source`` names the model in the results and is where it was loaded from (default: the
-    model's ``name_or_path``).
+    model's ``name_or_path``). ``out`` is checked before anything runs: it may not be the model's
+    directory, its tokenizer's or the data (nor lie inside them), nor a file that is there unless
+    ``overwrite`` (which replaces only a results file).
 
     The settings are an :class:`EvalConfig`, or its fields as keyword arguments
     (``evaluate(model, tokenizer, "gsm8k", data="test.jsonl", limit=100)``).
@@ -158,6 +161,9 @@ def evaluate(
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
     data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
+    if out is not None:
+        inputs = {"data": data, "model": source or model.name_or_path, "tokenizer": tokenizer.name_or_path}
+        check_results_file(out, overwrite=overwrite, sources=inputs)
     prompt, temperature, timeout, num_fewshot = config.prompt, config.temperature, config.timeout, config.num_fewshot
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:

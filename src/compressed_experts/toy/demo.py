@@ -11,6 +11,7 @@ speed-up) with a plot of score against active parameters.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from ..bench import interleaved_medians, machine
-from ..checkpoint import load_tokenizer
+from ..checkpoint import check_output_dir, load_tokenizer, release_output, write_marker
 from ..errors import CompressedExpertsError
 from ..evaluation import evaluate
 from ..evaluation.report import gap_closed
@@ -66,15 +67,34 @@ QUICK = Plan(math_train=1000, math_test=60, math_steps=40, domain_steps=10, doma
 
 
 def run_demo(
-    out: Path, plan: Plan = Plan(), seeds: int = 1, model: str | None = None, say: Callable[[str], None] = print
+    out: Path,
+    plan: Plan = Plan(),
+    seeds: int = 1,
+    model: str | None = None,
+    say: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the demo into ``out`` (one run directory per seed, task and method) and return its results."""
+    """Run the demo into ``out`` (one run directory per seed, task and method) and return its results.
+
+    ``out`` follows the library's output policy (:func:`compressed_experts.checkpoint.check_output_dir`):
+    new or empty, or with ``overwrite`` an earlier demo's directory, which is replaced."""
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     if seeds < 1:
         raise CompressedExpertsError(f"seeds must be at least 1, got {seeds}", settings=("seeds",))
     model = model or BUNDLED
     out = Path(out)
+    if check_output_dir(out, overwrite=overwrite, sources={"model": model}, replaces="a demo directory"):
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "demo")
+        return _run_demo(out, plan, seeds, model, say, train)
+    finally:
+        release_output(out)
+
+
+def _run_demo(out: Path, plan: Plan, seeds: int, model: str, say: Callable[[str], None], train) -> dict[str, Any]:
     started = time.perf_counter()
     data = out / "data"
     math_train = write_math(data / "math_train.jsonl", math_problems(plan.math_train, "train"))
