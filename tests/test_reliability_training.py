@@ -7,6 +7,7 @@ data changed under a resumption, and a damaged newest checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,116 @@ def test_binary_and_non_utf8_data_files_are_refused_naming_the_byte(tmp_path):
     text.write_bytes("caf\u00e9".encode()[:-1])
     with pytest.raises(ce.CompressedExpertsError, match="ends inside a character"):
         calibration_texts(str(text))
+
+
+# -- resumption: the same run, the whole run's summary, a kill during the final save, damage ---------
+
+
+class Killed(Exception):
+    """Stands for a kill: nothing after it runs (the Trainer cleans up nothing on an exception)."""
+
+
+def kill_at_step(monkeypatch, step: int) -> None:
+    """The run dies as step ``step`` (1-based) begins: checkpoints before it stay, as after a SIGKILL."""
+    original = CETrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise Killed(f"killed at step {step}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CETrainer, "training_step", training_step)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """(the data, the settings of a 6-step run checkpointed every 2 steps, its uninterrupted summary)."""
+    root = tmp_path_factory.mktemp("reference")
+    data = write_arithmetic(root / "data.jsonl")
+    run = settings(data, root / "whole", max_steps=6, save_steps=2)
+    return data, run, train(TrainConfig(**run)).summary
+
+
+def killed_run(tmp_path, reference, monkeypatch, step: int, **change) -> dict:
+    """The settings of the reference run in ``tmp_path / "killed"``, killed as step ``step`` began."""
+    run = {**reference[1], "out": str(tmp_path / "killed"), **change}
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, step)
+        with pytest.raises(Killed):
+            train(TrainConfig(**run))
+    return run
+
+
+@pytest.mark.slow
+def test_the_summary_after_a_resumption_is_the_whole_runs(tmp_path, reference, monkeypatch):
+    whole = reference[2]
+    run = killed_run(tmp_path, reference, monkeypatch, step=5)
+    resumed = train(TrainConfig(**{**run, "resume": True})).summary
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    assert resumed["steps"] == whole["steps"] == 6 and resumed["tokens"] == whole["tokens"] == 6 * 4 * 64
+    # train_loss averaged only steps 5-6 before; now all six, as the uninterrupted run's.
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+    assert resumed["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_final_save_resumes_without_an_extra_step(tmp_path, reference, monkeypatch):
+    import compressed_experts.training.run as run_module
+
+    whole, out = reference[2], tmp_path / "run"
+    run = {**reference[1], "out": str(out), "keep_checkpoints": True}
+    original = run_module.commit_staged
+
+    def killed_after_moving_the_model(staging, target, **kwargs):  # the summary is never written
+        original(staging, target, **kwargs)
+        raise Killed("killed during the final save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "commit_staged", killed_after_moving_the_model)
+        with pytest.raises(Killed):
+            train(TrainConfig(**run))
+    assert (out / "model.safetensors").is_file() and not (out / "training_summary.json").exists()
+    resumed = train(TrainConfig(**{**run, "resume": True})).summary
+    # It reported steps 7, one more step's tokens and that step's loss before.
+    assert resumed["steps"] == 6 and resumed["tokens"] == whole["tokens"] == 6 * 4 * 64
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
+    saved = ce.from_pretrained(out)
+    expected = ce.from_pretrained(out / "checkpoints" / "checkpoint-6")
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), expected.state_dict().values()))
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused(tmp_path, reference, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(reference[0].read_bytes())
+    run = killed_run(tmp_path, reference, monkeypatch, step=3, data=str(data))
+    data.write_bytes(data.read_bytes().replace(b"Add", b"Sum", 1))  # same path, same size, other content
+    with pytest.raises(ce.CompressedExpertsError, match=r"not the same run .* the data's content changed") as err:
+        train(TrainConfig(**{**run, "resume": True}))
+    assert err.value.settings == ("resume", "data")
+    assert (tmp_path / "killed" / "checkpoints" / "checkpoint-2").is_dir()  # nothing was touched
+    data.write_bytes(reference[0].read_bytes())
+    assert train(TrainConfig(**{**run, "resume": True})).summary["steps"] == 6
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, monkeypatch):
+    import shutil
+
+    whole = reference[2]
+    run = killed_run(tmp_path, reference, monkeypatch, step=5)
+    for damage in ("optimizer.pt", "rng_state.pth", "model.safetensors"):
+        out = tmp_path / damage
+        shutil.copytree(tmp_path / "killed", out)
+        broken = out / "checkpoints" / "checkpoint-4" / damage
+        broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # cut short, as by a full disk
+        with pytest.warns(RuntimeWarning, match=rf"checkpoint-4 is damaged \({damage} has \d+ bytes.*checkpoint-2"):
+            resumed = train(TrainConfig(**{**run, "out": str(out), "resume": True})).summary
+        assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 6
+        assert list(resumed["damaged_checkpoints"]) == ["damaged-checkpoint-4"]
+        assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
+        assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)

@@ -9,10 +9,14 @@ large sets stream through in batches.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from ..errors import CompressedExpertsError
 from ..text import check_prompt_format, segments
 
-__all__ = ["IGNORE", "build_dataset", "tokenize"]
+__all__ = ["IGNORE", "build_dataset", "data_fingerprint", "tokenize", "tokenizer_fingerprint"]
 
 IGNORE = -100  # label of tokens that do not count in the loss
 
@@ -38,6 +42,36 @@ def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer puts its BOS token first by itself (Llama-style ones do, GPT-style ones do not)."""
     probe = tokenizer("a")["input_ids"]
     return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def data_fingerprint(source: str, records) -> str:
+    """What a resumption compares to be sure it trains on the same data: the SHA-256 of a local
+    file's bytes (read in 1 MiB chunks), or the ``datasets`` fingerprint of a hub dataset (which
+    follows the dataset's revision and files, as ``datasets`` caches them)."""
+    path = Path(source)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    return f"datasets:{records._fingerprint}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what turns the data into tokens: the tokenizer's full definition (vocabulary,
+    merges, normalizer...), its chat template and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps(
+        [
+            getattr(tokenizer, "chat_template", None),
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        ]
+    )
+    return "sha256:" + hashlib.sha256((definition + extra).encode()).hexdigest()
 
 
 def build_dataset(

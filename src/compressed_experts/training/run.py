@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,15 @@ from ..layer import is_compressed_expert
 from ..parameters import active_parameters
 from ..text import load_records
 from .config import CONFIG_FILE, TrainConfig
-from .data import build_dataset
-from .trainer import CETrainer, ProgressAndLog, StopOnNonFinite, latest_checkpoint
+from .data import build_dataset, data_fingerprint, tokenizer_fingerprint
+from .trainer import (
+    DAMAGED_PREFIX,
+    CETrainer,
+    ProgressAndLog,
+    StopOnNonFinite,
+    latest_good_checkpoint,
+    read_run_state,
+)
 
 LOG_FILE = "training_log.jsonl"
 SUMMARY_FILE = "training_summary.json"
@@ -50,16 +57,17 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
-    """Check ``config.out`` for this run: (the checkpoint to resume from, whether ``out`` must be
-    emptied first). Nothing is deleted here: ``--overwrite`` clears the directory only once
-    every other check has passed, just before the first write.
+def prepare_output(config: TrainConfig) -> tuple[Path | None, list[tuple[Path, str]], bool]:
+    """Check ``config.out`` for this run: (the checkpoint to resume from, the newer ones that are
+    damaged and skipped, each with what is wrong, whether ``out`` must be emptied first). Nothing
+    is deleted or moved here: ``--overwrite`` clears the directory, and damaged checkpoints are
+    set aside, only once every other check has passed, just before the first write.
 
     Under DDP only the main process checks: the others would find the files it starts writing.
     """
     out = Path(config.out)
     if not _is_main_process():
-        return (latest_checkpoint(out / CHECKPOINTS) if config.resume else None), False
+        return (*(latest_good_checkpoint(out / CHECKPOINTS) if config.resume else (None, [])), False)
     # Where a run may go, and what --overwrite may replace, is the library's one output policy.
     sources = {"model": config.model, "data": config.data, "tokenizer": config.tokenizer}
     clear = check_output_dir(
@@ -84,14 +92,40 @@ def prepare_output(config: TrainConfig) -> tuple[Path | None, bool]:
             raise CompressedExpertsError(
                 f"resume with other settings than the run in {out}: {'; '.join(changed)}", settings=("resume", *names)
             )
-        last = latest_checkpoint(out / CHECKPOINTS)
+        last, damaged = latest_good_checkpoint(out / CHECKPOINTS)
         if last is None:
+            why = "".join(f"; {c.name}: {problem}" for c, problem in damaged)
             raise CompressedExpertsError(
-                f"resume: the run in {out} wrote no checkpoint yet; start it again with overwrite",
+                f"resume: the run in {out} has no checkpoint to continue from"
+                f"{' (every one is damaged' + why + ')' if damaged else ' (it wrote none yet)'}; "
+                f"start it again with overwrite",
                 settings=("resume", "overwrite"),
             )
-        return last, False
-    return None, clear
+        return last, damaged, False
+    return None, [], clear
+
+
+def _check_same_run(out: Path, fingerprints: dict[str, str], resolved: dict[str, Any]) -> None:
+    """Resume only the same run: the data's content and the tokenizer (not just their names, which
+    the settings compare) and the settings as resolved here (precision auto, seq_len default...)
+    must be those the run started with. Runs started before fingerprints were kept pass."""
+    saved = json.loads((out / CONFIG_FILE).read_text())
+    changed = [
+        f"the {name}'s content changed since the run started ({saved['fingerprints'][name]} -> {value})"
+        for name, value in fingerprints.items()
+        if saved.get("fingerprints", {}).get(name, value) != value
+    ]
+    changed += [
+        f"{name} resolves to {value!r} here, {saved['resolved'][name]!r} when the run started"
+        for name, value in resolved.items()
+        if saved.get("resolved", {}).get(name, value) != value
+    ]
+    if changed:
+        raise CompressedExpertsError(
+            f"resume: not the same run as in {out}: {'; '.join(changed)}. Restore what changed, "
+            f"or start a new run (another out, or overwrite)",
+            settings=("resume", *(name for name in ("data", "tokenizer") if name in " ".join(changed))),
+        )
 
 
 def _precision(name: str) -> str:
@@ -169,7 +203,7 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback
 
-    resume_from, clear = prepare_output(config)
+    resume_from, damaged, clear = prepare_output(config)
     wanted, seq_len = _check_structure(config)
     precision = _precision(config.precision)
     if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
@@ -178,6 +212,7 @@ def train(config: TrainConfig) -> TrainResult:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     records = load_records(config.data, config.split, config.limit)
+    fingerprints = {"data": data_fingerprint(config.data, records), "tokenizer": tokenizer_fingerprint(tokenizer)}
     dataset = build_dataset(records, tokenizer, seq_len, config.prompt, config.packing, config.response_only)
     out = Path(config.out)
     try:
@@ -209,6 +244,16 @@ def train(config: TrainConfig) -> TrainResult:
     except ValueError as err:  # a combination transformers refuses: said before any weight is read
         raise CompressedExpertsError(f"these training settings do not work together: {err}") from err
     _refuse_unsharded_fsdp(args.distributed_state.distributed_type)
+    resolved = {
+        "n_ce": wanted.n_ce if wanted is not None else 0,
+        "form": wanted.form if wanted is not None else None,
+        "r": wanted.r if wanted is not None else None,
+        "seq_len": seq_len,
+        "precision": precision,
+        "world_size": args.world_size,
+    }
+    if resume_from is not None and _is_main_process():
+        _check_same_run(out, fingerprints, resolved)
 
     model = from_pretrained(config.model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     if wanted is not None and ce_config_of(model) is None:
@@ -223,15 +268,18 @@ def train(config: TrainConfig) -> TrainResult:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            resolved = {
-                "n_ce": wanted.n_ce if wanted is not None else 0,
-                "form": wanted.form if wanted is not None else None,
-                "r": wanted.r if wanted is not None else None,
-                "seq_len": seq_len,
-                "precision": precision,
-            }
-            write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved))
+            write_atomic(out / CONFIG_FILE, config.to_json(resolved=resolved, fingerprints=fingerprints))
         else:
+            for checkpoint, problem in damaged:  # set aside, not deleted: there may be something to learn from it
+                aside = checkpoint.with_name(DAMAGED_PREFIX + checkpoint.name)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(checkpoint, aside)
+                warnings.warn(
+                    f"{checkpoint} is damaged ({problem}): set aside as {aside.name}; resuming from "
+                    f"{resume_from.name}, the newest good checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             _truncate_log(out / LOG_FILE, _checkpoint_step(resume_from))
     collator = default_data_collator if config.packing else DataCollatorForSeq2Seq(tokenizer, padding=True)
     trainer = CETrainer(
@@ -245,9 +293,28 @@ def train(config: TrainConfig) -> TrainResult:
         distill_weight=config.distill_weight,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; the bar and the log file say it better
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
+    # The summary is the whole run's: the loss and time of the steps before the checkpoint are in it.
+    before = read_run_state(resume_from) if resume_from is not None else {"step": 0, "loss_sum": 0.0, "seconds": 0.0}
+    if before is not None:
+        trainer.before = {"loss_sum": before["loss_sum"], "seconds": before["seconds"]}
+    start_step = _checkpoint_step(resume_from) if resume_from is not None else 0
+    saved_state = json.loads((resume_from / "trainer_state.json").read_text()) if resume_from else {}
+    if saved_state and saved_state["global_step"] >= saved_state["max_steps"]:
+        # Killed during the final save: every step is done and checkpointed. Running the Trainer
+        # would take one step more; the final model is the last checkpoint's.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        part_loss = 0.0
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        part_loss = result.training_loss * (trainer.state.global_step - start_step)
+    totals = trainer.run_totals()
+    if before is None:  # a checkpoint from before run_state.json: the loss of the resumed part only
+        train_loss = part_loss / max(trainer.state.global_step - start_step, 1)
+    else:
+        train_loss = (before["loss_sum"] + part_loss) / max(trainer.state.global_step, 1)
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     counts = active_parameters(model)
@@ -260,9 +327,9 @@ def train(config: TrainConfig) -> TrainResult:
         "trainable": config.trainable,
         "steps": trainer.state.global_step,
         "tokens": int(trainer.state.num_input_tokens_seen),
-        "seconds": seconds,
+        "seconds": totals["seconds"],
         "final_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss,
+        "train_loss": train_loss,
         "active_parameters": counts["active"],
         "active_full_topk": counts["active_full_topk"],
         "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -273,6 +340,7 @@ def train(config: TrainConfig) -> TrainResult:
         "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
         "distributed": trainer.accelerator.distributed_type.value,
         "resumed_from": str(resume_from) if resume_from else None,
+        "damaged_checkpoints": {f"{DAMAGED_PREFIX}{c.name}": problem for c, problem in damaged},
     }
     _save_final(trainer, out, config, summary)
     return TrainResult(trainer.accelerator.unwrap_model(trainer.model), summary)

@@ -8,8 +8,11 @@
 - Resuming reloads weights through :func:`compressed_experts.from_pretrained`: transformers
   saves MoE experts in the hub's per-expert layout, which the Trainer's plain
   ``load_state_dict`` would silently skip.
-- A loss that is not finite stops the run before the optimizer step, so the last
-  checkpoint stays the last good one.
+- A loss that is not finite stops the run before the optimizer step, and weights that are not
+  finite are never checkpointed, so the last checkpoint stays the last good one.
+- Each checkpoint ends with ``run_state.json``: the run's loss sum and seconds so far (so that a
+  resumed run's summary is the whole run's) and the size of every file in it, so that a
+  damaged checkpoint is found before resuming (:func:`latest_good_checkpoint`).
 - A progress bar with loss and tokens/s, and a JSON-lines log of every logged step.
 """
 
@@ -17,19 +20,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpoint import commit_staged, from_pretrained, staging_dir
+from ..checkpoint import commit_staged, from_pretrained, staging_dir, write_atomic
 from ..errors import CompressedExpertsError
 from ..layer import CompressedExperts, is_compressed_expert
 
 KEEP_CHECKPOINTS = 2  # the newest ones; older ones are deleted as new ones land
+RUN_STATE = "run_state.json"  # written last into each checkpoint
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside on resumption (no longer a checkpoint-* folder)
 
 
 class TrainingDiverged(CompressedExpertsError):
@@ -48,6 +56,9 @@ class CETrainer(Trainer):
             [m for m in self.model.modules() if isinstance(m, CompressedExperts)] if distill_weight else []
         )
         self._distill_sum, self._distill_count = 0.0, 0
+        #: The loss sum and seconds of the steps before the checkpoint this run resumed from.
+        self.before: dict[str, float] = {"loss_sum": 0.0, "seconds": 0.0}
+        self._started = time.perf_counter()
 
     def create_optimizer(self, model=None):
         """AdamW (fused where the build has it) with the compressed experts in a group of their own."""
@@ -110,6 +121,7 @@ class CETrainer(Trainer):
         )
 
     def train(self, *args, **kwargs):
+        self._started = time.perf_counter()
         for layer in self._distilled:
             layer.distill = True
         try:
@@ -157,13 +169,25 @@ class CETrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = None
+        totals = self.run_totals()  # every process: the unlogged loss is a device tensor
         self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
+            write_run_state(staging / name, self.state.global_step, totals)
             commit_staged(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             for old in sorted(_checkpoints(final_root), key=_step)[:-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+
+    def run_totals(self) -> dict[str, float]:
+        """The loss summed over every step so far (the Trainer's own sum for this call, logged and
+        not yet logged, on top of :attr:`before`) and the seconds spent training them."""
+        logged = getattr(self, "_total_loss_scalar", 0.0)
+        pending = getattr(self, "_tr_loss", None)
+        return {
+            "loss_sum": self.before["loss_sum"] + logged + (float(pending) if pending is not None else 0.0),
+            "seconds": self.before["seconds"] + time.perf_counter() - self._started,
+        }
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_fsdp_enabled:
@@ -208,6 +232,70 @@ class StopOnNonFinite(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
             raise diverged("the gradients became NaN or infinite", state.global_step, args.output_dir)
+
+
+def write_run_state(checkpoint: Path, step: int, totals: dict[str, float]) -> None:
+    """``run_state.json`` into a (staged) checkpoint: the run's totals, and the size of every file."""
+    files = {str(f.relative_to(checkpoint)): f.stat().st_size for f in sorted(checkpoint.rglob("*")) if f.is_file()}
+    write_atomic(checkpoint / RUN_STATE, json.dumps({"step": step, **totals, "files": files}, indent=1))
+
+
+def read_run_state(checkpoint: Path) -> dict[str, Any] | None:
+    """What :func:`write_run_state` wrote (None for a checkpoint written before it existed)."""
+    path = checkpoint / RUN_STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or None. Checks, without loading anything:
+    every file ``run_state.json`` lists is there with its size; the trainer state parses; each
+    torch file (optimizer, scheduler, RNG state) passes its zip CRC checks (so every byte of it
+    is read); each safetensors file is as long as its header says."""
+    try:
+        saved = read_run_state(checkpoint)
+        for name, size in (saved or {}).get("files", {}).items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, but was saved with {size}"
+        state = checkpoint / "trainer_state.json"
+        if not state.is_file():
+            return "trainer_state.json is missing"
+        json.loads(state.read_text())
+        for path in sorted(checkpoint.rglob("*")):
+            name = str(path.relative_to(checkpoint))
+            if path.suffix in (".pt", ".pth", ".bin") and path.is_file():
+                if not zipfile.is_zipfile(path):
+                    if path.suffix == ".bin":
+                        continue  # a legacy pickle: nothing to check it against
+                    return f"{name} is not a complete torch file (cut short?)"
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{name} is damaged: its part {bad} fails its checksum"
+            elif path.suffix == ".safetensors" and path.is_file():
+                with path.open("rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size != 8 + length + end:
+                    return f"{name} has {path.stat().st_size} bytes, but its header describes {8 + length + end}"
+    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile) as err:
+        return f"cannot be read: {err}"
+    return None
+
+
+def latest_good_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that :func:`checkpoint_problem` finds nothing wrong
+    with, and the newer ones it skipped, each with what is wrong with it."""
+    damaged = []
+    for checkpoint in sorted(_checkpoints(root) if root.is_dir() else [], key=_step, reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append((checkpoint, problem))
+    return None, damaged
 
 
 def _checkpoints(root: Path) -> list[Path]:
