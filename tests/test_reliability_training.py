@@ -249,3 +249,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, re
         assert list(resumed["damaged_checkpoints"]) == ["damaged-checkpoint-4"]
         assert resumed["final_loss"] == pytest.approx(whole["final_loss"], rel=1e-5)
         assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    # Nothing good left: refused, saying what is wrong with each, and nothing is moved.
+    out = tmp_path / "all-damaged"
+    shutil.copytree(tmp_path / "killed", out)
+    (out / "checkpoints" / "checkpoint-4" / "optimizer.pt").unlink()
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{")
+    with pytest.raises(ce.CompressedExpertsError, match=r"every one is damaged; checkpoint-4: optimizer.pt is missing"):
+        train(TrainConfig(**{**run, "out": str(out), "resume": True}))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
