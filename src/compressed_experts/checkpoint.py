@@ -697,7 +697,7 @@ def _check_contents(
                 f"no {MARKER}); not deleting it"
             )
         else:
-            held = f"files that are not {replaces} it wrote; not deleting them"
+            held = f"files that are not {replaces}; not deleting them"
         raise CompressedExpertsError(
             f"overwrite only replaces {replaces} written by compressed-experts (one with "
             f"{' or '.join(markers)}); {out} holds {held}: remove it yourself or choose another out",
