@@ -255,12 +255,12 @@ def test_checkpoint_whose_r_disagrees_with_its_weights_is_refused(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["compressed_experts"]["r"] = 5
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ce.CheckpointError, match="shapes disagree with config.json"):
+    with pytest.raises(ce.CheckpointError, match=r"ce_down_proj has shape \[64, 32, 3\] .* implies \[64, 32, 5\]"):
         ce.from_pretrained(tmp_path / "m")
     config["compressed_experts"]["form"] = "ia3"
     del config["compressed_experts"]["r"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ce.CheckpointError, match="shapes disagree with config.json"):
+    with pytest.raises(ce.CheckpointError, match="holds compressed experts of form slim .* describes another form"):
         ce.from_pretrained(tmp_path / "m")
 
 

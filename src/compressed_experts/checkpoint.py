@@ -256,6 +256,12 @@ def _check_compressed_shapes(saved: dict[str, tuple[int, ...]], expected_model: 
             block, kind = key.rsplit(".", 1)
             by_block.setdefault(block, {})[kind] = list(shape)
     for block, held in sorted(by_block.items()):
+        held_form, _ = _form_held({k: torch.empty(0) for k in held})
+        if held_form is not None and set(held) != set(wanted):
+            raise CheckpointError(
+                f"the checkpoint holds compressed experts of form {held_form} ({', '.join(sorted(held))}) but "
+                f"config.json describes another form: the weights and config.json do not belong together"
+            )
         for kind, shape in sorted(wanted.items()):
             if kind not in held:
                 raise CheckpointError(

@@ -134,7 +134,7 @@ def _run_demo(out: Path, plan: Plan, seeds: int, model: str, say: Callable[[str]
                 batch_size=32,
                 max_new_tokens=128,
                 prompt="alpaca",
-                out=run_dir / "eval_math.json",
+                out=run_dir.parent / f"eval_{method}.json",  # beside the model: an output never goes inside an input
                 source=str(run_dir),
                 progress=False,
             )
