@@ -1,0 +1,103 @@
+"""``prune``: remove each MoE block's least-used experts for a domain and save the smaller model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..checkpoint import check_output_dir, from_pretrained, load_tokenizer, save_model, skeleton
+from ..config import check_dtype_name
+from ..errors import CompressedExpertsError
+from ..fit import calibration_blocks
+from ..parameters import describe
+from ..prune import PruneConfig, check_calibration, check_prunable, min_calibration_tokens
+from ..prune import prune as prune_model
+from ..toy.tasks import domain_split
+from .app import app
+from .common import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    SourceArg,
+    check_device,
+    console,
+    options_of,
+    releasing,
+    run,
+    settings_options,
+    show_model,
+    with_options,
+)
+
+
+def _prune_options(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the pruned model to.")],
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            help="Calibration text of the domain: a .txt, .json/.jsonl/.parquet file or a dataset name; "
+            "default the training files of the bundled corpus's held-out part."
+        ),
+    ] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens in all.")] = 16384,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration text's order.")] = 0,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
+    ] = False,
+) -> None:
+    """The prune command's own options; the pruning settings come from PruneConfig."""
+
+
+def prune(**options) -> None:
+    """Remove the experts the calibration text uses least from every MoE block and save the smaller model.
+
+    The result is a plain MoE of the same family with --keep experts per block (transformers
+    loads it natively); convert and fit it like any other model.
+    """
+    settings = {name: options.pop(name) for name in list(options) if name in PruneConfig.__dataclass_fields__}
+    source, out, calib = options["source"], options["out"], options["calib"]
+
+    def action() -> None:
+        check_output_dir(out, overwrite=options["overwrite"], sources={"source model": source})
+        check_dtype_name(options["dtype"], "dtype")
+        config = PruneConfig(**settings)
+        where = check_device(options["device"])
+        # Before any text or weight is read: the family, --keep and --tokens must make sense.
+        experts, top_k = check_prunable(skeleton(source), config.keep)
+        least = min_calibration_tokens(experts, top_k)
+        if options["tokens"] < least:
+            raise CompressedExpertsError(
+                f"--tokens {options['tokens']} is too few to rank {experts} experts at top-{top_k}: give at least {least}"
+            )
+        tokenizer = load_tokenizer(source)
+        with console.status("reading calibration text"):
+            texts = calib if calib is not None else domain_split()[0]
+            blocks = calibration_blocks(
+                tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"], seed=options["seed"]
+            )
+        check_calibration(blocks, experts, top_k)  # text shorter than asked for: refused before loading
+        with console.status(f"loading {source}"):
+            model = from_pretrained(source, dtype=options["dtype"]).to(where)
+        report = prune_model(model, blocks, config, progress=True)
+        report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
+        with console.status(f"saving to {out}"):
+            save_model(model, out, tokenizer=tokenizer, extra_files={"prune_report.json": json.dumps(report, indent=2)})
+        table = Table(title=f"pruned {source} -> {out}: {experts} -> {config.keep} experts by {config.criterion}")
+        for column in ("block", "saliency kept", "mass kept", "frequency kept"):
+            table.add_column(column, justify="right")
+        for row in report["blocks"]:
+            table.add_row(row["block"], *(f"{row[f'{c}_kept']:.1%}" for c in ("saliency", "mass", "frequency")))
+        console.print(table)
+        show_model(describe(model), str(out))
+
+    run(releasing(out, action))
+
+
+app.command("prune")(with_options(prune, options_of(_prune_options), settings_options(PruneConfig)))

@@ -1,0 +1,308 @@
+"""Expert pruning for a domain: rank each MoE block's experts on calibration text and remove the lowest.
+
+What :func:`prune` does, in order:
+
+1. runs the calibration text through the model once and, for every MoE block, sums per expert
+   its ``frequency`` (how often a token routes to it), its routing ``mass`` (the sum of the
+   routing weights the block hands to it) and its ``saliency`` (routing weight times the norm of
+   the expert's output, summed over the tokens routed to it: what the expert actually adds to
+   the block's output, so what removing it takes away);
+2. keeps, in every block, the ``keep`` experts that score highest on ``criterion`` (default
+   ``saliency``) and removes the rest physically: the rows of the router's weight and the slices
+   of ``gate_up_proj`` / ``down_proj`` of the removed experts are dropped, and the model's
+   config says ``keep`` experts. The kept experts keep their relative order.
+
+The result is an ordinary, smaller MoE of the same family: it saves and loads with
+``save_pretrained`` / transformers' own ``from_pretrained`` (and :func:`compressed_experts.from_pretrained`),
+can be converted to compressed experts and fitted like any other model, and takes less memory.
+
+Routing after pruning is exactly the original router's with the removed experts' logits at
+``-inf`` (they can never be picked): a softmax router (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE)
+then normalises over the kept experts, and renormalised top-k weights are unchanged;
+PhiMoE's sparsemixer picks and weighs among the kept experts as it would with the others at
+``-inf``. DeepSeek-V3 is refused: its experts sit in fixed groups of contiguous ids (group scores,
+``topk_group``) with a score-correction bias added after the sigmoid, so removing rows changes which
+experts share a group; pruning it would have to remove the same number from every group.
+
+Each block keeps the same number of experts (the config has one expert count for all blocks,
+which is what lets the pruned model load natively).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .architectures import family_of, moe_blocks
+from .config import setting
+from .errors import CompressedExpertsError, UnsupportedModelError
+from .layer import CompressedExperts
+
+#: How experts can be ranked; the first is the default.
+CRITERIA = ("saliency", "mass", "frequency")
+#: Families whose routing stays exact for the kept experts when the removed ones' rows are dropped.
+PRUNABLE = ("OLMoE", "Mixtral", "Qwen2-MoE", "Qwen3-MoE", "PhiMoE")
+#: Calibration must route at least this many tokens to each expert on average (``tokens * k / E``):
+#: fewer, and the ranking of the experts is mostly noise.
+MIN_ROUTINGS_PER_EXPERT = 32
+#: Config fields that hold the number of routed experts, by family.
+_EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How :func:`prune` ranks and removes experts; refused when built if it cannot work."""
+
+    keep: int = setting(help="Routed experts kept in every MoE block (at least top-k, fewer than there are).")
+    criterion: str = setting(
+        "saliency",
+        "How experts are ranked on the calibration text: saliency (routing weight x expert output norm, "
+        "summed), mass (routing weight, summed) or frequency (tokens routed).",
+    )
+    batch_size: int = setting(8, "Calibration sequences run through the model at a time.")
+
+    def __post_init__(self) -> None:
+        keep = self.keep
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise CompressedExpertsError(f"keep must be a whole number of experts, got {keep!r}", settings=("keep",))
+        if keep < 1:
+            raise CompressedExpertsError(
+                f"keep={keep} would prune every expert of each MoE block: keep at least top-k of them",
+                settings=("keep",),
+            )
+        if self.criterion not in CRITERIA:
+            raise CompressedExpertsError(
+                f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}", settings=("criterion",)
+            )
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise CompressedExpertsError(
+                f"batch_size must be a whole number, at least 1; got {size!r}", settings=("batch_size",)
+            )
+
+
+def check_prunable(model: nn.Module, keep: int) -> tuple[int, int]:
+    """Refuse a model or a ``keep`` that pruning cannot serve; return (experts per block, top-k).
+
+    Works on a model built on the meta device, so the command line checks before reading weights.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise CompressedExpertsError(f"prune takes a loaded transformers model, got {type(model).__name__}")
+    family = family_of(model)
+    if family.name not in PRUNABLE:
+        raise UnsupportedModelError(
+            f"pruning {family.name} is not supported: its grouped routing keeps experts in fixed groups of "
+            f"contiguous ids, which removing experts would reshuffle; prunable families: {', '.join(PRUNABLE)}"
+        )
+    blocks = list(moe_blocks(model, family))
+    if not blocks:
+        raise UnsupportedModelError(f"found no {family.block_class} in this {family.name} model")
+    if any(isinstance(block.experts, CompressedExperts) for _, block in blocks):
+        raise CompressedExpertsError(
+            "this model has compressed experts: prune the plain model, then convert the pruned one (n_ce, form)"
+        )
+    experts = blocks[0][1].experts.gate_up_proj.shape[0]
+    top_k = model.config.num_experts_per_tok
+    if keep < 1:
+        raise CompressedExpertsError(
+            f"keep={keep} would prune every expert of each MoE block: keep at least top-k ({top_k})",
+            settings=("keep",),
+        )
+    if keep < top_k:
+        raise CompressedExpertsError(
+            f"keep={keep} is fewer than the {top_k} experts the router picks per token: keep {top_k} to "
+            f"{experts - 1} of the {experts} experts",
+            settings=("keep",),
+        )
+    if keep >= experts:
+        raise CompressedExpertsError(
+            f"keep={keep} prunes nothing: the model has {experts} experts per block; keep {top_k} to {experts - 1}",
+            settings=("keep",),
+        )
+    return experts, top_k
+
+
+def min_calibration_tokens(experts: int, top_k: int) -> int:
+    """The fewest calibration tokens that route :data:`MIN_ROUTINGS_PER_EXPERT` tokens to each expert on average."""
+    return math.ceil(MIN_ROUTINGS_PER_EXPERT * experts / top_k)
+
+
+def check_calibration(blocks: Any, experts: int, top_k: int) -> None:
+    """Refuse calibration token blocks that are not ``[n, seq_len]`` ids or are too few to rank the experts."""
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
+        raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
+    least = min_calibration_tokens(experts, top_k)
+    if blocks.numel() < least:
+        raise CompressedExpertsError(
+            f"the calibration text gives {blocks.numel()} tokens, too few to rank {experts} experts: pruning needs "
+            f"at least {least} ({MIN_ROUTINGS_PER_EXPERT} routed tokens per expert on average at top-{top_k}); "
+            f"give more text",
+            settings=("tokens",),
+        )
+
+
+class _Scores:
+    """Per-expert sums of one block's routing on the calibration text."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        count = experts.gate_up_proj.shape[0]
+        self.experts = experts
+        self.sums = {name: torch.zeros(count, dtype=torch.float64) for name in CRITERIA}
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs, output) -> None:
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+        hidden, index, weights = values[:3]
+        experts = self.experts
+        flat_index, flat_weights = index.reshape(-1), weights.reshape(-1).float()
+        tokens = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+        count = experts.gate_up_proj.shape[0]
+        self.sums["frequency"] += torch.bincount(flat_index, minlength=count).double().cpu()
+        self.sums["mass"] += (
+            torch.zeros(count, device=index.device).index_add_(0, flat_index, flat_weights).double().cpu()
+        )
+        saliency = torch.zeros(count, dtype=torch.float32, device=index.device)
+        for expert in flat_index.unique().tolist():
+            rows = flat_index == expert
+            x = hidden[tokens[rows]]
+            gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            out = nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+            saliency[expert] = (flat_weights[rows] * out.float().norm(dim=-1)).sum()
+        self.sums["saliency"] += saliency.double().cpu()
+
+
+@torch.no_grad()
+def expert_scores(
+    model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 8, *, progress: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{block name: {criterion: [E] sums}}`` over the calibration token ``blocks``, every criterion at once.
+
+    One pass through the unpruned model (eval mode, no cache); the inputs each block's experts
+    receive are the original model's, so every block is ranked on the same footing.
+    """
+    family = family_of(model)
+    scorers, handles = {}, []
+    for name, block in moe_blocks(model, family):
+        scorers[name] = _Scores(block.experts)
+        handles.append(block.experts.register_forward_hook(scorers[name], with_kwargs=True))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, blocks.shape[0], batch_size)
+        for start in tqdm(starts, desc="ranking experts", unit="batch", disable=not progress, dynamic_ncols=True):
+            model(blocks[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: scorer.sums for name, scorer in scorers.items()}
+
+
+def kept_experts(scores: torch.Tensor, keep: int) -> list[int]:
+    """The ids of the ``keep`` highest-scoring experts, in id order (ties: the lower id is kept)."""
+    order = torch.argsort(-scores, stable=True)
+    return sorted(order[:keep].tolist())
+
+
+@torch.no_grad()
+def remove_experts(model: PreTrainedModel, kept: dict[str, list[int]]) -> PreTrainedModel:
+    """Keep only the experts ``kept[block name]`` (ids, as many in every block) of each MoE block, in place.
+
+    Drops the removed experts' router rows and weights and sets the config's expert count; the
+    kept experts are renumbered ``0..keep-1`` in the order given. Returns ``model``.
+    """
+    family = family_of(model)
+    blocks = dict(moe_blocks(model, family))
+    if set(kept) != set(blocks):
+        raise CompressedExpertsError("remove_experts needs the experts to keep for every MoE block, by name")
+    sizes = {len(ids) for ids in kept.values()}
+    if len(sizes) != 1:
+        raise CompressedExpertsError("every MoE block must keep the same number of experts (one config for all)")
+    keep = sizes.pop()
+    experts = check_prunable(model, keep)[0]
+    for name, ids in kept.items():
+        if len(set(ids)) != len(ids) or not all(isinstance(i, int) and 0 <= i < experts for i in ids):
+            raise CompressedExpertsError(f"{name}: experts to keep must be distinct ids below {experts}, got {ids}")
+    for name, block in blocks.items():
+        index = torch.tensor(kept[name], device=block.experts.gate_up_proj.device)
+        router = getattr(block, family.router_attr)
+        for module, attr in ((block.experts, "gate_up_proj"), (block.experts, "down_proj"), (router, "weight")):
+            old = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(old.detach().index_select(0, index), requires_grad=old.requires_grad))
+        if isinstance(router, nn.Linear):
+            router.out_features = keep
+    # Every module attribute that holds the expert count (routers, experts, blocks, the LM's aux loss).
+    for module in model.modules():
+        for attr in _EXPERT_COUNT_FIELDS:
+            if getattr(module, attr, None) == experts and not isinstance(getattr(module, attr), bool):
+                setattr(module, attr, keep)
+    config = model.config
+    for attr in _EXPERT_COUNT_FIELDS:
+        if getattr(config, attr, None) == experts:
+            setattr(config, attr, keep)
+    return model
+
+
+def prune(
+    model: PreTrainedModel,
+    blocks: torch.Tensor,
+    config: PruneConfig | None = None,
+    *,
+    progress: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Remove, in place, the experts of every MoE block that the calibration text uses least.
+
+    The settings are a :class:`PruneConfig` or its fields as keywords (``prune(model, blocks,
+    keep=32)``). ``blocks`` is ``[n, seq_len]`` calibration token ids
+    (:func:`compressed_experts.fit.calibration_blocks`). Everything is checked before the model runs.
+    Returns a report: the criterion, the expert counts before and after, and per block the
+    kept ids (old numbering, in new order) and the share of each criterion's total they carry.
+    """
+    if config is not None and settings:
+        raise CompressedExpertsError("give prune a PruneConfig or its settings as keywords, not both")
+    if config is not None and not isinstance(config, PruneConfig):
+        raise CompressedExpertsError(f"config must be a PruneConfig, got {type(config).__name__}")
+    try:
+        config = config or PruneConfig(**settings)
+    except TypeError as err:  # an unknown or missing keyword
+        raise CompressedExpertsError(f"prune: {err}; its settings are those of PruneConfig") from None
+    experts, top_k = check_prunable(model, config.keep)
+    check_calibration(blocks, experts, top_k)
+    scores = expert_scores(model, blocks, config.batch_size, progress=progress)
+    kept = {name: kept_experts(sums[config.criterion], config.keep) for name, sums in scores.items()}
+    report: dict[str, Any] = {
+        "criterion": config.criterion,
+        "experts_before": experts,
+        "experts_after": config.keep,
+        "top_k": top_k,
+        "calibration_tokens": blocks.numel(),
+        "blocks": [],
+    }
+    for name, ids in kept.items():
+        sums = scores[name]
+        share = {c: (sums[c][ids].sum() / sums[c].sum().clamp_min(1e-30)).item() for c in CRITERIA}
+        report["blocks"].append({"block": name, "kept": ids, **{f"{c}_kept": share[c] for c in CRITERIA}})
+    remove_experts(model, kept)
+    return report
+
+
+__all__ = [
+    "CRITERIA",
+    "PRUNABLE",
+    "PruneConfig",
+    "check_calibration",
+    "check_prunable",
+    "expert_scores",
+    "kept_experts",
+    "min_calibration_tokens",
+    "prune",
+    "remove_experts",
+]
