@@ -53,3 +53,23 @@ def test_cli_dry_run_prints_the_command(tmp_path):
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "empty"), "--dry-run"])
     assert result.exit_code == 2 and "no config.json" in result.output
+
+
+def _eval(*args: str):
+    return CliRunner().invoke(app, ["eval", "--task", "gsm8k", *args])
+
+
+def test_eval_engine_mistakes_are_refused_before_the_model_loads(monkeypatch):
+    import compressed_experts.serving.engine as engine
+
+    result = _eval("--model", "bundled", "--engine", "sglang")
+    assert result.exit_code == 2 and "--engine must be one of transformers, vllm, not 'sglang'" in result.output
+    monkeypatch.setattr(engine, "vllm_available", lambda: False)
+    result = _eval("--model", "bundled", "--engine", "vllm")
+    assert result.exit_code == 2 and "needs vLLM beside this package: see docs/serving.md" in result.output
+    assert "'.[serve]'" in result.output  # brackets in a message are shown as text, not taken as markup
+    monkeypatch.setattr(engine, "vllm_available", lambda: True)
+    result = _eval("--model", "tiny:olmoe", "--engine", "vllm")
+    assert result.exit_code == 2 and "save it first" in result.output
+    result = CliRunner().invoke(app, ["eval", "--task", "lm-eval:arc_easy", "--model", "bundled", "--engine", "vllm"])
+    assert result.exit_code == 2 and "lm_eval --model vllm --model_args pretrained=DIR" in result.output

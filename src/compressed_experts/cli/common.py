@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CompressedExpertsError
@@ -41,7 +42,7 @@ def as_flags(err: CompressedExpertsError) -> str:
 
 
 def fail(message: str) -> typing.NoReturn:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # a message's [brackets] are text
     raise typer.Exit(code=2)
 
 

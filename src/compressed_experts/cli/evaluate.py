@@ -6,12 +6,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
-from ..checkpoint import from_pretrained, load_tokenizer, output_lock
+from ..checkpoint import from_pretrained, load_tokenizer, output_lock, skeleton
 from ..config import check_dtype_name
 from ..evaluation.report import check_results_file, compare, comparison_table
-from ..evaluation.run import EvalConfig, check_task_name, evaluate
+from ..evaluation.run import EvalConfig, check_engine_for, check_task_name, evaluate
 from ..evaluation.sandbox import PYTHON_GUARD, guard_warning
 from .app import app
 from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, options_of, run, settings_options, with_options
@@ -52,7 +53,13 @@ def eval_command(**options) -> None:
         if out is not None:  # before the model loads: not an input, not an existing file unless --overwrite
             sources = {"model": model, "tokenizer": tokenizer, "data": config.data}
             check_results_file(out, overwrite=overwrite, sources=sources)
-        loaded, tok = _load(model, tokenizer, dtype, device)
+        check_engine_for(task, config.engine, model)
+        if config.engine == "vllm":  # vLLM reads the weights itself: here only the structure, for the summary
+            tok = load_tokenizer(tokenizer or model)
+            loaded = skeleton(model)
+            loaded = loaded.to(getattr(torch, dtype)) if dtype != "auto" else loaded
+        else:
+            loaded, tok = _load(model, tokenizer, dtype, device)
         with output_lock(out) if out is not None else nullcontext():  # a second eval to --out fails at once
             result = evaluate(loaded, tok, task, config, out=out, overwrite=overwrite, source=model)
         console.print(f"{task}: {result['metric']} [bold]{result['score']:.1%}[/] on {result['n']} examples")

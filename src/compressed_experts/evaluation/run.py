@@ -14,9 +14,10 @@ from ..config import setting
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError, UnsupportedModelError
 from ..parameters import active_parameters
+from ..serving.engine import check_engine, check_engine_name, engine_device, generate_with_vllm
 from ..training.config import CONFIG_FILE, TrainConfig
 from .data import load_examples
-from .generation import generate
+from .generation import generate, truncate_at_stop
 from .harness import PREFIX, run_lm_eval
 from .report import check_results_file, save_results
 from .sandbox import check_timeout, isolation_of_runs
@@ -81,6 +82,11 @@ class EvalConfig:
         "Refuse to run generated code (humaneval, mbpp) without the operating system's sandbox "
         "(bubblewrap); without it, such code runs under a Python guard only, with a warning.",
     )
+    engine: str = setting(
+        "transformers",
+        "What generates: transformers (the loaded model's generate) or vllm (vLLM's engine on the saved "
+        "directory, as it will be served; needs vLLM, docs/serving.md).",
+    )
 
     def __post_init__(self) -> None:
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
@@ -108,8 +114,21 @@ class EvalConfig:
             raise CompressedExpertsError(
                 f"require_sandbox must be True or False, got {self.require_sandbox!r}", settings=("require_sandbox",)
             )
+        check_engine_name(self.engine)
         if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
             raise CompressedExpertsError(f"data must be a file or folder path, got {self.data!r}", settings=("data",))
+
+
+def check_engine_for(task: str, engine: str, source: str | None) -> None:
+    """Refuse an engine that cannot run ``task`` on ``source`` (vLLM missing, a model built in
+    memory, an lm-eval task), before the model loads."""
+    check_engine(engine, source)
+    if engine != "transformers" and task.startswith(PREFIX):
+        raise CompressedExpertsError(
+            "lm-eval tasks run through transformers here; for vLLM run lm-eval's own vllm model "
+            "(lm_eval --model vllm --model_args pretrained=DIR), which serves DIR through this package's plugin",
+            settings=("engine",),
+        )
 
 
 def evaluate(
@@ -160,6 +179,7 @@ def evaluate(
         config = config or EvalConfig(**settings)
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
+    check_engine_for(task, config.engine, source or model.name_or_path)
     data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
     if out is not None:
         inputs = {"data": data, "model": source or model.name_or_path, "tokenizer": tokenizer.name_or_path}
@@ -200,17 +220,30 @@ def evaluate(
         max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)
         prompts = [spec.prompt(row, style, tokenizer) for row in rows]
-        outputs = generate(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens,
-            batch_size,
-            stop,
-            temperature,
-            progress and task,
-            add_special_tokens=style != "chat",
-        )
+        if config.engine == "vllm":
+            texts = generate_with_vllm(
+                source or model.name_or_path,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                temperature,
+                dtype=str(model.dtype).removeprefix("torch."),
+                progress=bool(progress),
+                add_special_tokens=style != "chat",
+            )
+            outputs = [truncate_at_stop(text, stop) for text in texts]
+        else:
+            outputs = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                batch_size,
+                stop,
+                temperature,
+                progress and task,
+                add_special_tokens=style != "chat",
+            )
         scored = spec.score(rows, outputs, timeout)
         metric, score = spec.metric, sum(correct for _, _, correct, _ in scored) / len(scored)
         examples = [
@@ -228,8 +261,9 @@ def evaluate(
         if spec.metric == "pass@1":
             settings["timeout_s"] = timeout
     settings.update(
+        engine=config.engine,
         dtype=str(model.dtype).removeprefix("torch."),
-        device=str(model.device),
+        device=str(model.device) if config.engine == "transformers" else engine_device(),
         compressed_experts_version=version("compressed-experts"),
     )
     result = {
