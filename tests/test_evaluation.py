@@ -138,6 +138,7 @@ def test_gsm8k_end_to_end_and_the_results_file(model, tokenizer, tmp_path):
         "prompt": "plain",
         "max_new_tokens": 6,
         "temperature": 0.0,
+        "engine": "transformers",
         "dtype": "float32",
         "device": "cpu",
         "compressed_experts_version": None,
