@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,10 +55,25 @@ def bench(
     report_only: Annotated[
         bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="layers: the library's blocks as above; vllm: output tokens/s of whole models served by vLLM "
+            "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json)."
+        ),
+    ] = "layers",
+    model: Annotated[str, typer.Option(help="--engine vllm: the model whose three variants are served.")] = "bundled",
+    requests: Annotated[str, typer.Option(help="--engine vllm: concurrent requests.")] = "1,8,64",
+    new_tokens: Annotated[int, typer.Option(help="--engine vllm: tokens generated per request.")] = 64,
 ) -> None:
     """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
 
     def action() -> None:
+        if engine not in ("layers", "vllm"):
+            raise CompressedExpertsError(f"--engine must be layers or vllm, not {engine!r}")
+        if engine == "vllm":
+            _served(model, csv_values(requests, kind=int), new_tokens, repeats, out_dir)
+            return
         if report_only:
             benchmark.write_report(None, out_dir, doc)
             console.print(f"regenerated {doc} from {out_dir}")
@@ -99,3 +115,26 @@ def bench(
         console.print(f"wrote {out_dir / (result['device'] + '.json')} and {doc}")
 
     run(action)
+
+
+def _served(model: str, requests: tuple[int, ...], new_tokens: int, repeats: int, out_dir: Path) -> None:
+    """``bench --engine vllm``: full top-k, top-m and compressed experts of ``model`` through vLLM."""
+    from ..checkpoint import write_atomic
+    from ..serving.bench import engine_benchmark, engine_table
+    from ..serving.engine import check_engine
+
+    check_engine("vllm", model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with console.status("benchmarking through vLLM") as status:
+        result = engine_benchmark(
+            model,
+            requests=requests,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            progress=lambda text: status.update(f"benchmarking through vLLM: {text}"),
+        )
+    result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
+    console.print(Markdown(engine_table(result)))
+    name = "vllm-" + "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower() + ".json"
+    write_atomic(out_dir / name, json.dumps(result, indent=1) + "\n")
+    console.print(f"wrote {out_dir / name}")
