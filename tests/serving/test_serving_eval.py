@@ -21,7 +21,11 @@ import compressed_experts as ce
 from compressed_experts.evaluation import evaluate
 from compressed_experts.layer import is_compressed_expert
 
-QUESTIONS = [("What is 2 plus 3?", 5), ("Tom has 4 apples and eats 1. How many are left?", 3), ("What is 6 times 7?", 42)]
+QUESTIONS = [
+    ("What is 2 plus 3?", 5),
+    ("Tom has 4 apples and eats 1. How many are left?", 3),
+    ("What is 6 times 7?", 42),
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,5 +63,7 @@ def test_vllm_engine_answers_equal_the_transformers_engines(converted, tmp_path)
         )
     outputs = {engine: [e["output"] for e in result["examples"]] for engine, result in results.items()}
     assert outputs["vllm"] == outputs["transformers"] and any(outputs["vllm"])
-    assert results["vllm"]["settings"]["engine"] == "vllm" and results["vllm"]["score"] == results["transformers"]["score"]
+    assert (
+        results["vllm"]["settings"]["engine"] == "vllm" and results["vllm"]["score"] == results["transformers"]["score"]
+    )
     assert results["vllm"]["model"] == results["transformers"]["model"]  # the same model summary
