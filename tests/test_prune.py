@@ -220,7 +220,7 @@ def test_cli_prunes_saves_and_refuses(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "prune_report.json").read_text())
-    assert report["experts_before"] == 8 and report["experts_after"] == 5 and report["criterion"] == "saliency"
+    assert report["experts_before"] == 8 and report["experts_after"] == 5 and report["criterion"] == "mass"
     assert ce.describe(ce.from_pretrained(out))["experts"] == 5
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "Mixtral" in info.output

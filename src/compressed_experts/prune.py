@@ -6,9 +6,10 @@ What :func:`prune` does, in order:
    its ``frequency`` (how often a token routes to it), its routing ``mass`` (the sum of the
    routing weights the block hands to it) and its ``saliency`` (routing weight times the norm of
    the expert's output, summed over the tokens routed to it: what the expert actually adds to
-   the block's output, so what removing it takes away);
+   the block's output, so what removing it takes away; computed only when asked for, as it runs
+   every routed expert once more);
 2. keeps, in every block, the ``keep`` experts that score highest on ``criterion`` (default
-   ``saliency``) and removes the rest physically: the rows of the router's weight and the slices
+   ``mass``: as good as saliency on the bundled model and free, see docs/pruning.md) and removes the rest physically: the rows of the router's weight and the slices
    of ``gate_up_proj`` / ``down_proj`` of the removed experts are dropped, and the model's
    config says ``keep`` experts. The kept experts keep their relative order.
 
@@ -45,7 +46,7 @@ from .errors import CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts
 
 #: How experts can be ranked; the first is the default.
-CRITERIA = ("saliency", "mass", "frequency")
+CRITERIA = ("mass", "saliency", "frequency")
 #: Families whose routing stays exact for the kept experts when the removed ones' rows are dropped.
 PRUNABLE = ("OLMoE", "Mixtral", "Qwen2-MoE", "Qwen3-MoE", "PhiMoE")
 #: Calibration must route at least this many tokens to each expert on average (``tokens * k / E``):
@@ -61,9 +62,9 @@ class PruneConfig:
 
     keep: int = setting(help="Routed experts kept in every MoE block (at least top-k, fewer than there are).")
     criterion: str = setting(
-        "saliency",
-        "How experts are ranked on the calibration text: saliency (routing weight x expert output norm, "
-        "summed), mass (routing weight, summed) or frequency (tokens routed).",
+        "mass",
+        "How experts are ranked on the calibration text: mass (routing weight, summed), saliency "
+        "(routing weight x expert output norm, summed) or frequency (tokens routed).",
     )
     batch_size: int = setting(8, "Calibration sequences run through the model at a time.")
 
@@ -150,10 +151,10 @@ def check_calibration(blocks: Any, experts: int, top_k: int) -> None:
 class _Scores:
     """Per-expert sums of one block's routing on the calibration text."""
 
-    def __init__(self, experts: nn.Module) -> None:
+    def __init__(self, experts: nn.Module, saliency: bool) -> None:
         count = experts.gate_up_proj.shape[0]
         self.experts = experts
-        self.sums = {name: torch.zeros(count, dtype=torch.float64) for name in CRITERIA}
+        self.sums = {c: torch.zeros(count, dtype=torch.float64) for c in CRITERIA if saliency or c != "saliency"}
 
     @torch.no_grad()
     def __call__(self, module, args, kwargs, output) -> None:
@@ -167,6 +168,8 @@ class _Scores:
         self.sums["mass"] += (
             torch.zeros(count, device=index.device).index_add_(0, flat_index, flat_weights).double().cpu()
         )
+        if "saliency" not in self.sums:
+            return
         saliency = torch.zeros(count, dtype=torch.float32, device=index.device)
         for expert in flat_index.unique().tolist():
             rows = flat_index == expert
@@ -179,9 +182,15 @@ class _Scores:
 
 @torch.no_grad()
 def expert_scores(
-    model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 8, *, progress: bool = False
+    model: PreTrainedModel,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    *,
+    saliency: bool = True,
+    progress: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{block name: {criterion: [E] sums}}`` over the calibration token ``blocks``, every criterion at once.
+    """``{block name: {criterion: [E] sums}}`` over the calibration token ``blocks``, every criterion at
+    once (``saliency`` only when asked for: it runs every routed expert a second time).
 
     One pass through the unpruned model (eval mode, no cache); the inputs each block's experts
     receive are the original model's, so every block is ranked on the same footing.
@@ -189,7 +198,7 @@ def expert_scores(
     family = family_of(model)
     scorers, handles = {}, []
     for name, block in moe_blocks(model, family):
-        scorers[name] = _Scores(block.experts)
+        scorers[name] = _Scores(block.experts, saliency)
         handles.append(block.experts.register_forward_hook(scorers[name], with_kwargs=True))
     device = next(model.parameters()).device
     was_training = model.training
@@ -264,7 +273,7 @@ def prune(
     keep=32)``). ``blocks`` is ``[n, seq_len]`` calibration token ids
     (:func:`compressed_experts.fit.calibration_blocks`). Everything is checked before the model runs.
     Returns a report: the criterion, the expert counts before and after, and per block the
-    kept ids (old numbering, in new order) and the share of each criterion's total they carry.
+    kept ids (old numbering, in new order) and the share of each measured criterion's total they carry.
     """
     if config is not None and settings:
         raise CompressedExpertsError("give prune a PruneConfig or its settings as keywords, not both")
@@ -276,7 +285,7 @@ def prune(
         raise CompressedExpertsError(f"prune: {err}; its settings are those of PruneConfig") from None
     experts, top_k = check_prunable(model, config.keep)
     check_calibration(blocks, experts, top_k)
-    scores = expert_scores(model, blocks, config.batch_size, progress=progress)
+    scores = expert_scores(model, blocks, config.batch_size, saliency=config.criterion == "saliency", progress=progress)
     kept = {name: kept_experts(sums[config.criterion], config.keep) for name, sums in scores.items()}
     report: dict[str, Any] = {
         "criterion": config.criterion,
@@ -288,8 +297,8 @@ def prune(
     }
     for name, ids in kept.items():
         sums = scores[name]
-        share = {c: (sums[c][ids].sum() / sums[c].sum().clamp_min(1e-30)).item() for c in CRITERIA}
-        report["blocks"].append({"block": name, "kept": ids, **{f"{c}_kept": share[c] for c in CRITERIA}})
+        share = {f"{c}_kept": (sums[c][ids].sum() / sums[c].sum().clamp_min(1e-30)).item() for c in sums}
+        report["blocks"].append({"block": name, "kept": ids, **share})
     remove_experts(model, kept)
     return report
 

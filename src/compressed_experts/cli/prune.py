@@ -14,7 +14,7 @@ from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..fit import calibration_blocks
 from ..parameters import describe
-from ..prune import PruneConfig, check_calibration, check_prunable, min_calibration_tokens
+from ..prune import CRITERIA, PruneConfig, check_calibration, check_prunable, min_calibration_tokens
 from ..prune import prune as prune_model
 from ..toy.tasks import domain_split
 from .app import app
@@ -90,10 +90,11 @@ def prune(**options) -> None:
         with console.status(f"saving to {out}"):
             save_model(model, out, tokenizer=tokenizer, extra_files={"prune_report.json": json.dumps(report, indent=2)})
         table = Table(title=f"pruned {source} -> {out}: {experts} -> {config.keep} experts by {config.criterion}")
-        for column in ("block", "saliency kept", "mass kept", "frequency kept"):
+        measured = [c for c in CRITERIA if f"{c}_kept" in report["blocks"][0]]
+        for column in ("block", *(f"{c} kept" for c in measured)):
             table.add_column(column, justify="right")
         for row in report["blocks"]:
-            table.add_row(row["block"], *(f"{row[f'{c}_kept']:.1%}" for c in ("saliency", "mass", "frequency")))
+            table.add_row(row["block"], *(f"{row[f'{c}_kept']:.1%}" for c in measured))
         console.print(table)
         show_model(describe(model), str(out))
 
