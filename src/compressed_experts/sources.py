@@ -27,8 +27,10 @@ BUNDLED = "bundled"
 BUNDLED_DIR = Path(__file__).parent / "bundled_model"
 #: Prefix of a tiny random model's source: ``tiny:olmoe``.
 TINY_PREFIX = "tiny:"
-#: Hub ids of models are "org/name".
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+#: Hub ids of models are "org/name": each part of word characters, "." and "-", neither starting nor
+#: ending with "." or "-" and holding no ".." or "--" (the hub's rules), so that ``./model`` or
+#: ``../runs/x`` (a path that is not there) is reported as a missing directory, not a bad repo id.
+HUB_ID = re.compile(r"(?!.*(?:\.\.|--))\w(?:[\w.-]*\w)?/\w(?:[\w.-]*\w)?")
 
 
 def resolve(source: Any) -> str:

@@ -51,6 +51,29 @@ def check_task_name(task: str) -> None:
         )
 
 
+def check_prompt_lengths(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, add_special_tokens: bool = True
+) -> None:
+    """Refuse, before anything is generated, a prompt with no room for an answer within the model's
+    positions (``max_position_embeddings``): it was scored with only transformers' warning, and a
+    question of 200,000 words ran for hours. Prompts too short to reach the limit in bytes are not
+    tokenized (a token covers at least one byte); the others once each."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt.encode("utf-8")) + 8 < limit:  # room for the tokenizer's own special tokens
+            continue
+        length = len(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        if length >= limit:
+            raise CompressedExpertsError(
+                f"the prompt of example {number} is {length:,} tokens, and the model takes {limit:,} positions "
+                f"(max_position_embeddings), leaving no room for an answer: shorten or remove that example "
+                f"(or evaluate fewer with limit)",
+                settings=("limit",),
+            )
+
+
 def trained_prompt_style(source: str | os.PathLike | None) -> str | None:
     """The prompt format (alpaca or chat) a model was fine-tuned with, from the training_config.json
     of the directory ``source``; None where ``source`` is no such directory (a hub id, a base model)."""
@@ -220,6 +243,7 @@ def evaluate(
         max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
         rows, settings["data"] = load_examples(spec, data, limit)
         prompts = [spec.prompt(row, style, tokenizer) for row in rows]
+        check_prompt_lengths(model, tokenizer, prompts, add_special_tokens=style != "chat")
         if config.engine == "vllm":
             texts = generate_with_vllm(
                 source or model.name_or_path,
