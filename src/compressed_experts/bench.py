@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
 from .architectures import family_by_name
 from .config import CEConfig
 from .convert import convert
-from .errors import CompressedExpertsError
+from .errors import CompressedExpertsError, first_line
 from .forms import NEURON_FORMS, TOP_M
 from .layer import CompressedExperts
 
@@ -484,15 +484,57 @@ def _merge(stored: dict, new: dict) -> dict:
     return merged
 
 
+def read_result(path: Path) -> dict:
+    """One stored benchmark result, checked to be one: JSON (not truncated) that the report can be
+    written from. Refused with the file named, before anything is measured (:func:`stored_results`)."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CompressedExpertsError(
+            f"{path} is not JSON ({first_line(err)}): a truncated or damaged benchmark result? Move it out of "
+            f"the folder (or delete it) and run again",
+            settings=("out_dir",),
+        ) from None
+    problem = None
+    row_fields = {"shape", "dtype", "tokens", "mode", "variant", "ms"}
+    if not isinstance(result, dict) or not {"device", "machine", "rows"} <= set(result):
+        problem = "it lacks device, machine and rows"
+    elif not (isinstance(result["device"], str) and isinstance(result["machine"], str)):
+        problem = "its device and machine are not texts"
+    elif not isinstance(result["rows"], list) or not all(
+        isinstance(r, dict) and row_fields <= set(r) and isinstance(r["ms"], (int, float)) for r in result["rows"]
+    ):
+        problem = f"its rows are not a list of timings ({', '.join(sorted(row_fields))})"
+    if problem is not None:
+        raise CompressedExpertsError(
+            f"{path} is not a result of compressed-experts bench: {problem}. The folder holds only bench "
+            f"results (every *.json goes into the report): move it, or choose another out_dir",
+            settings=("out_dir",),
+        )
+    return result
+
+
+def stored_results(directory: Path) -> dict[Path, dict]:
+    """Every result in ``directory`` (each ``*.json``), each checked by :func:`read_result`."""
+    return {p: read_result(p) for p in sorted(directory.glob("*.json"))} if directory.is_dir() else {}
+
+
 def write_report(result: dict | None, directory: Path, document: Path) -> None:
-    """Store ``result`` (if any) as ``directory/<device>.json`` and regenerate ``document`` from every stored result."""
+    """Store ``result`` (if any) as ``directory/<device>.json`` and regenerate ``document`` from every stored result.
+
+    Every stored result is read and checked first, so a damaged file is refused before this run's
+    result replaces anything (the command checks them before measuring, too)."""
+    if directory.exists() and not directory.is_dir():
+        raise CompressedExpertsError(f"out_dir {directory} is a file; give a folder", settings=("out_dir",))
+    stored = stored_results(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if result is not None:
         path = directory / f"{result['device']}.json"
-        if path.exists():  # a partial run (some shapes, or end to end only) updates what it measured
-            result = _merge(json.loads(path.read_text()), result)
+        if path in stored:  # a partial run (some shapes, or end to end only) updates what it measured
+            result = _merge(stored[path], result)
         path.write_text(json.dumps(result, indent=1))
-    results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+        stored[path] = result
+    results = [stored[p] for p in sorted(stored)]
     if not results:
         raise CompressedExpertsError(f"no benchmark results in {directory}: run compressed-experts bench first")
     parts = [
@@ -525,9 +567,10 @@ def check_mergeable(directory: Path, dev: torch.device, keys: set[tuple], end_to
     """Refuse, before anything is measured, a run that would put two machines in one table: a run on
     another machine than the stored results must measure every row they hold (it then replaces them)."""
     path = directory / f"{device_key(dev)}.json"
+    stored_results(directory)  # every file the report merges must be readable now, not after measuring
     if not path.is_file():
         return
-    stored = json.loads(path.read_text())
+    stored = read_result(path)
     here = machine(dev)
     if stored["machine"] == here:
         return

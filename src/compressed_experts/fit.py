@@ -177,6 +177,11 @@ def fit(
             "this model has no compressed experts: convert it first (n_ce and form), then fit",
             settings=("n_ce", "form"),
         )
+    if all(layer.n_ce == 0 for layer in layers):  # a RuntimeError at the first Adam step otherwise
+        raise CompressedExpertsError(
+            "n_ce 0 replaces no experts, so there is nothing to fit: convert with n_ce of 1 or more",
+            settings=("n_ce",),
+        )
     form, spec = layers[0].form, layers[0].form_spec
     if not (spec.parameters or spec.selects_neurons):
         raise CompressedExpertsError(

@@ -141,6 +141,11 @@ def show_model(summary: dict[str, Any], title: str) -> None:
 
 
 def check_report_file(report) -> None:
-    """Refuse a --report whose folder does not exist, before a run of many minutes."""
-    if report is not None and not report.parent.is_dir():
+    """Refuse a --report that is a folder, or whose folder does not exist, before a run of many minutes
+    (a folder failed only at the end)."""
+    if report is None:
+        return
+    if report.is_dir():
+        raise CompressedExpertsError(f"--report {report} is a folder; give a Markdown file (e.g. RESULTS.md)")
+    if not report.parent.is_dir():
         raise CompressedExpertsError(f"{report.parent} does not exist: create it or choose another --report")

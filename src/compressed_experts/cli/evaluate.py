@@ -11,9 +11,12 @@ import typer
 
 from ..checkpoint import from_pretrained, load_tokenizer, output_lock, skeleton
 from ..config import check_dtype_name
+from ..errors import CompressedExpertsError
+from ..evaluation.harness import PREFIX
 from ..evaluation.report import check_results_file, compare, comparison_table
 from ..evaluation.run import EvalConfig, check_engine_for, check_task_name, evaluate
 from ..evaluation.sandbox import PYTHON_GUARD, guard_warning
+from ..text import check_text_file
 from .app import app
 from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, options_of, run, settings_options, with_options
 
@@ -53,6 +56,12 @@ def eval_command(**options) -> None:
         if out is not None:  # before the model loads: not an input, not an existing file unless --overwrite
             sources = {"model": model, "tokenizer": tokenizer, "data": config.data}
             check_results_file(out, overwrite=overwrite, sources=sources)
+        if config.data is not None and not task.startswith(PREFIX):  # a JSONL file: readable text, before the model
+            data = Path(config.data)
+            if not data.is_file():
+                raise CompressedExpertsError(f"no such data file: {data}", settings=("data",))
+            if data.suffix != ".gz":
+                check_text_file(data)
         check_engine_for(task, config.engine, model)
         if config.engine == "vllm":  # vLLM reads the weights itself: here only the structure, for the summary
             tok = load_tokenizer(tokenizer or model)
@@ -62,7 +71,9 @@ def eval_command(**options) -> None:
             loaded, tok = _load(model, tokenizer, dtype, device)
         with output_lock(out) if out is not None else nullcontext():  # a second eval to --out fails at once
             result = evaluate(loaded, tok, task, config, out=out, overwrite=overwrite, source=model)
-        console.print(f"{task}: {result['metric']} [bold]{result['score']:.1%}[/] on {result['n']} examples")
+        score = result["score"]  # a fraction as a percentage; another metric (perplexity) as it is
+        shown = f"{score:.1%}" if 0 <= score <= 1 else f"{score:.4g}"
+        console.print(f"{task}: {result['metric']} [bold]{shown}[/] on {result['n']} examples")
         if result["settings"].get("isolation") == PYTHON_GUARD:
             console.print(f"[bold red]warning:[/] {guard_warning()}", markup=True, highlight=False)
         if out is not None:

@@ -166,6 +166,10 @@ def fit(**options) -> None:
         wanted = ce_config_of(skeleton(source, n_ce=n_ce, form=form, r=r))
         if wanted is None:
             raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
+        if wanted.n_ce == 0:  # it failed with a RuntimeError after reading the text and the model
+            raise CompressedExpertsError(
+                "n_ce 0 replaces no experts, so there is nothing to fit: give n_ce of 1 or more", settings=("n_ce",)
+            )
         if wanted.form not in fittable_forms():
             raise CompressedExpertsError(
                 f"form {wanted.form} has nothing to fit; choose one of {', '.join(fittable_forms())}"

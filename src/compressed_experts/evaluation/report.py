@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,58 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CompressedExpertsError(f"{path} is not JSON: {err}") from err
     missing = [k for k in _REQUIRED if not isinstance(result, dict) or k not in result]
+    if not missing and not isinstance(result["model"], dict):
+        raise CompressedExpertsError(f"{path}: model is {_kind(result['model'])}, not an object; {_NOT_OURS}")
     missing += [f"model.{k}" for k in _MODEL_REQUIRED if not missing and k not in result["model"]]
     if missing:
         raise CompressedExpertsError(
             f"{path} is not a results file of compressed-experts eval: it lacks {', '.join(missing)}"
         )
+    _check_types(result, path)
     return result
+
+
+_NOT_OURS = "is it a results file of compressed-experts eval, edited or from another version?"
+_METHODS = ("full", "top-m", "ce")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+
+
+def _check_types(result: dict[str, Any], path: Path) -> None:
+    """Each field a comparison reads is of its type (they failed with a TypeError, or printed a
+    score of 5.0 as 500% and NaN as nan%): named by file and field."""
+    whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least  # noqa: E731
+    model = result["model"]
+    checks = (
+        ("task", result["task"], isinstance(result["task"], str) and result["task"], "a task name"),
+        ("metric", result["metric"], isinstance(result["metric"], str), "a text"),
+        ("n", result["n"], whole(result["n"], 1), "a whole number of examples, at least 1"),
+        ("settings", result["settings"], isinstance(result["settings"], dict), "an object"),
+        ("examples", result["examples"], isinstance(result["examples"], list), "a list"),
+        ("model.source", model["source"], isinstance(model["source"], str) and model["source"], "a text"),
+        ("model.method", model["method"], model["method"] in _METHODS, f"one of {', '.join(_METHODS)}"),
+        ("model.n_ce", model["n_ce"], whole(model["n_ce"], 0), "a whole number, 0 or more"),
+        ("model.top_k", model.get("top_k"), model.get("top_k") is None or whole(model["top_k"], 1), "a whole number"),
+        ("model.active_parameters", model["active_parameters"], whole(model["active_parameters"], 1), "a count"),
+    )
+    for name, value, ok, wanted in checks:
+        if not ok:
+            raise CompressedExpertsError(f"{path}: {name} is {_kind(value)}, not {wanted}; {_NOT_OURS}")
+    score = result["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise CompressedExpertsError(f"{path}: score is {_kind(score)}, not a finite number; {_NOT_OURS}")
+
+
+def check_fraction_score(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a score outside [0, 1]: comparisons show scores as percentages and recovery as their
+    ratios, which only means something for fractions (accuracy, exact match, pass@1)."""
+    if not 0 <= result["score"] <= 1:
+        raise CompressedExpertsError(
+            f"{path}: score is {result['score']!r}, not a fraction in [0, 1] ({result['metric']}); compare "
+            f"shows scores as percentages, so it takes fractions only (accuracy, exact match, pass@1)"
+        )
 
 
 def method_label(model: dict[str, Any]) -> str:
@@ -151,6 +198,7 @@ def compare(
     first: dict[str, tuple[Path, dict[str, Any]]] = {}
     for path in map(Path, paths):
         result = load_results(path)
+        check_fraction_score(result, path)
         model = result["model"]
         key = (*_model_key(model), result["task"])
         if key in seen:

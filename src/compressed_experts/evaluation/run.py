@@ -129,9 +129,10 @@ class EvalConfig:
                 f"max_new_tokens must be at least 1, not {tokens!r}; leave it out for the task's own limit",
                 settings=("max_new_tokens",),
             )
-        if not (number(self.temperature) and self.temperature >= 0):
+        if not (number(self.temperature) and 0 <= self.temperature < float("inf")):  # nan and inf too
             raise CompressedExpertsError(
-                f"temperature must be 0 (greedy) or more, got {self.temperature!r}", settings=("temperature",)
+                f"temperature must be 0 (greedy) or a finite number above it, got {self.temperature!r}",
+                settings=("temperature",),
             )
         if not isinstance(self.require_sandbox, bool):
             raise CompressedExpertsError(

@@ -100,9 +100,14 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "logging_steps"):
             if getattr(self, name) < 1:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}", name)
-        for name in ("max_steps", "seq_len", "limit"):
+        for name in ("max_steps", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 fail(f"{name} must be at least 1, got {getattr(self, name)}", name)
+        if self.seq_len is not None and self.seq_len < 2:  # it trained on nothing and reported a NaN loss
+            fail(
+                f"seq_len must be at least 2 (a sequence of one token has no next token to learn), got {self.seq_len}",
+                "seq_len",
+            )
         if self.save_steps > 1 and self.save_steps != int(self.save_steps):
             fail(
                 f"save_steps is a whole number of steps, or a fraction of the run below 1; got {self.save_steps}",
