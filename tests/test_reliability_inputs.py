@@ -90,6 +90,12 @@ def test_train_with_a_tokenizer_larger_than_the_models_vocabulary(tmp_path):
         expect="4096 tokens but the model tiny:olmoe only 128 embeddings",
     )
     assert "--tokenizer" in text and not (tmp_path / "run").exists()
+    # The library's train() refuses it too, before reading the data (a file that is not there).
+    config = ce.TrainConfig(
+        model="tiny:olmoe", tokenizer="bundled", data=str(tmp_path / "no.jsonl"), out=str(tmp_path / "lib")
+    )
+    with pytest.raises(ce.CompressedExpertsError, match="4096 tokens but the model tiny:olmoe only 128 embeddings"):
+        ce.train(config)
 
 
 def test_train_seq_len_1_is_refused_when_the_settings_are_built(tmp_path):

@@ -8,8 +8,6 @@ from typing import Any
 
 from rich.table import Table
 
-from ..checkpoint import load_tokenizer, skeleton
-from ..errors import CompressedExpertsError
 from ..training import TrainConfig
 from .app import app
 from .common import console, releasing, run, settings_options, with_options
@@ -22,27 +20,11 @@ def train(**settings: Any) -> None:
 
     def action() -> None:
         config = TrainConfig(**settings)
-        _check_vocabulary(config)
         result = run_training(config)
         if int(os.environ.get("RANK", "0")) == 0:
             _show_summary(result.summary, Path(settings["out"]))
 
     run(releasing(settings["out"], action))  # the run's lock (see check_output_dir) ends with the command
-
-
-def _check_vocabulary(config: TrainConfig) -> None:
-    """Refuse a --tokenizer with more tokens than the model has embeddings, before any data is read
-    (its ids failed with an IndexError in the first step): reads the model's config, not its weights."""
-    if config.tokenizer is None:
-        return
-    tokenizer = load_tokenizer(config.tokenizer)
-    vocab = skeleton(config.model).get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise CompressedExpertsError(
-            f"the tokenizer {config.tokenizer} has {len(tokenizer)} tokens but the model {config.model} only "
-            f"{vocab} embeddings: use the tokenizer the model was trained with",
-            settings=("tokenizer",),
-        )
 
 
 def _show_summary(summary: dict[str, Any], out: Path) -> None:

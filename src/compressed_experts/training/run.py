@@ -192,6 +192,18 @@ class TrainResult:
     summary: dict[str, Any]  # steps, tokens, time, final loss, active parameters... (training_summary.json)
 
 
+def _check_vocabulary(config: TrainConfig, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings, before any data is read
+    (its ids failed with an IndexError in the first step): reads the model's config, not its weights."""
+    vocab = skeleton(config.model).get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise CompressedExpertsError(
+            f"the tokenizer {config.tokenizer or config.model} has {len(tokenizer)} tokens but the model "
+            f"{config.model} only {vocab} embeddings: use the tokenizer the model was trained with",
+            settings=("tokenizer",),
+        )
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` with ``config.method``.
 
@@ -209,6 +221,7 @@ def train(config: TrainConfig) -> TrainResult:
     if precision in ("bf16", "bf16-mixed") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise CompressedExpertsError("this GPU has no bfloat16: use precision fp32", settings=("precision",))
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    _check_vocabulary(config, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     records = load_records(config.data, config.split, config.limit)
