@@ -6,11 +6,13 @@ import functools
 import json
 import platform
 import re
+import shutil
 
 import pytest
 import torch
 
 import compressed_experts as ce
+from compressed_experts.checkpoint import MARKER
 from compressed_experts.evaluation.answers import final_number
 from compressed_experts.sources import BUNDLED_DIR
 from compressed_experts.toy.corpus import held_out_texts, training_texts
@@ -244,7 +246,15 @@ def test_demo_end_to_end_on_a_small_model(small_pretrained, tmp_path):
         bench_prompts=2,
         bench_tokens=4,
     )
-    results = run_demo(tmp_path / "demo", plan, seeds=2, model=str(out / "model"), say=lambda _: None)
+    # The small model takes 128 positions (twice its training length) and the math prompts run to
+    # about 200 tokens, which eval refuses: give this copy the bundled model's room (rotary positions
+    # compute at any length), as an edited config, so without the manifest it no longer matches.
+    model = tmp_path / "model"
+    shutil.copytree(out / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    (model / MARKER).unlink()
+    results = run_demo(tmp_path / "demo", plan, seeds=2, model=str(model), say=lambda _: None)
     assert len(results["runs"]) == 6
     for name in ("demo_results.json", "demo_table.md", "demo_plot.png"):
         assert (tmp_path / "demo" / name).is_file()
