@@ -11,7 +11,9 @@ which takes the same arguments and:
 - routes each token with the router vLLM itself builds from them (``create_fused_moe_router``),
   so each family's routing is vLLM's, unchanged;
 - computes the routed experts with :class:`compressed_experts.layer.CompressedExperts` (the
-  library's forms and compute backends: the same math as ``ce.from_pretrained``), inside a
+  library's forms and compute backends: the same math as ``ce.from_pretrained``); for form
+  ``none`` on vLLM's CPU build, with vLLM's own fused CPU MoE kernel over each token's ``m``
+  heaviest experts instead (:meth:`CompressedExpertsRunner.prepare_fused`: the same top-m), inside a
   ``torch.library`` custom op with a fake implementation, so that vLLM's torch.compile treats it
   as one opaque call (its shapes inside depend on the routing);
 - runs the family's shared experts (built by vLLM) beside it, applies the scaling vLLM would,
@@ -49,6 +51,7 @@ from ..config import SECTION, CEConfig
 from ..errors import CheckpointError
 from ..forms import CE_PARAMETERS, get_form
 from ..layer import CompressedExperts
+from ..routing import split_routing
 from .sharding import local_settings, shard
 
 #: base architecture (as transformers names it) -> (vLLM module, vLLM class) of the families vLLM implements.
@@ -69,6 +72,22 @@ _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_p
 # fused MoE op finds its layer by name).
 _RUNNERS: weakref.WeakValueDictionary[str, CompressedExpertsRunner] = weakref.WeakValueDictionary()
 _COUNTER = itertools.count()
+
+# vLLM's portable CPU fused MoE kernel (its CPUUnquantizedExperts): weights prepacked for ISA "vec",
+# the intermediate dimension zero-padded to a multiple of 32, the hidden dimension a multiple of 32.
+_FUSED_ISA = "vec"
+_FUSED_ALIGN = 32
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_fused_moe_ops() -> tuple[Any, Any] | None:
+    """vLLM's ``(cpu_fused_moe, cpu_prepack_moe_weight)`` where vLLM runs on CPU, else None."""
+    try:
+        from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+        from vllm.platforms import current_platform
+    except ImportError:
+        return None
+    return (cpu_fused_moe, cpu_prepack_moe_weight) if current_platform.is_cpu() else None
 
 
 @torch.library.custom_op("compressed_experts::routed_experts", mutates_args=())
@@ -168,6 +187,7 @@ class CompressedExpertsRunner(nn.Module):
         self.ce = CompressedExperts(experts, ce.n_ce, form=form, r=r).requires_grad_(False)
         self.ce_names = set(get_form(self.ce_config.form).parameters)  # what the checkpoint must hold
         self.name = f"{prefix}#{next(_COUNTER)}"
+        self.__dict__["fused"] = None  # (cpu_fused_moe, packed w13, packed w2) once prepare_fused sets it
         _RUNNERS[self.name] = self
 
     def extra_repr(self) -> str:
@@ -176,7 +196,60 @@ class CompressedExpertsRunner(nn.Module):
     def routed(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """The routed experts' output on this rank (before the all-reduce)."""
         weights, index = self.router.select_experts(hidden_states, router_logits)
+        fused = self.fused
+        if fused is not None and hidden_states.dtype == fused[1].dtype and hidden_states.device.type == "cpu":
+            # Form none: the m heaviest of the top-k, weights as the router gave them (the library's split).
+            kernel, w13, w2 = fused
+            split = split_routing(index, weights.to(hidden_states.dtype), self.ce.n_ce)
+            x = hidden_states.contiguous()
+            out = torch.empty_like(x)
+            if x.shape[0]:
+                kernel(
+                    out,
+                    x,
+                    w13,
+                    w2,
+                    None,
+                    None,
+                    split.main_weights.float().contiguous(),
+                    split.main_index.to(torch.int32).contiguous(),
+                    "silu",
+                    _FUSED_ISA,
+                    False,
+                )
+            return out
         return self.ce(hidden_states, index.long(), weights.to(hidden_states.dtype))
+
+    def prepare_fused(self) -> None:
+        """After the weights load: for form ``none`` (top-m, ``n_ce > 0``) on vLLM's CPU build, pack this
+        rank's expert weights for vLLM's fused CPU MoE kernel, which :meth:`routed` then runs on each
+        token's ``m`` heaviest experts (as vLLM runs full top-k). Anything else keeps the library's
+        block. The packed copy is zero-padded along the intermediate dimension (exact: padded neurons
+        give SiLU(0) * 0 = 0)."""
+        self.__dict__["fused"] = None
+        layer = self.ce
+        ops = _cpu_fused_moe_ops()
+        weight = layer.gate_up_proj
+        if (
+            ops is None
+            or layer.form != "none"
+            or layer.n_ce == 0
+            or weight.device.type != "cpu"
+            or weight.dtype not in _FUSED_DTYPES
+            or layer.down_proj.dtype != weight.dtype
+            or layer.hidden_dim % _FUSED_ALIGN
+        ):
+            return
+        kernel, prepack = ops
+        num_experts, inter, hidden = layer.num_experts, layer.intermediate_dim, layer.hidden_dim
+        padded = -(-inter // _FUSED_ALIGN) * _FUSED_ALIGN
+        with torch.no_grad():
+            w13 = weight.new_zeros(num_experts, 2 * padded, hidden)
+            w13[:, :inter] = weight[:, :inter]
+            w13[:, padded : padded + inter] = weight[:, inter:]
+            w2 = weight.new_zeros(num_experts, hidden, padded)
+            w2[:, :, :inter] = layer.down_proj
+            self.__dict__["fused"] = (kernel, prepack(w13, _FUSED_ISA), prepack(w2, _FUSED_ISA))
 
     def forward(
         self,
@@ -326,6 +399,8 @@ def model_class(base_arch: str) -> type[nn.Module]:
                     loaded.add(f"{runner.prefix}.{param}")
 
         loaded |= set(base.load_weights(self, others()))
+        for runner in runners.values():
+            runner.prepare_fused()
         missing = sorted(
             f"{r.prefix}.{n}"
             for r in runners.values()
