@@ -125,11 +125,18 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize(("family", "form"), CASES)
-def test_greedy_tokens_equal_transformers(bases, tmp_path, family, form):
+def test_greedy_tokens_equal_transformers(bases, tmp_path, family, form, monkeypatch):
+    import vllm._custom_ops as ops
+
+    calls = []
+    fused = ops.cpu_fused_moe
+    monkeypatch.setattr(ops, "cpu_fused_moe", lambda *args: (calls.append(1), fused(*args))[1])
     path = _save_converted(bases[family], form, tmp_path / "model", _n_ce(bases[family]))
     expected = _transformers_tokens(str(path))
     assert expected != _transformers_tokens(str(bases[family])), "the compressed experts changed nothing"
     assert _vllm_tokens(path) == expected
+    # On CPU, top-m runs vLLM's own fused MoE kernel; the other forms the library's backends.
+    assert bool(calls) == (form == "none")
 
 
 def test_refused_without_the_plugin(bases, tmp_path):
