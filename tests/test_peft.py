@@ -153,6 +153,21 @@ def test_a_broken_adapter_is_one_clear_error(tmp_path, config, message):
             load(adapter)
 
 
+def sft_config(trl, out, steps: int, lr: float, **extra):
+    """A short CPU run of TRL's SFTTrainer that writes nothing but what the test saves."""
+    return trl.SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=lr,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=32,
+        **extra,
+    )
+
+
 @pytest.mark.slow
 def test_trl_sft_trainer_trains_and_saves_the_compressed_experts(converted_dir, tmp_path):
     trl = pytest.importorskip("trl")
@@ -161,17 +176,8 @@ def test_trl_sft_trainer_trains_and_saves_the_compressed_experts(converted_dir, 
     model = ce.from_pretrained(converted_dir)
     before = ce_vectors(model)
     data = Dataset.from_dict({"text": ["the cat sat on the mat and the dog ran"] * 16})
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        max_length=32,
-        bf16=False,  # else accelerate leaves the model's forward under bfloat16 autocast after training
-    )
+    # bf16 off: else accelerate leaves the model's forward under bfloat16 autocast after training.
+    args = sft_config(trl, tmp_path / "run", steps=4, lr=1e-2, bf16=False)
     trainer = trl.SFTTrainer(
         model=model, args=args, train_dataset=data, processing_class=ce.tiny_tokenizer(), peft_config=lora()
     )
@@ -197,16 +203,7 @@ def test_trl_on_a_bfloat16_model_warns_and_trains_once_the_vectors_are_float32(c
         if fix:
             ce.float32_compressed_experts(model)
         before = ce_vectors(model)
-        args = trl.SFTConfig(
-            output_dir=str(tmp_path / f"run{fix}"),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            learning_rate=2e-5,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            max_length=32,
-        )
+        args = sft_config(trl, tmp_path / f"run{fix}", steps=2, lr=2e-5)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=ce.tiny_tokenizer())
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawn
 
+from test_serving_vllm import _save_converted  # the same perturbed checkpoint as the token tests
+
 import compressed_experts as ce
 from compressed_experts.evaluation import evaluate
-from compressed_experts.layer import is_compressed_expert
 
 QUESTIONS = [
     ("What is 2 plus 3?", 5),
@@ -31,15 +31,8 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
     """The bundled model converted (n_ce 4) with perturbed compressed experts, saved with its tokenizer."""
-    out = tmp_path_factory.mktemp("bundled-ce")
-    model = ce.from_pretrained("bundled", n_ce=4, dtype="float32")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_compressed_expert(name):
-                param.mul_(torch.empty(param.shape).uniform_(0.3, 1.7, generator=generator))
-    model.save_pretrained(out)
-    ce.load_tokenizer("bundled").save_pretrained(out)
+    out = _save_converted(Path(ce.sources.resolve("bundled")), "ia3", tmp_path_factory.mktemp("bundled-ce"), 4)
+    ce.load_tokenizer("bundled").save_pretrained(out)  # the bundled model's own, over the tiny one
     return out
 
 
