@@ -218,3 +218,46 @@ def test_a_partial_run_on_another_machine_is_refused_before_measuring(tmp_path):
     bench.check_mergeable(tmp_path, cpu, {("olmoe", "bfloat16", n, "forward") for n in (1, 512)}, end_to_end=False)
     new = {"machine": bench.machine(cpu), "repeats": 5, "rows": rows[:1]}
     assert bench._merge(json.loads((tmp_path / "cpu.json").read_text()), new) == new
+
+
+def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from compressed_experts.cli import app
+
+    timed = []
+
+    def medians(fns, device, repeats=5, warmup=2):
+        if len(timed) == 2 and not resumed:
+            raise KeyboardInterrupt  # the third group: as if the user pressed Ctrl-C
+        timed.append(len(fns))
+        return {name: FAKE_SECONDS[name] * len(timed) for name in fns}
+
+    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    out, doc = tmp_path / "benchmarks", tmp_path / "B.md"
+    args = ["bench", "--device", "cpu", "--shapes", "tiny", "--dtypes", "float32", "--tokens", "1,8"]
+    args += ["--no-end-to-end", "--out-dir", str(out), "--doc", str(doc)]
+    resumed = False
+    CliRunner().invoke(app, args)
+    partial = out / "cpu.json.partial"
+    saved = json.loads(partial.read_text())
+    groups = [(r["tokens"], r["mode"]) for r in saved["rows"][::7]]
+    assert groups == [(1, "forward"), (1, "forward+backward")] and len(saved["rows"]) == 14
+    assert not (out / "cpu.json").exists() and not doc.exists()  # nothing half-done reaches the report
+
+    resumed = True
+    with pytest.raises(bench.CompressedExpertsError, match="with 5 repeats; this run is on .* with 6"):
+        bench.run("cpu", ("tiny",), ("float32",), (1, 8), repeats=6, end_to_end=False, partial=partial, resume=True)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert len(timed) == 4  # two groups before the interruption, the two left after it
+    stored = json.loads((out / "cpu.json").read_text())
+    assert stored["rows"][:14] == saved["rows"]  # the interrupted run's rows, kept as measured
+    assert [(r["tokens"], r["mode"]) for r in stored["rows"][14::7]] == [(8, "forward"), (8, "forward+backward")]
+    assert "--resume" not in stored["command"] and not partial.exists()
+
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+    partial.write_text("{")
+    with pytest.raises(bench.CompressedExpertsError, match="not a run's saved progress"):
+        bench.run("cpu", ("tiny",), ("float32",), (1,), end_to_end=False, partial=partial, resume=True)

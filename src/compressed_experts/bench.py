@@ -201,19 +201,31 @@ def bench_layers(
     device: torch.device,
     repeats: int = 5,
     progress: Callable[[str], None] = lambda _: None,
+    skip: frozenset[tuple] = frozenset(),
+    measured: Callable[[list[Row]], None] = lambda _: None,
 ) -> list[Row]:
-    """Every variant of every (shape, dtype, tokens, mode), timed in turns on shared weights and inputs."""
+    """Every variant of every (shape, dtype, tokens, mode), timed in turns on shared weights and inputs.
+
+    Groups whose (shape, dtype, tokens, mode) is in ``skip`` are not measured (a resumed run has
+    them); ``measured`` is handed each group's rows as soon as they are timed, so a long run
+    can be saved as it goes."""
     rows = []
     for shape_key in shapes:
         shape = SHAPES[shape_key]
         config = shape.config()
         top_k, router_attr = config.num_experts_per_tok, family_by_name(config.model_type).router_attr
         for dtype in dtypes:
+            dtype_name = str(dtype).removeprefix("torch.")
+            if all((shape_key, dtype_name, n, mode) in skip for n in tokens for mode in modes):
+                continue
             variants = _variants(shape, dtype, device, seed=0)
             for count in tokens:
                 x = torch.randn(1, count, variants["full"].experts.hidden_dim, dtype=dtype, device=device)
                 for mode in modes:
-                    progress(f"{shape_key}, {str(dtype).removeprefix('torch.')}, {count} tokens, {mode}")
+                    if (shape_key, dtype_name, count, mode) in skip:
+                        continue
+                    progress(f"{shape_key}, {dtype_name}, {count} tokens, {mode}")
+                    group = []
                     runs = {name: _runner(block, x, mode) for name, block in variants.items()}
                     medians = interleaved_medians(runs, device, repeats)
                     costs = {
@@ -233,10 +245,10 @@ def bench_layers(
                             else top_k
                         )
                         gflop, mb = costs[kind]
-                        rows.append(
+                        group.append(
                             Row(
                                 shape_key,
-                                str(dtype).removeprefix("torch."),
+                                dtype_name,
                                 count,
                                 mode,
                                 name,
@@ -245,6 +257,8 @@ def bench_layers(
                                 mb,
                             )
                         )
+                    rows += group
+                    measured(group)
             del variants
     return rows
 
@@ -584,6 +598,32 @@ def check_mergeable(directory: Path, dev: torch.device, keys: set[tuple], end_to
         )
 
 
+def partial_path(directory: Path, dev: torch.device) -> Path:
+    """Where a run keeps what it has measured so far (not ``*.json``: the report never reads it)."""
+    return directory / f"{device_key(dev)}.json.partial"
+
+
+def _earlier(path: Path, here: str, repeats: int) -> dict:
+    """The rows an interrupted run saved in ``path``, checked to be resumable by this one."""
+    if not path.is_file():
+        raise CompressedExpertsError(f"nothing to resume: {path} does not exist; run without --resume")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        machine_, repeats_ = saved["machine"], saved["repeats"]
+        if not all(isinstance(r, dict) and isinstance(r["ms"], (int, float)) for r in saved["rows"]):
+            raise TypeError("its rows are not timings")
+    except (ValueError, KeyError, TypeError) as err:
+        raise CompressedExpertsError(
+            f"{path} is not a run's saved progress ({first_line(err)}); delete it and run without --resume"
+        ) from None
+    if (machine_, repeats_) != (here, repeats):
+        raise CompressedExpertsError(
+            f"{path} was measured on {machine_} with {repeats_} repeats; this run is on {here} with {repeats}. "
+            f"Rows of both in one table would not compare: run without --resume to start again"
+        )
+    return saved
+
+
 def run(
     device: str = "auto",
     shapes=("olmoe", "phimoe"),
@@ -594,24 +634,46 @@ def run(
     end_to_end: bool = True,
     command: str = "",
     progress: Callable[[str], None] = lambda _: None,
+    partial: Path | None = None,
+    resume: bool = False,
 ) -> dict:
-    """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict."""
+    """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict.
+
+    With ``partial``, the result so far is written there (atomically) after every row and after the
+    end-to-end part, so an interrupted run loses at most the row it was timing; ``resume`` takes the
+    rows (and end-to-end figures) a run of the same machine and repeats saved there and measures
+    only the rest. Without ``resume`` an earlier ``partial`` is started afresh: code may have changed
+    since, and rows of two versions must not share a table."""
+    from .checkpoint import write_atomic
+
     dev = resolve_device(device)
+    here = machine(dev)
+    result = {"device": device_key(dev), "machine": here, "command": command, "repeats": repeats, "rows": []}
+    if resume:
+        if partial is None:
+            raise CompressedExpertsError("resume needs the partial file of the interrupted run")
+        earlier = _earlier(partial, here, repeats)
+        result["rows"] = earlier["rows"]
+        if "end_to_end" in earlier:
+            result["end_to_end"] = earlier["end_to_end"]
+
+    def save(group: list[Row] = ()) -> None:
+        result["rows"] += [asdict(r) for r in group]
+        if partial is not None:
+            write_atomic(partial, json.dumps(result, indent=1))
+
+    done = frozenset((r["shape"], r["dtype"], r["tokens"], r["mode"]) for r in result["rows"])
     with warnings.catch_warnings():  # training steps in 16 bits are timed here, not trained: no advice wanted
         warnings.filterwarnings("ignore", message="compressed experts held in")
-        rows = bench_layers(shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress)
-    result = {
-        "device": device_key(dev),
-        "machine": machine(dev),
-        "command": command,
-        "repeats": repeats,
-        "rows": [asdict(r) for r in rows],
-    }
-    if end_to_end:
+        bench_layers(
+            shapes, [getattr(torch, d) for d in dtypes], tokens, modes, dev, repeats, progress, done, measured=save
+        )
+    if end_to_end and "end_to_end" not in result:
         result["end_to_end"] = {
             "dtype": E2E_DTYPE,
             "prompt": E2E_PROMPT,
             "new_tokens": E2E_NEW_TOKENS,
             **bench_end_to_end(dev, getattr(torch, E2E_DTYPE), repeats=repeats, progress=progress),
         }
+        save()
     return result

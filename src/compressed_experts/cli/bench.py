@@ -55,6 +55,13 @@ def bench(
     report_only: Annotated[
         bool, typer.Option(help="Measure nothing: regenerate --doc from the JSON in --out-dir.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted run: keep the rows it saved in --out-dir/<device>.json.partial "
+            "(same machine and --repeats) and measure only the rest."
+        ),
+    ] = False,
     engine: Annotated[
         str,
         typer.Option(
@@ -99,7 +106,10 @@ def bench(
         dtypes_, tokens_, modes_ = settings
         planned = {(sh, dt, n, mode) for sh in layer_shapes for dt in dtypes_ for n in tokens_ for mode in modes_}
         benchmark.check_mergeable(out_dir, benchmark.resolve_device(device), planned, end_to_end)
-        command = "compressed-experts bench " + " ".join(sys.argv[2:])
+        command = "compressed-experts bench " + " ".join(a for a in sys.argv[2:] if a != "--resume")
+        partial = benchmark.partial_path(out_dir, benchmark.resolve_device(device))
+        if partial.exists() and not resume:
+            console.print(f"{partial} holds an interrupted run's rows: starting afresh (--resume continues it)")
         with console.status("benchmarking") as status:
             result = benchmark.run(
                 device,
@@ -109,8 +119,11 @@ def bench(
                 end_to_end,
                 command,
                 progress=lambda text: status.update(f"benchmarking: {text}"),
+                partial=partial,
+                resume=resume,
             )
         benchmark.write_report(result, out_dir, doc)
+        partial.unlink(missing_ok=True)
         console.print(Markdown(benchmark.markdown(result)))
         console.print(f"wrote {out_dir / (result['device'] + '.json')} and {doc}")
 
