@@ -85,7 +85,11 @@ def test_plan_meets_its_budget_and_measures_what_it_chose(planned):
 
 
 def test_frontier_rows_and_plot(planned, tmp_path):
-    _, _, _, _, result = planned
+    _, before, _, heldout, result = planned
+    with torch.no_grad():
+        logits = before(heldout).logits[:, :-1]
+    full = F.cross_entropy(logits.flatten(0, 1), heldout[:, 1:].flatten())
+    assert result.full_loss == pytest.approx(float(full), rel=1e-5)
     budgets = [row["budget"] for row in result.frontier]
     assert budgets == [2.5, 4.0, 6]
     for row in result.frontier:

@@ -133,6 +133,7 @@ class Plan:
     uniform: dict[str, Any] | None = None  # the best single setting that fits the budget
     frontier: list[dict[str, Any]] = field(default_factory=list)
     calibration_tokens: int = 0
+    full_loss: float | None = None  # held-out loss of full top-k, the frontier's floor
 
     @property
     def expert_equivalents(self) -> float:
@@ -149,6 +150,7 @@ class Plan:
             "measured_divergence": self.measured_divergence,
             "uniform": self.uniform,
             "calibration_tokens": self.calibration_tokens,
+            "full_loss": self.full_loss,
             "layers": [
                 {"block": b, **c.to_dict(), "expert_equivalents": cost, "divergence": d}
                 for b, c, cost, d in zip(self.blocks, self.layers, self.layer_costs, self.layer_divergences)
@@ -240,6 +242,8 @@ def plan(
     result = _allocated(blocks, candidates, divergences, budget, top_k)
     result.calibration_tokens = calibration.numel()
     result.measured_divergence, result.uniform = measure.against_uniform(result, candidates, divergences)
+    if heldout is not None:
+        result.full_loss = measure.loss(heldout, [None] * len(blocks))
     for point in sorted({*frontier, budget}):
         planned = result if point == budget else _allocated(blocks, candidates, divergences, point, top_k)
         measured, uniform = (
@@ -470,7 +474,7 @@ class _Measure:
         }
 
     @torch.no_grad()
-    def loss(self, heldout: torch.Tensor, configs: list[CEConfig]) -> float:
+    def loss(self, heldout: torch.Tensor, configs: Sequence[CEConfig | None]) -> float:
         """Mean next-token loss on ``heldout`` with each block on its setting."""
         self._use(configs)
         try:
@@ -506,6 +510,8 @@ def frontier_plot(result: Plan, path: str | Path, say: Callable[[str], None] = l
         ax.plot(*zip(*sorted(planned)), "o-", label="planned per block")
         if uniform:
             ax.plot(*zip(*sorted(uniform)), "s--", label="best uniform setting")
+        if key == "loss" and result.full_loss is not None:
+            ax.axhline(result.full_loss, color="black", lw=0.8, label=f"full top-{result.top_k}")
         ax.axvline(result.budget, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"expert-equivalents per token and block (of {result.top_k})")
         ax.set_ylabel(label)
