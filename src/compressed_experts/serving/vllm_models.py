@@ -19,7 +19,11 @@ which takes the same arguments and:
 - runs the family's shared experts (built by vLLM) beside it, applies the scaling vLLM would,
   and all-reduces over tensor-parallel ranks.
 
-Attention, norms, embeddings, the LM head and the loading of every other weight stay vLLM's.
+Attention, norms, embeddings, the LM head and the loading of every other weight stay vLLM's, with
+corrections where vLLM's own model computes something else than transformers' does on the
+checkpoints this library saves: PhiMoE's biases a config says it has none of are zeroed and its LM
+head's bias is added (vLLM leaves it out), and DeepSeek-V3's rotary embedding runs vLLM's PyTorch
+version on CPU (:func:`_match_transformers`, :func:`_logits_with_head_bias`).
 The expert weights and the compressed experts are read by :meth:`CompressedExpertsRunner.load_one`
 from the checkpoint's names (``experts.<e>.gate_proj.weight`` or ``w1``/``w3``/``w2``,
 ``experts.compressed.ce_gate`` or ``experts.ce_gate``), cut to the rank's shard
@@ -80,14 +84,20 @@ _FUSED_ALIGN = 32
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _on_cpu() -> bool:
+    """Whether vLLM runs on its CPU build."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _cpu_fused_moe_ops() -> tuple[Any, Any] | None:
     """vLLM's ``(cpu_fused_moe, cpu_prepack_moe_weight)`` where vLLM runs on CPU, else None."""
     try:
         from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
-        from vllm.platforms import current_platform
     except ImportError:
         return None
-    return (cpu_fused_moe, cpu_prepack_moe_weight) if current_platform.is_cpu() else None
+    return (cpu_fused_moe, cpu_prepack_moe_weight) if _on_cpu() else None
 
 
 @torch.library.custom_op("compressed_experts::routed_experts", mutates_args=())
@@ -366,6 +376,41 @@ def _family_extra(base_arch: str, hf_config: Any) -> dict[str, Any]:
     return {}
 
 
+#: Biases vLLM's PhiMoE always builds (Phi-3.5-MoE has them), by the transformers config flag that says
+#: whether a checkpoint has them (False by default).
+_PHIMOE_BIASES = {"attention_bias": (".qkv_proj.bias", ".o_proj.bias"), "lm_head_bias": ("lm_head.bias",)}
+
+
+def _match_transformers(base_arch: str, model: nn.Module, hf_config: Any) -> None:
+    """Make vLLM's model of the family compute what transformers' does, where they part (after it is built).
+
+    - PhiMoE: vLLM builds the attention projections and the LM head with biases whatever the config
+      says, and leaves a bias the checkpoint lacks uninitialised without complaint. Those the config
+      says the model has none of are zeroed (exactly no bias); one the checkpoint holds overwrites it.
+    - DeepSeek-V3 on CPU: vLLM 0.32's CPU rotary kernel (``ops.rotary_embedding``) miscomputes the
+      3-D ``[tokens, heads, dim]`` tensors its MLA attention hands it (it is right for the 2-D ones
+      other families pass), so every token after the first attends wrongly. Its rotary embeddings
+      run their PyTorch version (``forward_native``) instead.
+    """
+    if base_arch == "PhimoeForCausalLM":
+        absent = tuple(
+            suffix
+            for flag, suffixes in _PHIMOE_BIASES.items()
+            if not getattr(hf_config, flag, False)
+            for suffix in suffixes
+        )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(absent):
+                    param.zero_()
+    if base_arch == "DeepseekV3ForCausalLM" and _on_cpu():
+        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+        for module in model.modules():
+            if isinstance(module, RotaryEmbeddingBase):
+                module._forward_method = module.forward_native
+
+
 def model_class(base_arch: str) -> type[nn.Module]:
     """``CompressedExperts<base_arch>``: vLLM's model of the family with compressed-experts blocks."""
     module_name, class_name = FAMILIES[base_arch]
@@ -383,6 +428,7 @@ def model_class(base_arch: str) -> type[nn.Module]:
                     setattr(hf_config, key, value)
         with _runners_in(module, ce, **_family_extra(base_arch, hf_config)):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+        _match_transformers(base_arch, self, hf_config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         runners = {m.prefix: m for m in self.modules() if isinstance(m, CompressedExpertsRunner)}
@@ -414,8 +460,16 @@ def model_class(base_arch: str) -> type[nn.Module]:
             )
         return loaded
 
-    name = f"CompressedExperts{base_arch}"
-    return type(name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__})
+    methods = {"__init__": __init__, "load_weights": load_weights, "__module__": __name__}
+    if base_arch == "PhimoeForCausalLM":
+        methods["compute_logits"] = _logits_with_head_bias
+    return type(f"CompressedExperts{base_arch}", (base,), methods)
+
+
+def _logits_with_head_bias(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+    """PhiMoE's logits with its LM head's bias: vLLM's PhiMoE builds and loads that bias (Phi-3.5-MoE
+    has one) but never adds it; zero where the config says there is none (:func:`_match_transformers`)."""
+    return self.logits_processor(self.lm_head, hidden_states, self.lm_head.bias)
 
 
 def __getattr__(name: str) -> type[nn.Module]:

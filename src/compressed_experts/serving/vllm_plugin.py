@@ -13,13 +13,12 @@ from __future__ import annotations
 from ..config import ARCHITECTURE_PREFIX
 
 #: The base architectures, as transformers names them, whose compressed-experts checkpoints vLLM serves.
-#: Not PhiMoE: vLLM 0.32's own PhiMoE model gave wrong tokens on transformers 5 checkpoints (the plain
-#: model goes to vLLM's transformers backend, which fails), so it is refused rather than served wrong.
 BASE_ARCHITECTURES = (
     "OlmoeForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
     "MixtralForCausalLM",
+    "PhimoeForCausalLM",
     "DeepseekV3ForCausalLM",
 )
 ARCHITECTURES = tuple(ARCHITECTURE_PREFIX + base for base in BASE_ARCHITECTURES)
