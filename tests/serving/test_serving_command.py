@@ -1,10 +1,16 @@
-"""``compressed-experts serve``: the vLLM server command it builds (no vLLM needed: --dry-run)."""
+"""``compressed-experts serve``: the vLLM server command it builds (no vLLM needed: --dry-run), and what
+is refused before vLLM starts."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
+import compressed_experts as ce
 from compressed_experts.cli import app
 from compressed_experts.errors import CompressedExpertsError
 from compressed_experts.serving.server import server_command
@@ -73,3 +79,70 @@ def test_eval_engine_mistakes_are_refused_before_the_model_loads(monkeypatch):
     assert result.exit_code == 2 and "save it first" in result.output
     result = CliRunner().invoke(app, ["eval", "--task", "lm-eval:arc_easy", "--model", "bundled", "--engine", "vllm"])
     assert result.exit_code == 2 and "lm_eval --model vllm --model_args pretrained=DIR" in result.output
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A compressed-experts checkpoint (tiny OLMoE, n_ce 4), saved."""
+    out = tmp_path_factory.mktemp("converted") / "model"
+    ce.from_pretrained("tiny:olmoe", n_ce=4).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """The plugin module, with this package installed where vLLM looks (its entry point) and VLLM_PLUGINS unset."""
+    from compressed_experts.serving import vllm_plugin
+
+    entry = SimpleNamespace(name=vllm_plugin.PLUGIN)
+    monkeypatch.setattr(vllm_plugin, "entry_points", lambda group: [entry] if group == vllm_plugin.GROUP else [])
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    return vllm_plugin
+
+
+def _config_only(folder: Path, **config) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_what_vllm_would_refuse_is_refused_before_it_starts(converted, plugin, tmp_path, monkeypatch):
+    """A compressed checkpoint vLLM would refuse for want of the plugin, or of a family it does not
+    serve, is refused by serve (and eval and bench, through check_servable) with what to do."""
+    installed = plugin.entry_points
+    server_command(str(converted), cpu=True)  # the plugin is loaded and serves OLMoE
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    with pytest.raises(
+        CompressedExpertsError, match="leaves out 'compressed_experts'.*VLLM_PLUGINS=compressed_experts,"
+    ):
+        server_command(str(converted), cpu=True)
+    server_command("bundled", cpu=True)  # a plain checkpoint: vLLM serves it without the plugin
+    monkeypatch.delenv("VLLM_PLUGINS")
+    monkeypatch.setattr(plugin, "entry_points", lambda group: [])
+    with pytest.raises(CompressedExpertsError, match=r"not installed .*pip install -e \."):
+        server_command(str(converted), cpu=True)
+    monkeypatch.setattr(plugin, "entry_points", installed)
+
+    foo = _config_only(
+        tmp_path / "foo", model_type="compressed_experts", architectures=["CompressedExpertsFooMoeForCausalLM"]
+    )
+    plain = _config_only(tmp_path / "plain", model_type="foo_moe", architectures=["FooMoeForCausalLM"])
+    with pytest.raises(
+        CompressedExpertsError, match="CompressedExpertsFooMoeForCausalLM .* does not serve .*--engine transformers"
+    ):
+        plugin.check_servable(str(foo))
+    plugin.check_servable(str(plain))  # vLLM's own business
+    with pytest.raises(CompressedExpertsError, match="does not serve"):  # what bench would convert it to
+        plugin.check_servable(str(plain), converted=True)
+    plugin.check_servable("org/some-model")  # a hub id: not read here
+
+
+def test_cli_refusals_say_what_to_do(converted, plugin, monkeypatch):
+    import compressed_experts.serving.engine as engine
+
+    monkeypatch.setenv("VLLM_PLUGINS", "")
+    result = CliRunner().invoke(app, ["serve", str(converted), "--dry-run"])
+    assert result.exit_code == 2 and "leaves out 'compressed_experts'" in result.output
+    monkeypatch.setattr(engine, "vllm_available", lambda: True)
+    result = _eval("--model", str(converted), "--engine", "vllm")
+    assert result.exit_code == 2 and "leaves out 'compressed_experts'" in result.output

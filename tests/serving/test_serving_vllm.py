@@ -159,6 +159,19 @@ def test_refused_without_the_plugin(bases, tmp_path):
     assert "does not recognize this architecture" in done.stderr or "not supported" in done.stderr
 
 
+def test_a_family_the_plugin_does_not_serve_is_refused_by_name(bases, tmp_path):
+    """vLLM's own refusal lists its hundreds of architectures; for a compressed-experts one the plugin
+    says that it does not serve that family and what to use instead."""
+    path = _save_converted(bases["olmoe"], "ia3", tmp_path / "model", 4)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["CompressedExpertsFooMoeForCausalLM"]}))
+    with pytest.raises(ValueError) as caught:
+        _vllm_tokens(path)
+    text = "".join(str(e) for e in _chain(caught.value))
+    assert "CompressedExpertsFooMoeForCausalLM is a compressed-experts checkpoint of a family" in text
+    assert "--engine transformers" in text and "Supported architectures" not in text
+
+
 def _edit_config(path: Path, **section) -> None:
     config = json.loads((path / "config.json").read_text())
     config["compressed_experts"].update(section)

@@ -116,7 +116,7 @@ def engine_benchmark(
     progress: Any = None,
 ) -> dict[str, Any]:
     """Tokens/s of each variant through vLLM (and transformers' generate with ``transformers``), one run."""
-    check_engine("vllm", source)
+    check_engine("vllm", source, converted=True)
     if not requests or min(requests) < 1 or new_tokens < 1 or repeats < 1:
         raise CompressedExpertsError("requests, new_tokens and repeats must be 1 or more")
     if not torch.cuda.is_available():

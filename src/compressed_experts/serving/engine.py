@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import CompressedExpertsError
 from ..sources import local_path, resolve, tiny_family
 from .server import CPU_KV_CACHE_GIB, vllm_available
+from .vllm_plugin import check_servable
 
 ENGINES = ("transformers", "vllm")
 
@@ -28,8 +29,9 @@ def check_engine_name(engine: str) -> None:
         )
 
 
-def check_engine(engine: str, source: str | None) -> None:
-    """Refuse an unknown engine, and vLLM where it is missing or cannot load ``source``, before any work."""
+def check_engine(engine: str, source: str | None, *, converted: bool = False) -> None:
+    """Refuse an unknown engine, and vLLM where it is missing or cannot load ``source`` (``converted``:
+    ``source`` converted to compressed experts, as ``bench`` serves it), before any work."""
     check_engine_name(engine)
     if engine != "vllm":
         return
@@ -45,6 +47,7 @@ def check_engine(engine: str, source: str | None) -> None:
             "(compressed-experts convert ... --out DIR) and evaluate DIR",
             settings=("engine",),
         )
+    check_servable(source, converted=converted)
 
 
 def engine_device() -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..sources import local_path, resolve, tiny_family
+from .vllm_plugin import check_servable
 
 #: KV-cache size (GiB) the server gets on CPU when VLLM_CPU_KVCACHE_SPACE is not set.
 CPU_KV_CACHE_GIB = 2
@@ -67,6 +68,7 @@ def server_command(
     path = local_path(source)
     if path is not None and path.exists() and not (path / "config.json").is_file():
         raise CompressedExpertsError(f"{model} is not a model directory: it has no config.json")
+    check_servable(source)
     if cpu is None:
         import torch
 
