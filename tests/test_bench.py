@@ -19,6 +19,7 @@ FAKE_SECONDS = {
     "ce": 1e-3,
     "subset": 1.25e-3,
     "slim": 0.75e-3,
+    "dense": 0.5e-3,
 }
 
 
@@ -37,16 +38,25 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     )
     rows = result["rows"]
     variants = {r["variant"] for r in rows}
-    assert variants == {"transformers:eager", "transformers:grouped_mm", "full", "top-m", "ce", "subset", "slim"}
-    assert len(rows) == 7 * 2 * 2 and len(calls) == 2 * 2  # variants x token counts x modes
+    assert variants == {
+        "transformers:eager",
+        "transformers:grouped_mm",
+        "full",
+        "top-m",
+        "ce",
+        "subset",
+        "slim",
+        "dense",
+    }
+    assert len(rows) == 8 * 2 * 2 and len(calls) == 2 * 2  # variants x token counts x modes
     # Each row holds its own call's median of its own variant, in ms, groups in order (tokens, then mode).
-    assert [(r["tokens"], r["mode"]) for r in rows[::7]] == [
+    assert [(r["tokens"], r["mode"]) for r in rows[::8]] == [
         (1, "forward"),
         (1, "forward+backward"),
         (8, "forward"),
         (8, "forward+backward"),
     ]
-    assert [r["ms"] for r in rows] == [calls[i // 7][r["variant"]] * 1e3 for i, r in enumerate(rows)]
+    assert [r["ms"] for r in rows] == [calls[i // 8][r["variant"]] * 1e3 for i, r in enumerate(rows)]
     full = next(r for r in rows if r["variant"] == "full" and r["tokens"] == 1 and r["mode"] == "forward")
     ce = next(r for r in rows if r["variant"] == "ce" and r["tokens"] == 1 and r["mode"] == "forward")
     assert full["gflop_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e9  # k = 4 experts of 3 H x I matrices
@@ -241,8 +251,8 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     CliRunner().invoke(app, args)
     partial = out / "cpu.json.partial"
     saved = json.loads(partial.read_text())
-    groups = [(r["tokens"], r["mode"]) for r in saved["rows"][::7]]
-    assert groups == [(1, "forward"), (1, "forward+backward")] and len(saved["rows"]) == 14
+    groups = [(r["tokens"], r["mode"]) for r in saved["rows"][::8]]
+    assert groups == [(1, "forward"), (1, "forward+backward")] and len(saved["rows"]) == 16
     assert not (out / "cpu.json").exists() and not doc.exists()  # nothing half-done reaches the report
 
     resumed = True
@@ -252,8 +262,8 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     assert result.exit_code == 0, result.output
     assert len(timed) == 4  # two groups before the interruption, the two left after it
     stored = json.loads((out / "cpu.json").read_text())
-    assert stored["rows"][:14] == saved["rows"]  # the interrupted run's rows, kept as measured
-    assert [(r["tokens"], r["mode"]) for r in stored["rows"][14::7]] == [(8, "forward"), (8, "forward+backward")]
+    assert stored["rows"][:16] == saved["rows"]  # the interrupted run's rows, kept as measured
+    assert [(r["tokens"], r["mode"]) for r in stored["rows"][16::8]] == [(8, "forward"), (8, "forward+backward")]
     assert "--resume" not in stored["command"] and not partial.exists()
 
     result = CliRunner().invoke(app, [*args, "--resume"])
@@ -261,3 +271,34 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     partial.write_text("{")
     with pytest.raises(bench.CompressedExpertsError, match="not a run's saved progress"):
         bench.run("cpu", ("tiny",), ("float32",), (1,), end_to_end=False, partial=partial, resume=True)
+
+
+def test_the_dense_bound_computes_full_top_k_with_one_experts_weights():
+    """Its products are full top-k's when every routed expert is expert 0: so its FLOPs are full top-k's."""
+    variants = bench._variants(bench.SHAPES["tiny"], torch.float32, torch.device("cpu"), seed=0)
+    dense, experts = variants["dense"].experts, variants["full"].experts
+    x = torch.randn(5, 64)
+    index = torch.zeros(5, 4, dtype=torch.long)
+    weights = torch.rand(5, 4)
+    torch.testing.assert_close(dense(x, index, weights), experts(x, index, weights))
+    assert sum(p.numel() for p in dense.parameters()) == 3 * 64 * 32  # one expert's copy, not a view of all
+
+
+def test_where_the_time_goes_table():
+    ms = {"transformers:eager": 5.0, "transformers:grouped_mm": 4.0, "full": 4.0, "top-m": 2.0, "ce": 2.5, "dense": 2.0}
+    rows = [
+        {
+            "shape": "olmoe",
+            "dtype": "float32",
+            "tokens": 512,
+            "mode": "forward",
+            "variant": v,
+            "ms": t,
+            "gflop_per_token": 0.1,
+            "expert_mb_per_token": 1.0,
+        }
+        for v, t in ms.items()
+    ]
+    lines = bench.markdown({"device": "cpu", "machine": "m", "command": "c", "rows": rows}).splitlines()
+    # ce extra (2.5 - 2.0) / 2.5 = 20%; full 0.1 GFLOP x 512 / 4 ms = 12,800 GFLOP/s, dense 25,600; 4 / 2 = 2.00
+    assert "| olmoe | float32 | 512 | forward | 20% | 12800 | 25600 | 2.00 |" in lines

@@ -112,6 +112,28 @@ def _with_experts(block: nn.Module, experts: nn.Module) -> nn.Module:
     return twin
 
 
+class DenseBound(nn.Module):
+    """The experts step at the machine's dense matmul rate: every (token, slot) row through ONE
+    expert's weights (its own copy, so a backward makes a gradient of one expert's size), so
+    that the products have full top-k's FLOPs and shapes but no grouping. What a grouped
+    product could reach at most; the distance to it is what grouping costs on this machine
+    (at a few tokens the floor is reading the weights instead: the MB column)."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.gate_up = nn.Parameter(experts.gate_up_proj[0].detach().clone())  # [2I, H]
+        self.down = nn.Parameter(experts.down_proj[0].detach().clone())  # [H, I]
+        self.act_fn = experts.act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        slots = top_k_index.shape[-1]
+        rows = hidden_states.repeat_interleave(slots, dim=0)  # [T*k, H], as a grouping's gather makes them
+        gate, up = (rows @ self.gate_up.T).chunk(2, dim=-1)
+        out = (self.act_fn(gate) * up) @ self.down.T
+        weighted = out.view(-1, slots, out.shape[-1]) * top_k_weights.unsqueeze(-1).to(out.dtype)
+        return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
 def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
     config = shape.config()
@@ -139,6 +161,7 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
         variants[form] = _with_experts(
             block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts))
         )
+    variants["dense"] = _with_experts(block, DenseBound(block.experts))
     return variants
 
 
@@ -236,12 +259,16 @@ def bench_layers(
                     # Auxiliary experts at r/I of an expert (their weights read: those of the experts hit beyond the main ones).
                     share = neurons(variants["full"].experts) / variants["full"].experts.intermediate_dim
                     costs["neurons"] = tuple(m + (f - m) * share for m, f in zip(main, full_cost))
+                    one_expert = sum(p.numel() for p in variants["dense"].experts.parameters()) * x.element_size()
+                    costs["dense"] = (full_cost[0], one_expert / count / 1e6)  # full's FLOPs, one expert read
                     for name, seconds in medians.items():
                         kind = (
                             "neurons"
                             if name in NEURON_FORMS
                             else top_k - shape.n_ce
                             if name in ("top-m", "ce")
+                            else name
+                            if name == "dense"
                             else top_k
                         )
                         gflop, mb = costs[kind]
@@ -417,6 +444,7 @@ def markdown(result: dict) -> str:
             f"{ratio(t['subset'], base)} | {ratio(t['slim'], base)} | "
             f"{_costs(v, 'gflop_per_token')} | {_costs(v, 'expert_mb_per_token')} |"
         )
+    lines += _where_the_time_goes(groups)
     e2e = result.get("end_to_end")
     if e2e:
         names = {
@@ -452,6 +480,34 @@ def markdown(result: dict) -> str:
             for name, value, bound, kind, ok in checks
         ]
     return "\n".join(lines) + "\n"
+
+
+def _where_the_time_goes(groups: dict[tuple, dict[str, dict]]) -> list[str]:
+    """The second table: what compressed experts add over their main experts, and how far this
+    library's full top-k is from the machine's dense matmul rate at the same FLOPs."""
+    keys = [k for k in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])) if "dense" in groups[k]]
+    if not keys:
+        return []
+    lines = [
+        "",
+        "Where the time goes (same runs). `ce extra`: (ce - top-m) / ce, the share of a compressed-experts call "
+        "spent on what it adds to running the same main experts (averaging the vectors, scaling the inputs, the "
+        "gate and up products apart). `GFLOP/s`: expert-matmul FLOPs per second of this library's full top-k, and "
+        "of the same products through one expert's weights (`dense`: no grouping, the machine's matmul rate at "
+        "these shapes; at a few tokens both are bound by reading weights, not by FLOPs).",
+        "",
+        "| shape | dtype | tokens | pass | ce extra | full GFLOP/s | dense GFLOP/s | full / dense time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        v = groups[key]
+        rate = {n: v[n]["gflop_per_token"] * key[2] / (v[n]["ms"] / 1e3) for n in ("full", "dense")}
+        extra = (v["ce"]["ms"] - v["top-m"]["ms"]) / v["ce"]["ms"]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {extra:.0%} | {rate['full']:.0f} | {rate['dense']:.0f} | "
+            f"{v['full']['ms'] / v['dense']['ms']:.2f} |"
+        )
+    return lines
 
 
 def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
