@@ -175,22 +175,19 @@ def test_end_to_end_on_a_toy_model(monkeypatch):
     )
 
 
+def _row_group(ms: dict[str, float], dtype: str) -> list[dict]:
+    """One (OLMoE shape, 512 tokens, forward) row of stored results with these times per variant."""
+    return [
+        {"shape": "olmoe", "dtype": dtype, "tokens": 512, "mode": "forward", "variant": v, "ms": t}
+        | {"gflop_per_token": 0.1, "expert_mb_per_token": 1.0}
+        for v, t in ms.items()
+    ]
+
+
 def test_ratios_and_targets_are_against_the_fastest_full_top_k():
     """Where transformers' experts beat this library's full top-k, compressed experts are measured against them."""
     ms = {"transformers:eager": 5.0, "transformers:grouped_mm": 2.0, "full": 2.5, "top-m": 1.5, "ce": 1.4}
-    rows = [
-        {
-            "shape": "olmoe",
-            "dtype": "bfloat16",
-            "tokens": 512,
-            "mode": "forward",
-            "variant": v,
-            "ms": t,
-            "gflop_per_token": 0.1,
-            "expert_mb_per_token": 1.0,
-        }
-        for v, t in ms.items()
-    ]
+    rows = _row_group(ms, "bfloat16")
     e2e = {
         "dtype": "bfloat16",
         "prompt": 8,
@@ -286,19 +283,7 @@ def test_the_dense_bound_computes_full_top_k_with_one_experts_weights():
 
 def test_where_the_time_goes_table():
     ms = {"transformers:eager": 5.0, "transformers:grouped_mm": 4.0, "full": 4.0, "top-m": 2.0, "ce": 2.5, "dense": 2.0}
-    rows = [
-        {
-            "shape": "olmoe",
-            "dtype": "float32",
-            "tokens": 512,
-            "mode": "forward",
-            "variant": v,
-            "ms": t,
-            "gflop_per_token": 0.1,
-            "expert_mb_per_token": 1.0,
-        }
-        for v, t in ms.items()
-    ]
+    rows = _row_group(ms, "float32")
     lines = bench.markdown({"device": "cpu", "machine": "m", "command": "c", "rows": rows}).splitlines()
     # ce extra (2.5 - 2.0) / 2.5 = 20%; full 0.1 GFLOP x 512 / 4 ms = 12,800 GFLOP/s, dense 25,600; 4 / 2 = 2.00
     assert "| olmoe | float32 | 512 | forward | 20% | 12800 | 25600 | 2.00 |" in lines
