@@ -80,12 +80,12 @@ def routing(tokens, seed=0, skip=()):
 
 
 def full_twin(model):
-    """A copy of a converted model that runs all k experts (n_ce = 0) on the same weights."""
+    """A copy of a converted model that runs all k experts (n_ce = 0, no per-token rule) on the same weights."""
     import copy
 
     twin = copy.deepcopy(model)
     for layer in compressed_layers(twin):
-        layer.n_ce = 0
+        layer.n_ce, layer.top_p, layer.skip_below = 0, None, None
     return twin
 
 

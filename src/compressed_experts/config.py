@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from typing import Any
 
 from .errors import CheckpointError, CompressedExpertsError
-from .forms import FORMS, NEURON_FORMS, get_form
+from .forms import FORMS, NEURON_FORMS, REGISTRY, get_form
+from .routing import RULES, Ruled, check_rule, rule_of
 
 __all__ = [
     "DTYPE_NAMES",
@@ -21,8 +22,12 @@ __all__ = [
     "setting",
 ]
 
-#: Version of the ``compressed_experts`` section written into a saved model's config.json.
-FORMAT_VERSION = 1
+#: Version of the ``compressed_experts`` section written into a saved model's config.json. A section
+#: with a per-token rule (``top_p``, ``skip_below``) is written as version 2, so that a library from
+#: before them refuses it instead of reading it as a fixed ``n_ce``; one with a fixed ``n_ce`` is
+#: still written as version 1, which every version reads.
+FORMAT_VERSION = 2
+_FIXED_FORMAT_VERSION = 1
 
 
 def setting(default: Any = MISSING, help: str = "") -> Any:
@@ -32,29 +37,44 @@ def setting(default: Any = MISSING, help: str = "") -> Any:
 
 
 @dataclass(frozen=True)
-class CEConfig:
-    """How many of each token's routed experts become compressed experts.
+class CEConfig(Ruled):
+    """Which of each token's routed experts become compressed experts, and in what form.
 
     ``n_ce`` auxiliary experts per token are replaced by their compressed experts; the
     ``m = top_k - n_ce`` highest-weighted ones stay full ("main") experts. ``n_ce = 0``
-    leaves the model's output unchanged. ``form`` names one of :mod:`compressed_experts.forms`
-    (:data:`~compressed_experts.forms.FORMS`); ``"none"`` gives
+    leaves the model's output unchanged. Instead of ``n_ce``, a per-token rule lets the number
+    of main experts vary from token to token: ``top_p`` keeps the fewest heaviest experts whose
+    routing weights cover that share of the token's routed weight, ``skip_below`` those whose
+    weight is at least that fraction of the token's top weight (either way at least one, at
+    most k); the rest are auxiliary. Exactly one of the three is given. ``form`` names one of
+    :mod:`compressed_experts.forms` (:data:`~compressed_experts.forms.FORMS`); ``"none"`` gives
     the top-m baseline through the same code path, so the two are compared fairly. Whether
     ``n_ce`` fits a model is only known once the model's top-k is, so
     :func:`compressed_experts.convert` checks that part.
     """
 
-    n_ce: int
-    form: str = "ia3"
-    #: Intermediate neurons of an auxiliary expert in the ``subset`` and ``slim`` forms; None means
-    #: an eighth of the expert's (``I // 8``, at least 1). Only those forms take it.
-    r: int | None = None
+    n_ce: int | None = setting(
+        None, "Routed experts per token replaced by compressed experts (the lightest n_ce of its top-k)."
+    )
+    form: str = setting("ia3", "; ".join(f"{name}: {form.help}" for name, form in REGISTRY.items()) + ".")
+    #: None means an eighth of the expert's (``I // 8``, at least 1). Only those forms take it.
+    r: int | None = setting(
+        None,
+        f"Neurons per auxiliary expert ({', '.join(NEURON_FORMS)}); default an eighth of the expert's.",
+    )
+    top_p: float | None = setting(
+        None,
+        "Instead of n_ce, per token: the fewest heaviest experts whose routing weights cover this share of "
+        "the token's routed weight run in full, the rest are compressed; in (0, 1], e.g. 0.6.",
+    )
+    skip_below: float | None = setting(
+        None,
+        "Instead of n_ce, per token: experts weighing less than this fraction of the token's top routing "
+        "weight are compressed; in (0, 1), e.g. 0.3.",
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_ce, bool) or not isinstance(self.n_ce, int):
-            raise CompressedExpertsError(f"n_ce must be a whole number, got {self.n_ce!r}", settings=("n_ce",))
-        if self.n_ce < 0:
-            raise CompressedExpertsError(f"n_ce must be 0 or more, got {self.n_ce}", settings=("n_ce",))
+        check_rule(self.n_ce, self.top_p, self.skip_below)
         form = get_form(self.form)  # raises, listing the forms
         if self.r is not None:
             if not form.takes_r:
@@ -85,9 +105,14 @@ class CEConfig:
         """
         return replace(self, r=self.neurons(intermediate)) if get_form(self.form).takes_r else self
 
+    @property
+    def rule(self) -> str:
+        """The rule as its setting: ``"n_ce=4"``, ``"top_p=0.6"`` or ``"skip_below=0.3"``."""
+        return ", ".join(f"{name}={value}" for name, value in rule_of(self).items())
+
     def check_top_k(self, top_k: int) -> None:
         """Raise if this config cannot apply to a model that routes each token to ``top_k`` experts."""
-        if self.n_ce >= top_k:
+        if self.n_ce is not None and self.n_ce >= top_k:
             raise CompressedExpertsError(
                 f"n_ce={self.n_ce} must be smaller than the model's top-k ({top_k}): at least one "
                 f"full expert must stay per token; use n_ce between 0 and {top_k - 1}",
@@ -95,13 +120,15 @@ class CEConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The section stored under ``compressed_experts`` in a saved config.json."""
-        return {**asdict(self), "format_version": FORMAT_VERSION}
+        """The section stored under ``compressed_experts`` in a saved config.json (the rule's one
+        setting, not the two left out)."""
+        version = FORMAT_VERSION if self.dynamic else _FIXED_FORMAT_VERSION
+        return {**rule_of(self), "form": self.form, "r": self.r, "format_version": version}
 
     @classmethod
     def from_dict(cls, section: dict[str, Any]) -> CEConfig:
         """Read back what :meth:`to_dict` wrote; refuses sections from a newer format."""
-        version = section.get("format_version", FORMAT_VERSION)
+        version = section.get("format_version", _FIXED_FORMAT_VERSION)
         if not isinstance(version, int):
             raise CompressedExpertsError(f"the compressed_experts section has a bad format_version: {version!r}")
         if version > FORMAT_VERSION:
@@ -109,10 +136,11 @@ class CEConfig:
                 f"this checkpoint uses compressed-experts format {version}, newer than this "
                 f"library's ({FORMAT_VERSION}): upgrade compressed-experts"
             )
-        if "n_ce" not in section:
-            raise CompressedExpertsError("the compressed_experts section of config.json has no n_ce")
+        rules = RULES if version >= 2 else ("n_ce",)  # version 1 knows no per-token rule
+        if not any(section.get(name) is not None for name in rules):
+            raise CompressedExpertsError(f"the compressed_experts section of config.json has no {' or '.join(rules)}")
         # Sections written before forms existed hold the paper's vectors.
-        return cls(n_ce=section["n_ce"], form=section.get("form", "ia3"), r=section.get("r"))
+        return cls(form=section.get("form", "ia3"), r=section.get("r"), **{name: section.get(name) for name in rules})
 
 
 #: Weight dtypes a user may name (as transformers' ``dtype=`` takes them); "auto" keeps the saved one.

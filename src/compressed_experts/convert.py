@@ -37,7 +37,8 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     Each block keeps its router, shared experts and expert weights; only its ``experts``
     submodule is replaced. With ``config.n_ce = 0`` the outputs are unchanged; with fresh
     compressed experts (all 1.0), or ``form="none"``, the model runs the top ``k - n_ce``
-    experts of each token with the router's weights as they are (not renormalised). The
+    experts of each token with the router's weights as they are (not renormalised); with a
+    per-token rule (``config.top_p``, ``config.skip_below``) as many as the rule keeps. The
     ``subset`` and ``slim`` forms start from each expert's most important neurons as judged
     from the weights alone; :func:`compressed_experts.fit` judges them on calibration text.
     """
@@ -69,7 +70,9 @@ def swap_blocks(model: PreTrainedModel, config: CEConfig) -> list[CompressedExpe
         _check_experts_layout(name, block.experts)
     config = config.resolved(blocks[0][1].experts.down_proj.shape[-1])  # raises when r does not fit
     for _, block in blocks:
-        block.experts = CompressedExperts(block.experts, config.n_ce, config.form, config.r)
+        block.experts = CompressedExperts(
+            block.experts, config.n_ce, config.form, config.r, top_p=config.top_p, skip_below=config.skip_below
+        )
     mark_config(model.config, config)
     return [block.experts for _, block in blocks]
 
@@ -77,7 +80,7 @@ def swap_blocks(model: PreTrainedModel, config: CEConfig) -> list[CompressedExpe
 def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
     """The compressed-experts settings of a converted model (``r`` resolved), or None for a plain one."""
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
-    return CEConfig(n_ce=layers[0].n_ce, form=layers[0].form, r=layers[0].r) if layers else None
+    return layers[0].ce_config if layers else None
 
 
 def float32_compressed_experts(model: PreTrainedModel) -> PreTrainedModel:

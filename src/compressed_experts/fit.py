@@ -177,7 +177,7 @@ def fit(
             "this model has no compressed experts: convert it first (n_ce and form), then fit",
             settings=("n_ce", "form"),
         )
-    if all(layer.n_ce == 0 for layer in layers):  # a RuntimeError at the first Adam step otherwise
+    if not any(layer.compresses for layer in layers):  # a RuntimeError at the first Adam step otherwise
         raise CompressedExpertsError(
             "n_ce 0 replaces no experts, so there is nothing to fit: convert with n_ce of 1 or more",
             settings=("n_ce",),
@@ -219,6 +219,7 @@ def fit(
     report: dict[str, Any] = {
         "form": form,
         "n_ce": layers[0].n_ce,
+        "rule": layers[0].ce_config.rule,
         "r": layers[0].r,
         "steps": steps,
         "lr": lr,

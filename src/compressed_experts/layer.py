@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import backends, traceable
+from .config import CEConfig
 from .errors import CompressedExpertsError
 from .forms import CE_PARAMETERS, Form, get_form, is_compressed_expert
-from .routing import Call, split_routing
+from .routing import Call, Ruled, check_rule, split_routing
 
 __all__ = [
     "CE_PARAMETERS",
@@ -44,8 +45,13 @@ class CompressedVectors(nn.Module):
         raise TypeError("CompressedVectors holds parameters; the CompressedExperts block reads them")
 
 
-class CompressedExperts(nn.Module):
+class CompressedExperts(Ruled, nn.Module):
     """Run the ``m = k - n_ce`` heaviest routed experts in full; stand in for the rest by ``form``.
+
+    Instead of ``n_ce`` (None then), a per-token rule chooses how many of each token's experts are
+    main: ``top_p`` (the fewest heaviest covering that share of its routing weight) or
+    ``skip_below`` (those weighing at least that fraction of its top weight); see
+    :class:`~compressed_experts.config.CEConfig`.
 
     Parameters are the original expert weights (shared, not copied) plus what the form adds
     (:mod:`compressed_experts.forms`): ``ia3`` three vectors per expert, ``ce_gate`` ``[E, H]``,
@@ -54,7 +60,16 @@ class CompressedExperts(nn.Module):
     and ``ce_down_proj`` ``[E, H, r]``.
     """
 
-    def __init__(self, experts: nn.Module, n_ce: int, form: str = "ia3", r: int | None = None) -> None:
+    def __init__(
+        self,
+        experts: nn.Module,
+        n_ce: int | None,
+        form: str = "ia3",
+        r: int | None = None,
+        *,
+        top_p: float | None = None,
+        skip_below: float | None = None,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = experts.gate_up_proj  # [E, 2I, H], gate rows first
         self.down_proj = experts.down_proj  # [E, H, I]
@@ -62,11 +77,14 @@ class CompressedExperts(nn.Module):
         self.num_experts, two_i, self.hidden_dim = self.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.n_ce = n_ce
+        self.top_p = top_p
+        self.skip_below = skip_below
         self.form = form
         spec = self.form_spec
         self.r = r if spec.takes_r else None
         if spec.takes_r and not (isinstance(r, int) and 1 <= r <= self.intermediate_dim):
             raise CompressedExpertsError(f"form {form} needs r between 1 and {self.intermediate_dim}, got {r!r}")
+        check_rule(n_ce, top_p, skip_below)
         self.path = "auto"  # compute backend of the expert products, see set_compute_path
         # Distillation (training only): when on, each training forward also runs the full top-k
         # block without gradients and leaves the relative squared distance to it here.
@@ -100,21 +118,27 @@ class CompressedExperts(nn.Module):
         """The :class:`~compressed_experts.forms.base.Form` behind ``self.form``."""
         return get_form(self.form)
 
+    @property
+    def ce_config(self) -> CEConfig:
+        """This block's settings (rule, form and ``r``) as a :class:`CEConfig` (validated)."""
+        return CEConfig(self.n_ce, self.form, self.r, top_p=self.top_p, skip_below=self.skip_below)
+
     def extra_repr(self) -> str:
         neurons = f", r={self.r}" if self.r is not None else ""
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-            f"intermediate_dim={self.intermediate_dim}, n_ce={self.n_ce}, form={self.form}{neurons}, path={self.path}"
+            f"intermediate_dim={self.intermediate_dim}, {self.ce_config.rule}, form={self.form}{neurons}, "
+            f"path={self.path}"
         )
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.training and self.n_ce and torch.is_grad_enabled():
+        if self.training and self.compresses and torch.is_grad_enabled():
             self._warn_if_untrainable()
             self._warn_if_adapter_misnames_base()
-        out = self._compute(hidden_states, top_k_index, top_k_weights, self.n_ce)
-        if self.distill and self.training and self.n_ce:
+        out = self._compute(hidden_states, top_k_index, top_k_weights)
+        if self.distill and self.training and self.compresses:
             with torch.no_grad():
                 target = self.full(hidden_states, top_k_index, top_k_weights).float()
             # Relative to the target's mean square, so one weight means the same in every block and model.
@@ -147,16 +171,17 @@ class CompressedExperts(nn.Module):
                 f"compressed experts are being trained in a PEFT adapter on a model converted in memory from "
                 f"{self.converted_from}: the adapter will name that plain model as its base, so "
                 f"AutoPeftModelForCausalLM would load it without compressed experts. Load the adapter with "
-                f"compressed_experts.from_pretrained(ADAPTER_DIR, n_ce={self.n_ce}), or save the converted model "
+                f"compressed_experts.from_pretrained(ADAPTER_DIR, {self.ce_config.rule}), or save the converted model "
                 f"first and train on that directory",
                 stacklevel=3,
             )
 
     def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""
-        return self._compute(hidden_states, top_k_index, top_k_weights, 0)
+        return self._compute(hidden_states, top_k_index, top_k_weights, full=True)
 
-    def _compute(self, hidden_states, top_k_index, top_k_weights, n_ce: int) -> torch.Tensor:
+    def _compute(self, hidden_states, top_k_index, top_k_weights, full: bool = False) -> torch.Tensor:
+        rule = (0, None, None) if full else (self.n_ce, self.top_p, self.skip_below)  # n_ce, top_p, skip_below
         if torch.compiler.is_compiling():  # one opaque operator: no graph break, any length (traceable.py)
             vectors = [getattr(self, name) for name in self.form_spec.parameters]
             return traceable.experts(
@@ -166,13 +191,13 @@ class CompressedExperts(nn.Module):
                 self.gate_up_proj,
                 self.down_proj,
                 vectors,
-                n_ce,
+                *rule,
                 self.form,
                 self.r,
                 self.path,
                 traceable.activation_name(self.act_fn),
             )
-        call = Call(self, hidden_states, top_k_index, top_k_weights, n_ce)
+        call = Call(self, hidden_states, top_k_index, top_k_weights, *rule)
         return backends.choose(self.path, call).run(call)
 
 

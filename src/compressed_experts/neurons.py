@@ -29,9 +29,10 @@ def weight_importance(layer: CompressedExperts) -> torch.Tensor:
 class ActivationImportance:
     """Calibration estimate of each neuron's importance when its expert is auxiliary.
 
-    Sums, over the (token, expert) pairs where the expert is one of the token's ``n_ce``
-    lowest-weighted, the routing weight times the neuron's activation magnitude
-    ``|act(gate) * up|``; times the norm of its down-projection column this is the size of
+    Sums, over the (token, expert) pairs where the expert is one of the token's auxiliary experts
+    (its ``n_ce`` lowest-weighted, or those its per-token rule leaves out), the routing weight
+    times the neuron's activation magnitude ``|act(gate) * up|``; times the norm of its
+    down-projection column this is the size of
     what the neuron adds to the output. Experts that calibration never made auxiliary keep
     the weight-based estimate.
     """
@@ -45,8 +46,10 @@ class ActivationImportance:
     def update(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Add one batch of a block's expert inputs (as the block hands them to its experts)."""
         layer = self.layer
-        split = split_routing(top_k_index, top_k_weights, layer.n_ce)
+        split = split_routing(top_k_index, top_k_weights, layer.n_ce, layer.top_p, layer.skip_below)
         index, weights = split.aux_index, split.aux_weights
+        auxiliary = torch.ones_like(index, dtype=torch.bool) if split.aux_skip is None else ~split.aux_skip
+        weights = weights * auxiliary  # a slot its token keeps as main adds nothing
         groups = Grouping.build(index, layer.num_experts)
         rows = hidden_states[groups.token]
         grouped = layer.path != "loop" and grouped_mm_takes(rows, layer.gate_up_proj.transpose(-2, -1))
@@ -54,7 +57,8 @@ class ActivationImportance:
         magnitude = (layer.act_fn(gate) * up).abs().float() * weights.reshape(-1)[groups.order].float().unsqueeze(-1)
         experts = index.reshape(-1)[groups.order].cpu()
         self.sums.index_add_(0, experts, magnitude.cpu())
-        self.rows += torch.bincount(experts, minlength=layer.num_experts)
+        counted = auxiliary.reshape(-1)[groups.order].cpu().float()
+        self.rows += torch.bincount(experts, weights=counted, minlength=layer.num_experts).long()
 
     def result(self) -> torch.Tensor:
         """The ``[E, I]`` importance to hand to :func:`select_neurons`."""

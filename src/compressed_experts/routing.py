@@ -3,34 +3,135 @@ auxiliary experts, and the expert runs that a form asks a backend to compute.
 
 Forms (what stands in for the auxiliary experts) and backends (how the expert products are
 computed) both speak in these terms and know nothing of each other.
+
+Which of a token's routed experts are main is decided by a rule: a fixed number ``n_ce`` of
+auxiliary experts (the lightest), or a per-token rule, ``top_p`` or ``skip_below``
+(:func:`main_slots`), under which the number of main experts varies from token to token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
+from .errors import CompressedExpertsError
+
+#: The settings that choose a token's main experts; exactly one of them is given.
+RULES = ("n_ce", "top_p", "skip_below")
+
+
+class Ruled:
+    """What the rule settings ``n_ce``, ``top_p`` and ``skip_below`` of a config, a block or a call mean
+    (a mixin: the class holds the three as attributes)."""
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the number of main experts varies per token (``top_p`` or ``skip_below``)."""
+        return self.top_p is not None or self.skip_below is not None
+
+    @property
+    def compresses(self) -> bool:
+        """Whether any token may have auxiliary experts (False: the full top-k block, ``n_ce = 0``)."""
+        return self.dynamic or bool(self.n_ce)
+
+
+def rule_of(settings: Any) -> dict[str, Any]:
+    """The rule settings that ``settings`` (a config, a block) holds, by name: those not None."""
+    return {name: getattr(settings, name) for name in RULES if getattr(settings, name) is not None}
+
+
+def check_rule(n_ce: Any, top_p: Any, skip_below: Any) -> None:
+    """Refuse anything but exactly one rule, with its value in range (``n_ce`` against a model's
+    top-k is checked later, where the top-k is known)."""
+    given = [name for name, value in zip(RULES, (n_ce, top_p, skip_below)) if value is not None]
+    if len(given) != 1:
+        raise CompressedExpertsError(
+            f"give exactly one of n_ce (a fixed number of auxiliary experts per token), top_p or skip_below "
+            f"(a per-token rule); got {' and '.join(given) if given else 'none'}",
+            settings=RULES,
+        )
+    if n_ce is not None:
+        if isinstance(n_ce, bool) or not isinstance(n_ce, int):
+            raise CompressedExpertsError(f"n_ce must be a whole number, got {n_ce!r}", settings=("n_ce",))
+        if n_ce < 0:
+            raise CompressedExpertsError(f"n_ce must be 0 or more, got {n_ce}", settings=("n_ce",))
+        return
+    name, value = given[0], top_p if top_p is not None else skip_below
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if name == "top_p" and not (number and 0 < value <= 1):
+        raise CompressedExpertsError(
+            f"top_p is the share of each token's routing weight that its main experts cover: a number in "
+            f"(0, 1], e.g. 0.6; got {value!r}",
+            settings=("top_p",),
+        )
+    if name == "skip_below" and not (number and 0 < value < 1):
+        raise CompressedExpertsError(
+            f"skip_below is a fraction of each token's top routing weight (experts below it are auxiliary): "
+            f"a number in (0, 1), e.g. 0.3; got {value!r}",
+            settings=("skip_below",),
+        )
+
+
+def main_slots(sorted_weights: torch.Tensor, top_p: float | None, skip_below: float | None) -> torch.Tensor:
+    """``[T, k]`` bool, True where a slot is main under a per-token rule; ``sorted_weights`` is each
+    token's routing weights as the router gave them, heaviest first.
+
+    ``top_p``: the fewest heaviest slots whose weights add up to ``top_p`` of the token's routed
+    weight (the sum of its k weights), so a slot is main when the slots before it hold less than
+    that. ``skip_below``: the slots whose weight is at least ``skip_below`` times the token's top
+    weight. Either way the heaviest slot is always main (at least one, at most k). Computed in
+    float32 with fixed shapes: no host sync.
+    """
+    weights = sorted_weights.float()
+    first = torch.zeros_like(weights, dtype=torch.bool)
+    first[:, 0] = True
+    if top_p is not None:
+        held = weights.cumsum(dim=-1)
+        before = torch.cat([torch.zeros_like(held[:, :1]), held[:, :-1]], dim=-1)  # weight of the heavier slots
+        return first | (before < top_p * held[:, -1:])
+    return first | (weights >= skip_below * weights[:, :1])
+
 
 class Split(NamedTuple):
-    """Each token's routed experts ordered by weight, the first ``m`` main, the rest auxiliary
-    (a tuple, so ``main_index, main_weights, aux_index, aux_weights = split_routing(...)`` works)."""
+    """Each token's routed experts ordered by weight, the first ``m`` main, the rest auxiliary.
+
+    Under a per-token rule the halves keep fixed shapes: ``main_index`` holds all ``k`` slots and
+    ``aux_index`` slots 2..k (the heaviest is always main), and ``main_skip`` / ``aux_skip`` mark
+    the pairs that are not main / not auxiliary for their token (pairs not to compute). With a
+    fixed ``n_ce`` both are None.
+    """
 
     main_index: torch.Tensor  # [T, m]
     main_weights: torch.Tensor  # [T, m], as the router gave them (not renormalised)
     aux_index: torch.Tensor  # [T, n_ce]
     aux_weights: torch.Tensor  # [T, n_ce]
+    main_skip: torch.Tensor | None = None  # [T, k], per-token rules only
+    aux_skip: torch.Tensor | None = None  # [T, k - 1], per-token rules only
 
 
-def split_routing(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n_ce: int) -> Split:
-    """Each token's experts by weight, the ``n_ce`` lightest auxiliary. Routers do not all return
-    their experts sorted (PhiMoE's sparsemixer and DeepSeek's grouped routing do not); ties keep
-    the router's order, so every backend makes the same split."""
+def split_routing(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    n_ce: int | None,
+    top_p: float | None = None,
+    skip_below: float | None = None,
+) -> Split:
+    """Each token's experts by weight, the ``n_ce`` lightest auxiliary, or under a per-token rule
+    (``top_p``, ``skip_below``: see :func:`main_slots`) as many as the rule makes auxiliary. Routers
+    do not all return their experts sorted (PhiMoE's sparsemixer and DeepSeek's grouped routing do
+    not); ties keep the router's order, so every backend makes the same split."""
     weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
     index = top_k_index.gather(-1, order)
-    main = top_k_index.shape[-1] - n_ce
-    return Split(index[:, :main], weights[:, :main], index[:, main:], weights[:, main:])
+    if top_p is None and skip_below is None:
+        if n_ce is None:
+            raise CompressedExpertsError("split_routing needs n_ce, top_p or skip_below", settings=RULES)
+        main = top_k_index.shape[-1] - n_ce
+        return Split(index[:, :main], weights[:, :main], index[:, main:], weights[:, main:])
+    is_main = main_slots(weights, top_p, skip_below)
+    return Split(index, weights, index[:, 1:], weights[:, 1:], ~is_main, is_main[:, 1:])
 
 
 @dataclass(frozen=True)
@@ -40,7 +141,8 @@ class ExpertRun:
     ``gate_up`` is a fused ``[E, 2n, H]`` weight (gate rows first) or a (gate, up) pair of
     ``[E, n, H]`` views; ``down`` is ``[E, H, n]``. ``scales`` are per-token ``(g [T, H], u [T, H],
     d [T, n])``, absent for plain experts. ``neuron_limit = (slot, r)`` keeps only the first ``r``
-    neurons of the pairs in routing slots ``slot`` onward.
+    neurons of the pairs in routing slots ``slot`` onward. ``skip`` ``[T, s]`` marks pairs not to
+    compute (they add exactly nothing, and take no gradient): a per-token rule's other half.
     """
 
     index: torch.Tensor  # [T, s]
@@ -49,6 +151,7 @@ class ExpertRun:
     down: torch.Tensor
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     neuron_limit: tuple[int, int] | None = None
+    skip: torch.Tensor | None = None
 
     def weight_tensors(self) -> tuple[torch.Tensor, ...]:
         """Every expert weight this run multiplies by, as ``[E, out, in]``."""
@@ -57,29 +160,37 @@ class ExpertRun:
 
 
 @dataclass
-class Call:
-    """One call of a compressed-experts block: its inputs, and (computed once, on demand) the runs
-    its form asks for. ``n_ce = 0`` is the full top-k block, whatever the form."""
+class Call(Ruled):
+    """One call of a compressed-experts block: its inputs, its rule, and (computed once, on demand)
+    the runs its form asks for. ``n_ce = 0`` is the full top-k block, whatever the form; ``top_p``
+    or ``skip_below`` (with ``n_ce`` None) a per-token rule."""
 
     layer: Any  # the CompressedExperts module (typed loosely: this module sits below it)
     x: torch.Tensor  # [T, H]
     top_k_index: torch.Tensor  # [T, k]
     top_k_weights: torch.Tensor  # [T, k]
-    n_ce: int
+    n_ce: int | None
+    top_p: float | None = None
+    skip_below: float | None = None
     _runs: list[ExpertRun] | None = field(default=None, repr=False)
 
     @property
     def main_rows(self) -> int:
-        """(token, main expert) pairs: the size that decides which backend is fastest."""
-        return self.top_k_index.shape[0] * (self.top_k_index.shape[1] - self.n_ce)
+        """(token, main expert) pairs the products are sized for: the size that decides which backend is
+        fastest (under a per-token rule every slot has a row, those of auxiliary pairs skipped)."""
+        tokens, slots = self.top_k_index.shape
+        return tokens * (slots if self.dynamic else slots - self.n_ce)
+
+    def split(self) -> Split:
+        """The routing split by this call's rule."""
+        return split_routing(self.top_k_index, self.top_k_weights, self.n_ce, self.top_p, self.skip_below)
 
     @property
     def runs(self) -> list[ExpertRun]:
         if self._runs is None:
             layer = self.layer
-            if self.n_ce == 0:
+            if not self.compresses:
                 self._runs = [ExpertRun(self.top_k_index, self.top_k_weights, layer.gate_up_proj, layer.down_proj)]
             else:
-                split = split_routing(self.top_k_index, self.top_k_weights, self.n_ce)
-                self._runs = layer.form_spec.runs(layer, split)
+                self._runs = layer.form_spec.runs(layer, self.split())
         return self._runs

@@ -60,11 +60,13 @@ class _Block:
         return get_form(self.form)
 
 
-def _run(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, form, r, path, act) -> torch.Tensor:
+def _run(
+    x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+) -> torch.Tensor:
     block = _Block(gate_up_proj, down_proj, form, r, path, act)
     for name, value in zip(block.form_spec.parameters, vectors):
         setattr(block, name, value)
-    call = Call(block, x, top_k_index, top_k_weights, n_ce)
+    call = Call(block, x, top_k_index, top_k_weights, n_ce, top_p, skip_below)
     return backends.choose(path, call).run(call)
 
 
@@ -76,18 +78,22 @@ def experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     vectors: list[torch.Tensor],
-    n_ce: int,
+    n_ce: int | None,
+    top_p: float | None,
+    skip_below: float | None,
     form: str,
     r: int | None,
     path: str,
     act: str,
 ) -> torch.Tensor:
     """The block's expert output ``[T, H]`` (what ``CompressedExperts._compute`` returns)."""
-    return _run(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, form, r, path, act)
+    return _run(
+        x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+    )
 
 
 @experts.register_fake
-def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, form, r, path, act):
+def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act):
     return torch.empty_like(x)
 
 
@@ -100,7 +106,9 @@ def experts_backward(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     vectors: list[torch.Tensor],
-    n_ce: int,
+    n_ce: int | None,
+    top_p: float | None,
+    skip_below: float | None,
     form: str,
     r: int | None,
     path: str,
@@ -109,11 +117,12 @@ def experts_backward(
     """Gradients of :func:`experts` for x, the routing weights, both expert weights and each vector,
     by recomputing the call with autograd on (the cost of one more forward, as in checkpointing)."""
     inputs = [t.detach().requires_grad_() for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
+    rule = (n_ce, top_p, skip_below)
     stream = torch.cuda.current_stream() if grad.is_cuda else None
 
     def recompute() -> list[torch.Tensor]:
         with torch.cuda.stream(stream) if stream is not None else nullcontext(), torch.enable_grad():
-            out = _run(inputs[0], top_k_index, inputs[1], inputs[2], inputs[3], inputs[4:], n_ce, form, r, path, act)
+            out = _run(inputs[0], top_k_index, inputs[1], inputs[2], inputs[3], inputs[4:], *rule, form, r, path, act)
             grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
@@ -123,7 +132,9 @@ def experts_backward(
 
 
 @experts_backward.register_fake
-def _(grad, x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, form, r, path, act):
+def _(
+    grad, x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+):
     return [torch.empty_like(t) for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
 
 
@@ -138,7 +149,7 @@ def _backward(ctx, grad):
     g_x, g_weights, g_gate_up, g_down, *g_vectors = experts_backward(
         grad, x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, *ctx.settings
     )
-    return g_x, None, g_weights, g_gate_up, g_down, g_vectors, None, None, None, None, None
+    return g_x, None, g_weights, g_gate_up, g_down, g_vectors, *[None] * len(ctx.settings)
 
 
 experts.register_autograd(_backward, setup_context=_setup_context)

@@ -19,7 +19,7 @@ class Backend:
 
     def unavailable(self, call: Call) -> str | None:
         """Why this backend cannot compute ``call`` (a phrase that completes "cannot run here: ..."), or None."""
-        if self.name not in call.layer.form_spec.backends and call.n_ce:
+        if self.name not in call.layer.form_spec.backends and call.compresses:
             return f"the {call.layer.form} form has no {self.name} implementation"
         return None
 

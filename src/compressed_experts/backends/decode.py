@@ -11,7 +11,10 @@ and sums over the token's experts. Each pair reads its expert's weights once, in
 path pays when few pairs share an expert: decode. Forward only (inference); float32
 accumulation whatever the weights' dtype.
 
-Triton is optional: :func:`available` says whether this process can use the kernels.
+Triton is optional: :func:`available` says whether this process can use the kernels. The
+kernels take a fixed number of main experts per token (``n_ce``): a block with a per-token rule
+(``top_p``, ``skip_below``) is not theirs (``unavailable`` says so, and ``auto`` passes on to the
+grouped or loop path).
 """
 
 from __future__ import annotations
@@ -221,6 +224,8 @@ class Decode(Backend):
 
     def unavailable(self, call: Call) -> str | None:
         layer, x = call.layer, call.x
+        if call.dynamic:
+            return "the kernels take a fixed n_ce, not a per-token rule (top_p, skip_below)"
         if torch.is_grad_enabled():
             return "gradients are on (the kernels are forward only: run under torch.no_grad())"
         if x.device.type != "cuda" or not available():
@@ -240,7 +245,7 @@ class Decode(Backend):
 
     def run(self, call: Call) -> torch.Tensor:
         layer = call.layer
-        vectors = layer.form_spec.kernel_vectors(layer) if call.n_ce else None
+        vectors = layer.form_spec.kernel_vectors(layer) if call.compresses else None
         return fused_decode(
             call.x, call.top_k_index, call.top_k_weights, layer.gate_up_proj, layer.down_proj, call.n_ce, vectors
         )

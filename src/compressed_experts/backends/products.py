@@ -25,31 +25,65 @@ class Grouping:
 
     ``order[j]`` is the flat (token, slot) position of sorted row ``j``; ``token[j]`` its
     token; ``offsets[e]`` the end of expert ``e``'s block of rows (int32, cumulative).
+
+    With pairs skipped (``source`` set), a skipped pair's row sorts after the last expert's block,
+    where no product computes it (grouped_mm and the loop leave such rows uninitialised, forward
+    and in the input's gradient), and is never read: its ``token`` is a zero row appended to the
+    per-token inputs, and ``source[p]``, the sorted row of flat pair ``p``, points a skipped pair
+    at a zero row appended to the output. Whatever gradient such a row gets lands in those
+    appended rows, which are dropped: it reaches neither the inputs nor the routing weights.
     """
 
     order: torch.Tensor
     token: torch.Tensor
     offsets: torch.Tensor
     slots: int
+    source: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, expert_index: torch.Tensor, num_experts: int) -> Grouping:
+    def build(cls, expert_index: torch.Tensor, num_experts: int, skip: torch.Tensor | None = None) -> Grouping:
         """Group the ``[tokens, slots]`` expert ids by expert (stable, so equal ids keep token order).
 
         Ids must lie in ``0..num_experts-1`` (expert parallelism's "dropped" id is not supported).
+        Pairs marked in ``skip`` get the id ``num_experts``, past every expert's block.
         """
-        slots = expert_index.shape[-1]
+        tokens, slots = expert_index.shape
         flat = expert_index.reshape(-1)
+        if skip is not None:
+            skip = skip.reshape(-1)
+            flat = flat.masked_fill(skip, num_experts)
         order = flat.argsort(stable=True)
         # searchsorted, not bincount: no device-to-host sync on CUDA.
         bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=flat.dtype)
         offsets = torch.searchsorted(flat[order], bounds, right=False).to(torch.int32)
-        return cls(order=order, token=order // slots, offsets=offsets, slots=slots)
+        token, source = order // slots, None
+        if skip is not None:  # device-side index arithmetic only: no count reaches the host
+            token = token.masked_fill(skip[order], tokens)
+            rows = torch.arange(order.numel(), device=order.device)
+            source = torch.empty_like(order).scatter_(0, order, rows).masked_fill_(skip, order.numel())
+        return cls(order=order, token=token, offsets=offsets, slots=slots, source=source)
 
-    def combine(self, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Sum each token's rows back into one ``[tokens, hidden]`` tensor (deterministic, no atomics)."""
-        unsorted = torch.empty_like(rows).index_copy_(0, self.order, rows)
-        return unsorted.view(num_tokens, self.slots, rows.shape[-1]).sum(dim=1)
+    def rows(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``per_token`` ``[tokens, n]`` gathered to the sorted rows (skipped pairs: a zero row)."""
+        if self.source is None:
+            return per_token[self.token]
+        return _with_zero_row(per_token).index_select(0, self.token)
+
+    def combine(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_j w_j row_j`` for each token, ``[tokens, hidden]``, weighted and summed at the routing
+        weights' precision (float32 for some routers; deterministic, no atomics). ``weights`` is
+        ``[tokens, slots]``; skipped pairs add exact zeros."""
+        wide = torch.promote_types(rows.dtype, weights.dtype)
+        if self.source is None:
+            rows = rows.to(wide) * weights.reshape(-1)[self.order].unsqueeze(-1).to(wide)
+            unsorted = torch.empty_like(rows).index_copy_(0, self.order, rows)
+        else:  # weighted after the gather: a skipped row is a zero there, never 0 x uninitialised memory
+            unsorted = _with_zero_row(rows).index_select(0, self.source).to(wide) * weights.reshape(-1, 1).to(wide)
+        return unsorted.view(weights.shape[0], self.slots, rows.shape[-1]).sum(dim=1)
+
+
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(1, t.shape[-1])])
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -227,7 +261,7 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
     The result is left at the routing weights' precision (float32 for some routers), for the
     caller to sum the runs and round once.
     """
-    groups = Grouping.build(run.index, num_experts)
+    groups = Grouping.build(run.index, num_experts, run.skip)
     gate_up, down = run.gate_up, run.down
     if down.dtype != x.dtype:  # slim's float32 master copies under --precision bf16
         gate_up = tuple(w.to(x.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(x.dtype)
@@ -237,11 +271,11 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
         # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
         # pass over T rows rather than over T * m.
         gate, up = _SplitGateUp.apply(
-            (x * scale_gate)[groups.token], (x * scale_up)[groups.token], gate_up, groups.offsets, grouped
+            groups.rows(x * scale_gate), groups.rows(x * scale_up), gate_up, groups.offsets, grouped
         )
-        inner = act_fn(gate) * up * scale_down[groups.token]
+        inner = act_fn(gate) * up * groups.rows(scale_down)
     else:
-        rows = x[groups.token]
+        rows = groups.rows(x)
         if isinstance(gate_up, tuple):
             gate, up = (grouped_linear(rows, w, groups.offsets, grouped) for w in gate_up)
         else:
@@ -253,11 +287,7 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
             torch.arange(inner.shape[-1], device=inner.device) >= r
         )
         inner = inner.masked_fill(cut, 0)
-    out = grouped_linear(inner, down, groups.offsets, grouped)
-    # Weight and sum at the routing weights' precision (float32 for some routers), round once.
-    wide = torch.promote_types(out.dtype, run.weights.dtype)
-    out = out.to(wide) * run.weights.reshape(-1)[groups.order].unsqueeze(-1).to(wide)
-    return groups.combine(out, x.shape[0])
+    return groups.combine(grouped_linear(inner, down, groups.offsets, grouped), run.weights)
 
 
 def run_all(

@@ -66,7 +66,9 @@ class Form:
 
 def main_run(layer: Any, split: Split, **kwargs: Any) -> ExpertRun:
     """The main experts of every token, in full."""
-    return ExpertRun(split.main_index, split.main_weights, layer.gate_up_proj, layer.down_proj, **kwargs)
+    return ExpertRun(
+        split.main_index, split.main_weights, layer.gate_up_proj, layer.down_proj, skip=split.main_skip, **kwargs
+    )
 
 
 def expert(

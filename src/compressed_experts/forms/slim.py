@@ -30,7 +30,9 @@ class Slim(Form):
     def runs(self, layer, split: Split) -> list[ExpertRun]:
         return [
             main_run(layer, split),
-            ExpertRun(split.aux_index, split.aux_weights, layer.ce_gate_up_proj, layer.ce_down_proj),
+            ExpertRun(
+                split.aux_index, split.aux_weights, layer.ce_gate_up_proj, layer.ce_down_proj, skip=split.aux_skip
+            ),
         ]
 
     def token_output(self, layer, x, main, aux):

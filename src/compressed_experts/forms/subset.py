@@ -32,6 +32,7 @@ class Subset(Form):
             # Training the expert weights: gradients through slices of them would cost a zeroed
             # weight-sized buffer per slice and step, so the auxiliary pairs run the whole expert
             # with the neurons past r masked out instead: the same output and gradients.
+            skip = None if split.main_skip is None else torch.cat([split.main_skip, split.aux_skip], dim=-1)
             return [
                 ExpertRun(
                     torch.cat([split.main_index, split.aux_index], dim=-1),
@@ -39,10 +40,14 @@ class Subset(Form):
                     layer.gate_up_proj,
                     layer.down_proj,
                     neuron_limit=(split.main_index.shape[-1], layer.r),
+                    skip=skip,
                 )
             ]
         gate, up, down = first_neurons(layer)
-        return [main_run(layer, split), ExpertRun(split.aux_index, split.aux_weights, (gate, up), down)]
+        return [
+            main_run(layer, split),
+            ExpertRun(split.aux_index, split.aux_weights, (gate, up), down, skip=split.aux_skip),
+        ]
 
     def token_output(self, layer, x, main, aux):
         return weighted_sum(main, lambda e: expert(layer, e, x)) + weighted_sum(
