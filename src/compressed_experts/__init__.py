@@ -9,6 +9,11 @@ For each token keep the ``k - n_ce`` most important routed experts and replace t
     model.save_pretrained("olmoe-ce")                                  # ce.from_pretrained("olmoe-ce")
     ce.train(ce.TrainConfig(model="allenai/OLMoE-1B-7B-0924", data="TIGER-Lab/MathInstruct", out="run", method="ce"))
 
+    # A per-token rule instead of a fixed n_ce: as many full experts as cover 60% of the token's routing
+    # weight (or skip_below=0.3: those above 30% of its top weight); active parameters measured on text.
+    model = ce.from_pretrained("allenai/OLMoE-1B-7B-0924", top_p=0.6)
+    ce.active_parameters(model, input_ids=token_ids)
+
     # Other forms of compressed experts, fitted to the full blocks on calibration text (no fine-tuning):
     model = ce.from_pretrained("allenai/OLMoE-1B-7B-0924", n_ce=4, form="slim")
     ce.fit(model, ce.calibration_blocks(ce.load_tokenizer("allenai/OLMoE-1B-7B-0924"), "my_domain.jsonl"))

@@ -40,6 +40,7 @@ from .convert import ce_config_of, convert, swap_blocks
 from .errors import CheckpointError, CompressedExpertsError, first_line
 from .forms import REGISTRY
 from .layer import is_compressed_expert
+from .routing import RULES
 from .sources import TINY_PREFIX, is_hub_id, local_dir, local_path, resolve, tiny_family
 from .tiny import tiny_model, tiny_tokenizer
 
@@ -104,25 +105,24 @@ def _form_held(held: Mapping[str, torch.Tensor]) -> tuple[str | None, int | None
     return form, r
 
 
-def _load_adapter(
-    path: Path, config: dict[str, Any], n_ce: int | None, form: str | None, r: int | None, kwargs: dict[str, Any]
-):
-    """A PEFT adapter on the model it names as its base, converted as the adapter was trained."""
+def _load_adapter(path: Path, config: dict[str, Any], asked: dict[str, Any], kwargs: dict[str, Any]):
+    """A PEFT adapter on the model it names as its base, converted as the adapter was trained
+    (``asked``: the compressed-experts settings the caller gave, see :func:`_requested`)."""
     try:
         from peft import PeftModel
     except ImportError as err:
         raise CheckpointError(f"{path} is a PEFT adapter: install peft (pip install peft) to load it") from err
     held = _adapter_weights(path)
     base_source = config["base_model_name_or_path"]
-    if held and n_ce is not None and form is None:
+    if held and _requested(asked) is not None and asked["form"] is None:
         form, held_r = _form_held(held)
-        r = r if r is not None else held_r
-    base = from_pretrained(base_source, n_ce=n_ce, form=form, r=r, **kwargs)
+        asked = {**asked, "form": form, "r": asked["r"] if asked["r"] is not None else held_r}
+    base = from_pretrained(base_source, **asked, **kwargs)
     if held and ce_config_of(base) is None:
         raise CheckpointError(
             f"{path} holds compressed experts but names the plain model {base_source} as its base (the model "
-            f"was converted in memory before PEFT training): give the n_ce it was trained with, "
-            f"e.g. from_pretrained({str(path)!r}, n_ce=4)",
+            f"was converted in memory before PEFT training): give the n_ce (or top_p, skip_below) it was trained "
+            f"with, e.g. from_pretrained({str(path)!r}, n_ce=4)",
             settings=("n_ce",),
         )
 
@@ -143,8 +143,9 @@ def _load_adapter(
     if wrong:
         raise CheckpointError(
             f"{path} holds compressed experts that do not fit {base_source} as loaded "
-            f"({ce_config_of(base)}; first mismatch: {wrong[0]}): give the n_ce, form and r it was trained with",
-            settings=("n_ce", "form", "r"),
+            f"({ce_config_of(base)}; first mismatch: {wrong[0]}): give the rule (n_ce, top_p or skip_below), "
+            f"form and r it was trained with",
+            settings=(*RULES, "form", "r"),
         )
     return model.eval()
 
@@ -289,38 +290,49 @@ def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: st
         raise CheckpointError(f"{source}: {what} {model_type!r} ({first_line(err)})") from err
 
 
-def _requested(n_ce: int | None, form: str | None, r: int | None = None) -> CEConfig | None:
-    """The conversion a caller asked for (validated before any download or load), or None.
+def _asked(
+    n_ce: int | None, form: str | None, r: int | None, top_p: float | None, skip_below: float | None
+) -> dict[str, Any]:
+    """The compressed-experts settings a loader was given, by name (None: not given)."""
+    return {"n_ce": n_ce, "top_p": top_p, "skip_below": skip_below, "form": form, "r": r}
+
+
+def _requested(asked: dict[str, Any]) -> CEConfig | None:
+    """The conversion a caller asked for (validated before any download or load), or None when it
+    gave no rule (n_ce, top_p or skip_below).
 
     ``form`` alone is only a check against a converted checkpoint; see :func:`_resolve`.
     """
-    if n_ce is None:
+    form, r = asked["form"], asked["r"]
+    if all(asked[name] is None for name in RULES):
         if form is not None:
             CEConfig(0, form, r)  # raises the error that lists the forms, or says r does not apply
         return None
-    return CEConfig(n_ce, "ia3" if form is None else form, r)
+    return CEConfig(form="ia3" if form is None else form, r=r, **{name: asked[name] for name in RULES})
 
 
-def _needs_n_ce(form: str | None, r: int | None) -> None:
+def _needs_n_ce(asked: dict[str, Any]) -> None:
+    form, r = asked["form"], asked["r"]
     if form is not None or r is not None:
         name, value = ("form", form) if form is not None else ("r", r)
         raise CompressedExpertsError(
-            f"{name}={value} needs n_ce to convert a plain model: say how many experts per token it replaces",
+            f"{name}={value} needs n_ce to convert a plain model: say how many experts per token it replaces "
+            f"(or give a per-token rule, top_p or skip_below)",
             settings=(name, "n_ce"),
         )
 
 
 def _resolve(
-    source: str, config_dict: dict[str, Any], n_ce: int | None, form: str | None, r: int | None = None
+    source: str, config_dict: dict[str, Any], asked: dict[str, Any]
 ) -> tuple[PretrainedConfig, CEConfig | None]:
     """The plain transformers config of a checkpoint and its compressed-experts settings, if any.
 
-    For a converted checkpoint, ``n_ce``, ``form`` and ``r`` may be left out or repeat what it holds.
+    For a converted checkpoint, the settings in ``asked`` may be left out or repeat what it holds.
     """
-    requested = _requested(n_ce, form, r)
+    requested = _requested(asked)
     if config_dict.get("model_type") != SAVED_MODEL_TYPE:
         if requested is None:
-            _needs_n_ce(form, r)
+            _needs_n_ce(asked)
         fields = {k: v for k, v in config_dict.items() if k != "model_type"}
         return _plain_config(
             source, config_dict.get("model_type"), fields, "transformers does not know model type"
@@ -329,7 +341,6 @@ def _resolve(
         base_type, fields, ce = split_saved(config_dict)
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
-    asked = {"n_ce": n_ce, "form": form, "r": r}
     if any(value is not None and value != getattr(ce, key) for key, value in asked.items()):
         held = ", ".join(f"{key}={getattr(ce, key)}" for key in asked if getattr(ce, key) is not None)
         given = ", ".join(f"{key}={value}" for key, value in asked.items() if value is not None)
@@ -358,15 +369,24 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CE
 
 
 def skeleton(
-    source: str | os.PathLike, n_ce: int | None = None, form: str | None = None, r: int | None = None, **kwargs: Any
+    source: str | os.PathLike,
+    n_ce: int | None = None,
+    form: str | None = None,
+    r: int | None = None,
+    *,
+    top_p: float | None = None,
+    skip_below: float | None = None,
+    **kwargs: Any,
 ) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
-    a compressed-experts checkpoint or ``n_ce`` is given): for inspecting structure and counting
-    parameters of a large model without reading its weights. (``tiny:`` models are simply built.)"""
+    a compressed-experts checkpoint or a rule, ``n_ce``, ``top_p`` or ``skip_below``, is given):
+    for inspecting structure and counting parameters of a large model without reading its
+    weights. (``tiny:`` models are simply built.)"""
     source = resolve(source)
+    asked = _asked(n_ce, form, r, top_p, skip_below)
     if tiny_family(source) is not None:
-        return from_pretrained(source, n_ce=n_ce, form=form, r=r)
-    config, ce = _resolve(source, _read_config(source, kwargs), n_ce, form, r)
+        return from_pretrained(source, **asked)
+    config, ce = _resolve(source, _read_config(source, kwargs), asked)
     return _skeleton(_causal_lm_class(source, config), config, ce)
 
 
@@ -376,6 +396,8 @@ def from_pretrained(
     form: str | None = None,
     r: int | None = None,
     *,
+    top_p: float | None = None,
+    skip_below: float | None = None,
     verify: bool | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
@@ -386,8 +408,9 @@ def from_pretrained(
     (in eval mode) on the base it names, loaded through this function: an adapter trained on a
     model converted in memory from a plain checkpoint needs the ``n_ce`` it was trained with. A plain checkpoint is converted when
     ``n_ce`` is given, to ``form`` (default ``"ia3"``, the paper's vectors; ``"none"`` for
-    the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`).
-    Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
+    the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`); or,
+    instead of ``n_ce``, when a per-token rule is given (``top_p`` or ``skip_below``, see
+    :class:`CEConfig`). Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
     go to transformers' ``from_pretrained``.
 
     A local directory saved by this library is checked against its checksum manifest first
@@ -398,21 +421,22 @@ def from_pretrained(
     naming the tensor.
     """
     source = resolve(source)
-    requested = _requested(n_ce, form, r)
+    asked = _asked(n_ce, form, r, top_p, skip_below)
+    requested = _requested(asked)
     family = tiny_family(source)
     if family is not None:
         unsupported = sorted(set(kwargs) - {"dtype"})
         if unsupported:
             raise CompressedExpertsError(f"tiny: models take only dtype, not {', '.join(unsupported)}")
         if requested is None:
-            _needs_n_ce(form, r)
+            _needs_n_ce(asked)
         model = tiny_model(family, dtype=kwargs.get("dtype"))
         return convert(model, requested) if requested is not None else model
     adapter = _adapter_config(Path(source))
     if adapter is not None:
-        return _load_adapter(Path(source), adapter, n_ce, form, r, {**kwargs, "verify": verify})
+        return _load_adapter(Path(source), adapter, asked, {**kwargs, "verify": verify})
     config_dict = _read_config(source, kwargs)
-    config, ce = _resolve(source, config_dict, n_ce, form, r)
+    config, ce = _resolve(source, config_dict, asked)
     model_cls = _causal_lm_class(source, config)
     # Structure errors (dense or unsupported model, n_ce out of range) surface here, before any weight is read.
     expected = _skeleton(model_cls, config, ce) if ce is not None else None
@@ -522,14 +546,10 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
         raise CompressedExpertsError(
             f"this model has no compressed-expert parameters to save{form}: use save_pretrained"
         )
-    meta = {
-        "n_ce": str(ce.n_ce),
-        "form": ce.form,
-        "base_model_type": base_of(model).config.model_type,
-        "format_version": str(ce.to_dict()["format_version"]),
-    }
-    if ce.r is not None:
-        meta["r"] = str(ce.r)
+    # The config section's fields as text (safetensors metadata holds strings): the rule's one setting,
+    # form, r when there is one, format_version.
+    meta = {key: str(value) for key, value in ce.to_dict().items() if value is not None}
+    meta["base_model_type"] = base_of(model).config.model_type
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         save_file({n: v.cpu() for n, v in vectors.items()}, os.fspath(path), metadata=meta)
 
@@ -551,17 +571,15 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
             vectors = {current_key(key): handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read compressed experts from {path}: {first_line(err)}") from err
+    numbers = {"n_ce": int, "r": int, "top_p": float, "skip_below": float, "format_version": int}
     try:
-        ce = CEConfig.from_dict(
-            {
-                "n_ce": int(meta["n_ce"]),
-                "form": meta["form"],
-                "r": int(meta["r"]) if "r" in meta else None,
-                "format_version": int(meta.get("format_version", 1)),
-            }
-        )
+        section = {key: numbers[key](meta[key]) for key in numbers if key in meta}
+        section["form"] = meta["form"]
+        if not set(RULES) & set(section):
+            raise KeyError("n_ce")
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
+    ce = CEConfig.from_dict(section)  # a newer format is refused, naming the upgrade
     if meta.get("base_model_type") != model.config.model_type:
         raise CheckpointError(
             f"{path} was trained on a {meta.get('base_model_type')} model; this one is {model.config.model_type}"

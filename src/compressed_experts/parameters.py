@@ -2,16 +2,78 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from transformers import PreTrainedModel
 
 from .adapters import base_of, named_weights
 from .architectures import family_of, moe_blocks
+from .errors import CompressedExpertsError
 from .layer import CompressedExperts, is_compressed_expert
+from .routing import main_slots
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 
-def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
+def _padded(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one ``[batch, longest]`` tensor padded on the right, and its attention mask."""
+    ids = torch.zeros(len(sequences), max(map(len, sequences), default=0), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def measure_main_experts(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> dict[CompressedExperts, float]:
+    """The average number of main experts per token of every block with a per-token rule, measured by
+    running ``model`` on ``input_ids`` (``[batch, length]``, or a list of token id lists of any
+    lengths), ``batch_size`` sequences at a time; tokens where ``attention_mask`` is 0 are not
+    counted. The counts stay on the device until the end."""
+    layers = [m for m in base_of(model).modules() if isinstance(m, CompressedExperts) and m.dynamic]
+    if not isinstance(input_ids, torch.Tensor):  # lists of ids: padded here, the padding masked
+        input_ids, attention_mask = _padded(input_ids)
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise CompressedExpertsError("input_ids must be non-empty token ids, [batch, length] or a list of lists")
+    device = next(model.parameters()).device
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device)
+    if not mask.sum() > 0:
+        raise CompressedExpertsError("attention_mask leaves no token to measure on")
+    counts = {layer: torch.zeros((), device=device) for layer in layers}
+    keep = mask  # the part of the mask of the batch running now
+
+    def count(layer, args, kwargs, output) -> None:
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+        weights = values[2].sort(dim=-1, descending=True).values
+        per_token = main_slots(weights, layer.top_p, layer.skip_below).sum(dim=-1)
+        counts[layer] += (per_token * keep.reshape(-1).to(per_token.device)).sum().to(device)
+
+    handles = [layer.register_forward_hook(count, with_kwargs=True) for layer in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        for ids, keep in zip(input_ids.to(device).split(batch_size), mask.split(batch_size)):
+            model(input_ids=ids, attention_mask=keep)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    tokens = mask.sum().item()
+    return {layer: total.item() / tokens for layer, total in counts.items()}
+
+
+def active_parameters(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, int | float]:
     """Total parameters, parameters active per token by part, and the unconverted model's figure.
 
     Keys: ``total``; ``active`` (per token) and its parts ``embeddings`` (input and output,
@@ -25,29 +87,54 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
     one full expert: ``k`` for full top-k, ``m + n_ce·r/I`` for ``subset``) and ``added``
     (parameters the compressed experts add to the model's memory).
 
+    ``main_experts_per_token`` is the full experts a token runs per MoE block (``m``).
+
+    A model with a per-token rule (``top_p``, ``skip_below``) runs a number of main experts that
+    varies with the text: it is measured on ``input_ids`` (``[batch, length]`` token ids with an
+    optional ``attention_mask``, or a list of token id lists; see :func:`measure_main_experts`), and
+    the per-token figures are averages over those tokens (rounded to whole parameters). Such a
+    model without ``input_ids`` is refused. A model with a fixed ``n_ce`` needs no text, and
+    ignores it.
+
     A PEFT model is counted as it will be served once merged: its base weights and the adapter's
     compressed experts, without the LoRA weights or the frozen originals PEFT keeps beside them.
     """
     model = base_of(model)
     family = family_of(model)
     top_k = model.config.num_experts_per_tok
+    dynamic = [m for m in model.modules() if isinstance(m, CompressedExperts) and m.dynamic]
+    measured: dict[CompressedExperts, float] = {}
+    if dynamic:
+        if input_ids is None:
+            raise CompressedExpertsError(
+                f"this model chooses its main experts per token ({dynamic[0].ce_config.rule}), so its active "
+                f"parameters depend on the text: give input_ids (token ids of text like the model will see) "
+                f"to measure them on",
+                settings=("input_ids",),
+            )
+        measured = measure_main_experts(model, input_ids, attention_mask)
     parts = dict.fromkeys(
         ("embeddings", "attention", "routers", "main_experts", "shared_experts", "compressed_experts", "other"), 0
     )
     total = 0
     full_experts = 0  # routed-expert parameters per token when running all k experts
     equivalents = []  # per block
+    mains = []  # per block
     owner: dict[str, str] = {}  # parameter name prefix -> part, for parameters inside MoE blocks
     for name, block in moe_blocks(model, family):
         experts = block.experts
         num_experts = experts.gate_up_proj.shape[0]
         per_expert = sum(getattr(experts, w).numel() for w in _EXPERT_WEIGHTS) // num_experts
-        n_ce = experts.n_ce if isinstance(experts, CompressedExperts) else 0
-        parts["main_experts"] += (top_k - n_ce) * per_expert
+        if experts in measured:
+            main = measured[experts]
+        else:
+            main = top_k - (experts.n_ce if isinstance(experts, CompressedExperts) else 0)
+        parts["main_experts"] += main * per_expert
         full_experts += top_k * per_expert
-        auxiliary = n_ce * experts.form_spec.auxiliary_cost(experts) if n_ce else 0
+        auxiliary = (top_k - main) * experts.form_spec.auxiliary_cost(experts) if main < top_k else 0
         parts["compressed_experts"] += auxiliary
-        equivalents.append(top_k - n_ce + auxiliary / per_expert)
+        mains.append(main)
+        equivalents.append(main + auxiliary / per_expert)
         owner[f"{name}.experts."] = "experts"
         owner[f"{name}.{family.router_attr}."] = "routers"
         for attr in family.shared_attrs:
@@ -72,6 +159,7 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
             else:
                 part = "other"
         parts[part] += param.numel()
+    parts = {name: round(count) for name, count in parts.items()}  # averages when measured
     active = sum(parts.values())
     active_full = active - parts["main_experts"] - parts["compressed_experts"] + full_experts
     return {
@@ -81,28 +169,37 @@ def active_parameters(model: PreTrainedModel) -> dict[str, int | float]:
         "active_full_topk": active_full,
         "active_saving": 1.0 - active / active_full,
         "expert_equivalents": sum(equivalents) / len(equivalents) if equivalents else 0.0,
+        "main_experts_per_token": sum(mains) / len(mains) if mains else 0.0,
         "added": sum(p.numel() for n, p in weights.items() if is_compressed_expert(n)),
     }
 
 
-def describe(model: PreTrainedModel) -> dict[str, int | float | str]:
-    """:func:`active_parameters` plus the structure a user checks first: family, blocks, experts, top-k, n_ce.
+def describe(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[str, int | float | str]:
+    """:func:`active_parameters` plus the structure a user checks first: family, blocks, experts, top-k,
+    the rule (``n_ce``, or a per-token ``top_p`` / ``skip_below``), form and ``r``.
 
-    Works on a model built on the meta device (no weights), so large checkpoints can be described cheaply.
+    Works on a model built on the meta device (no weights), so large checkpoints can be described
+    cheaply. A model with a per-token rule is described without the active-parameter figures
+    unless ``input_ids`` are given to measure them on (which needs its weights).
     """
     family = family_of(model)
     blocks = [block for _, block in moe_blocks(model, family)]
-    top_k = model.config.num_experts_per_tok
     converted = next((b.experts for b in blocks if isinstance(b.experts, CompressedExperts)), None)
-    n_ce = converted.n_ce if converted is not None else 0
-    return {
+    config = converted.ce_config if converted is not None else None
+    structure = {
         "family": family.name,
         "moe_blocks": len(blocks),
         "experts": blocks[0].experts.gate_up_proj.shape[0] if blocks else 0,
-        "top_k": top_k,
-        "n_ce": n_ce,
+        "top_k": model.config.num_experts_per_tok,
+        "n_ce": "-" if config is not None and config.dynamic else config.n_ce if config is not None else 0,
+        "rule": config.rule if config is not None else "-",
         "form": converted.form if converted is not None else "-",
         "r": converted.r if converted is not None and converted.r is not None else "-",
-        "main_experts_per_token": top_k - n_ce,
-        **active_parameters(model),
     }
+    if config is not None and config.dynamic and input_ids is None:
+        return structure  # how many experts run depends on the text: active_parameters says so
+    return {**structure, **active_parameters(model, input_ids, attention_mask)}
