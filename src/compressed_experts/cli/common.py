@@ -124,12 +124,20 @@ def options_of(function: Callable[..., None]) -> list[inspect.Parameter]:
 
 
 def show_model(summary: dict[str, Any], title: str) -> None:
-    """The table of :func:`compressed_experts.describe`."""
+    """The table of :func:`compressed_experts.describe` (a per-token rule's active parameters only
+    when they were measured on text)."""
     table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("family", "moe_blocks", "experts", "top_k", "n_ce", "form", "r", "main_experts_per_token"):
+    rule = "rule" if summary["n_ce"] == "-" else "n_ce"  # a per-token rule has no one n_ce
+    for key in ("family", "moe_blocks", "experts", "top_k", rule, "form", "r"):
         table.add_row(key.replace("_", " "), str(summary[key]))
+    if "active" not in summary:
+        table.add_row("active parameters", "depend on the text: measure them with info --text")
+        console.print(table)
+        return
+    main = summary["main_experts_per_token"]
+    table.add_row("main experts per token", f"{main:.2f} (measured)" if summary["n_ce"] == "-" else f"{main:g}")
     table.add_row("expert-equivalents per token", f"{summary['expert_equivalents']:.2f} of {summary['top_k']}")
     for key in ("total", "active", "active_full_topk"):
         table.add_row(f"{key.replace('_', ' ')} parameters", f"{summary[key]:,}")

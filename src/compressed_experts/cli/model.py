@@ -18,12 +18,11 @@ from ..checkpoint import (
     tokenizer_if_any,
     verify_checkpoint,
 )
-from ..config import check_dtype_name
+from ..config import CEConfig, check_dtype_name
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError
 from ..fit import FitConfig, calibration_blocks, fittable_forms
 from ..fit import fit as fit_model
-from ..forms import REGISTRY
 from ..parameters import describe
 from ..sources import local_dir, resolve
 from ..toy.tasks import domain_split
@@ -42,12 +41,14 @@ from .common import (
     with_options,
 )
 
-FORM_HELP = "; ".join(f"{name}: {form.help}" for name, form in REGISTRY.items()) + "."
-R_HELP = (
-    "Neurons per auxiliary expert ("
-    + ", ".join(n for n, f in REGISTRY.items() if f.takes_r)
-    + "); default an eighth of the expert's."
-)
+#: --n-ce, --form, --r, --top-p and --skip-below, made from CEConfig's fields.
+CE_OPTIONS = settings_options(CEConfig)
+CE_SETTINGS = tuple(p.name for p in CE_OPTIONS)
+
+
+def _ce_settings(options: dict) -> dict:
+    """The compressed-experts settings among a command's options, taken out of them."""
+    return {name: options.pop(name) for name in CE_SETTINGS}
 
 
 @app.command()
@@ -60,13 +61,32 @@ def info(
             "and every weight for NaN and inf (reads all the weights)."
         ),
     ] = False,
+    text: Annotated[
+        str | None,
+        typer.Option(
+            help="For a model with a per-token rule (top_p, skip_below): text to measure its main experts per "
+            "token, and so its active parameters, on: a .txt, .json/.jsonl/.parquet file or a dataset name "
+            "(reads the weights)."
+        ),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens of --text to measure on.")] = 4096,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence of --text.")] = 256,
 ) -> None:
-    """Family, experts, top-k, n_ce, and total and active parameters (reads the config only)."""
+    """Family, experts, top-k, the rule (n_ce, top_p or skip_below), and total and active parameters
+    (reads the config only, unless --text or --verify)."""
 
     def action() -> None:
         if verify:
             _verify(source)
-        show_model(describe(skeleton(source)), source)
+        shape = skeleton(source)
+        config = ce_config_of(shape)
+        if text is None or config is None or not config.dynamic:  # a fixed rule's count needs no text
+            show_model(describe(shape), source)
+            return
+        ids = calibration_blocks(load_tokenizer(source), text, seq_len=seq_len, tokens=tokens)
+        with console.status(f"measuring the main experts of {source} on {ids.numel():,} tokens"):
+            summary = describe(from_pretrained(source), input_ids=ids)
+        show_model(summary, f"{source}, measured on {text}")
 
     run(action)
 
@@ -89,29 +109,36 @@ def _verify(source: str) -> None:
     )
 
 
-@app.command()
-def convert(
+def _convert_options(
     source: SourceArg,
-    n_ce: Annotated[int, typer.Option("--n-ce", help="Routed experts per token replaced by compressed experts.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.")],
     overwrite: Annotated[
         bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
     ] = False,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
-    form: Annotated[str, typer.Option(help=FORM_HELP)] = "ia3",
-    r: Annotated[int | None, typer.Option(help=R_HELP)] = None,
 ) -> None:
-    """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any)."""
+    """The convert command's own options; the conversion's come from CEConfig."""
+
+
+def convert(**options) -> None:
+    """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any).
+    Give one rule: --n-ce, or a per-token --top-p or --skip-below."""
+    settings = _ce_settings(options)
+    source, out, dtype = options["source"], options["out"], options["dtype"]
 
     def action() -> None:
-        check_output_dir(out, overwrite=overwrite, sources={"source model": source})
+        CEConfig(**settings)  # before anything is written or read: one rule, in range
+        check_output_dir(out, overwrite=options["overwrite"], sources={"source model": source})
         check_dtype_name(dtype, "dtype")
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=dtype)
+            model = from_pretrained(source, **settings, dtype=dtype)
         _save(model, source, out)
         show_model(describe(model), f"{source} -> {out}")
 
     run(releasing(out, action))
+
+
+app.command("convert")(with_options(convert, options_of(_convert_options), CE_OPTIONS))
 
 
 def _save(model, source: str, out: Path, extra: dict[str, str] | None = None, tokenizer=None) -> None:
@@ -128,11 +155,6 @@ def _save(model, source: str, out: Path, extra: dict[str, str] | None = None, to
 def _fit_options(
     source: SourceArg,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the fitted model to.")],
-    n_ce: Annotated[
-        int | None, typer.Option("--n-ce", help="Routed experts per token replaced (needed for a plain model).")
-    ] = None,
-    form: Annotated[str | None, typer.Option(help=FORM_HELP + " Default: the checkpoint's, else ia3.")] = None,
-    r: Annotated[int | None, typer.Option(help=R_HELP)] = None,
     calib: Annotated[
         str | None,
         typer.Option(
@@ -147,14 +169,34 @@ def _fit_options(
         bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
     ] = False,
 ) -> None:
-    """The fit command's own options; the fitting settings come from FitConfig."""
+    """The fit command's own options; the fitting settings come from FitConfig, the conversion's from
+    CEConfig (all optional: a converted checkpoint keeps its own)."""
+
+
+#: fit's --form defaults to the checkpoint's: a converted one keeps its form unless told.
+_FIT_CE_OPTIONS = [
+    p.replace(
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--form",
+                help=CEConfig.__dataclass_fields__["form"].metadata["help"] + " Default: the checkpoint's, else ia3.",
+            ),
+        ],
+    )
+    if p.name == "form"
+    else p
+    for p in CE_OPTIONS
+]
 
 
 def fit(**options) -> None:
-    """Fit compressed experts to the full top-k blocks on calibration text, with no fine-tuning, and save the model."""
+    """Fit compressed experts to the full top-k blocks on calibration text, with no fine-tuning, and save the model.
+    A plain model needs a rule: --n-ce, or a per-token --top-p or --skip-below."""
     fitting = {name: options.pop(name) for name in list(options) if name in FitConfig.__dataclass_fields__}
+    settings = _ce_settings(options)
     source, out, calib = options["source"], options["out"], options["calib"]
-    n_ce, form, r = options["n_ce"], options["form"], options["r"]
 
     def action() -> None:
         check_output_dir(out, overwrite=options["overwrite"], sources={"source model": source})
@@ -163,9 +205,11 @@ def fit(**options) -> None:
         where = check_device(options["device"])
         # Before any text or weight is read: the conversion must make sense for this model (a plain
         # one needs --n-ce; a converted one must match --form/--r; r must fit its experts).
-        wanted = ce_config_of(skeleton(source, n_ce=n_ce, form=form, r=r))
+        wanted = ce_config_of(skeleton(source, **settings))
         if wanted is None:
-            raise CompressedExpertsError(f"{source} has no compressed experts: give --n-ce (and --form) to convert it")
+            raise CompressedExpertsError(
+                f"{source} has no compressed experts: give --n-ce, --top-p or --skip-below (and --form) to convert it"
+            )
         if wanted.n_ce == 0:  # it failed with a RuntimeError after reading the text and the model
             raise CompressedExpertsError(
                 "n_ce 0 replaces no experts, so there is nothing to fit: give n_ce of 1 or more", settings=("n_ce",)
@@ -183,7 +227,7 @@ def fit(**options) -> None:
                 tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"], seed=config.seed
             )
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, n_ce=n_ce, form=form, r=r, dtype=options["dtype"]).to(where)
+            model = from_pretrained(source, **settings, dtype=options["dtype"]).to(where)
         report = fit_model(model, blocks, config)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         _save(model, source, out, {"fit_report.json": json.dumps(report, indent=2)}, tokenizer=tokenizer)
@@ -204,4 +248,4 @@ def fit(**options) -> None:
     run(releasing(out, action))
 
 
-app.command("fit")(with_options(fit, options_of(_fit_options), settings_options(FitConfig)))
+app.command("fit")(with_options(fit, options_of(_fit_options), _FIT_CE_OPTIONS, settings_options(FitConfig)))

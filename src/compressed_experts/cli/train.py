@@ -31,7 +31,7 @@ def _show_summary(summary: dict[str, Any], out: Path) -> None:
     table = Table(title=f"trained -> {out}", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for key in ("method", "n_ce", "trainable", "steps", "tokens", "precision"):
+    for key in ("method", "rule", "trainable", "steps", "tokens", "precision"):
         table.add_row(key.replace("_", " "), str(summary[key]))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     table.add_row("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-")

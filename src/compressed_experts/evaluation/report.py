@@ -91,7 +91,12 @@ def _check_types(result: dict[str, Any], path: Path) -> None:
         ("examples", result["examples"], isinstance(result["examples"], list), "a list"),
         ("model.source", model["source"], isinstance(model["source"], str) and model["source"], "a text"),
         ("model.method", model["method"], model["method"] in _METHODS, f"one of {', '.join(_METHODS)}"),
-        ("model.n_ce", model["n_ce"], whole(model["n_ce"], 0), "a whole number, 0 or more"),
+        (
+            "model.n_ce",
+            model["n_ce"],
+            whole(model["n_ce"], 0) or (model["n_ce"] is None and isinstance(model.get("rule"), str)),
+            "a whole number, 0 or more (or null, with the per-token rule in model.rule)",
+        ),
         ("model.top_k", model.get("top_k"), model.get("top_k") is None or whole(model["top_k"], 1), "a whole number"),
         ("model.active_parameters", model["active_parameters"], whole(model["active_parameters"], 1), "a count"),
     )
@@ -114,10 +119,13 @@ def check_fraction_score(result: dict[str, Any], path: str | os.PathLike) -> Non
 
 
 def method_label(model: dict[str, Any]) -> str:
-    """ "full top-8", "top-4" or "top-4 + 4 CE" (falls back to n_ce where top-k is unknown)."""
+    """ "full top-8", "top-4" or "top-4 + 4 CE" (falls back to n_ce where top-k is unknown); with a
+    per-token rule "top_p=0.6" or "top_p=0.6 + CE"."""
     k, n_ce, method = model.get("top_k"), model["n_ce"], model["method"]
     if method == "full":
         return f"full top-{k}" if k else "full"
+    if n_ce is None:
+        return model["rule"] if method == "top-m" else f"{model['rule']} + CE"
     main = f"top-{k - n_ce}" if k else f"top-(k-{n_ce})"
     return main if method == "top-m" else f"{main} + {n_ce} CE"
 
@@ -132,10 +140,10 @@ def gap_closed(score: float, baseline: float, reference: float, *, lower_is_bett
     return (score - baseline) / gap
 
 
-def _model_key(model: dict[str, Any]) -> tuple[str, str, int]:
+def _model_key(model: dict[str, Any]) -> tuple[str, str, int | str]:
     """What tells models apart: the source alone does not, since the full, top-m and compressed-experts
     versions of one checkpoint share it (a model evaluated from code is named after its base model)."""
-    return model["source"], model["method"], model["n_ce"]
+    return model["source"], model["method"], model["n_ce"] if model["n_ce"] is not None else model["rule"]
 
 
 def _check_comparable(result: dict[str, Any], path: Path, first: dict[str, tuple[Path, dict[str, Any]]]) -> None:
@@ -193,8 +201,8 @@ def compare(
             suffix=".png",
             ours=_is_png,
         )
-    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-    seen: dict[tuple[str, str, int, str], Path] = {}
+    rows: dict[tuple[str, str, int | str], dict[str, Any]] = {}
+    seen: dict[tuple[str, str, int | str, str], Path] = {}
     first: dict[str, tuple[Path, dict[str, Any]]] = {}
     for path in map(Path, paths):
         result = load_results(path)

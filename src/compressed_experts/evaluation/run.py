@@ -24,22 +24,46 @@ from .sandbox import check_timeout, isolation_of_runs
 from .tasks import TASKS
 
 
-def model_summary(model: PreTrainedModel, source: str | None = None) -> dict[str, Any]:
-    """What ``compare`` needs to place a model: method (full / top-m / ce), n_ce, top-k, active parameters."""
+def model_summary(
+    model: PreTrainedModel,
+    source: str | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    texts: list[str] | None = None,
+) -> dict[str, Any]:
+    """What ``compare`` needs to place a model: method (full / top-m / ce), n_ce, top-k, active parameters.
+
+    A model with a per-token rule (``top_p``, ``skip_below``) has no one ``n_ce`` (it is None, and
+    ``rule`` says which rule): its active parameters are measured on ``texts`` (what it was evaluated
+    on), each cut to the model's positions, and ``main_experts_per_token`` records the average.
+    """
     config = ce_config_of(model)
     n_ce = config.n_ce if config is not None else 0
     method = "full" if n_ce == 0 else "top-m" if config.form == "none" else "ce"
+    measured = None
+    if config is not None and config.dynamic:
+        if tokenizer is None or not texts:
+            raise CompressedExpertsError(
+                f"this model chooses its main experts per token ({config.rule}): its summary needs the texts it "
+                f"ran on (and the tokenizer) to measure its active parameters"
+            )
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][:limit] for text in texts]
+        measured = [ids for ids in encoded if ids]
     try:
-        active = active_parameters(model)["active"]
+        counts = active_parameters(model, measured)
+        active = counts["active"]
     except UnsupportedModelError:  # a dense model: every parameter is active
-        active = model.num_parameters()
-    return {
+        active, counts = model.num_parameters(), None
+    summary = {
         "source": source or model.name_or_path or type(model).__name__,
         "method": method,
         "n_ce": n_ce,
         "top_k": getattr(model.config, "num_experts_per_tok", None),
         "active_parameters": active,
     }
+    if measured is not None:
+        summary.update(rule=config.rule, main_experts_per_token=counts["main_experts_per_token"])
+    return summary
 
 
 def check_task_name(task: str) -> None:
@@ -204,6 +228,13 @@ def evaluate(
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
     check_engine_for(task, config.engine, source or model.name_or_path)
+    rule = ce_config_of(model)
+    if config.engine != "transformers" and rule is not None and rule.dynamic:
+        raise CompressedExpertsError(
+            f"this model chooses its main experts per token ({rule.rule}): the vLLM plugin runs a fixed n_ce only, "
+            f"and the rule's active parameters are measured by running the model here; use engine transformers",
+            settings=("engine",),
+        )
     data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
     if out is not None:
         inputs = {"data": data, "model": source or model.name_or_path, "tokenizer": tokenizer.name_or_path}
@@ -225,6 +256,7 @@ def evaluate(
             )
         run = run_lm_eval(model, tokenizer, task[len(PREFIX) :], data, limit, batch_size, num_fewshot)
         metric, score, examples = run["metric"], run["score"], run["examples"]
+        read = [example["prompt"] for example in examples]  # the contexts it scored (outputs may be no text)
         settings.update(data=str(data) if data is not None else None, **run["settings"])
     else:
         if num_fewshot is not None:
@@ -270,6 +302,7 @@ def evaluate(
                 add_special_tokens=style != "chat",
             )
         scored = spec.score(rows, outputs, timeout)
+        read = [p + o for p, o in zip(prompts, outputs)]
         metric, score = spec.metric, sum(correct for _, _, correct, _ in scored) / len(scored)
         examples = [
             {
@@ -297,7 +330,7 @@ def evaluate(
         "score": score,
         "n": len(examples),
         "settings": settings,
-        "model": model_summary(model, source),
+        "model": model_summary(model, source, tokenizer, read),  # a per-token rule's: measured on these texts
         "examples": examples,
     }
     if out is not None:

@@ -11,6 +11,7 @@ from typing import NoReturn
 from ..config import CEConfig, setting
 from ..errors import CompressedExpertsError
 from ..forms import FORMS, TOP_M, get_form
+from ..routing import rule_of
 from ..text import PROMPT_FORMATS
 
 #: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
@@ -43,6 +44,8 @@ class TrainConfig:
     r: int | None = setting(
         None, "Neurons per auxiliary expert (subset, slim); default the checkpoint's, else an eighth of the expert's."
     )
+    top_p: float | None = setting(None, CEConfig.__dataclass_fields__["top_p"].metadata["help"])
+    skip_below: float | None = setting(None, CEConfig.__dataclass_fields__["skip_below"].metadata["help"])
     distill_weight: float = setting(
         0.0, "Weight of a term pulling each converted block towards the full top-k block's output."
     )
@@ -117,12 +120,15 @@ class TrainConfig:
             fail(f"warmup is a fraction of the steps, in [0, 1); got {self.warmup}", "warmup")
         if self.resume and self.overwrite:
             fail("resume continues the run in out and overwrite deletes it: choose one", "resume", "out", "overwrite")
+        rule = rule_of(self)
         if self.method == "full":
-            if self.n_ce:
+            compressing = {name: value for name, value in rule.items() if name != "n_ce" or value}  # n_ce=0 is full
+            if compressing:
+                name, value = next(iter(compressing.items()))
                 fail(
-                    f"method full runs all top-k experts; n_ce={self.n_ce} makes no sense with it (leave n_ce out)",
+                    f"method full runs all top-k experts; {name}={value} makes no sense with it (leave {name} out)",
                     "method",
-                    "n_ce",
+                    name,
                 )
             if self.trainable != "all":
                 fail(
@@ -131,8 +137,8 @@ class TrainConfig:
                     "trainable",
                 )
         else:
-            if self.n_ce is not None:
-                CEConfig(self.n_ce)
+            if rule:
+                CEConfig(**rule)  # exactly one rule, in range
                 if self.n_ce == 0:
                     fail(f"n_ce=0 with method {self.method} is full top-k: use method full", "n_ce", "method")
             if self.method == "top-m" and self.trainable != "all":
@@ -167,17 +173,17 @@ class TrainConfig:
         compressed experts the checkpoint already has (whose settings fill what was left out)."""
         if self.method == "full":
             return None
-        n_ce = self.n_ce if self.n_ce is not None else existing.n_ce if existing is not None else top_k // 2
-        if n_ce == 0:
+        rule = rule_of(self) or (rule_of(existing) if existing is not None else {"n_ce": top_k // 2})
+        if rule.get("n_ce") == 0:
             raise CompressedExpertsError(
                 f"the model routes to top-{top_k}: there is no expert to compress; use method full",
                 settings=("method",),
             )
         if self.method == "top-m":
-            return CEConfig(n_ce, TOP_M)
+            return CEConfig(form=TOP_M, **rule)
         form = self.form or (existing.form if existing is not None and existing.form != TOP_M else FORMS[0])
         r = self.r if self.r is not None else existing.r if existing is not None and existing.form == form else None
-        wanted = CEConfig(n_ce, form, r)
+        wanted = CEConfig(form=form, r=r, **rule)
         if not get_form(form).parameters and self.trainable == "ce":
             raise CompressedExpertsError(
                 f"form {form} adds no parameters, so trainable ce has nothing to train; use trainable all or ce+router",

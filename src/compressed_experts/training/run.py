@@ -146,7 +146,7 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
         swap_blocks(shape, wanted)
         wanted = ce_config_of(shape)
     if existing is not None and existing != wanted:
-        held = f"n_ce={existing.n_ce}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
+        held = f"{existing.rule}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
         raise CompressedExpertsError(
             f"{config.model} already has compressed experts ({held}); "
             f"method {config.method} needs {'the original model' if wanted is None else wanted}",
@@ -259,6 +259,8 @@ def train(config: TrainConfig) -> TrainResult:
     _refuse_unsharded_fsdp(args.distributed_state.distributed_type)
     resolved = {
         "n_ce": wanted.n_ce if wanted is not None else 0,
+        "top_p": wanted.top_p if wanted is not None else None,
+        "skip_below": wanted.skip_below if wanted is not None else None,
         "form": wanted.form if wanted is not None else None,
         "r": wanted.r if wanted is not None else None,
         "seq_len": seq_len,
@@ -330,10 +332,14 @@ def train(config: TrainConfig) -> TrainResult:
         train_loss = (before["loss_sum"] + part_loss) / max(trainer.state.global_step, 1)
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    counts = active_parameters(model)
+    # A per-token rule runs as many experts as the text asks for: counted on the run's first sequences.
+    first = dataset[:8]["input_ids"] if wanted is not None and wanted.dynamic else None
+    counts = active_parameters(model, first)
     summary = {
         "method": config.method,
         "n_ce": wanted.n_ce if wanted is not None else 0,
+        "rule": wanted.rule if wanted is not None else "full top-k",
+        "main_experts_per_token": counts["main_experts_per_token"],
         "form": wanted.form if wanted is not None else None,
         "r": wanted.r if wanted is not None else None,
         "distill_weight": config.distill_weight,
