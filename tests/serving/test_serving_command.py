@@ -146,3 +146,22 @@ def test_cli_refusals_say_what_to_do(converted, plugin, monkeypatch):
     monkeypatch.setattr(engine, "vllm_available", lambda: True)
     result = _eval("--model", str(converted), "--engine", "vllm")
     assert result.exit_code == 2 and "leaves out 'compressed_experts'" in result.output
+
+
+def test_per_token_rule_checkpoints_are_taken_and_unreadable_settings_refused(plugin, tmp_path):
+    """``serve`` (and ``eval``/``bench --engine vllm``, through check_servable) takes a checkpoint saved with
+    a per-token rule; compressed-experts settings the plugin cannot read are refused before vLLM starts."""
+    ruled = tmp_path / "top-p"
+    ce.from_pretrained("tiny:olmoe", top_p=0.7).save_pretrained(ruled)
+    assert server_command(str(ruled), cpu=True).argv[-1] == "--enforce-eager"
+    result = CliRunner().invoke(app, ["serve", str(ruled), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((ruled / "config.json").read_text())
+    assert config["compressed_experts"]["top_p"] == 0.7
+    for section, message in [
+        ({**config["compressed_experts"], "format_version": 99}, "newer than this library's.*upgrade"),
+        (None, "no compressed_experts section"),
+    ]:
+        (ruled / "config.json").write_text(json.dumps({**config, "compressed_experts": section}))
+        with pytest.raises(CompressedExpertsError, match=f"top-p: vLLM's plugin cannot serve it: .*{message}"):
+            server_command(str(ruled), cpu=True)

@@ -33,6 +33,7 @@ import compressed_experts as ce
 from compressed_experts.architectures import family_by_name
 from compressed_experts.errors import CheckpointError
 from compressed_experts.layer import is_compressed_expert
+from compressed_experts.parameters import measure_main_experts
 
 PROMPTS = [[1, 5, 9, 17, 33, 40], [1, 70, 71, 72], [1, 100, 3, 50, 60, 61, 62, 63], [1, 44]]
 NEW_TOKENS = 12
@@ -79,8 +80,10 @@ def _save_base(family: str, out: Path) -> Path:
     return out
 
 
-def _save_converted(base: Path, form: str, out: Path, n_ce: int) -> Path:
-    model = ce.from_pretrained(str(base), n_ce=n_ce, form=form, r=FORM_R[form], dtype="float32")
+def _save_converted(base: Path, form: str, out: Path, n_ce: int | None = None, **rule: float) -> Path:
+    """``base`` converted to ``form`` with ``n_ce`` or a per-token rule (``top_p=`` or ``skip_below=``),
+    its compressed experts perturbed, saved with the tiny tokenizer."""
+    model = ce.from_pretrained(str(base), n_ce=n_ce, form=form, r=FORM_R[form], dtype="float32", **rule)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -143,6 +146,57 @@ def test_greedy_tokens_equal_transformers(bases, tmp_path, family, form, monkeyp
     assert _vllm_tokens(path) == expected
     # On CPU, top-m runs vLLM's own fused MoE kernel; the other forms the library's backends.
     assert bool(calls) == (form == "none")
+
+
+# Per-token rules (top_p, skip_below): every family and every form once, each rule on a family that
+# does not renormalise its top-k (OLMoE, Qwen2-MoE), one that does (Mixtral, Qwen3-MoE) and the two
+# with routers of their own (PhiMoE's sparsemixer, DeepSeek-V3's sigmoid with a scaling factor), and
+# form none under each rule (it must not take the fused kernel, which runs a fixed number of experts).
+RULE_CASES = [
+    ("olmoe", "none", {"top_p": 0.6}),
+    ("olmoe", "ia3", {"skip_below": 0.4}),
+    ("mixtral", "none", {"skip_below": 0.5}),
+    ("mixtral", "ia3", {"top_p": 0.6}),
+    ("qwen2_moe", "slim", {"top_p": 0.7}),
+    ("qwen3_moe", "subset", {"skip_below": 0.5}),
+    ("phimoe", "subset", {"top_p": 0.7}),
+    ("deepseek_v3", "slim", {"skip_below": 0.8}),
+]
+
+
+def _rule_id(family: str, form: str, rule: dict) -> str:
+    return f"{family}-{form}-" + "{}={}".format(*next(iter(rule.items())))
+
+
+def _main_experts_vary(source: str) -> bool:
+    """Whether the rule gives the prompts' tokens different numbers of main experts in some block."""
+    model = ce.from_pretrained(source, dtype="float32")
+    averages = measure_main_experts(model, PROMPTS).values()
+    return any(abs(a - round(a)) > 1e-6 for a in averages)
+
+
+@pytest.mark.parametrize(("family", "form", "rule"), [pytest.param(*c, id=_rule_id(*c)) for c in RULE_CASES])
+def test_per_token_rule_tokens_equal_transformers(bases, tmp_path, family, form, rule, monkeypatch):
+    """A checkpoint saved with a per-token rule (config.json format_version 2) is served under that rule:
+    the same tokens as transformers, through the library's block (never vLLM's fused kernel)."""
+    import vllm._custom_ops as ops
+
+    path = _save_converted(bases[family], form, tmp_path / "model", **rule)
+    assert json.loads((path / "config.json").read_text())["compressed_experts"]["format_version"] == 2
+    assert _main_experts_vary(str(path)), "the rule keeps the same number of main experts for every token"
+    expected = _transformers_tokens(str(path))
+    assert expected != _transformers_tokens(str(bases[family])), "the compressed experts changed nothing"
+    fused_calls, library_calls = [], []
+    fused, forward = ops.cpu_fused_moe, ce.CompressedExperts.forward
+    monkeypatch.setattr(ops, "cpu_fused_moe", lambda *args: (fused_calls.append(1), fused(*args))[1])
+    monkeypatch.setattr(
+        ce.CompressedExperts,
+        "forward",
+        lambda self, *args: (library_calls.append(self.ce_config.rule), forward(self, *args))[1],
+    )
+    assert _vllm_tokens(path) == expected
+    # Which path ran: the library's block under the checkpoint's rule, for form none too.
+    assert not fused_calls and library_calls and set(library_calls) == {"{}={}".format(*next(iter(rule.items())))}
 
 
 def test_refused_without_the_plugin(bases, tmp_path):

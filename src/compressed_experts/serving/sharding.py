@@ -14,9 +14,13 @@ computes a partial output over its neurons and an all-reduce sums them:
   none of them runs its main experts only (the ``none`` form), since it adds nothing for the
   auxiliary ones.
 
+Which of a token's experts are main is decided on every rank from the same routing (the router's
+logits and weights are replicated), so with a per-token rule (``top_p``, ``skip_below``) as with a
+fixed ``n_ce`` every rank splits each token alike and the partial outputs still add up.
+
 :func:`local_settings` gives a rank's form and ``r``; :func:`shard` cuts a full tensor into the
-rank's part. ``tests/serving/test_sharding.py`` checks that the ranks' partial outputs sum to the
-unsharded block's, for every form.
+rank's part. ``tests/serving/test_serving_sharding.py`` checks that the ranks' partial outputs sum
+to the unsharded block's, for every form, under a fixed ``n_ce`` and under each per-token rule.
 """
 
 from __future__ import annotations

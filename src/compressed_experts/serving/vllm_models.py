@@ -11,9 +11,10 @@ which takes the same arguments and:
 - routes each token with the router vLLM itself builds from them (``create_fused_moe_router``),
   so each family's routing is vLLM's, unchanged;
 - computes the routed experts with :class:`compressed_experts.layer.CompressedExperts` (the
-  library's forms and compute backends: the same math as ``ce.from_pretrained``); for form
-  ``none`` on vLLM's CPU build, with vLLM's own fused CPU MoE kernel over each token's ``m``
-  heaviest experts instead (:meth:`CompressedExpertsRunner.prepare_fused`: the same top-m), inside a
+  library's forms, per-token rules and compute backends: the same math as ``ce.from_pretrained``);
+  for form ``none`` with a fixed ``n_ce`` on vLLM's CPU build, with vLLM's own fused CPU MoE kernel
+  over each token's ``m`` heaviest experts instead (:meth:`CompressedExpertsRunner.prepare_fused`:
+  the same top-m; a per-token rule stays on the library's block), inside a
   ``torch.library`` custom op with a fake implementation, so that vLLM's torch.compile treats it
   as one opaque call (its shapes inside depend on the routing);
 - runs the family's shared experts (built by vLLM) beside it, applies the scaling vLLM would,
@@ -57,6 +58,7 @@ from ..forms import CE_PARAMETERS, get_form
 from ..layer import CompressedExperts
 from ..routing import split_routing
 from .sharding import local_settings, shard
+from .vllm_plugin import served_settings
 
 #: base architecture (as transformers names it) -> (vLLM module, vLLM class) of the families vLLM implements.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -112,14 +114,9 @@ def _(hidden_states: torch.Tensor, router_logits: torch.Tensor, runner: str) -> 
 
 
 def ce_config_of(hf_config: Any) -> CEConfig:
-    """The compressed-experts settings a checkpoint's config carries (refused when absent)."""
-    section = getattr(hf_config, SECTION, None)
-    if not isinstance(section, dict):
-        raise CheckpointError(
-            "this config has no compressed_experts section: it is not a compressed-experts checkpoint "
-            "(serve a plain model with vLLM's own architecture)"
-        )
-    return CEConfig.from_dict(section)
+    """The compressed-experts settings a checkpoint's config carries (:func:`served_settings`: a fixed
+    ``n_ce`` or a per-token rule; refused when absent)."""
+    return served_settings(getattr(hf_config, SECTION, None))
 
 
 class CompressedExpertsRunner(nn.Module):
@@ -194,7 +191,11 @@ class CompressedExpertsRunner(nn.Module):
         experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
         experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
         experts.act_fn = nn.SiLU()
-        self.ce = CompressedExperts(experts, ce.n_ce, form=form, r=r).requires_grad_(False)
+        # The rule as the checkpoint gives it: a fixed n_ce, or top_p / skip_below chosen per token from
+        # the router's weights (replicated on every rank, so every rank's mask is the same).
+        self.ce = CompressedExperts(
+            experts, ce.n_ce, form=form, r=r, top_p=ce.top_p, skip_below=ce.skip_below
+        ).requires_grad_(False)
         self.ce_names = set(get_form(self.ce_config.form).parameters)  # what the checkpoint must hold
         self.name = f"{prefix}#{next(_COUNTER)}"
         self.__dict__["fused"] = None  # (cpu_fused_moe, packed w13, packed w2) once prepare_fused sets it
@@ -208,7 +209,8 @@ class CompressedExpertsRunner(nn.Module):
         weights, index = self.router.select_experts(hidden_states, router_logits)
         fused = self.fused
         if fused is not None and hidden_states.dtype == fused[1].dtype and hidden_states.device.type == "cpu":
-            # Form none: the m heaviest of the top-k, weights as the router gave them (the library's split).
+            # Form none, fixed n_ce (prepare_fused): the m heaviest of the top-k, weights as the router
+            # gave them (the library's split).
             kernel, w13, w2 = fused
             split = split_routing(index, weights.to(hidden_states.dtype), self.ce.n_ce)
             x = hidden_states.contiguous()
@@ -231,11 +233,12 @@ class CompressedExpertsRunner(nn.Module):
         return self.ce(hidden_states, index.long(), weights.to(hidden_states.dtype))
 
     def prepare_fused(self) -> None:
-        """After the weights load: for form ``none`` (top-m, ``n_ce > 0``) on vLLM's CPU build, pack this
-        rank's expert weights for vLLM's fused CPU MoE kernel, which :meth:`routed` then runs on each
-        token's ``m`` heaviest experts (as vLLM runs full top-k). Anything else keeps the library's
-        block. The packed copy is zero-padded along the intermediate dimension (exact: padded neurons
-        give SiLU(0) * 0 = 0)."""
+        """After the weights load: for form ``none`` with a fixed ``n_ce > 0`` (top-m) on vLLM's CPU build,
+        pack this rank's expert weights for vLLM's fused CPU MoE kernel, which :meth:`routed` then runs
+        on each token's ``m`` heaviest experts (as vLLM runs full top-k). Anything else keeps the
+        library's block, a per-token rule (``top_p``, ``skip_below``) too: the kernel takes the same
+        number of experts for every token. The packed copy is zero-padded along the intermediate
+        dimension (exact: padded neurons give SiLU(0) * 0 = 0)."""
         self.__dict__["fused"] = None
         layer = self.ce
         ops = _cpu_fused_moe_ops()
@@ -243,6 +246,7 @@ class CompressedExpertsRunner(nn.Module):
         if (
             ops is None
             or layer.form != "none"
+            or layer.dynamic  # a per-token number of main experts: the kernel takes a fixed one
             or layer.n_ce == 0
             or weight.device.type != "cpu"
             or weight.dtype not in _FUSED_DTYPES

@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..config import ARCHITECTURE_PREFIX, SAVED_MODEL_TYPE
-from ..errors import CompressedExpertsError
+from ..config import ARCHITECTURE_PREFIX, SAVED_MODEL_TYPE, SECTION, CEConfig
+from ..errors import CheckpointError, CompressedExpertsError
 from ..sources import local_path
 
 #: The entry point group vLLM loads in every process, and this plugin's name in it (pyproject.toml):
@@ -55,6 +55,19 @@ def unserved(architectures: Iterable[str]) -> str | None:
     )
 
 
+def served_settings(section: Any) -> CEConfig:
+    """The compressed-experts settings the plugin serves a checkpoint with, from its config's
+    ``compressed_experts`` section: a fixed ``n_ce`` or a per-token rule (``top_p``, ``skip_below``),
+    with the form and ``r``. Refused, with what is wrong, when absent or unreadable (a format newer
+    than this library's, one setting per MoE block)."""
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            "this config has no compressed_experts section: it is not a compressed-experts checkpoint "
+            "(serve a plain model with vLLM's own architecture)"
+        )
+    return CEConfig.from_dict(section)
+
+
 def not_loaded() -> str | None:
     """Why vLLM, started from this environment, would not load this plugin (None when it would)."""
     if not any(entry.name == PLUGIN for entry in entry_points(group=GROUP)):
@@ -74,7 +87,8 @@ def not_loaded() -> str | None:
 
 def check_servable(source: Any, *, converted: bool = False) -> None:
     """Refuse, before vLLM starts, a local compressed-experts checkpoint vLLM would refuse: this
-    plugin not loaded, or a family it does not serve. ``converted``: ``source`` is to be converted
+    plugin not loaded, a family it does not serve, or compressed-experts settings it cannot read
+    (:func:`served_settings`). ``converted``: ``source`` is to be converted
     first (``bench``), so a plain checkpoint is checked as its compressed-experts form. Plain
     checkpoints (vLLM serves them itself), hub ids and folders without a readable config.json pass."""
     path = local_path(source)
@@ -93,6 +107,11 @@ def check_servable(source: Any, *, converted: bool = False) -> None:
     why = not_loaded() or unserved(names)
     if why:
         raise CompressedExpertsError(f"{source}: {why}")
+    if not converted:  # what the plugin will read from config.json, read now: refused before vLLM starts
+        try:
+            served_settings(config.get(SECTION))
+        except CompressedExpertsError as err:
+            raise CompressedExpertsError(f"{source}: vLLM's plugin cannot serve it: {err}") from None
 
 
 def register() -> None:
