@@ -66,6 +66,40 @@ def test_vllm_engine_answers_equal_the_transformers_engines(converted, tmp_path)
     assert results["vllm"]["model"] == results["transformers"]["model"]  # the same model summary
 
 
+def test_eval_command_takes_a_per_token_rule_through_vllm(tmp_path):
+    """``eval --engine vllm`` on a checkpoint saved with a per-token rule: vLLM answers as the transformers
+    engine does, and the results' model summary (the rule, main experts per token and active parameters,
+    measured on the evaluation's texts after vLLM finished) is the transformers engine's."""
+    from typer.testing import CliRunner
+
+    from compressed_experts.cli import app
+
+    bundled = Path(ce.sources.resolve("bundled"))
+    path = _save_converted(bundled, "ia3", tmp_path / "bundled-top-p", top_p=0.7)
+    ce.load_tokenizer("bundled").save_pretrained(path)
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in QUESTIONS))
+    argv = ["eval", "--model", str(path), "--task", "gsm8k", "--data", str(data), "--max-new-tokens", "24"]
+    done = CliRunner().invoke(app, [*argv, "--engine", "vllm", "--dtype", "float32", "--out", str(tmp_path / "v.json")])
+    assert done.exit_code == 0, done.output
+    served = json.loads((tmp_path / "v.json").read_text())
+    model = ce.from_pretrained(str(path), dtype="float32").eval()
+    reference = evaluate(
+        model,
+        ce.load_tokenizer(str(path)),
+        "gsm8k",
+        data=str(data),
+        max_new_tokens=24,
+        source=str(path),
+        progress=False,
+    )
+    outputs = [e["output"] for e in served["examples"]]
+    assert outputs == [e["output"] for e in reference["examples"]] and any(outputs)
+    assert served["settings"]["engine"] == "vllm" and served["model"] == reference["model"]
+    assert served["model"]["rule"] == "top_p=0.7" and served["model"]["n_ce"] is None
+    assert 1 < served["model"]["main_experts_per_token"] < 8  # measured: some of the 8 routed experts, not all
+
+
 def _local_tasks(folder: Path) -> Path:
     """A multiple-choice (log-likelihood) and a generation task over a local data file: no hub data sets."""
     data = folder / "sums.jsonl"

@@ -10,9 +10,11 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checkpoint import from_pretrained
 from ..config import setting
 from ..convert import ce_config_of
 from ..errors import CompressedExpertsError, UnsupportedModelError
+from ..layer import CompressedExperts
 from ..parameters import active_parameters
 from ..serving.engine import check_engine, check_engine_name, engine_device, generate_with_vllm
 from ..training.config import CONFIG_FILE, TrainConfig
@@ -73,6 +75,19 @@ def check_task_name(task: str) -> None:
             f"unknown task {task!r}; choose from {', '.join(TASKS)}, or {PREFIX}<task> for any "
             f"lm-evaluation-harness task (e.g. {PREFIX}arc_easy, {PREFIX}mmlu)"
         )
+
+
+def _runnable(model: PreTrainedModel, source: str | None) -> PreTrainedModel:
+    """``model``, or, where it is a structure without weights (``eval --engine vllm`` builds it on the
+    meta device: vLLM reads the weights) and its main experts are chosen per token, the checkpoint
+    loaded with its weights on :func:`engine_device`: a per-token rule's active parameters are measured
+    by running the model on the evaluation's texts, as for the transformers engine. Loaded after vLLM
+    has finished and let go of its memory."""
+    dynamic = any(isinstance(m, CompressedExperts) and m.dynamic for m in model.modules())
+    if not dynamic or not any(p.is_meta for p in model.parameters()):
+        return model
+    dtype = str(model.dtype).removeprefix("torch.")
+    return from_pretrained(source or model.name_or_path, dtype=dtype).to(engine_device()).eval()
 
 
 def check_prompt_lengths(
@@ -228,13 +243,6 @@ def evaluate(
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
     check_engine_for(task, config.engine, source or model.name_or_path)
-    rule = ce_config_of(model)
-    if config.engine != "transformers" and rule is not None and rule.dynamic:
-        raise CompressedExpertsError(
-            f"this model chooses its main experts per token ({rule.rule}): the vLLM plugin runs a fixed n_ce only, "
-            f"and the rule's active parameters are measured by running the model here; use engine transformers",
-            settings=("engine",),
-        )
     data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
     if out is not None:
         inputs = {"data": data, "model": source or model.name_or_path, "tokenizer": tokenizer.name_or_path}
@@ -330,7 +338,8 @@ def evaluate(
         "score": score,
         "n": len(examples),
         "settings": settings,
-        "model": model_summary(model, source, tokenizer, read),  # a per-token rule's: measured on these texts
+        # A per-token rule's active parameters: measured on these texts (by the library's model, whatever the engine)
+        "model": model_summary(_runnable(model, source), source, tokenizer, read),
         "examples": examples,
     }
     if out is not None:
