@@ -165,3 +165,15 @@ def test_per_token_rule_checkpoints_are_taken_and_unreadable_settings_refused(pl
         (ruled / "config.json").write_text(json.dumps({**config, "compressed_experts": section}))
         with pytest.raises(CompressedExpertsError, match=f"top-p: vLLM's plugin cannot serve it: .*{message}"):
             server_command(str(ruled), cpu=True)
+
+
+def test_bench_rule_mistakes_are_refused_before_anything_runs():
+    """``bench --engine vllm --top-p P`` adds a rule variant; a rule for the layers bench, two rules or a
+    bad value are refused at once (no vLLM needed to say so)."""
+    for extra, message in [
+        (["--top-p", "0.7"], "--top-p and --skip-below are for --engine vllm"),
+        (["--engine", "vllm", "--top-p", "0.7", "--skip-below", "0.3"], "give --top-p or --skip-below, not both"),
+        (["--engine", "vllm", "--skip-below", "1.5"], "--skip-below is a fraction"),
+    ]:
+        result = CliRunner().invoke(app, ["bench", *extra])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -12,6 +12,7 @@ import typer
 from rich.markdown import Markdown
 
 from .. import bench as benchmark
+from ..config import CEConfig
 from ..errors import CompressedExpertsError
 from .app import app
 from .common import DEVICE_HELP, check_device, console, run
@@ -69,18 +70,39 @@ def bench(
             "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json)."
         ),
     ] = "layers",
-    model: Annotated[str, typer.Option(help="--engine vllm: the model whose three variants are served.")] = "bundled",
+    model: Annotated[
+        str, typer.Option(help="--engine vllm: the model whose three variants (five with a rule) are served.")
+    ] = "bundled",
     requests: Annotated[str, typer.Option(help="--engine vllm: concurrent requests.")] = "1,8,64",
     new_tokens: Annotated[int, typer.Option(help="--engine vllm: tokens generated per request.")] = 64,
+    top_p: Annotated[
+        float | None,
+        typer.Option(help="--engine vllm: also time top-m and compressed experts under this per-token top_p rule."),
+    ] = None,
+    skip_below: Annotated[
+        float | None,
+        typer.Option(
+            help="--engine vllm: also time top-m and compressed experts under this per-token skip_below rule."
+        ),
+    ] = None,
 ) -> None:
     """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
 
     def action() -> None:
         if engine not in ("layers", "vllm"):
             raise CompressedExpertsError(f"--engine must be layers or vllm, not {engine!r}")
+        rule = {name: value for name, value in (("top_p", top_p), ("skip_below", skip_below)) if value is not None}
         if engine == "vllm":
-            _served(model, csv_values(requests, kind=int), new_tokens, repeats, out_dir)
+            if len(rule) > 1:
+                raise CompressedExpertsError("give --top-p or --skip-below, not both: one rule variant is timed")
+            if rule:  # a valid value: before anything is converted or timed
+                CEConfig(**rule)
+            _served(model, csv_values(requests, kind=int), new_tokens, repeats, out_dir, rule or None)
             return
+        if rule:
+            raise CompressedExpertsError(
+                "--top-p and --skip-below are for --engine vllm (a rule variant of the served model)"
+            )
         if report_only:
             benchmark.write_report(None, out_dir, doc)
             console.print(f"regenerated {doc} from {out_dir}")
@@ -130,8 +152,11 @@ def bench(
     run(action)
 
 
-def _served(model: str, requests: tuple[int, ...], new_tokens: int, repeats: int, out_dir: Path) -> None:
-    """``bench --engine vllm``: full top-k, top-m and compressed experts of ``model`` through vLLM."""
+def _served(
+    model: str, requests: tuple[int, ...], new_tokens: int, repeats: int, out_dir: Path, rule: dict | None
+) -> None:
+    """``bench --engine vllm``: full top-k, top-m and compressed experts of ``model`` through vLLM (and
+    both under ``rule``, a per-token rule, where given)."""
     from ..checkpoint import write_atomic
     from ..serving.bench import engine_benchmark, engine_table
     from ..serving.engine import check_engine
@@ -141,6 +166,7 @@ def _served(model: str, requests: tuple[int, ...], new_tokens: int, repeats: int
     with console.status("benchmarking through vLLM") as status:
         result = engine_benchmark(
             model,
+            rule=rule,
             requests=requests,
             new_tokens=new_tokens,
             repeats=repeats,
