@@ -105,8 +105,8 @@ def test_plan_json_round_trip_and_fit_check(planned, tmp_path):
     model, _, _, _, result = planned
     result.save(tmp_path / "plan.json")
     read = read_plan(tmp_path / "plan.json")
-    assert read["configs"] == result.layers
-    assert check_plan_fits(read, model) == result.layers
+    assert list(read["configs"]) == result.layers
+    assert list(check_plan_fits(read, model)) == result.layers
     other = ce.tiny_model("mixtral")  # other block count and experts
     with pytest.raises(ce.CompressedExpertsError, match="plan this model"):
         check_plan_fits(read, other)
@@ -180,3 +180,90 @@ def test_plan_command_writes_the_plan_and_its_plot(tmp_path):
     assert result.exit_code == 2 and "error: --budget 0.5 is below what any candidate reaches" in " ".join(
         result.output.split()
     )
+
+
+# ---------------------------------------------------------------- settings per block: convert, save, load, fit
+
+
+PER_BLOCK = (ce.CEConfig(2, "subset", 4), ce.CEConfig(5, "none"))  # tiny OLMoE: 2 blocks, top-8, I = 16
+
+
+def test_per_block_settings_convert_each_block_as_its_own(tmp_path):
+    model = ce.convert(ce.tiny_model("olmoe"), list(PER_BLOCK))
+    layers = [m for m in model.modules() if isinstance(m, ce.CompressedExperts)]
+    assert [(layer.n_ce, layer.form, layer.r) for layer in layers] == [(2, "subset", 4), (5, "none", None)]
+    assert ce.ce_config_of(model) == PER_BLOCK
+    # The same blocks built one by one by hand give the same logits.
+    other = ce.tiny_model("olmoe")
+    blocks = ce.architectures.moe_blocks(other, ce.architectures.family_of(other))
+    for (_, block), config in zip(blocks, PER_BLOCK):
+        block.experts = ce.CompressedExperts(block.experts, config.n_ce, config.form, config.r)
+        if config.form == "subset":
+            from compressed_experts.neurons import select_neurons, weight_importance
+
+            select_neurons(block.experts, weight_importance(block.experts))
+    ids = _calibration(sequences=2, length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, other(ids).logits)
+    # Equal settings collapse to one: a plan of one setting saves as a uniform conversion.
+    uniform = ce.convert(ce.tiny_model("olmoe"), [ce.CEConfig(3), ce.CEConfig(3)])
+    assert ce.ce_config_of(uniform) == ce.CEConfig(3) and uniform.config.compressed_experts["n_ce"] == 3
+
+
+def test_per_block_settings_save_load_and_refuse_old_readers(tmp_path, monkeypatch):
+    model = ce.convert(ce.tiny_model("olmoe"), list(PER_BLOCK))
+    model.save_pretrained(tmp_path / "m")
+    section = json.loads((tmp_path / "m" / "config.json").read_text())["compressed_experts"]
+    assert section["format_version"] == 3 and [layer["n_ce"] for layer in section["layers"]] == [2, 5]
+    loaded = ce.from_pretrained(tmp_path / "m")
+    assert ce.ce_config_of(loaded) == PER_BLOCK
+    ids = _calibration(sequences=2, length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ce.CompressedExpertsError, match="settings per MoE block .* got n_ce: leave them out"):
+        ce.from_pretrained(tmp_path / "m", n_ce=2)
+    from compressed_experts import config as ce_config
+
+    monkeypatch.setattr(ce_config, "FORMAT_VERSION", 2)  # a library from before plans refuses, never misreads
+    with pytest.raises(ce.CompressedExpertsError, match="format 3, newer than this library's"):
+        ce.from_pretrained(tmp_path / "m")
+
+
+def test_a_plan_file_converts_loads_and_fits(planned, tmp_path):
+    model, _, calibration, _, result = planned
+    result.save(tmp_path / "plan.json")
+    converted = ce.from_pretrained("tiny:olmoe", plan=tmp_path / "plan.json")
+    assert list(ce.ce_config_of(converted)) == result.layers
+    shape = ce.checkpoint.skeleton("tiny:olmoe", plan=tmp_path / "plan.json")
+    assert list(ce.ce_config_of(shape)) == result.layers
+    assert ce.active_parameters(converted)["expert_equivalents"] == pytest.approx(result.expert_equivalents)
+    with pytest.raises(ce.CompressedExpertsError, match="leave n_ce out"):
+        ce.from_pretrained("tiny:olmoe", n_ce=2, plan=tmp_path / "plan.json")
+    with pytest.raises(ce.CompressedExpertsError, match="plan this model"):
+        ce.from_pretrained("tiny:mixtral", plan=tmp_path / "plan.json")
+    # fit takes each block as its form says: subset blocks choose neurons, a none block is left alone.
+    mixed = ce.convert(ce.tiny_model("olmoe"), [ce.CEConfig(4, "slim", 4), ce.CEConfig(4, "none")])
+    report = ce.fit(mixed, calibration, steps=2, progress=False)
+    assert [row["block"] for row in report["blocks"]] == [0] and report["rule"] == "per block (a plan)"
+
+
+def test_plan_through_the_commands(planned, tmp_path):
+    from typer.testing import CliRunner
+
+    from compressed_experts.cli import app
+
+    _, _, _, _, result = planned
+    result.save(tmp_path / "plan.json")
+    out = tmp_path / "converted"
+    done = CliRunner().invoke(app, ["convert", "tiny:olmoe", "--plan", str(tmp_path / "plan.json"), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert list(ce.ce_config_of(ce.from_pretrained(out))) == result.layers
+    refused = CliRunner().invoke(
+        app,
+        ["convert", "tiny:olmoe", "--plan", str(tmp_path / "plan.json"), "--n-ce", "2", "--out", str(tmp_path / "x")],
+    )
+    assert refused.exit_code == 2 and "leave --n-ce out" in " ".join(refused.output.split())
+    missing = CliRunner().invoke(
+        app, ["convert", "tiny:olmoe", "--plan", str(tmp_path / "no.json"), "--out", str(tmp_path / "y")]
+    )
+    assert missing.exit_code == 2 and "no such plan" in missing.output

@@ -25,7 +25,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .architectures import FAMILIES
-from .config import SAVED_MODEL_TYPE, SECTION, CEConfig, mark_config, saving_class, split_saved
+from .config import SAVED_MODEL_TYPE, SECTION, mark_config, saving_class, settings_from_dict, split_saved
 from .convert import swap_blocks
 from .errors import CheckpointError
 
@@ -76,7 +76,7 @@ def loader_class(model_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
                 )
             model_cls.__init__(self, config, *args, **kwargs)
             # The checkpoint holds the chosen neurons: nothing to select, only the blocks to swap.
-            swap_blocks(self, CEConfig.from_dict(getattr(config, SECTION)))
+            swap_blocks(self, settings_from_dict(getattr(config, SECTION)))
 
         @classmethod
         def from_pretrained(cls, source, *args, **kwargs):

@@ -35,8 +35,16 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .adapters import base_of, named_weights
 from .auto_classes import current_key, loader_class, register, split_saved
-from .config import SAVED_MODEL_TYPE, CEConfig, mark_config
-from .convert import ce_config_of, convert, swap_blocks
+from .config import (
+    SAVED_MODEL_TYPE,
+    CEConfig,
+    Settings,
+    mark_config,
+    read_plan_file,
+    settings_from_dict,
+    settings_to_dict,
+)
+from .convert import ce_config_of, check_plan_fits, convert, swap_blocks
 from .errors import CheckpointError, CompressedExpertsError, first_line
 from .forms import REGISTRY
 from .layer import is_compressed_expert
@@ -311,6 +319,27 @@ def _requested(asked: dict[str, Any]) -> CEConfig | None:
     return CEConfig(form="ia3" if form is None else form, r=r, **{name: asked[name] for name in RULES})
 
 
+def _plan_alone(plan, asked: dict[str, Any]) -> dict[str, Any]:
+    """Nothing: a plan says every block's settings, so none may be given beside it."""
+    given = [name for name, value in asked.items() if value is not None]
+    if given:
+        raise CompressedExpertsError(
+            f"a plan ({plan}) sets every block's n_ce, form and r: leave {', '.join(given)} out",
+            settings=(*given, "plan"),
+        )
+    return {}
+
+
+def _fitting_plan(plan, shape: PreTrainedModel, source: str) -> tuple[CEConfig, ...]:
+    """The plan's settings, refused unless ``shape`` (``source``'s skeleton) is a plain model it was made for."""
+    if ce_config_of(shape) is not None:
+        raise CompressedExpertsError(
+            f"{source} already has compressed experts: a plan applies to the original model it was made for",
+            settings=("plan",),
+        )
+    return check_plan_fits(read_plan_file(plan), shape)
+
+
 def _needs_n_ce(asked: dict[str, Any]) -> None:
     form, r = asked["form"], asked["r"]
     if form is not None or r is not None:
@@ -324,7 +353,7 @@ def _needs_n_ce(asked: dict[str, Any]) -> None:
 
 def _resolve(
     source: str, config_dict: dict[str, Any], asked: dict[str, Any]
-) -> tuple[PretrainedConfig, CEConfig | None]:
+) -> tuple[PretrainedConfig, Settings | None]:
     """The plain transformers config of a checkpoint and its compressed-experts settings, if any.
 
     For a converted checkpoint, the settings in ``asked`` may be left out or repeat what it holds.
@@ -341,6 +370,15 @@ def _resolve(
         base_type, fields, ce = split_saved(config_dict)
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
+    if not isinstance(ce, CEConfig):  # settings per block (a plan)
+        given = [key for key, value in asked.items() if value is not None]
+        if given:
+            raise CompressedExpertsError(
+                f"{source} already has compressed experts, with settings per MoE block (a plan); got "
+                f"{', '.join(given)}: leave them out, or convert the original model again",
+                settings=tuple(given),
+            )
+        return _plain_config(source, base_type, fields, "unknown base model type"), ce
     if any(value is not None and value != getattr(ce, key) for key, value in asked.items()):
         held = ", ".join(f"{key}={getattr(ce, key)}" for key in asked if getattr(ce, key) is not None)
         given = ", ".join(f"{key}={value}" for key, value in asked.items() if value is not None)
@@ -359,7 +397,7 @@ def _causal_lm_class(source: str, config: PretrainedConfig) -> type[PreTrainedMo
         raise CheckpointError(f"{source}: {type(config).__name__} has no causal-LM model class") from err
 
 
-def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: CEConfig | None) -> PreTrainedModel:
+def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: Settings | None) -> PreTrainedModel:
     """The model's structure on the meta device: shapes and parameter counts without weights."""
     with torch.device("meta"):
         model = model_cls(copy.deepcopy(config))
@@ -376,14 +414,19 @@ def skeleton(
     *,
     top_p: float | None = None,
     skip_below: float | None = None,
+    plan: str | os.PathLike | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """A checkpoint's model built on the meta device from its config alone (converted when it is
-    a compressed-experts checkpoint or a rule, ``n_ce``, ``top_p`` or ``skip_below``, is given):
-    for inspecting structure and counting parameters of a large model without reading its
-    weights. (``tiny:`` models are simply built.)"""
+    a compressed-experts checkpoint or a rule, ``n_ce``, ``top_p`` or ``skip_below``, or a
+    ``plan`` is given): for inspecting structure and counting parameters of a large model without
+    reading its weights. (``tiny:`` models are simply built.)"""
     source = resolve(source)
     asked = _asked(n_ce, form, r, top_p, skip_below)
+    if plan is not None:
+        shape = skeleton(source, **_plan_alone(plan, asked), **kwargs)
+        swap_blocks(shape, _fitting_plan(plan, shape, source))
+        return shape
     if tiny_family(source) is not None:
         return from_pretrained(source, **asked)
     config, ce = _resolve(source, _read_config(source, kwargs), asked)
@@ -398,6 +441,7 @@ def from_pretrained(
     *,
     top_p: float | None = None,
     skip_below: float | None = None,
+    plan: str | os.PathLike | None = None,
     verify: bool | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
@@ -410,8 +454,9 @@ def from_pretrained(
     ``n_ce`` is given, to ``form`` (default ``"ia3"``, the paper's vectors; ``"none"`` for
     the top-m baseline; ``"subset"``/``"slim"`` with ``r`` neurons, see :class:`CEConfig`); or,
     instead of ``n_ce``, when a per-token rule is given (``top_p`` or ``skip_below``, see
-    :class:`CEConfig`). Other keyword arguments (``dtype``, ``device_map``, ``revision``...)
-    go to transformers' ``from_pretrained``.
+    :class:`CEConfig`); or, block by block, to the settings of a ``plan`` (a plan.json written by
+    :func:`compressed_experts.plan.plan` for this model). Other keyword arguments (``dtype``,
+    ``device_map``, ``revision``...) go to transformers' ``from_pretrained``.
 
     A local directory saved by this library is checked against its checksum manifest first
     (:func:`verify_checkpoint`): ``verify=None`` hashes every file of a checkpoint of up to
@@ -422,6 +467,9 @@ def from_pretrained(
     """
     source = resolve(source)
     asked = _asked(n_ce, form, r, top_p, skip_below)
+    if plan is not None:  # the plan and the model are checked on the skeleton, before any weight is read
+        configs = _fitting_plan(plan, skeleton(source, **_plan_alone(plan, asked), **kwargs), source)
+        return convert(from_pretrained(source, verify=verify, **kwargs), configs)
     requested = _requested(asked)
     family = tiny_family(source)
     if family is not None:
@@ -538,20 +586,44 @@ def save_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) -> 
     ce = ce_config_of(base_of(model))
     vectors = {n: _whole(p.detach()).contiguous() for n, p in named_weights(model) if is_compressed_expert(n)}
     if ce is None or not vectors:
+        forms = sorted({c.form for c in ((ce,) if isinstance(ce, CEConfig) else ce)}) if ce is not None else []
         form = (
-            ""
-            if ce is None
-            else f" (form {ce.form} adds no parameters; its choice of neurons lives in the expert weights)"
+            f" (form {', '.join(forms)} adds no parameters; its choice of neurons lives in the expert weights)"
+            if forms
+            else ""
         )
         raise CompressedExpertsError(
             f"this model has no compressed-expert parameters to save{form}: use save_pretrained"
         )
-    # The config section's fields as text (safetensors metadata holds strings): the rule's one setting,
-    # form, r when there is one, format_version.
-    meta = {key: str(value) for key, value in ce.to_dict().items() if value is not None}
-    meta["base_model_type"] = base_of(model).config.model_type
+    # The config section as JSON (safetensors metadata holds strings); for one setting also its fields
+    # one by one (the rule's one setting, form, r when there is one, format_version), as files were written
+    # before plans, which libraries of that time read.
+    section = settings_to_dict(ce)
+    meta = {"compressed_experts": json.dumps(section), "base_model_type": base_of(model).config.model_type}
+    if isinstance(ce, CEConfig):
+        meta |= {key: str(value) for key, value in section.items() if value is not None}
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         save_file({n: v.cpu() for n, v in vectors.items()}, os.fspath(path), metadata=meta)
+
+
+def _vectors_section(path, meta: dict[str, str]) -> dict[str, Any]:
+    """The settings section a vectors file carries: as JSON, or (files from before plans) field by field."""
+    if "compressed_experts" in meta:
+        try:
+            section = json.loads(meta["compressed_experts"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its compressed_experts metadata is not JSON ({err})") from None
+        if isinstance(section, dict):
+            return section
+    numbers = {"n_ce": int, "r": int, "top_p": float, "skip_below": float, "format_version": int}
+    try:
+        section = {key: numbers[key](meta[key]) for key in numbers if key in meta}
+        section["form"] = meta["form"]
+        if not set(RULES) & set(section):
+            raise KeyError("n_ce")
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
+    return section
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -571,15 +643,7 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
             vectors = {current_key(key): handle.get_tensor(key) for key in handle.keys()}
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read compressed experts from {path}: {first_line(err)}") from err
-    numbers = {"n_ce": int, "r": int, "top_p": float, "skip_below": float, "format_version": int}
-    try:
-        section = {key: numbers[key](meta[key]) for key in numbers if key in meta}
-        section["form"] = meta["form"]
-        if not set(RULES) & set(section):
-            raise KeyError("n_ce")
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a compressed-experts file (no n_ce/form metadata)") from err
-    ce = CEConfig.from_dict(section)  # a newer format is refused, naming the upgrade
+    ce = settings_from_dict(_vectors_section(path, meta))  # a newer format is refused, naming the upgrade
     if meta.get("base_model_type") != model.config.model_type:
         raise CheckpointError(
             f"{path} was trained on a {meta.get('base_model_type')} model; this one is {model.config.model_type}"

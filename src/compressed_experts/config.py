@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import MISSING, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, CompressedExpertsError
@@ -17,17 +20,26 @@ __all__ = [
     "SAVED_MODEL_TYPE",
     "SECTION",
     "CEConfig",
+    "Settings",
     "check_dtype_name",
+    "collapsed",
     "mark_config",
+    "per_block",
+    "read_plan_file",
     "setting",
+    "settings_from_dict",
+    "settings_to_dict",
 ]
 
 #: Version of the ``compressed_experts`` section written into a saved model's config.json. A section
 #: with a per-token rule (``top_p``, ``skip_below``) is written as version 2, so that a library from
 #: before them refuses it instead of reading it as a fixed ``n_ce``; one with a fixed ``n_ce`` is
 #: still written as version 1, which every version reads.
-FORMAT_VERSION = 2
+#: A section with settings of its own for each MoE block (a plan, :mod:`compressed_experts.plan`)
+#: is ``{"layers": [one section per block], "format_version": 3}``, written only when blocks differ.
+FORMAT_VERSION = 3
 _FIXED_FORMAT_VERSION = 1
+_DYNAMIC_FORMAT_VERSION = 2
 
 
 def setting(default: Any = MISSING, help: str = "") -> Any:
@@ -122,25 +134,105 @@ class CEConfig(Ruled):
     def to_dict(self) -> dict[str, Any]:
         """The section stored under ``compressed_experts`` in a saved config.json (the rule's one
         setting, not the two left out)."""
-        version = FORMAT_VERSION if self.dynamic else _FIXED_FORMAT_VERSION
+        version = _DYNAMIC_FORMAT_VERSION if self.dynamic else _FIXED_FORMAT_VERSION
         return {**rule_of(self), "form": self.form, "r": self.r, "format_version": version}
 
     @classmethod
     def from_dict(cls, section: dict[str, Any]) -> CEConfig:
         """Read back what :meth:`to_dict` wrote; refuses sections from a newer format."""
-        version = section.get("format_version", _FIXED_FORMAT_VERSION)
-        if not isinstance(version, int):
-            raise CompressedExpertsError(f"the compressed_experts section has a bad format_version: {version!r}")
-        if version > FORMAT_VERSION:
+        version = _format_version(section)
+        if "layers" in section:
             raise CompressedExpertsError(
-                f"this checkpoint uses compressed-experts format {version}, newer than this "
-                f"library's ({FORMAT_VERSION}): upgrade compressed-experts"
+                "this checkpoint has settings of its own for each MoE block (a plan); this path takes one "
+                "setting for all blocks: load it with compressed_experts.from_pretrained"
             )
         rules = RULES if version >= 2 else ("n_ce",)  # version 1 knows no per-token rule
         if not any(section.get(name) is not None for name in rules):
             raise CompressedExpertsError(f"the compressed_experts section of config.json has no {' or '.join(rules)}")
         # Sections written before forms existed hold the paper's vectors.
         return cls(form=section.get("form", "ia3"), r=section.get("r"), **{name: section.get(name) for name in rules})
+
+
+def _format_version(section: dict[str, Any]) -> int:
+    version = section.get("format_version", _FIXED_FORMAT_VERSION)
+    if not isinstance(version, int):
+        raise CompressedExpertsError(f"the compressed_experts section has a bad format_version: {version!r}")
+    if version > FORMAT_VERSION:
+        raise CompressedExpertsError(
+            f"this checkpoint uses compressed-experts format {version}, newer than this "
+            f"library's ({FORMAT_VERSION}): upgrade compressed-experts"
+        )
+    return version
+
+
+#: A model's compressed-experts settings: one :class:`CEConfig` for every MoE block, or a tuple of
+#: one per MoE block in model order (a plan).
+Settings = CEConfig | tuple[CEConfig, ...]
+
+
+def per_block(settings: Settings | list[CEConfig], blocks: int) -> tuple[CEConfig, ...]:
+    """``settings`` as one config per block of a model with ``blocks`` MoE blocks; refuses a
+    sequence of another length or of something else than CEConfigs."""
+    if isinstance(settings, CEConfig):
+        return (settings,) * blocks
+    if not isinstance(settings, (list, tuple)) or not all(isinstance(c, CEConfig) for c in settings):
+        raise CompressedExpertsError(
+            f"settings must be a CEConfig or one CEConfig per MoE block, got {type(settings).__name__}"
+        )
+    if len(settings) != blocks:
+        raise CompressedExpertsError(
+            f"{len(settings)} settings given for a model of {blocks} MoE blocks: give one per block (or one CEConfig)",
+            settings=("plan",),
+        )
+    return tuple(settings)
+
+
+def collapsed(configs: Settings | list[CEConfig]) -> Settings:
+    """One CEConfig where every block has the same, else the tuple: equal plans save and compare alike."""
+    if isinstance(configs, CEConfig):
+        return configs
+    return configs[0] if len(set(configs)) == 1 else tuple(configs)
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """The ``compressed_experts`` section of a saved config.json for ``settings``."""
+    settings = collapsed(settings)
+    if isinstance(settings, CEConfig):
+        return settings.to_dict()
+    return {"layers": [c.to_dict() for c in settings], "format_version": FORMAT_VERSION}
+
+
+def settings_from_dict(section: dict[str, Any]) -> Settings:
+    """Read back what :func:`settings_to_dict` wrote; refuses sections from a newer format."""
+    _format_version(section)
+    layers = section.get("layers")
+    if layers is None:
+        return CEConfig.from_dict(section)
+    if not isinstance(layers, list) or not layers or not all(isinstance(layer, dict) for layer in layers):
+        raise CompressedExpertsError("the compressed_experts section's layers are not one setting per MoE block")
+    return collapsed(tuple(CEConfig.from_dict(layer) for layer in layers))
+
+
+#: Version of plan.json (:mod:`compressed_experts.plan` writes it).
+PLAN_FORMAT = 1
+
+
+def read_plan_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A plan.json, checked to be one: what it holds, with ``configs``, its settings per MoE block.
+    Refused with what is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressedExpertsError(f"no such plan: {path}; write one with compressed-experts plan")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), list) or not data["layers"]:
+            raise ValueError("it has no layers of a known format")
+        configs = tuple(CEConfig.from_dict(layer) for layer in data["layers"])
+    except (ValueError, TypeError, AttributeError, KeyError, CompressedExpertsError) as err:
+        raise CompressedExpertsError(
+            f"{path} is not a plan written by compressed-experts plan ({err}); write it again"
+        ) from None
+    return {**data, "configs": configs}
 
 
 #: Weight dtypes a user may name (as transformers' ``dtype=`` takes them); "auto" keeps the saved one.
@@ -166,7 +258,7 @@ ARCHITECTURE_PREFIX = "CompressedExperts"
 _SAVING_CLASSES: dict[type, type] = {}
 
 
-def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CEConfig]:
+def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], Settings]:
     """(base model type, the base family's fields, the compressed-experts settings) of a saved config.json."""
     section = config_dict.get(SECTION)
     section = dict(section) if isinstance(section, dict) else {}
@@ -174,7 +266,7 @@ def split_saved(config_dict: dict[str, Any]) -> tuple[str, dict[str, Any], CECon
     if not isinstance(base_type, str):
         raise CheckpointError(f"config.json has model_type {SAVED_MODEL_TYPE!r} but no base model type")
     fields = {k: v for k, v in config_dict.items() if k not in (SECTION, "model_type")}
-    return base_type, fields, CEConfig.from_dict(section)
+    return base_type, fields, settings_from_dict(section)
 
 
 def saving_class(base: type) -> type:
@@ -220,7 +312,7 @@ def saving_class(base: type) -> type:
     return _SAVING_CLASSES[base]
 
 
-def mark_config(model_config: Any, ce_config: CEConfig) -> None:
-    """Record ``ce_config`` in a transformers model config so that save_pretrained writes it."""
-    setattr(model_config, SECTION, ce_config.to_dict())
+def mark_config(model_config: Any, settings: Settings) -> None:
+    """Record ``settings`` in a transformers model config so that save_pretrained writes it."""
+    setattr(model_config, SECTION, settings_to_dict(settings))
     model_config.__class__ = saving_class(type(model_config))

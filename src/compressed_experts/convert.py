@@ -6,7 +6,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import CEConfig, mark_config
+from .config import CEConfig, Settings, collapsed, mark_config, per_block
 from .errors import CompressedExpertsError, UnsupportedModelError
 from .layer import CompressedExperts, is_compressed_expert
 from .neurons import select_neurons, weight_importance
@@ -31,8 +31,11 @@ def _check_experts_layout(name: str, experts) -> None:
         )
 
 
-def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
+def convert(model: PreTrainedModel, config: Settings | list[CEConfig]) -> PreTrainedModel:
     """Give every MoE block of ``model`` compressed experts, in place, and return ``model``.
+
+    ``config`` is one :class:`CEConfig` for every block, or one per MoE block in model order
+    (a plan: :func:`compressed_experts.plan.plan` chooses them, ``read_plan`` reads plan.json).
 
     Each block keeps its router, shared experts and expert weights; only its ``experts``
     submodule is replaced. With ``config.n_ce = 0`` the outputs are unchanged; with fresh
@@ -45,16 +48,13 @@ def convert(model: PreTrainedModel, config: CEConfig) -> PreTrainedModel:
     layers = swap_blocks(model, config)
     for layer in layers:
         layer.converted_from = model.name_or_path or "this model"
-    if layers[0].form_spec.selects_neurons:
-        for layer in layers:
+        if layer.form_spec.selects_neurons:
             select_neurons(layer, weight_importance(layer))
     return model
 
 
-def swap_blocks(model: PreTrainedModel, config: CEConfig) -> list[CompressedExperts]:
+def swap_blocks(model: PreTrainedModel, config: Settings | list[CEConfig]) -> list[CompressedExperts]:
     """:func:`convert` without choosing neurons: for building a model whose weights a loader fills."""
-    if not isinstance(config, CEConfig):
-        raise CompressedExpertsError(f"config must be a CEConfig, got {type(config).__name__}")
     if not isinstance(model, PreTrainedModel):
         raise CompressedExpertsError(f"convert takes a loaded transformers model, got {type(model).__name__}")
     family = family_of(model)
@@ -65,22 +65,43 @@ def swap_blocks(model: PreTrainedModel, config: CEConfig) -> list[CompressedExpe
         raise CompressedExpertsError(
             "this model already has compressed experts; load the original model to convert it again"
         )
-    config.check_top_k(model.config.num_experts_per_tok)
+    configs = per_block(config, len(blocks))
     for name, block in blocks:
         _check_experts_layout(name, block.experts)
-    config = config.resolved(blocks[0][1].experts.down_proj.shape[-1])  # raises when r does not fit
-    for _, block in blocks:
+    # Every block's setting is checked (top-k, r) before any block is swapped.
+    for one in set(configs):
+        one.check_top_k(model.config.num_experts_per_tok)
+    configs = [c.resolved(block.experts.down_proj.shape[-1]) for c, (_, block) in zip(configs, blocks)]
+    for one, (_, block) in zip(configs, blocks):
         block.experts = CompressedExperts(
-            block.experts, config.n_ce, config.form, config.r, top_p=config.top_p, skip_below=config.skip_below
+            block.experts, one.n_ce, one.form, one.r, top_p=one.top_p, skip_below=one.skip_below
         )
-    mark_config(model.config, config)
+    mark_config(model.config, collapsed(configs))
     return [block.experts for _, block in blocks]
 
 
-def ce_config_of(model: PreTrainedModel) -> CEConfig | None:
-    """The compressed-experts settings of a converted model (``r`` resolved), or None for a plain one."""
+def check_plan_fits(plan: dict, model: PreTrainedModel) -> tuple[CEConfig, ...]:
+    """The settings of a plan (:func:`compressed_experts.config.read_plan_file`), refused before any
+    change when the model is not one it was made for: another number of MoE blocks or of experts,
+    or a top-k that a setting does not fit."""
+    blocks = list(moe_blocks(model, family_of(model)))
+    configs = plan["configs"]
+    experts = blocks[0][1].experts.gate_up_proj.shape[0] if blocks else 0
+    if len(configs) != len(blocks) or plan.get("num_experts") not in (None, experts):
+        raise CompressedExpertsError(
+            f"this plan is for a model of {len(configs)} MoE blocks of {plan.get('num_experts')} experts; this model "
+            f"has {len(blocks)} blocks of {experts}: plan this model (compressed-experts plan)"
+        )
+    for config in set(configs):
+        config.check_top_k(model.config.num_experts_per_tok)
+    return configs
+
+
+def ce_config_of(model: PreTrainedModel) -> Settings | None:
+    """The compressed-experts settings of a converted model (``r`` resolved), or None for a plain one:
+    one :class:`CEConfig` when every block has the same, else a tuple of one per block (a plan)."""
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]
-    return layers[0].ce_config if layers else None
+    return collapsed(tuple(layer.ce_config for layer in layers)) if layers else None
 
 
 def float32_compressed_experts(model: PreTrainedModel) -> PreTrainedModel:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import setting
+from .config import CEConfig, collapsed, setting
 from .errors import CompressedExpertsError
-from .forms import REGISTRY
+from .forms import REGISTRY, get_form
 from .layer import CompressedExperts, is_compressed_expert
 from .neurons import ActivationImportance, select_neurons
 from .text import load_records, read_text_file, segments, token_blocks
@@ -182,10 +182,12 @@ def fit(
             "n_ce 0 replaces no experts, so there is nothing to fit: convert with n_ce of 1 or more",
             settings=("n_ce",),
         )
-    form, spec = layers[0].form, layers[0].form_spec
-    if not (spec.parameters or spec.selects_neurons):
+    # Blocks of a plan may differ: each is fitted as its own form says; those with nothing to fit are left.
+    fitted = [layer.compresses and layer.form in fittable_forms() for layer in layers]
+    if not any(fitted):
+        forms = ", ".join(sorted({layer.form for layer in layers}))
         raise CompressedExpertsError(
-            f"form {form} has nothing to fit; choose one of {', '.join(fittable_forms())}", settings=("form",)
+            f"form {forms} has nothing to fit; choose one of {', '.join(fittable_forms())}", settings=("form",)
         )
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.numel() == 0:
         raise CompressedExpertsError("calibration blocks must be a non-empty [n, seq_len] tensor of token ids")
@@ -200,7 +202,9 @@ def fit(
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"fit: {err}; its settings are those of FitConfig") from None
     steps, batch_tokens, batch_size, seed = config.steps, config.batch_tokens, config.batch_size, config.seed
-    lr = spec.fit_lr if config.lr is None else config.lr  # None: no parameters for Adam (subset)
+    settings = collapsed(tuple(layer.ce_config for layer in layers))
+    one = settings if isinstance(settings, CEConfig) else None
+    lr = get_form(one.form).fit_lr if config.lr is None and one else config.lr  # None: no Adam (subset), or per form
     low = sorted(
         {str(p.dtype) for n, p in model.named_parameters() if is_compressed_expert(n) and p.dtype != torch.float32}
     )
@@ -217,10 +221,11 @@ def fit(
     for p in model.parameters():
         p.requires_grad_(False)
     report: dict[str, Any] = {
-        "form": form,
-        "n_ce": layers[0].n_ce,
-        "rule": layers[0].ce_config.rule,
-        "r": layers[0].r,
+        "form": one.form if one else "per block",
+        "n_ce": one.n_ce if one else None,
+        "rule": one.rule if one else "per block (a plan)",
+        "r": one.r if one else None,
+        **({} if one else {"plan": [c.to_dict() for c in settings]}),
         "steps": steps,
         "lr": lr,
         "seed": seed,
@@ -231,6 +236,10 @@ def fit(
     bar = tqdm(total=len(layers) * (steps + 1), desc="fitting", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for number, layer in enumerate(layers):
+            if not fitted[number]:
+                bar.update(steps + 1)
+                continue
+            spec = layer.form_spec
             bar.set_postfix_str(f"block {number + 1}/{len(layers)}: capturing")
             began = time.perf_counter()
             inputs = _capture(model, layer, blocks, batch_size)
@@ -250,7 +259,7 @@ def fit(
             if params and steps:
                 for p in params:
                     p.requires_grad_(True)
-                optimizer = torch.optim.Adam(params, lr=lr)
+                optimizer = torch.optim.Adam(params, lr=spec.fit_lr if config.lr is None else config.lr)
                 for _ in range(steps):
                     pick = torch.randint(rows, (min(batch_tokens, rows),), generator=generator).to(target.device)
                     loss = (layer(*(x[pick] for x in inputs)).float() - target[pick].float()).square().mean()

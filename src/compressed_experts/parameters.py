@@ -188,18 +188,27 @@ def describe(
     """
     family = family_of(model)
     blocks = [block for _, block in moe_blocks(model, family)]
-    converted = next((b.experts for b in blocks if isinstance(b.experts, CompressedExperts)), None)
-    config = converted.ce_config if converted is not None else None
+    converted = [b.experts for b in blocks if isinstance(b.experts, CompressedExperts)]
+    configs = [layer.ce_config for layer in converted]
+    config = configs[0] if configs and len(set(configs)) == 1 else None  # None: plain, or a plan per block
+
+    def each(values) -> str:  # a plan's blocks, one value per block
+        return ", ".join("-" if v is None else str(v) for v in values)
+
     structure = {
         "family": family.name,
         "moe_blocks": len(blocks),
         "experts": blocks[0].experts.gate_up_proj.shape[0] if blocks else 0,
         "top_k": model.config.num_experts_per_tok,
-        "n_ce": "-" if config is not None and config.dynamic else config.n_ce if config is not None else 0,
-        "rule": config.rule if config is not None else "-",
-        "form": converted.form if converted is not None else "-",
-        "r": converted.r if converted is not None and converted.r is not None else "-",
+        "n_ce": 0 if not configs else each(c.n_ce for c in configs) if config is None else config.n_ce,
+        "rule": "-" if not configs else "per block (a plan)" if config is None else config.rule,
+        "form": "-" if not configs else each(c.form for c in configs) if config is None else config.form,
+        "r": "-" if not configs else each(c.r for c in configs) if config is None else config.r,
     }
-    if config is not None and config.dynamic and input_ids is None:
+    if structure["n_ce"] is None:  # a per-token rule has no one n_ce
+        structure["n_ce"] = "-"
+    if structure["r"] is None:
+        structure["r"] = "-"
+    if any(c.dynamic for c in configs) and input_ids is None:
         return structure  # how many experts run depends on the text: active_parameters says so
     return {**structure, **active_parameters(model, input_ids, attention_mask)}

@@ -36,14 +36,16 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import CEConfig, setting
+from .config import PLAN_FORMAT, CEConfig, setting
+from .config import read_plan_file as read_plan
+from .convert import check_plan_fits
 from .errors import CompressedExpertsError
 from .forms import FORMS, get_form
 from .layer import CompressedExperts
 from .neurons import select_neurons, weight_importance
 
-#: Version of plan.json.
-PLAN_FORMAT = 1
+__all__ = ["Plan", "PlanConfig", "allocate", "check_plan_fits", "frontier_plot", "plan", "read_plan"]
+
 #: Fewest calibration tokens the planner takes: fewer, and the differences it ranks are noise.
 MIN_PLAN_TOKENS = 1024
 #: Costs are rounded up to this fraction of an expert for the allocation.
@@ -162,42 +164,6 @@ class Plan:
         from .checkpoint import write_atomic
 
         write_atomic(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
-
-
-def read_plan(path: str | Path) -> dict[str, Any]:
-    """A plan.json, checked to be one; refused with what is wrong and what to do."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompressedExpertsError(
-            f"no such plan: {path}; write one with compressed-experts plan", settings=("plan",)
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), list) or not data["layers"]:
-            raise ValueError("it has no layers of a known format")
-        layers = [CEConfig.from_dict(layer) for layer in data["layers"]]
-    except (ValueError, TypeError, AttributeError, KeyError) as err:
-        raise CompressedExpertsError(
-            f"{path} is not a plan written by compressed-experts plan ({err}); write it again", settings=("plan",)
-        ) from None
-    return {**data, "configs": layers}
-
-
-def check_plan_fits(plan: dict[str, Any], model: PreTrainedModel) -> list[CEConfig]:
-    """The plan's per-block settings, refused (before any change) when they do not fit ``model``."""
-    blocks = list(moe_blocks(model, family_of(model)))
-    configs = plan["configs"]
-    experts = blocks[0][1].experts.gate_up_proj.shape[0]
-    top_k = model.config.num_experts_per_tok
-    if len(configs) != len(blocks) or plan.get("num_experts") not in (None, experts):
-        raise CompressedExpertsError(
-            f"this plan is for a model of {len(configs)} MoE blocks of {plan.get('num_experts')} experts; this model "
-            f"has {len(blocks)} blocks of {experts}: plan this model (compressed-experts plan)",
-            settings=("plan",),
-        )
-    for config in configs:
-        config.check_top_k(top_k)
-    return configs
 
 
 def plan(

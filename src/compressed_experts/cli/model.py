@@ -80,7 +80,8 @@ def info(
             _verify(source)
         shape = skeleton(source)
         config = ce_config_of(shape)
-        if text is None or config is None or not config.dynamic:  # a fixed rule's count needs no text
+        blocks = config if isinstance(config, tuple) else () if config is None else (config,)
+        if text is None or not any(c.dynamic for c in blocks):  # a fixed rule's count needs no text
             show_model(describe(shape), source)
             return
         ids = calibration_blocks(load_tokenizer(source), text, seq_len=seq_len, tokens=tokens)
@@ -109,6 +110,34 @@ def _verify(source: str) -> None:
     )
 
 
+#: --form defaults to the checkpoint's (fit) or ia3 (convert): a converted one keeps its form unless told,
+#: and a --plan sets every block's.
+_FORM_UNSET = [
+    p.replace(
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--form",
+                help=CEConfig.__dataclass_fields__["form"].metadata["help"] + " Default: the checkpoint's, else ia3.",
+            ),
+        ],
+    )
+    if p.name == "form"
+    else p
+    for p in CE_OPTIONS
+]
+
+
+#: --plan of convert and fit.
+PlanOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="A plan.json from compressed-experts plan: each MoE block's own settings, instead of a rule, --form and --r."
+    ),
+]
+
+
 def _convert_options(
     source: SourceArg,
     out: Annotated[Path, typer.Option("--out", help="Directory to write the converted model to.")],
@@ -116,29 +145,31 @@ def _convert_options(
         bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
     ] = False,
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    plan: PlanOption = None,
 ) -> None:
     """The convert command's own options; the conversion's come from CEConfig."""
 
 
 def convert(**options) -> None:
     """Convert an MoE checkpoint to compressed experts and save it (with its tokenizer, if any).
-    Give one rule: --n-ce, or a per-token --top-p or --skip-below."""
-    settings = _ce_settings(options)
-    source, out, dtype = options["source"], options["out"], options["dtype"]
+    Give one rule: --n-ce, or a per-token --top-p or --skip-below; or a --plan from compressed-experts plan."""
+    settings = {name: value for name, value in _ce_settings(options).items() if value is not None}
+    source, out, dtype, plan = options["source"], options["out"], options["dtype"], options["plan"]
 
     def action() -> None:
-        CEConfig(**settings)  # before anything is written or read: one rule, in range
+        if plan is None:
+            CEConfig(**settings)  # before anything is written or read: one rule, in range
         check_output_dir(out, overwrite=options["overwrite"], sources={"source model": source})
         check_dtype_name(dtype, "dtype")
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, **settings, dtype=dtype)
+            model = from_pretrained(source, **settings, plan=plan, dtype=dtype)
         _save(model, source, out)
         show_model(describe(model), f"{source} -> {out}")
 
     run(releasing(out, action))
 
 
-app.command("convert")(with_options(convert, options_of(_convert_options), CE_OPTIONS))
+app.command("convert")(with_options(convert, options_of(_convert_options), _FORM_UNSET))
 
 
 def _save(model, source: str, out: Path, extra: dict[str, str] | None = None, tokenizer=None) -> None:
@@ -168,34 +199,19 @@ def _fit_options(
     overwrite: Annotated[
         bool, typer.Option(help="Replace --out if it holds a model written by compressed-experts.")
     ] = False,
+    plan: PlanOption = None,
 ) -> None:
     """The fit command's own options; the fitting settings come from FitConfig, the conversion's from
     CEConfig (all optional: a converted checkpoint keeps its own)."""
 
 
-#: fit's --form defaults to the checkpoint's: a converted one keeps its form unless told.
-_FIT_CE_OPTIONS = [
-    p.replace(
-        default=None,
-        annotation=Annotated[
-            str | None,
-            typer.Option(
-                "--form",
-                help=CEConfig.__dataclass_fields__["form"].metadata["help"] + " Default: the checkpoint's, else ia3.",
-            ),
-        ],
-    )
-    if p.name == "form"
-    else p
-    for p in CE_OPTIONS
-]
-
-
 def fit(**options) -> None:
     """Fit compressed experts to the full top-k blocks on calibration text, with no fine-tuning, and save the model.
-    A plain model needs a rule: --n-ce, or a per-token --top-p or --skip-below."""
+    A plain model needs a rule: --n-ce, or a per-token --top-p or --skip-below; or a --plan from compressed-experts plan."""
     fitting = {name: options.pop(name) for name in list(options) if name in FitConfig.__dataclass_fields__}
     settings = _ce_settings(options)
+    if options["plan"] is not None:  # the plan sets each block's; from_pretrained refuses any given beside it
+        settings = {name: value for name, value in settings.items() if value is not None} | {"plan": options["plan"]}
     source, out, calib = options["source"], options["out"], options["calib"]
 
     def action() -> None:
@@ -208,15 +224,18 @@ def fit(**options) -> None:
         wanted = ce_config_of(skeleton(source, **settings))
         if wanted is None:
             raise CompressedExpertsError(
-                f"{source} has no compressed experts: give --n-ce, --top-p or --skip-below (and --form) to convert it"
+                f"{source} has no compressed experts: give --n-ce, --top-p or --skip-below (and --form), or a "
+                f"--plan, to convert it"
             )
-        if wanted.n_ce == 0:  # it failed with a RuntimeError after reading the text and the model
+        blocks = wanted if isinstance(wanted, tuple) else (wanted,)
+        if all(c.n_ce == 0 for c in blocks):  # it failed with a RuntimeError after reading the text and the model
             raise CompressedExpertsError(
                 "n_ce 0 replaces no experts, so there is nothing to fit: give n_ce of 1 or more", settings=("n_ce",)
             )
-        if wanted.form not in fittable_forms():
+        if not any(c.form in fittable_forms() and c.n_ce != 0 for c in blocks):
+            forms = ", ".join(sorted({c.form for c in blocks}))
             raise CompressedExpertsError(
-                f"form {wanted.form} has nothing to fit; choose one of {', '.join(fittable_forms())}"
+                f"form {forms} has nothing to fit; choose one of {', '.join(fittable_forms())}"
             )
         tokenizer = load_tokenizer(source)
         with console.status("reading calibration text"):
@@ -248,4 +267,4 @@ def fit(**options) -> None:
     run(releasing(out, action))
 
 
-app.command("fit")(with_options(fit, options_of(_fit_options), _FIT_CE_OPTIONS, settings_options(FitConfig)))
+app.command("fit")(with_options(fit, options_of(_fit_options), _FORM_UNSET, settings_options(FitConfig)))

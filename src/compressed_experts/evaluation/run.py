@@ -39,13 +39,18 @@ def model_summary(
     on), each cut to the model's positions, and ``main_experts_per_token`` records the average.
     """
     config = ce_config_of(model)
-    n_ce = config.n_ce if config is not None else 0
-    method = "full" if n_ce == 0 else "top-m" if config.form == "none" else "ce"
+    plan = config if isinstance(config, tuple) else ()  # settings per block: recorded block by block
+    n_ce = None if plan else config.n_ce if config is not None else 0
+    if config is None or n_ce == 0:
+        method = "full"
+    else:
+        method = "top-m" if all(c.form == "none" for c in plan or (config,)) else "ce"
     measured = None
-    if config is not None and config.dynamic:
+    dynamic = [c for c in plan or ((config,) if config is not None else ()) if c.dynamic]
+    if dynamic:
         if tokenizer is None or not texts:
             raise CompressedExpertsError(
-                f"this model chooses its main experts per token ({config.rule}): its summary needs the texts it "
+                f"this model chooses its main experts per token ({dynamic[0].rule}): its summary needs the texts it "
                 f"ran on (and the tokenizer) to measure its active parameters"
             )
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -63,8 +68,12 @@ def model_summary(
         "top_k": getattr(model.config, "num_experts_per_tok", None),
         "active_parameters": active,
     }
-    if measured is not None:
-        summary.update(rule=config.rule, main_experts_per_token=counts["main_experts_per_token"])
+    if plan:
+        summary.update(rule="per block (a plan)", plan=[c.to_dict() for c in plan])
+    elif measured is not None:
+        summary.update(rule=config.rule)
+    if measured is not None or plan:
+        summary.update(main_experts_per_token=counts["main_experts_per_token"])
     return summary
 
 

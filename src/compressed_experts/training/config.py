@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NoReturn
 
-from ..config import CEConfig, setting
+from ..config import CEConfig, Settings, setting
 from ..errors import CompressedExpertsError
 from ..forms import FORMS, TOP_M, get_form
-from ..routing import rule_of
+from ..routing import RULES, rule_of
 from ..text import PROMPT_FORMATS
 
 #: full: the unmodified model (all k experts); top-m: routed to its top k - n_ce experts only;
@@ -168,11 +168,21 @@ class TrainConfig:
                 "method",
             )
 
-    def ce_config(self, top_k: int, existing: CEConfig | None = None) -> CEConfig | None:
+    def ce_config(self, top_k: int, existing: Settings | None = None) -> Settings | None:
         """The conversion this run trains (None for full top-k), given the model's top-k and the
-        compressed experts the checkpoint already has (whose settings fill what was left out)."""
+        compressed experts the checkpoint already has (whose settings fill what was left out; a
+        checkpoint with settings per block, a plan, trains with its own)."""
         if self.method == "full":
             return None
+        if isinstance(existing, tuple):
+            given = [name for name in (*RULES, "form", "r") if getattr(self, name) is not None]
+            if given or self.method == "top-m":
+                raise CompressedExpertsError(
+                    f"the model has settings of its own per MoE block (a plan): it trains with them; leave "
+                    f"{', '.join(given) or 'method top-m'} out (or plan the original model again)",
+                    settings=tuple(given) or ("method",),
+                )
+            return existing
         rule = rule_of(self) or (rule_of(existing) if existing is not None else {"n_ce": top_k // 2})
         if rule.get("n_ce") == 0:
             raise CompressedExpertsError(

@@ -30,6 +30,7 @@ from ..checkpoint import (
     staging_dir,
     write_atomic,
 )
+from ..config import CEConfig
 from ..convert import ce_config_of, convert, float32_compressed_experts, swap_blocks
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
@@ -146,7 +147,11 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
         swap_blocks(shape, wanted)
         wanted = ce_config_of(shape)
     if existing is not None and existing != wanted:
-        held = f"{existing.rule}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
+        held = (
+            "settings per MoE block"
+            if isinstance(existing, tuple)
+            else f"{existing.rule}, form={existing.form}" + (f", r={existing.r}" if existing.r is not None else "")
+        )
         raise CompressedExpertsError(
             f"{config.model} already has compressed experts ({held}); "
             f"method {config.method} needs {'the original model' if wanted is None else wanted}",
@@ -257,12 +262,15 @@ def train(config: TrainConfig) -> TrainResult:
     except ValueError as err:  # a combination transformers refuses: said before any weight is read
         raise CompressedExpertsError(f"these training settings do not work together: {err}") from err
     _refuse_unsharded_fsdp(args.distributed_state.distributed_type)
+    # A checkpoint planned per block trains with its own settings: recorded block by block.
+    one = wanted if isinstance(wanted, CEConfig) else None
     resolved = {
-        "n_ce": wanted.n_ce if wanted is not None else 0,
-        "top_p": wanted.top_p if wanted is not None else None,
-        "skip_below": wanted.skip_below if wanted is not None else None,
-        "form": wanted.form if wanted is not None else None,
-        "r": wanted.r if wanted is not None else None,
+        **({"plan": [c.to_dict() for c in wanted]} if isinstance(wanted, tuple) else {}),
+        "n_ce": one.n_ce if one is not None else None if wanted is not None else 0,
+        "top_p": one.top_p if one is not None else None,
+        "skip_below": one.skip_below if one is not None else None,
+        "form": one.form if one is not None else None,
+        "r": one.r if one is not None else None,
         "seq_len": seq_len,
         "precision": precision,
         "world_size": args.world_size,
@@ -333,15 +341,17 @@ def train(config: TrainConfig) -> TrainResult:
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     # A per-token rule runs as many experts as the text asks for: counted on the run's first sequences.
-    first = dataset[:8]["input_ids"] if wanted is not None and wanted.dynamic else None
-    counts = active_parameters(model, first)
+    plan = wanted if isinstance(wanted, tuple) else ()
+    dynamic = wanted is not None and any(c.dynamic for c in plan or (wanted,))
+    counts = active_parameters(model, dataset[:8]["input_ids"] if dynamic else None)
     summary = {
         "method": config.method,
-        "n_ce": wanted.n_ce if wanted is not None else 0,
-        "rule": wanted.rule if wanted is not None else "full top-k",
+        **({"plan": [c.to_dict() for c in plan]} if plan else {}),
+        "n_ce": resolved["n_ce"],
+        "rule": "per block (a plan)" if plan else wanted.rule if wanted is not None else "full top-k",
         "main_experts_per_token": counts["main_experts_per_token"],
-        "form": wanted.form if wanted is not None else None,
-        "r": wanted.r if wanted is not None else None,
+        "form": resolved["form"],
+        "r": resolved["r"],
         "distill_weight": config.distill_weight,
         "trainable": config.trainable,
         "steps": trainer.state.global_step,
