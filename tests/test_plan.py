@@ -267,3 +267,32 @@ def test_plan_through_the_commands(planned, tmp_path):
         app, ["convert", "tiny:olmoe", "--plan", str(tmp_path / "no.json"), "--out", str(tmp_path / "y")]
     )
     assert missing.exit_code == 2 and "no such plan" in missing.output
+
+
+def test_per_token_rules_are_candidates_costed_on_the_text():
+    from compressed_experts.plan import _candidates, _Measure
+
+    model = ce.tiny_model("olmoe")
+    calibration = _calibration(0)
+    # The top_p 0.4 candidate's cost in block 0, counted here from the routing the block sees.
+    captured = []
+    block = next(iter(ce.architectures.moe_blocks(model, ce.architectures.family_of(model))))[1]
+    handle = block.experts.register_forward_hook(lambda m, args, out: captured.append(args[2].detach()))
+    with torch.no_grad():
+        model(calibration)
+    handle.remove()
+    weights = captured[0].sort(dim=-1, descending=True).values
+    share = weights.cumsum(-1) / weights.sum(-1, keepdim=True)
+    mains = 1 + (share[:, :-1] < 0.4).sum(-1)  # the fewest heaviest covering 40% of the routed weight
+    blocks = list(ce.architectures.moe_blocks(model, ce.architectures.family_of(model)))
+    candidates = _candidates(blocks, 8, PlanConfig(budget="3", forms="none", top_p="0.4"))
+    _Measure(model, blocks, calibration.split(8), False).cost_rules(candidates, 8)
+    rule = next(c for c in candidates[0] if c.config.top_p == 0.4)
+    assert rule.cost == pytest.approx(float(mains.float().mean()))
+    # A plan with rules among its candidates stays within its budget.
+    result = plan(model, calibration, PlanConfig(budget="3", forms="none", top_p="0.4,0.8"), frontier=())
+    assert result.expert_equivalents <= 3.0
+    with pytest.raises(ce.CompressedExpertsError, match="top_p"):
+        PlanConfig(budget="3", top_p="1.5")
+    with pytest.raises(ce.CompressedExpertsError, match="numbers separated by commas"):
+        PlanConfig(budget="3", skip_below="x")

@@ -43,6 +43,7 @@ from .errors import CompressedExpertsError
 from .forms import FORMS, get_form
 from .layer import CompressedExperts
 from .neurons import select_neurons, weight_importance
+from .routing import main_slots
 
 __all__ = ["Plan", "PlanConfig", "allocate", "check_plan_fits", "frontier_plot", "plan", "read_plan"]
 
@@ -63,6 +64,12 @@ class PlanConfig:
     r: str = setting(
         "", help="Neurons of the subset/slim candidates, comma-separated; empty: I/8 and I/4 of the model's experts."
     )
+    top_p: str = setting(
+        "", help="Per-token top_p candidates, comma-separated (e.g. 0.5,0.7,0.9), each with each form; empty: none."
+    )
+    skip_below: str = setting(
+        "", help="Per-token skip_below candidates, comma-separated (e.g. 0.2,0.4), each with each form; empty: none."
+    )
     batch_size: int = setting(8, help="Calibration sequences per forward pass.")
 
     def __post_init__(self) -> None:
@@ -78,6 +85,7 @@ class PlanConfig:
         for r in self.neuron_counts() or ():
             if r < 1:
                 raise CompressedExpertsError(f"r values must be 1 or more, got {r}", settings=("r",))
+        self.rules()  # raises on a malformed or out-of-range value
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise CompressedExpertsError(
                 f"batch_size must be a whole number, 1 or more; got {self.batch_size!r}", settings=("batch_size",)
@@ -85,6 +93,23 @@ class PlanConfig:
 
     def form_names(self) -> list[str]:
         return [f.strip() for f in self.forms.split(",") if f.strip()]
+
+    def rules(self) -> list[dict[str, float]]:
+        """The per-token rules asked for, as CEConfig keywords (``{"top_p": 0.7}``), each checked."""
+        out = []
+        for name in ("top_p", "skip_below"):
+            for text in str(getattr(self, name)).split(","):
+                if not text.strip():
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise CompressedExpertsError(
+                        f"{name} must be numbers separated by commas, got {getattr(self, name)!r}", settings=(name,)
+                    ) from None
+                CEConfig(form=FORMS[0], **{name: value})  # the rule's own range check and message
+                out.append({name: value})
+        return out
 
     def neuron_counts(self) -> list[int] | None:
         """The ``r`` values asked for, or None for the default (I/8 and I/4)."""
@@ -204,6 +229,8 @@ def plan(
         )
     batches = calibration.split(config.batch_size)
     measure = _Measure(model, blocks, batches, progress)
+    if config.rules():
+        measure.cost_rules(candidates, top_k)
     divergences = measure.single_blocks(candidates)
     result = _allocated(blocks, candidates, divergences, budget, top_k)
     result.calibration_tokens = calibration.numel()
@@ -241,10 +268,11 @@ def _prefixed(uniform: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Candidate:
     config: CEConfig
-    cost: float  # expert-equivalents per token in its block
+    cost: float  # expert-equivalents per token in its block (a per-token rule's: measured)
+    aux: float  # what one auxiliary expert costs, in experts
 
 
 def _candidates(blocks, top_k: int, config: PlanConfig) -> list[list[_Candidate]]:
@@ -260,13 +288,17 @@ def _candidates(blocks, top_k: int, config: PlanConfig) -> list[list[_Candidate]
             raise CompressedExpertsError(
                 f"r {bad[0]} is more neurons than this model's experts have ({intermediate})", settings=("r",)
             )
-        per_block = [_Candidate(CEConfig(0), float(top_k))]
+        per_block = [_Candidate(CEConfig(0), float(top_k), 0.0)]
         for name in config.form_names():
             form = get_form(name)
             for r in neuron_counts if form.takes_r else [None]:
                 aux = _auxiliary_cost(form, experts, r) / per_expert
                 for n_ce in range(1, top_k):
-                    per_block.append(_Candidate(CEConfig(n_ce, name, r), top_k - n_ce + n_ce * aux))
+                    per_block.append(_Candidate(CEConfig(n_ce, name, r), top_k - n_ce + n_ce * aux, aux))
+                # A per-token rule's cost is known once its main experts are counted on the text
+                # (_Measure.main_counts); until then, its floor: one main expert per token.
+                for rule in config.rules():
+                    per_block.append(_Candidate(CEConfig(form=name, r=r, **rule), 1 + (top_k - 1) * aux, aux))
         out.append(per_block)
     return out
 
@@ -365,8 +397,48 @@ class _Measure:
                 select_neurons(layer, weight_importance(layer))
             self.stand_ins[key] = layer
         layer = self.stand_ins[key]
-        layer.n_ce = config.n_ce
+        layer.n_ce, layer.top_p, layer.skip_below = config.n_ce, config.top_p, config.skip_below
         return layer
+
+    @torch.no_grad()
+    def cost_rules(self, candidates: list[list[_Candidate]], top_k: int) -> None:
+        """Each per-token rule candidate's cost, from the number of main experts it keeps on the
+        calibration text in its block: ``m + (k - m) * aux`` averaged over tokens. A block's
+        routing is the full model's here (only that block changes when it is measured)."""
+        sums = [[0.0] * len(per_block) for per_block in candidates]
+        tokens = 0
+
+        def count(index: int):
+            def hook(module, args, kwargs, output) -> None:
+                given = list(args) + [
+                    kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs
+                ]
+                weights = given[2]
+                ordered = weights.sort(dim=-1, descending=True).values
+                for c_index, candidate in enumerate(candidates[index]):
+                    config = candidate.config
+                    if config.dynamic:
+                        mains = main_slots(ordered, config.top_p, config.skip_below).sum()
+                        sums[index][c_index] += float(mains)
+
+            return hook
+
+        handles = [experts.register_forward_hook(count(i), with_kwargs=True) for i, experts in enumerate(self.original)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in self.batches:
+                self.model(batch.to(self.device))
+                tokens += batch.numel()
+        finally:
+            self.model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        for index, per_block in enumerate(candidates):
+            for c_index, candidate in enumerate(per_block):
+                if candidate.config.dynamic:
+                    mains = sums[index][c_index] / tokens
+                    candidate.cost = mains + (top_k - mains) * candidate.aux
 
     def _use(self, configs: Sequence[CEConfig | None]) -> None:
         for index, ((_, block), config) in enumerate(zip(self.blocks, configs)):
