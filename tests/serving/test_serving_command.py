@@ -150,7 +150,8 @@ def test_cli_refusals_say_what_to_do(converted, plugin, monkeypatch):
 
 def test_per_token_rule_checkpoints_are_taken_and_unreadable_settings_refused(plugin, tmp_path):
     """``serve`` (and ``eval``/``bench --engine vllm``, through check_servable) takes a checkpoint saved with
-    a per-token rule; compressed-experts settings the plugin cannot read are refused before vLLM starts."""
+    a per-token rule; compressed-experts settings the plugin cannot read (a newer format, none, settings
+    per MoE block) are refused before vLLM starts."""
     ruled = tmp_path / "top-p"
     ce.from_pretrained("tiny:olmoe", top_p=0.7).save_pretrained(ruled)
     assert server_command(str(ruled), cpu=True).argv[-1] == "--enforce-eager"
@@ -165,6 +166,11 @@ def test_per_token_rule_checkpoints_are_taken_and_unreadable_settings_refused(pl
         (ruled / "config.json").write_text(json.dumps({**config, "compressed_experts": section}))
         with pytest.raises(CompressedExpertsError, match=f"top-p: vLLM's plugin cannot serve it: .*{message}"):
             server_command(str(ruled), cpu=True)
+    planned = tmp_path / "planned"  # settings per MoE block (a plan): the plugin serves one for all blocks
+    plan = (ce.CEConfig(n_ce=2, form="ia3"), ce.CEConfig(top_p=0.7, form="none"))
+    ce.convert(ce.from_pretrained("tiny:olmoe"), plan).save_pretrained(planned)
+    with pytest.raises(CompressedExpertsError, match="planned: vLLM's plugin cannot serve it: .*each MoE block"):
+        server_command(str(planned), cpu=True)
 
 
 def test_bench_rule_mistakes_are_refused_before_anything_runs():
