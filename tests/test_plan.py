@@ -169,7 +169,7 @@ def test_plan_command_writes_the_plan_and_its_plot(tmp_path):
         "\n\n".join(" ".join(rng.choice(["alpha", "beta", "7+5=12", "x"]) for _ in range(80)) for _ in range(60))
     )
     args = ["plan", "tiny:olmoe", "--calib", str(text), "--heldout", str(text), "--seq-len", "128", "--tokens", "1024"]
-    args += ["--out", str(tmp_path / "plan.json"), "--frontier", "3", "--dtype", "float32"]
+    args += ["--out", str(tmp_path / "plan.json"), "--frontier", "3", "--dtype", "float32", "--top-p", "0.5"]
     result = CliRunner().invoke(app, [*args, "--budget", "75%"])
     assert result.exit_code == 0, result.output
     written = read_plan(tmp_path / "plan.json")

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..checkpoint import from_pretrained, load_tokenizer, skeleton
-from ..config import check_dtype_name
+from ..config import CEConfig, check_dtype_name
 from ..fit import calibration_blocks
 from ..plan import PlanConfig, frontier_plot
 from ..plan import plan as plan_model
@@ -112,18 +112,18 @@ def plan(**options) -> None:
 
 def _show(result, source: str) -> None:
     table = Table(title=f"plan for {source}: {result.expert_equivalents:.2f} of {result.top_k} expert-equivalents")
-    for column in ("block", "n_ce", "form", "r", "expert-equivalents", "divergence alone"):
+    for column in ("block", "rule", "form", "r", "expert-equivalents", "divergence alone"):
         table.add_column(column, justify="right")
     for block, config, cost, div in zip(result.blocks, result.layers, result.layer_costs, result.layer_divergences):
-        table.add_row(block, str(config.n_ce), config.form, str(config.r or "-"), f"{cost:.2f}", f"{div:.4f}")
+        table.add_row(block, config.rule, config.form, str(config.r or "-"), f"{cost:.2f}", f"{div:.4f}")
     console.print(table)
     uniform = result.uniform
     line = f"measured KL from full top-k: planned {result.measured_divergence:.4f}"
     if uniform is not None:
-        s = uniform["setting"]
+        best = CEConfig.from_dict(uniform["setting"])
         line += (
-            f"; best uniform setting within the budget (n_ce {s['n_ce']}, {s['form']}"
-            f"{', r ' + str(s['r']) if s['r'] else ''}, {uniform['expert_equivalents']:.2f}): "
+            f"; best uniform setting within the budget ({best.rule}, {best.form}"
+            f"{', r ' + str(best.r) if best.r else ''}, {uniform['expert_equivalents']:.2f}): "
             f"{uniform['measured_divergence']:.4f}"
         )
     console.print(line)
