@@ -78,6 +78,7 @@ def test_matches_reference_on_every_path(form, path, tokens):
 @pytest.mark.filterwarnings("ignore:compressed experts held in")  # gradients in 16 bits: a numerics check
 @pytest.mark.parametrize("form", ["subset", "slim"])
 def test_bfloat16_within_tolerance(form):
+    torch.manual_seed(0)  # unseeded, one draw in many put an element 0.025 off (bfloat16 sums of H products)
     module = neuron_layer(form, n_ce=1, r=8)
     x = torch.randn(64, H)
     index, weights = routing(64)
