@@ -319,15 +319,14 @@ def _requested(asked: dict[str, Any]) -> CEConfig | None:
     return CEConfig(form="ia3" if form is None else form, r=r, **{name: asked[name] for name in RULES})
 
 
-def _plan_alone(plan, asked: dict[str, Any]) -> dict[str, Any]:
-    """Nothing: a plan says every block's settings, so none may be given beside it."""
+def _check_plan_alone(plan, asked: dict[str, Any]) -> None:
+    """Refuse settings given beside a plan: it says every block's."""
     given = [name for name, value in asked.items() if value is not None]
     if given:
         raise CompressedExpertsError(
             f"a plan ({plan}) sets every block's n_ce, form and r: leave {', '.join(given)} out",
             settings=(*given, "plan"),
         )
-    return {}
 
 
 def _fitting_plan(plan, shape: PreTrainedModel, source: str) -> tuple[CEConfig, ...]:
@@ -424,7 +423,8 @@ def skeleton(
     source = resolve(source)
     asked = _asked(n_ce, form, r, top_p, skip_below)
     if plan is not None:
-        shape = skeleton(source, **_plan_alone(plan, asked), **kwargs)
+        _check_plan_alone(plan, asked)
+        shape = skeleton(source, **kwargs)
         swap_blocks(shape, _fitting_plan(plan, shape, source))
         return shape
     if tiny_family(source) is not None:
@@ -468,7 +468,8 @@ def from_pretrained(
     source = resolve(source)
     asked = _asked(n_ce, form, r, top_p, skip_below)
     if plan is not None:  # the plan and the model are checked on the skeleton, before any weight is read
-        configs = _fitting_plan(plan, skeleton(source, **_plan_alone(plan, asked), **kwargs), source)
+        _check_plan_alone(plan, asked)
+        configs = _fitting_plan(plan, skeleton(source, **kwargs), source)
         return convert(from_pretrained(source, verify=verify, **kwargs), configs)
     requested = _requested(asked)
     family = tiny_family(source)
