@@ -29,6 +29,9 @@ from .common import (
     with_options,
 )
 
+#: Held-out tokens scored per model at each frontier point (two models a point): cheap beside the plan itself.
+HELDOUT_TOKENS = 4096
+
 
 def _plan_options(
     source: SourceArg,
@@ -44,8 +47,8 @@ def _plan_options(
     heldout: Annotated[
         str | None,
         typer.Option(
-            help="Held-out text for the frontier's loss (same kinds as --calib); default the bundled corpus's "
-            "held-out files when --calib is left out, else none."
+            help="Held-out text for the frontier's loss (same kinds as --calib; up to 4,096 tokens of it, or --tokens "
+            "if fewer); default the bundled corpus's held-out files when --calib is left out, else none."
         ),
     ] = None,
     frontier: Annotated[
@@ -96,7 +99,7 @@ def plan(**options) -> None:
                 None
                 if held is None
                 else calibration_blocks(
-                    tokenizer, held, seq_len=options["seq_len"], tokens=min(options["tokens"], 4096)
+                    tokenizer, held, seq_len=options["seq_len"], tokens=min(options["tokens"], HELDOUT_TOKENS)
                 )
             )
         with console.status(f"loading {source}"):
