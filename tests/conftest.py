@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU, Triton's interpreter runs the library's kernels on the CPU (slowly, so only small
+# cases): how the kernel tests check them in CI. Set before the package defines its kernels. Not in
+# the serving environment, whose vLLM engine processes inherit it and use Triton themselves.
+if not torch.cuda.is_available() and importlib.util.find_spec("vllm") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import compressed_experts as ce
 from compressed_experts.backends import BACKENDS

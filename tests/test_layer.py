@@ -181,7 +181,7 @@ def test_forcing_a_path():
     model = ce.convert(ce.tiny_model("olmoe"), ce.CEConfig(4))
     ce.set_compute_path(model, "loop")
     assert {m.path for m in model.modules() if isinstance(m, CompressedExperts)} == {"loop"}
-    with pytest.raises(ce.CompressedExpertsError, match="choose from auto, decode, eager, grouped, loop"):
+    with pytest.raises(ce.CompressedExpertsError, match="choose from auto, decode, eager, fused, grouped, loop"):
         ce.set_compute_path(model, "triton")
     with pytest.raises(ce.CompressedExpertsError, match="convert it first"):
         ce.set_compute_path(ce.tiny_model("olmoe"), "loop")

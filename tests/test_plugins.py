@@ -38,7 +38,7 @@ def test_a_new_module_is_found_and_unnamed_helpers_are_not(package):
 def test_every_module_of_the_plug_in_packages_is_registered():
     assert sorted(forms.REGISTRY) == ["ia3", "none", "slim", "subset"]
     assert forms.FORMS[0] == "ia3"  # the default, by rank
-    assert sorted(backends.BACKENDS) == ["decode", "eager", "grouped", "loop"]
+    assert sorted(backends.BACKENDS) == ["decode", "eager", "fused", "grouped", "loop"]
     assert [b.name for b in backends.AUTO] == ["decode", "grouped", "loop"]
     assert sorted(f.model_types[0] for f in ce.FAMILIES) == [
         "deepseek_v3",

@@ -219,6 +219,18 @@ def _is_silu(act) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def kernel_reason(layer, x: torch.Tensor) -> str | None:
+    """Why this library's Triton kernels (these and the ``fused`` backend's) cannot take a block's
+    experts and input, or None: they compute SiLU-gated experts on contiguous weights of the input's dtype."""
+    if not _is_silu(layer.act_fn):
+        return f"the kernels compute SiLU-gated experts, not {type(layer.act_fn).__name__}"
+    if not (layer.gate_up_proj.is_contiguous() and layer.down_proj.is_contiguous()):
+        return "the expert weights are not contiguous"
+    if not (x.dtype == layer.gate_up_proj.dtype == layer.down_proj.dtype in _KERNEL_DTYPES):
+        return "the kernels take inputs and expert weights of one dtype: bfloat16, float16 or float32"
+    return None
+
+
 class Decode(Backend):
     name = "decode"
 
@@ -230,13 +242,7 @@ class Decode(Backend):
             return "gradients are on (the kernels are forward only: run under torch.no_grad())"
         if x.device.type != "cuda" or not available():
             return "it needs Triton and a CUDA device"
-        if not _is_silu(layer.act_fn):
-            return f"the kernels compute SiLU-gated experts, not {type(layer.act_fn).__name__}"
-        if not (layer.gate_up_proj.is_contiguous() and layer.down_proj.is_contiguous()):
-            return "the expert weights are not contiguous"
-        if not (x.dtype == layer.gate_up_proj.dtype == layer.down_proj.dtype in _KERNEL_DTYPES):
-            return "the kernels take inputs and expert weights of one dtype: bfloat16, float16 or float32"
-        return super().unavailable(call)
+        return kernel_reason(layer, x) or super().unavailable(call)
 
     def preferred(self, call: Call) -> bool:
         # Measured on an H100 (scripts/device_check.sh, BENCHMARKS.md): the kernels beat grouped_mm at

@@ -21,7 +21,7 @@ class IA3(Form):
     help = "the paper's vectors: three per expert, averaged over the token's auxiliary experts, that scale its main experts"
     parameters = ("ce_gate", "ce_up", "ce_down")
     fit_lr = 1e-2
-    backends = ("eager", "grouped", "loop", "decode")
+    backends = ("eager", "grouped", "loop", "decode", "fused")
 
     def initial_parameters(self, layer) -> dict[str, torch.Tensor]:
         like = dict(dtype=layer.gate_up_proj.dtype, device=layer.gate_up_proj.device)

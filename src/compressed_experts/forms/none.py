@@ -11,7 +11,7 @@ class NoForm(Form):
     name = "none"
     rank = 1
     help = "nothing: the auxiliary experts are dropped (the top-m baseline)"
-    backends = ("eager", "grouped", "loop", "decode")
+    backends = ("eager", "grouped", "loop", "decode", "fused")
 
     def runs(self, layer, split: Split) -> list[ExpertRun]:
         return [main_run(layer, split)]
