@@ -29,9 +29,9 @@ that expert's rows. The routing step's backward recomputes it in PyTorch (a ``[T
 
 Tile sizes: ``BLOCK_M`` (rows per tile, which the alignment pads to) follows the rows per expert;
 the other tile sizes, warps and stages are autotuned per layer shape, dtype and ``BLOCK_M`` on
-the first call, and Triton caches the choice. Accumulation is in float32 whatever the dtype;
-float32 products use TF32 only where PyTorch's own matmuls are allowed to
-(``torch.backends.cuda.matmul.allow_tf32``).
+the first call, and Triton keeps the choice on disk (its cache folder), so a machine pays once.
+Accumulation is in float32 whatever the dtype; float32 products use TF32 only where PyTorch's own
+matmuls are allowed to (``torch.backends.cuda.matmul.allow_tf32``).
 
 Forms: ``none`` (top-m), ``ia3`` and full top-k (``n_ce = 0``), under a fixed ``n_ce`` or a
 per-token rule. On a CUDA device, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``,
@@ -162,7 +162,11 @@ if _HAS_TRITON:
         valid = pair < pairs
         return expert, pos, pair, pair // main, valid
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE", "SAVE"])
+    @triton.autotune(
+        configs=_configs(("BLOCK_N", "BLOCK_K")),
+        key=["hidden", "inter", "BLOCK_M", "HAS_CE", "SAVE"],
+        cache_results=True,
+    )
     @triton.jit
     def _gate_up_kernel(
         x,
@@ -223,7 +227,7 @@ if _HAS_TRITON:
                 tl.store(pre_gate + at, acc_gate.to(pre_gate.dtype.element_ty), mask=rows_n)
                 tl.store(pre_up + at, acc_up.to(pre_up.dtype.element_ty), mask=rows_n)
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M"])
+    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M"], cache_results=True)
     @triton.jit
     def _down_kernel(
         inner,
@@ -263,7 +267,9 @@ if _HAS_TRITON:
                 mask=valid[:, None] & n_ok[None, :],
             )
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"])
+    @triton.autotune(
+        configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"], cache_results=True
+    )
     @triton.jit
     def _down_grad_kernel(
         grad_out,
@@ -332,7 +338,9 @@ if _HAS_TRITON:
             )
             tl.store(grad_up + at, (dh * act).to(grad_up.dtype.element_ty), mask=rows_n)
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"])
+    @triton.autotune(
+        configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"], cache_results=True
+    )
     @triton.jit
     def _gate_up_grad_kernel(
         grad_gate,
@@ -402,7 +410,9 @@ if _HAS_TRITON:
             else:
                 tl.store(grad_x + at, acc_gate + acc_up, mask=rows_n)
 
-    @triton.autotune(configs=_configs(("BLOCK_R", "BLOCK_C")), key=["R", "C", "BLOCK_M", "A_SORTED", "B_SCALED"])
+    @triton.autotune(
+        configs=_configs(("BLOCK_R", "BLOCK_C")), key=["R", "C", "BLOCK_M", "A_SORTED", "B_SCALED"], cache_results=True
+    )
     @triton.jit
     def _weight_grad_kernel(
         a,
