@@ -4,13 +4,14 @@ Triton's interpreter (how the tests run the kernels on a CPU) checks what the ke
 not that the compiler takes them: a construct the interpreter accepts can still fail to compile
 for a GPU. Triton compiles ahead of time for any target with the ``ptxas`` it ships, so this
 compiles every kernel, in every variant the backend launches (forms, rules, gradients, dtypes),
-for sm_90 (H100/H200) and sm_80 (A100), and reports the shared memory each tile configuration
-needs against the card's limit (a configuration over it is skipped by the autotuner at run time).
+for sm_90 (H100/H200) and sm_80 (A100), at the largest rows per tile, and reports the shared
+memory each tile configuration needs against the card's limit: the autotuner skips one over it at
+run time, so a kernel variant none of whose configurations fits is a failure.
 
     python scripts/compile_kernels.py            # every autotuning configuration, both targets
-    python scripts/compile_kernels.py --quick    # the largest configuration of each, sm_90 only
+    python scripts/compile_kernels.py --quick    # the smallest configuration of each, sm_90 only
 
-Exits non-zero if a kernel fails to compile. Run without ``TRITON_INTERPRET`` set.
+Exits non-zero if a kernel fails to compile or does not fit. Run without ``TRITON_INTERPRET`` set.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def variants(dtype: str):
     p, f32, i64 = f"*{dtype}", "*fp32", "*i64"
     shape = dict(main=MAIN, hidden=HIDDEN, inter=INTER)
     tiles = dict(sorted_pair=i64, tile_expert=i64, pairs="i32", num_experts="i32")
-    flags = dict(PRECISION="ieee", UPCAST=False, BLOCK_M=64)
+    flags = dict(PRECISION="ieee", UPCAST=False, BLOCK_M=128)  # the largest rows per tile: the most shared memory
     for has_ce, rule in ((True, 0), (True, 1), (False, 2)):
         yield (
             fused._route_kernel,
@@ -88,29 +89,31 @@ def variants(dtype: str):
 
 
 def configs(kernel, quick: bool):
-    """The tile configurations to compile: the autotuner's (the largest only with ``quick``)."""
+    """The tile configurations to compile: the autotuner's (the smallest only with ``quick``)."""
     if not isinstance(kernel, Autotuner):
         return [triton.Config({})]
     found = kernel.configs
     if quick:
-        return [max(found, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages))]
+        return [min(found, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages))]
     return found
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the largest configuration of each kernel, sm_90 only")
+    parser.add_argument("--quick", action="store_true", help="the smallest configuration of each kernel, sm_90 only")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: under the interpreter there is nothing to compile", file=sys.stderr)
         return 2
     targets = {"sm_90": TARGETS["sm_90"]} if args.quick else TARGETS
-    failures = 0
+    failures, fitting = 0, {}  # fitting: per kernel variant, whether some configuration fits the card
     for (arch, (target, limit)), dtype in itertools.product(targets.items(), ("bf16", "fp32")):
         if args.quick and dtype == "fp32":
             continue
         for kernel, signature, constants in variants(dtype):
             fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+            variant = (arch, dtype, fn.__name__, tuple(sorted((k, v) for k, v in constants.items() if k.isupper())))
+            fitting[variant] = False
             for config in configs(kernel, args.quick):
                 consts = constants | config.kwargs
                 sig = signature | dict.fromkeys(consts, "constexpr")
@@ -127,11 +130,15 @@ def main() -> int:
                     print(f"FAIL {arch} {dtype} {fn.__name__} ({what}): {type(err).__name__}: {err}".splitlines()[0])
                     continue
                 shared = compiled.metadata.shared
+                fitting[variant] |= shared <= limit
                 note = "" if shared <= limit else f"  over the {limit // 1024} KB limit: the autotuner skips it"
                 print(
                     f"ok   {arch} {dtype} {fn.__name__} ({what}, warps {options['num_warps']}, stages "
                     f"{options['num_stages']}): shared {shared // 1024} KB, {time.perf_counter() - start:.1f} s{note}"
                 )
+    for arch, dtype, name, flags in (v for v, fits in fitting.items() if not fits):
+        failures += 1
+        print(f"FAIL {arch} {dtype} {name} {dict(flags)}: no configuration fits the card's shared memory")
     print(f"{failures} failed")
     return 1 if failures else 0
 
