@@ -41,6 +41,7 @@ slow: how the tests check the kernels on a machine with no GPU).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -64,6 +65,14 @@ _FIXED, _TOP_P, _SKIP_BELOW = 0, 1, 2
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _autotuned(names: tuple[str, ...], key: list[str]):
+    """Triton's autotuner over :func:`_configs`, keyed by ``key`` (and the arguments' dtypes), its
+    choice kept on disk where this Triton can (``cache_results``, not in every Triton that a
+    supported PyTorch brings: an older one must still import the package)."""
+    cache = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=_configs(names), key=key, **cache)
 
 
 def _configs(names: tuple[str, ...]):
@@ -162,11 +171,7 @@ if _HAS_TRITON:
         valid = pair < pairs
         return expert, pos, pair, pair // main, valid
 
-    @triton.autotune(
-        configs=_configs(("BLOCK_N", "BLOCK_K")),
-        key=["hidden", "inter", "BLOCK_M", "HAS_CE", "SAVE"],
-        cache_results=True,
-    )
+    @_autotuned(("BLOCK_N", "BLOCK_K"), ["hidden", "inter", "BLOCK_M", "HAS_CE", "SAVE"])
     @triton.jit
     def _gate_up_kernel(
         x,
@@ -227,7 +232,7 @@ if _HAS_TRITON:
                 tl.store(pre_gate + at, acc_gate.to(pre_gate.dtype.element_ty), mask=rows_n)
                 tl.store(pre_up + at, acc_up.to(pre_up.dtype.element_ty), mask=rows_n)
 
-    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M"], cache_results=True)
+    @_autotuned(("BLOCK_N", "BLOCK_K"), ["hidden", "inter", "BLOCK_M"])
     @triton.jit
     def _down_kernel(
         inner,
@@ -267,9 +272,7 @@ if _HAS_TRITON:
                 mask=valid[:, None] & n_ok[None, :],
             )
 
-    @triton.autotune(
-        configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"], cache_results=True
-    )
+    @_autotuned(("BLOCK_N", "BLOCK_K"), ["hidden", "inter", "BLOCK_M", "HAS_CE"])
     @triton.jit
     def _down_grad_kernel(
         grad_out,
@@ -338,9 +341,7 @@ if _HAS_TRITON:
             )
             tl.store(grad_up + at, (dh * act).to(grad_up.dtype.element_ty), mask=rows_n)
 
-    @triton.autotune(
-        configs=_configs(("BLOCK_N", "BLOCK_K")), key=["hidden", "inter", "BLOCK_M", "HAS_CE"], cache_results=True
-    )
+    @_autotuned(("BLOCK_N", "BLOCK_K"), ["hidden", "inter", "BLOCK_M", "HAS_CE"])
     @triton.jit
     def _gate_up_grad_kernel(
         grad_gate,
@@ -410,9 +411,7 @@ if _HAS_TRITON:
             else:
                 tl.store(grad_x + at, acc_gate + acc_up, mask=rows_n)
 
-    @triton.autotune(
-        configs=_configs(("BLOCK_R", "BLOCK_C")), key=["R", "C", "BLOCK_M", "A_SORTED", "B_SCALED"], cache_results=True
-    )
+    @_autotuned(("BLOCK_R", "BLOCK_C"), ["R", "C", "BLOCK_M", "A_SORTED", "B_SCALED"])
     @triton.jit
     def _weight_grad_kernel(
         a,
