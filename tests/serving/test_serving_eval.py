@@ -158,3 +158,29 @@ def test_lm_eval_vllm_model_serves_the_checkpoint_through_the_plugin(converted, 
     ):  # [[(logprob, greedy)]] per choice
         assert [g[0][1] for g in got] == [w[0][1] for w in want]
         assert [g[0][0] for g in got] == pytest.approx([w[0][0] for w in want], abs=1e-4)
+
+
+def test_eval_runs_an_lm_eval_task_through_vllm(converted, tmp_path):
+    """``compressed-experts eval --task lm-eval:TASK --engine vllm`` (lm-eval's vllm model on DIR, through the
+    plugin) scores as the transformers engine (lm-eval's HF wrapper on the loaded model) does: the same
+    choices and generations, the same score and model summary."""
+    from typer.testing import CliRunner
+
+    from compressed_experts.cli import app
+
+    (tmp_path / "tasks").mkdir()
+    tasks = _local_tasks(tmp_path / "tasks")
+    for task in ("sums_choice", "sums_gen"):
+        results = {}
+        for engine in ("transformers", "vllm"):
+            out = tmp_path / f"{task}-{engine}.json"
+            args = ["eval", "--task", f"lm-eval:{task}", "--data", str(tasks), "--model", str(converted)]
+            result = CliRunner().invoke(app, [*args, "--engine", engine, "--dtype", "float32", "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            results[engine] = json.loads(out.read_text())
+            gc.collect()
+        served, reference = results["vllm"], results["transformers"]
+        assert served["settings"]["engine"] == "vllm" and served["score"] == reference["score"]
+        assert [e["output"] for e in served["examples"]] == [e["output"] for e in reference["examples"]]
+        assert any(e["output"].strip() for e in served["examples"])
+        assert served["model"] == reference["model"]

@@ -14,8 +14,9 @@ from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..evaluation.harness import PREFIX
 from ..evaluation.report import check_results_file, compare, comparison_table
-from ..evaluation.run import EvalConfig, check_engine_for, check_task_name, evaluate
+from ..evaluation.run import EvalConfig, check_task_name, evaluate
 from ..evaluation.sandbox import PYTHON_GUARD, guard_warning
+from ..serving.engine import check_engine
 from ..text import check_text_file
 from .app import app
 from .common import DEVICE_HELP, DTYPE_HELP, check_device, console, options_of, run, settings_options, with_options
@@ -62,7 +63,7 @@ def eval_command(**options) -> None:
                 raise CompressedExpertsError(f"no such data file: {data}", settings=("data",))
             if data.suffix != ".gz":
                 check_text_file(data)
-        check_engine_for(task, config.engine, model)
+        check_engine(config.engine, model)
         if config.engine == "vllm":  # vLLM reads the weights itself: here only the structure, for the summary
             tok = load_tokenizer(tokenizer or model)
             loaded = skeleton(model)

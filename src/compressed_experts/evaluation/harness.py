@@ -1,4 +1,5 @@
-"""Any lm-evaluation-harness task, run on this library's model through lm-eval's own HF wrapper.
+"""Any lm-evaluation-harness task, run on this library's model through lm-eval's own HF wrapper,
+or on the saved model served by vLLM through lm-eval's own vllm model.
 
 The loaded model (plain, top-m or compressed experts) and its tokenizer are handed to lm-eval's
 ``HFLM`` as objects, so lm-eval's prompts, few-shot handling and metrics apply unchanged.
@@ -13,6 +14,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import CompressedExpertsError, first_line
+from ..serving.engine import lm_eval_model
 
 PREFIX = "lm-eval:"
 
@@ -81,10 +83,14 @@ def run_lm_eval(
     limit: int | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
+    engine: str = "transformers",
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval task ``task`` (e.g. "arc_easy", "mmlu"); return its metric, score, examples and settings.
 
     ``include`` is a custom task YAML (or a folder of them) to use instead of lm-eval's own tasks.
+    ``engine`` "vllm": lm-eval's own vllm model serves the saved ``source`` (in ``model``'s dtype)
+    instead of lm-eval's HF wrapper running ``model``.
     """
     try:
         import lm_eval
@@ -102,7 +108,10 @@ def run_lm_eval(
             settings=("data",),
         ) from err
     built = loaded["groups"].get(task) or loaded["tasks"][task]
-    wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if engine == "vllm":
+        wrapper = lm_eval_model(source, str(model.dtype).removeprefix("torch."), batch_size)
+    else:
+        wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     output = lm_eval.simple_evaluate(
         model=wrapper, tasks=[built], limit=limit, num_fewshot=num_fewshot, task_manager=manager, log_samples=True
     )

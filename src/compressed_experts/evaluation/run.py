@@ -191,18 +191,6 @@ class EvalConfig:
             raise CompressedExpertsError(f"data must be a file or folder path, got {self.data!r}", settings=("data",))
 
 
-def check_engine_for(task: str, engine: str, source: str | None) -> None:
-    """Refuse an engine that cannot run ``task`` on ``source`` (vLLM missing, a model built in
-    memory, an lm-eval task), before the model loads."""
-    check_engine(engine, source)
-    if engine != "transformers" and task.startswith(PREFIX):
-        raise CompressedExpertsError(
-            "lm-eval tasks run through transformers here; for vLLM run lm-eval's own vllm model "
-            "(lm_eval --model vllm --model_args pretrained=DIR), which serves DIR through this package's plugin",
-            settings=("engine",),
-        )
-
-
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -251,7 +239,7 @@ def evaluate(
         config = config or EvalConfig(**settings)
     except TypeError as err:  # an unknown keyword
         raise CompressedExpertsError(f"evaluate: {err}; its settings are those of EvalConfig") from None
-    check_engine_for(task, config.engine, source or model.name_or_path)
+    check_engine(config.engine, source or model.name_or_path)
     data, limit, batch_size, max_new_tokens = config.data, config.limit, config.batch_size, config.max_new_tokens
     if out is not None:
         inputs = {"data": data, "model": source or model.name_or_path, "tokenizer": tokenizer.name_or_path}
@@ -271,7 +259,17 @@ def evaluate(
             raise CompressedExpertsError(
                 f"lm-eval tasks bring their own {', '.join(unused)}: leave it out", settings=tuple(unused)
             )
-        run = run_lm_eval(model, tokenizer, task[len(PREFIX) :], data, limit, batch_size, num_fewshot)
+        run = run_lm_eval(
+            model,
+            tokenizer,
+            task[len(PREFIX) :],
+            data,
+            limit,
+            batch_size,
+            num_fewshot,
+            engine=config.engine,
+            source=source or model.name_or_path,
+        )
         metric, score, examples = run["metric"], run["score"], run["examples"]
         read = [example["prompt"] for example in examples]  # the contexts it scored (outputs may be no text)
         settings.update(data=str(data) if data is not None else None, **run["settings"])

@@ -69,7 +69,6 @@ def generate_with_vllm(
 ) -> list[str]:
     """Each prompt's continuation from vLLM (decoded by ``tokenizer``), up to ``max_new_tokens`` or an
     end-of-sequence token; the caller cuts at its stop strings, as it does for transformers' output."""
-    import torch
     from vllm import LLM, SamplingParams
 
     check_engine("vllm", source)
@@ -77,9 +76,7 @@ def generate_with_vllm(
     path = local_path(model)
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     longest = max((len(ids) for ids in encoded), default=1) + max_new_tokens
-    cpu = not torch.cuda.is_available()
-    if cpu:  # vLLM's CPU build fails to start without a KV-cache size when others hold memory
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    cpu = _on_cpu()
     llm = LLM(
         str(path) if path is not None else model,
         dtype=dtype,
@@ -101,3 +98,45 @@ def generate_with_vllm(
         del llm
         gc.collect()
     return texts
+
+
+def _on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here; if so, give it the KV-cache size its CPU build fails to
+    start without when other processes hold memory (unless the user set one)."""
+    import torch
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    return cpu
+
+
+def lm_eval_model(source: str, dtype: str = "auto", batch_size: int = 8) -> Any:
+    """lm-evaluation-harness's own ``vllm`` model on the saved ``source``, as ``lm_eval --model vllm
+    --model_args pretrained=DIR`` builds it: vLLM serves the checkpoint through this package's plugin,
+    and lm-eval's prompts, batching and metrics apply unchanged.
+
+    On vLLM's CPU build lm-eval 0.4's vllm model cannot import: it asks ``importlib.metadata`` for the
+    distribution ``vllm``, and that build's distribution is ``vllm-cpu``. While its module is first
+    imported, the question gets vLLM's own answer (``<version>+cpu``); the module keeps that answer,
+    nothing else in the process sees it.
+    """
+    import importlib.metadata as metadata
+
+    check_engine("vllm", source)
+    real = metadata.version
+    try:
+        real("vllm")
+    except metadata.PackageNotFoundError:
+        metadata.version = lambda name: real("vllm-cpu") + "+cpu" if name == "vllm" else real(name)
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    except ImportError as err:
+        raise CompressedExpertsError("lm-eval tasks need lm-evaluation-harness: pip install lm-eval") from err
+    finally:
+        metadata.version = real
+    model = resolve(source)
+    path = local_path(model)
+    return VLLM(
+        pretrained=str(path) if path is not None else model, dtype=dtype, batch_size=batch_size, enforce_eager=_on_cpu()
+    )
