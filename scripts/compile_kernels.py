@@ -42,7 +42,8 @@ def variants(dtype: str):
     """(kernel, argument types, constants) for every variant the backend launches in ``dtype``."""
     p, f32, i64 = f"*{dtype}", "*fp32", "*i64"
     shape = dict(main=MAIN, hidden=HIDDEN, inter=INTER)
-    tiles = dict(sorted_pair=i64, tile_expert=i64, pairs="i32", num_experts="i32")
+    i32 = "*i32"
+    tiles = dict(sorted_pair=i32, tile_expert=i32, pairs="i32", num_experts="i32")
     flags = dict(PRECISION="ieee", UPCAST=False, BLOCK_M=128)  # the largest rows per tile: the most shared memory
     for has_ce, rule in ((True, 0), (True, 1), (False, 2)):
         yield (
@@ -52,6 +53,12 @@ def variants(dtype: str):
             dict(slots=SLOTS, main=MAIN, num_experts=EXPERTS, hidden=HIDDEN, inter=INTER, RULE=rule, HAS_CE=has_ce)
             | dict(BLOCK_S=SLOTS, BLOCK_K=128),
         )
+    yield (
+        fused._align_kernel,
+        dict(ids=i64, pairs="i32", counts=i32, starts=i32, seen=i32, sorted_pair=i32, tile_expert=i32)
+        | dict(tiles="i32", capacity="i32"),
+        dict(num_experts=EXPERTS, BLOCK_M=128, BLOCK_E=128, BLOCK_P=128),
+    )
     scales = dict(scale_gate=f32, scale_up=f32, scale_down=f32)
     for has_ce, save in itertools.product((True, False), (True, False)):
         yield (
@@ -75,7 +82,7 @@ def variants(dtype: str):
             | tiles,
             shape | flags | dict(HAS_CE=has_ce),
         )
-    weight_grad = dict(sorted_pair=i64, starts=i64, counts=i64, out=p, out_expert_stride="i64", pairs="i32")
+    weight_grad = dict(sorted_pair=i32, starts=i32, counts=i32, out=p, out_expert_stride="i64", pairs="i32")
     for a_sorted, b_scaled, a, b, rows, cols in (
         (True, True, p, p, INTER, HIDDEN),  # gate_up_proj's halves, compressed experts
         (True, False, p, p, INTER, HIDDEN),  # gate_up_proj's halves, plain experts

@@ -133,6 +133,38 @@ def test_the_tolerances_can_fail():
         assert relative(plain_grads[name], grads[name].double()) > 10 * BF16[1], name
 
 
+@pytest.mark.parametrize("experts,block_m", [(8, 16), (64, 32)])
+def test_alignment_groups_pairs_by_expert_in_pair_order(experts, block_m):
+    """The alignment kernel against a plain reading of what it must produce, over several of its
+    128-pair blocks: each expert's pairs in pair order at its start, padding elsewhere, starts at
+    padded block boundaries, every tile's expert (the id ``experts``, not main, gets no row)."""
+    g = torch.Generator().manual_seed(experts)
+    ids = torch.randint(0, experts + 1, (300,), generator=g)  # id ``experts``: pairs not main
+    ids[:40] = 3  # one expert with many rows across a block boundary of the kernel's loop
+    aligned = fused._Aligned(ids.view(100, 3).to(DEVICE), experts, block_m)
+    sorted_pair, starts, counts = (t.cpu().long() for t in (aligned.sorted_pair, aligned.starts, aligned.counts))
+    tile_expert = aligned.tile_expert.cpu().long()
+    assert aligned.capacity >= 300 + experts * (block_m - 1) and aligned.capacity % block_m == 0
+    position = 0
+    for e in range(experts):
+        rows = (ids == e).nonzero().squeeze(1)
+        assert counts[e] == len(rows) and starts[e] == position
+        assert torch.equal(sorted_pair[position : position + len(rows)], rows)
+        padded = -(-len(rows) // block_m) * block_m
+        assert (sorted_pair[position + len(rows) : position + padded] == 300).all()
+        assert (tile_expert[position // block_m : (position + padded) // block_m] == e).all()
+        position += padded
+    assert (sorted_pair[position:] == 300).all() and (tile_expert[position // block_m :] == experts).all()
+
+
+def test_a_call_with_no_tokens():
+    layer = make("ia3", {"n_ce": 2}, torch.float32).to(DEVICE)
+    layer.path = "fused"
+    empty = torch.empty(0, SLOTS, dtype=torch.int64, device=DEVICE)
+    out = layer(torch.empty(0, HIDDEN, device=DEVICE), empty, empty.float())
+    assert out.shape == (0, HIDDEN)
+
+
 def test_int32_ids_and_bfloat16_routing_weights():
     index, weights = uneven_routing(seed=3)
     (out, grads), (ref_out, ref_grads) = run_both("ia3", {"n_ce": 2}, torch.float32, index.int(), weights.bfloat16())

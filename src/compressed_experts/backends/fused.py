@@ -9,9 +9,9 @@ thirty, so the experts it saves are lost to the launches (BENCHMARKS.md, GPU sec
    by rank of weight (as :func:`compressed_experts.routing.split_routing`: ties in slot order;
    fixed ``n_ce``, ``top_p`` or ``skip_below``) and averages the auxiliary experts' ``ia3``
    vectors into the token's three scales.
-2. :func:`_align` sorts the (token, main expert) pairs by expert into tiles of ``BLOCK_M`` rows,
-   each tile one expert's, padded (as vLLM's fused MoE and ScatterMoE do); device-side index
-   arithmetic only, no host sync, sizes bounded in advance.
+2. ``_align_kernel`` (one program) sorts the (token, main expert) pairs by expert into tiles of
+   ``BLOCK_M`` rows, each tile one expert's, padded (as vLLM's fused MoE and ScatterMoE do); no
+   host sync: the buffers are sized for the most padding there can be.
 3. ``_gate_up_kernel`` scales each row's input by its token's gate and up scales as it loads it
    (no scaled copies in memory), computes the gate and up tiles in one program and applies SiLU,
    the product and the ``ce_down`` scale in its epilogue.
@@ -151,6 +151,60 @@ if _HAS_TRITON:
                 both = aux[:, None] & (k[None, :] < inter)
                 d = tl.sum(share[:, None] * tl.load(ce_down + vec, mask=both, other=0.0).to(tl.float32), 0)
                 tl.store(scale_down + token * inter + k, tl.where(alone, 1.0, d), mask=k < inter)
+
+    @triton.jit
+    def _align_kernel(
+        ids,
+        pairs,
+        counts,
+        starts,
+        seen,
+        sorted_pair,
+        tile_expert,
+        tiles,
+        capacity,
+        num_experts: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """One program: every expert's rows (a histogram of the ids; the id ``num_experts`` counts for
+        none), each expert's block padded to ``BLOCK_M`` and placed after the previous one, every tile's
+        expert, and every pair's row: its expert's start plus the pairs of that expert before it (in
+        pair order, so equal ids keep token order). ``seen`` is scratch for each expert's next free row."""
+        e = tl.arange(0, BLOCK_E)
+        real = e < num_experts
+        hist = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for p0 in range(0, pairs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            hist += tl.histogram(tl.load(ids + p, mask=p < pairs, other=num_experts).to(tl.int32), BLOCK_E)
+        hist = tl.where(real, hist, 0)
+        padded = (hist + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        ends = tl.cumsum(padded, 0)
+        tl.store(counts + e, hist, mask=real)
+        tl.store(starts + e, ends - padded, mask=real)
+        for t0 in range(0, tiles, BLOCK_P):
+            t = t0 + tl.arange(0, BLOCK_P)
+            before = (ends[None, :] <= (t * BLOCK_M)[:, None]) & real[None, :]  # experts ending by the tile's start
+            tl.store(tile_expert + t, tl.sum(before.to(tl.int32), axis=1), mask=t < tiles)
+        for c0 in range(0, capacity, BLOCK_P):
+            c = c0 + tl.arange(0, BLOCK_P)
+            tl.store(sorted_pair + c, tl.zeros([BLOCK_P], dtype=tl.int32) + pairs, mask=c < capacity)  # padding
+        # Each expert's next free row is kept in registers and published to ``seen`` for the gather: every
+        # thread holding a copy writes the same value, and barriers keep the reads between the writes
+        # (no read-modify-write of memory that threads share).
+        running = ends - padded
+        for p0 in range(0, pairs, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            ids_p = tl.load(ids + p, mask=p < pairs, other=num_experts).to(tl.int32)
+            valid = ids_p < num_experts
+            tl.store(seen + e, running, mask=real)
+            tl.debug_barrier()  # also orders the padding above before the rows below
+            earlier = (ids_p[None, :] == ids_p[:, None]) & (p[None, :] < p[:, None]) & valid[None, :]
+            row = tl.load(seen + ids_p, mask=valid, other=0) + tl.sum(earlier.to(tl.int32), axis=1)
+            tl.store(sorted_pair + row, p, mask=valid)
+            running += tl.histogram(tl.where(valid, ids_p, num_experts), BLOCK_E)
+            tl.debug_barrier()
 
     @triton.jit
     def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -493,27 +547,20 @@ class _Aligned:
     """
 
     def __init__(self, main_index: torch.Tensor, num_experts: int, block_m: int):
-        flat = main_index.reshape(-1).long()
+        flat = main_index.reshape(-1)
         pairs, device = flat.numel(), flat.device
         self.pairs, self.block_m, self.num_experts = pairs, block_m, num_experts
-        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        counts = counts[:num_experts]
-        padded = (counts + block_m - 1) // block_m * block_m
-        ends = padded.cumsum(0)
-        starts = ends - padded
-        order = flat.argsort(stable=True)
-        ids = flat[order]
-        first = counts.cumsum(0) - counts  # each expert's first position before padding
-        kept = ids.clamp(max=num_experts - 1)
-        capacity = -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
-        dest = starts[kept] + torch.arange(pairs, device=device) - first[kept]
-        dest = dest.masked_fill(ids == num_experts, capacity)  # not main: a dump slot past the end
-        sorted_pair = torch.full((capacity + 1,), pairs, dtype=torch.int64, device=device)
-        self.sorted_pair = sorted_pair.scatter_(0, dest, order)[:capacity]
-        tile_starts = torch.arange(0, capacity, block_m, device=device)
-        self.tile_expert = torch.searchsorted(ends, tile_starts, right=True)
-        self.starts, self.counts, self.capacity = starts, counts, capacity
+        self.capacity = -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
+        tiles = self.capacity // block_m
+        self.counts, self.starts, seen = (torch.empty(num_experts, dtype=torch.int32, device=device) for _ in range(3))
+        self.sorted_pair = torch.empty(self.capacity, dtype=torch.int32, device=device)
+        self.tile_expert = torch.empty(tiles, dtype=torch.int32, device=device)
+        with _on(device):
+            _align_kernel[(1,)](
+                flat.contiguous(), pairs, self.counts, self.starts, seen, self.sorted_pair, self.tile_expert,
+                tiles, self.capacity, num_experts,
+                BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_P=128,
+            )  # fmt: skip
 
 
 def _precision(dtype: torch.dtype) -> str:
