@@ -54,7 +54,8 @@ def uneven_routing(seed=0):
 
 def make(form, rule, dtype, seed=0):
     kwargs = {name: value for name, value in rule.items() if name != "n_ce"}
-    layer = CompressedExperts(Experts(dtype, seed), rule.get("n_ce"), form, **kwargs)
+    r = 8 if form == "slim" else None  # fewer neurons than one tile: a masked product
+    layer = CompressedExperts(Experts(dtype, seed), rule.get("n_ce"), form, r, **kwargs)
     if form == "ia3":
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -93,13 +94,15 @@ def relative(a, b):
 
 
 F32, BF16 = (torch.float32, 2e-5), (torch.bfloat16, 3e-2)
-CASES = [  # every rule in float32; bfloat16 on full top-k, the paper's form and a per-token rule
+CASES = [  # every rule and form in float32; bfloat16 on full top-k, the paper's form and a per-token rule
     ("none", {"n_ce": 0}, *F32),  # full top-k
     ("none", {"n_ce": 2}, *F32),  # top-m
     ("ia3", {"n_ce": 2}, *F32),
     ("ia3", {"n_ce": 1}, *F32),
     ("ia3", {"top_p": 0.6}, *F32),
     ("none", {"skip_below": 0.5}, *F32),
+    ("slim", {"n_ce": 2}, *F32),  # auxiliary experts of their own: a second product per call
+    ("slim", {"top_p": 0.6}, *F32),
     ("none", {"n_ce": 0}, *BF16),
     ("ia3", {"n_ce": 2}, *BF16),
     ("ia3", {"top_p": 0.6}, *BF16),
@@ -197,10 +200,10 @@ def test_a_model_on_the_fused_path_gives_the_reference_logits_and_trains():
 
 
 def test_refusals_say_why(monkeypatch):
-    layer = CompressedExperts(Experts(torch.float32), 2, "slim", 8)
+    layer = CompressedExperts(Experts(torch.float32), 2, "subset", 8)
     ce.set_compute_path(layer, "fused")
     index, weights = uneven_routing()
-    with pytest.raises(ce.CompressedExpertsError, match="slim form has no fused implementation"):
+    with pytest.raises(ce.CompressedExpertsError, match="subset form has no fused implementation"):
         layer(torch.randn(TOKENS, HIDDEN), index, weights)
     plain = make("ia3", {"n_ce": 2}, torch.float64)
     plain.path = "fused"

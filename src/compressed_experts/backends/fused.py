@@ -34,7 +34,8 @@ Accumulation is in float32 whatever the dtype; float32 products use TF32 only wh
 matmuls are allowed to (``torch.backends.cuda.matmul.allow_tf32``).
 
 Forms: ``none`` (top-m), ``ia3`` and full top-k (``n_ce = 0``), under a fixed ``n_ce`` or a
-per-token rule. On a CUDA device, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``,
+per-token rule; ``slim`` too, its small experts a second pass of the same kernels (the split made
+in PyTorch). On a CUDA device, or on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``,
 slow: how the tests check the kernels on a machine with no GPU).
 """
 
@@ -799,29 +800,37 @@ class Fused(Backend):
 
     def run(self, call: Call) -> torch.Tensor:
         layer, x = call.layer, call.x.contiguous()
-        if call.compresses:
-            vectors = layer.form_spec.kernel_vectors(layer)
-            rule = (call.n_ce, call.top_p, call.skip_below)
+        gate_up, down = layer.gate_up_proj, layer.down_proj
+        if not call.compresses:  # full top-k: every routed expert is main, nothing to split
+            return _experts(x, call.top_k_index, call.top_k_weights, (), gate_up, down, False).to(x.dtype)
+        vectors = layer.form_spec.kernel_vectors(layer)
+        if vectors is not None or not layer.form_spec.parameters:  # ia3, none: the routing kernel splits
             main_index, main_weights, *scales = _Route.apply(
                 call.top_k_index,
                 call.top_k_weights,
                 *(vectors or (None,) * 3),
-                rule,
+                (call.n_ce, call.top_p, call.skip_below),
                 layer.num_experts,
                 layer.form_spec,
             )
-        else:  # full top-k: every routed expert is main, nothing to split
-            main_index, main_weights, scales = call.top_k_index, call.top_k_weights, ()
-        scales = scales or [None] * 3
-        out = _Experts.apply(
-            x,
-            main_weights,
-            *scales,
-            layer.gate_up_proj,
-            layer.down_proj,
-            main_index,
-            layer.num_experts,
-            call.dynamic,
-            torch.is_grad_enabled(),
-        )
-        return out.to(x.dtype)
+            return _experts(x, main_index, main_weights, scales, gate_up, down, call.dynamic).to(x.dtype)
+        # Forms whose auxiliary experts are experts of their own (slim): each of the form's runs on its own
+        # aligned rows, split in PyTorch. Pairs a run skips get the id past its experts: no row.
+        total = None
+        for run in call.runs:
+            rows = run.down.shape[0]
+            index = run.index if run.skip is None else run.index.masked_fill(run.skip, rows)
+            part = _experts(
+                x, index, run.weights, (), run.gate_up.to(x.dtype), run.down.to(x.dtype), run.skip is not None
+            )
+            total = part if total is None else total + part
+        return total.to(x.dtype)  # summed at the routing weights' precision, rounded once
+
+
+def _experts(x, index, weights, scales, gate_up, down, dynamic: bool) -> torch.Tensor:
+    """The experts ``gate_up`` ``[E, 2n, H]`` / ``down`` ``[E, H, n]`` on the (token, expert) pairs of
+    ``index`` (an id ``E``: no row), weighted by ``weights``, optionally scaled by ``scales`` (g, u, d);
+    at the routing weights' precision."""
+    scales = scales or (None,) * 3
+    weights = weights.contiguous()  # the kernels read [T, k] rows; a split's halves are strided views
+    return _Experts.apply(x, weights, *scales, gate_up, down, index, down.shape[0], dynamic, torch.is_grad_enabled())

@@ -20,6 +20,7 @@ class Slim(Form):
     help = "a small trainable MLP of r neurons per expert, a copy of its most important neurons to start with"
     takes_r = True
     parameters = ("ce_gate_up_proj", "ce_down_proj")
+    backends = ("eager", "grouped", "loop", "fused")
     selects_neurons = True
     fit_lr = 1e-3
 
