@@ -1,58 +1,68 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one go: the CUDA tests (Triton decode kernels included), a
-# table of the decode kernels against the grouped path by token count (what auto's threshold
-# rests on), and the GPU benchmark (benchmarks/cuda-<card>.json, from which BENCHMARKS.md is
-# regenerated). Run from the repository root on a machine with a GPU:
-#     scripts/device_check.sh [folder for logs] [passes to benchmark, default forward,forward+backward]
+# Every check that needs a CUDA GPU, in one call of at most about 9 minutes (8 3/4 of timeouts):
+#   tests   the CUDA tests, the decode kernels' and the fused kernels' (which run on the GPU here);
+#   paths   full top-k and compressed experts forced through the grouped, decode and fused paths at
+#           1-4,096 tokens, forward and forward+backward, both layer shapes and dtypes: where auto
+#           should take which path (benchmarks/<device>-paths.md);
+#   layers  the benchmark at 1, 16, 512 and 4,096 tokens, fused variants included, one process per
+#           shape (benchmarks/<device>.json, and BENCHMARKS.md regenerated from every result);
+#   e2e     end to end, eager, then again with the compiled decode (static cache, torch.compile
+#           mode reduce-overhead): the eager figures survive a compile that fails or runs out of time.
+# Each part runs under its own timeout, so one that fails or runs out leaves the others' results; its
+# log is <logs>/<part>.log, and the logs folder gets a copy of the results. Commit the files written
+# under benchmarks/ and BENCHMARKS.md. Run from the repository root:
+#     scripts/device_check.sh [logs folder, default gpu-logs]
 # Works without installing the package (it falls back to PYTHONPATH=src).
 set -uo pipefail
 logs=${1:-gpu-logs}
-modes=${2:-forward,forward+backward}
-mkdir -p "$logs"
+mkdir -p "$logs" benchmarks
 export PYTHONUNBUFFERED=1
 python3 -c "import compressed_experts" 2>/dev/null || export PYTHONPATH=$PWD/src
 nvidia-smi -L
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+device=$(python3 -c "import torch; from compressed_experts.bench import device_key; print(device_key(torch.device('cuda')))")
 
-echo "== tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode_kernel.py tests/test_layer.py tests/test_compile.py 2>&1 | tee "$logs/tests.log" | tail -25
+part() {  # part NAME SECONDS COMMAND...: one part under its timeout, its output in $logs/NAME.log
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name (at most ${seconds}s)"
+    timeout "$seconds" "$@" >"$logs/$name.log" 2>&1
+    local rc=$?
+    tail -n 8 "$logs/$name.log"
+    echo "== $name: exit $rc$([ $rc = 124 ] && echo ', timed out')"
+}
 
-echo "== decode kernels against the grouped path (forward, no_grad, median ms of 50 calls)"
-timeout 120 python3 - <<'PY' 2>&1 | tee "$logs/decode_paths.txt"
+bench() {  # bench NAME SECONDS ARGS...: a part running the benchmark. One cut short left its rows in
+    # the .partial file: the next part resumes from them, so they reach the results.
+    local resume=
+    [ -f "benchmarks/$device.json.partial" ] && resume=--resume
+    part "$1" "$2" python3 -m compressed_experts bench --device cuda --repeats 10 $resume "${@:3}"
+}
+
+part tests 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py tests/test_decode_kernel.py tests/test_fused_kernel.py tests/test_layer.py
+
+part paths 100 python3 - <<PY
 import torch
+from compressed_experts.bench import compare_paths
 
-from compressed_experts.bench import SHAPES, _variants, interleaved_medians
+with open("benchmarks/$device-paths.md", "w") as out:
+    def line(text):
+        print(text)
+        out.write(text + "\n")
+        out.flush()  # each row as soon as it is measured
 
-cuda = torch.device("cuda")
-for shape in ("olmoe", "phimoe"):
-    for dtype in (torch.bfloat16, torch.float32):
-        variants = _variants(SHAPES[shape], dtype, cuda, seed=0)
-        hidden = variants["full"].experts.hidden_dim
-        for count in (1, 2, 4, 8, 16):
-            x = torch.randn(1, count, hidden, dtype=dtype, device=cuda)
-            runs, outs = {}, {}
-            for name in ("full", "ce"):
-                for path in ("decode", "grouped"):
-                    def run(block=variants[name], path=path):
-                        block.experts.path = path
-                        return block(x)
-                    runs[f"{name}:{path}"] = run
-            with torch.no_grad():
-                t = interleaved_medians(runs, cuda, repeats=50, warmup=3)
-                for name in ("full", "ce"):
-                    a, b = runs[f"{name}:decode"]().float(), runs[f"{name}:grouped"]().float()
-                    outs[name] = ((a - b).norm() / b.norm()).item()
-            print(f"{shape} {str(dtype)[6:]:8} {count:3} tokens | " + " | ".join(
-                f"{k} {v * 1e3:.3f}" for k, v in t.items()) + f" | rel. diff decode/grouped full {outs['full']:.1e} ce {outs['ce']:.1e}")
-        for block in variants.values():
-            if hasattr(block.experts, "path"):
-                block.experts.path = "auto"
-        del variants
+    compare_paths(
+        ("olmoe", "phimoe"), (torch.bfloat16, torch.float32), (1, 2, 4, 8, 16, 64, 512, 4096),
+        ("forward", "forward+backward"), torch.device("cuda"), repeats=10, line=line,
+    )
 PY
 
-echo "== benchmark"
-# One process per part, so that a failure in one part keeps the others' results.
-for part in "--shapes olmoe --no-end-to-end" "--shapes phimoe --no-end-to-end" "--shapes none"; do
-    timeout 200 python3 -m compressed_experts bench --device cuda --repeats 20 --modes "$modes" $part 2>&1 | tee -a "$logs/bench.log" | tail -4
-done
-cp benchmarks/cuda-*.json "$logs"/ 2>/dev/null
+layers=(--tokens 1,16,512,4096 --no-end-to-end)
+bench layers-olmoe 70 --shapes olmoe "${layers[@]}"
+bench layers-phimoe 70 --shapes phimoe "${layers[@]}"
+bench e2e 45 --shapes none --no-compiled-decode
+bench e2e-compiled 120 --shapes none --compiled-decode
+
+cp "benchmarks/$device"* BENCHMARKS.md "$logs"/ 2>/dev/null
+ls -l "$logs"

@@ -1,6 +1,8 @@
 """Side-by-side timings: transformers' own MoE block, and this library's full top-k, top-m and
 compressed experts (the paper's ia3 vectors, and the subset and slim forms at r = I/8), on real
-layer shapes; plus end-to-end prefill and decode of a small model.
+layer shapes, the first three also through the fused Triton kernels where they run; the compute
+paths forced one by one by call size (:func:`compare_paths`); and end-to-end prefill and decode of
+a small model, decode also compiled with a static cache.
 
 Every ratio compares variants measured in the same run on the same machine, on the same
 random weights, inputs and routing. Analytic FLOPs and the bytes of expert weights read per
@@ -23,14 +25,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, OlmoeConfig, PhimoeConfig
+from transformers import AutoModelForCausalLM, CompileConfig, OlmoeConfig, PhimoeConfig, StaticCache
 
 from .architectures import family_by_name
+from .backends import BACKENDS
 from .config import CEConfig
 from .convert import convert
 from .errors import CompressedExpertsError, first_line
 from .forms import NEURON_FORMS, TOP_M
 from .layer import CompressedExperts
+from .routing import Call
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ SHAPES["tiny"] = Shape(
 #: transformers' experts implementations raced for "transformers (fastest)". batched_mm is left out:
 #: it gathers every token's expert weights, 34 GB at 512 tokens of the OLMoE shape.
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm")
+#: This library's variants that are also timed through the fused Triton kernels, as ``<name>:fused``,
+#: where that backend can run (a CUDA device; the CPU only under TRITON_INTERPRET=1, for the tests).
+FUSED = ("full", "top-m", "ce")
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -162,6 +169,19 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
             block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts))
         )
     variants["dense"] = _with_experts(block, DenseBound(block.experts))
+    # The fused backend's own verdict on a one-token call of this shape: a CUDA device, or the CPU under
+    # Triton's interpreter (slow: the tests' toy shape only); Triton installed; these dtypes.
+    top_k = config.num_experts_per_tok
+    probe = (
+        torch.zeros(1, compressed.hidden_dim, dtype=dtype, device=device),
+        torch.zeros(1, top_k, dtype=torch.long, device=device),
+        torch.full((1, top_k), 1 / top_k, device=device),
+    )
+    for name in FUSED:
+        experts = copy.copy(variants[name].experts)  # the same weights and vectors, its own path
+        experts.path = "fused"
+        if BACKENDS["fused"].unavailable(Call(experts, *probe, experts.n_ce)) is None:
+            variants[f"{name}:fused"] = _with_experts(block, experts)
     return variants
 
 
@@ -262,13 +282,14 @@ def bench_layers(
                     one_expert = sum(p.numel() for p in variants["dense"].experts.parameters()) * x.element_size()
                     costs["dense"] = (full_cost[0], one_expert / count / 1e6)  # full's FLOPs, one expert read
                     for name, seconds in medians.items():
+                        base = name.removesuffix(":fused")  # the same products on another path
                         kind = (
                             "neurons"
-                            if name in NEURON_FORMS
+                            if base in NEURON_FORMS
                             else top_k - shape.n_ce
-                            if name in ("top-m", "ce")
-                            else name
-                            if name == "dense"
+                            if base in ("top-m", "ce")
+                            else base
+                            if base == "dense"
                             else top_k
                         )
                         gflop, mb = costs[kind]
@@ -290,6 +311,104 @@ def bench_layers(
     return rows
 
 
+#: The compute paths that :func:`compare_paths` forces in turn.
+RACED_PATHS = ("grouped", "decode", "fused")
+#: The most tokens :func:`compare_paths` times the decode path at: its kernels read a pair's expert
+#: weights for every (token, expert) pair, far behind (and slow to time) at hundreds of tokens.
+DECODE_TOKENS = 64
+
+
+def compare_paths(
+    shapes: Iterable[str],
+    dtypes: Iterable[torch.dtype],
+    tokens: Iterable[int],
+    modes: Iterable[str],
+    device: torch.device,
+    repeats: int = 10,
+    line: Callable[[str], None] = print,
+) -> list[dict]:
+    """Full top-k and compressed experts forced through each of :data:`RACED_PATHS` that can run the
+    call, timed in turns per (shape, dtype, tokens, mode): where ``auto`` should take which path
+    (decode up to :data:`DECODE_TOKENS` tokens).
+
+    The report is a Markdown table handed to ``line`` a line at a time, each row as soon as it is
+    measured (a run cut short keeps what it measured). Each row also gives the largest relative
+    difference of a path's output from the grouped path's, so a fast but wrong kernel shows. Returns
+    the timings as rows (``variant`` is ``<full or ce>:<path>``); a path that cannot run a call has none."""
+    names = [f"{v}:{p}" for v in ("full", "ce") for p in RACED_PATHS]
+    line(
+        f"Compute paths forced in turn on {machine(device)}: median ms of {repeats} calls of the whole MoE block; "
+        f"`-`: the path refused the call (or decode, not timed beyond {DECODE_TOKENS} tokens)."
+    )
+    line("")
+    line(
+        "| shape | dtype | tokens | pass | "
+        + " | ".join(n.replace(":", " ") + " ms" for n in names)
+        + " | fastest full | fastest ce | largest rel. diff to grouped |"
+    )
+    line("|---" * (len(names) + 7) + "|")
+    rows = []
+    for shape_key in shapes:
+        for dtype in dtypes:
+            dtype_name = str(dtype).removeprefix("torch.")
+            variants = _variants(SHAPES[shape_key], dtype, device, seed=0)
+            blocks = {}
+            for name in names:
+                variant, path = name.split(":")
+                experts = copy.copy(variants[variant].experts)
+                experts.path = path
+                blocks[name] = _with_experts(variants[variant], experts)
+            for count in tokens:
+                x = torch.randn(1, count, variants["full"].experts.hidden_dim, dtype=dtype, device=device)
+                for mode in modes:
+                    runs = {
+                        name: _runner(block, x, mode)
+                        for name, block in blocks.items()
+                        if count <= DECODE_TOKENS or not name.endswith(":decode")
+                    }
+                    runs = {name: run for name, run in runs.items() if _runs_here(run)}
+                    medians = interleaved_medians(runs, device, repeats)
+                    with torch.no_grad():
+                        out = {name: blocks[name](x).float() for name in runs}
+                    diffs = []
+                    for name, value in out.items():
+                        grouped = out.get(name.split(":")[0] + ":grouped")
+                        if grouped is not None and value is not grouped:
+                            diffs.append(((value - grouped).norm() / grouped.norm()).item())
+                    rows += [
+                        {
+                            "shape": shape_key,
+                            "dtype": dtype_name,
+                            "tokens": count,
+                            "mode": mode,
+                            "variant": n,
+                            "ms": t * 1e3,
+                        }
+                        for n, t in medians.items()
+                    ]
+                    fastest = {
+                        v: min((n for n in medians if n.startswith(v + ":")), key=medians.get, default="-:-")
+                        for v in ("full", "ce")
+                    }
+                    line(
+                        f"| {shape_key} | {dtype_name} | {count} | {mode} | "
+                        + " | ".join(f"{medians[n] * 1e3:.3f}" if n in medians else "-" for n in names)
+                        + f" | {fastest['full'].split(':')[1]} | {fastest['ce'].split(':')[1]} | "
+                        + (f"{max(diffs):.1e} |" if diffs else "- |")
+                    )
+            del variants, blocks
+    return rows
+
+
+def _runs_here(run: Callable[[], None]) -> bool:
+    """Run once; False where the forced path refuses the call (a first run, before the timed ones)."""
+    try:
+        run()
+    except CompressedExpertsError:
+        return False
+    return True
+
+
 def end_to_end_config() -> OlmoeConfig:
     """A 4-layer model of OLMoE-1B-7B's shape (its real vocabulary and layer sizes)."""
     return OlmoeConfig(
@@ -305,6 +424,26 @@ def end_to_end_config() -> OlmoeConfig:
 
 #: The end-to-end run's settings, in one place for the measurement and its report.
 E2E_DTYPE, E2E_PROMPT, E2E_NEW_TOKENS = "bfloat16", 512, 32
+#: torch.compile's mode for the compiled decode: CUDA graphs, so that a decode step is one graph
+#: replay instead of hundreds of kernel launches (on the CPU it compiles without graphs).
+COMPILE_MODE = "reduce-overhead"
+
+
+def compiled_generate(model: nn.Module, max_cache_len: int, mode: str = COMPILE_MODE) -> Callable[..., torch.Tensor]:
+    """``model.generate`` in its fastest decode mode, transformers' own route to it: a static cache and
+    the decode step compiled by ``torch.compile(mode=mode)`` (its ``CompileConfig``; prefill stays
+    eager). One cache of ``max_cache_len`` tokens is kept and reset before each call, so that every
+    call runs the same compiled step (with CUDA graphs: replays it) instead of recording it again for a
+    fresh cache. This library's blocks compile whole through their custom operator (traceable.py)."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    compile_config = CompileConfig(mode=mode)
+    compile_config._compile_all_devices = True  # transformers' switch to compile off CUDA too (the CPU: tests)
+
+    def generate(input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        cache.reset()
+        return model.generate(input_ids, cache=cache, compile_config=compile_config, **kwargs)
+
+    return generate
 
 
 def bench_end_to_end(
@@ -316,10 +455,16 @@ def bench_end_to_end(
     n_ce: int = 4,
     progress: Callable[[str], None] = lambda _: None,
     config: OlmoeConfig | None = None,
+    compiled: bool = False,
 ) -> dict:
     """Prefill and greedy-decode tokens/s of ``config`` (default :func:`end_to_end_config`), timed in
     turns: transformers' own model, this library's full top-k (n_ce 0) and compressed experts
-    (random vectors), all on the same weights."""
+    (random vectors), all on the same weights.
+
+    With ``compiled``, each model's decode is also timed in its fastest mode (:func:`compiled_generate`),
+    as ``decode_tokens_per_s_compiled``, with ``compiled_same_tokens``: whether its greedy tokens are
+    the eager ones. ``compiled_decode`` then holds the mode, or the compiler's error: a failure to
+    compile is a finding of the run, and the eager figures are kept."""
     torch.manual_seed(0)
     config = config or end_to_end_config()
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
@@ -336,25 +481,44 @@ def bench_end_to_end(
     ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
     short = ids[:, :16]
 
-    def generate(model, count):
-        return lambda: model.generate(
-            short, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=config.pad_token_id
-        )
+    def timed(generate: dict[str, Callable], count: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """Each model's greedy generate of ``count`` tokens after the short prompt, ready to time."""
+        greedy = dict(max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=config.pad_token_id)
+        return {k: (lambda g=g: g(short, **greedy)) for k, g in generate.items()}
 
+    def rate(decode: float, first: float) -> float:
+        """Decode tokens/s: the short prompt's prefill (timed as a one-token generate) left out."""
+        return (new_tokens - 1) / max(decode - first, 1e-9)
+
+    eager = {k: m.generate for k, m in models.items()}
     with torch.no_grad():
         progress("end to end: prefill")
         prefill = interleaved_medians({k: (lambda m=m: m(ids)) for k, m in models.items()}, device, repeats)
         progress("end to end: decode")
-        first = interleaved_medians({k: generate(m, 1) for k, m in models.items()}, device, repeats)
-        decode = interleaved_medians({k: generate(m, new_tokens) for k, m in models.items()}, device, repeats)
-    # The decode rate leaves out the short prompt's prefill (timed as a one-token generate).
-    return {
-        k: {
-            "prefill_tokens_per_s": prompt / prefill[k],
-            "decode_tokens_per_s": (new_tokens - 1) / max(decode[k] - first[k], 1e-9),
-        }
+        first = interleaved_medians(timed(eager, 1), device, repeats)
+        decode = interleaved_medians(timed(eager, new_tokens), device, repeats)
+        tokens = {k: g() for k, g in timed(eager, new_tokens).items()}
+    result = {
+        k: {"prefill_tokens_per_s": prompt / prefill[k], "decode_tokens_per_s": rate(decode[k], first[k])}
         for k in models
     }
+    if not compiled:
+        return result
+    progress(f"end to end: decode compiled ({COMPILE_MODE}, static cache; compiling first)")
+    fast = {k: compiled_generate(m, short.shape[1] + new_tokens) for k, m in models.items()}
+    try:
+        with torch.no_grad():
+            first = interleaved_medians(timed(fast, 1), device, repeats)
+            decode = interleaved_medians(timed(fast, new_tokens), device, repeats)
+            same = {k: torch.equal(g(), tokens[k]) for k, g in timed(fast, new_tokens).items()}
+    except Exception as err:  # whatever the compiler raises: reported with the eager figures, not instead of them
+        result["compiled_decode"] = {"mode": COMPILE_MODE, "error": f"{type(err).__name__}: {first_line(err)}"}
+        warnings.warn(f"compiled decode failed: {result['compiled_decode']['error']}", stacklevel=2)
+        return result
+    result["compiled_decode"] = {"mode": COMPILE_MODE}
+    for k in models:
+        result[k] |= {"decode_tokens_per_s_compiled": rate(decode[k], first[k]), "compiled_same_tokens": same[k]}
+    return result
 
 
 # ---------------------------------------------------------------- reporting
@@ -377,6 +541,21 @@ TARGETS = (
 )
 #: End to end: greedy decode tokens/s of compressed experts over the fastest full top-k model, at least this.
 DECODE_SPEEDUP = 1.25
+#: The GPU targets (issue 17), in each (shape, dtype) of these shapes that a CUDA result holds:
+#: compressed experts at their best (the auto or the fused path) against the fastest full top-k of the
+#: row (fused included), at most the bound: (tokens, mode, bound).
+GPU_TARGETS = (
+    (1, "forward", 0.60),
+    (16, "forward", 0.65),
+    (512, "forward", 0.65),
+    (4096, "forward", 0.65),
+    (512, "forward+backward", 0.80),
+    (4096, "forward+backward", 0.80),
+)
+GPU_TARGET_SHAPES = ("olmoe", "phimoe")
+#: End to end on a GPU: decode tokens/s of compressed experts over the fastest full top-k model, each
+#: in its fastest mode (eager, or compiled with a static cache), at least this.
+COMPILED_DECODE_SPEEDUP = 1.3
 
 
 def _grouped_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -387,16 +566,26 @@ def _grouped_rows(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     return groups
 
 
+def _ordered(groups: dict[tuple, dict[str, dict]]) -> list[tuple]:
+    """The report's row order: shape, dtype, pass, then tokens."""
+    return sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2]))
+
+
 def _fastest_transformers(variants: dict[str, dict]) -> dict:
     return min((r for name, r in variants.items() if name.startswith("transformers:")), key=lambda r: r["ms"])
 
 
+def _best(variants: dict[str, dict], name: str) -> dict:
+    """A variant of this library at its fastest: on the auto path, or through the fused kernels where timed."""
+    return min((variants[n] for n in (name, f"{name}:fused") if n in variants), key=lambda r: r["ms"])
+
+
 def _fastest_full(variants: dict[str, dict]) -> tuple[str, float]:
-    """The fastest full top-k of a row: this library's or transformers' fastest experts implementation
-    (what a user would otherwise run), as (label, ms)."""
-    theirs = _fastest_transformers(variants)
-    if variants["full"]["ms"] <= theirs["ms"]:
-        return "full", variants["full"]["ms"]
+    """The fastest full top-k of a row: this library's (``full``, or ``full:fused`` where timed) or
+    transformers' fastest experts implementation (what a user would otherwise run), as (label, ms)."""
+    theirs, ours = _fastest_transformers(variants), _best(variants, "full")
+    if ours["ms"] <= theirs["ms"]:
+        return ours["variant"], ours["ms"]
     return f"transformers ({theirs['variant'].split(':')[1]})", theirs["ms"]
 
 
@@ -416,6 +605,11 @@ def _costs(variants: dict[str, dict], field: str) -> str:
     )
 
 
+def _fastest_decode(figures: dict) -> float:
+    """A model's decode tokens/s in its fastest mode measured: eager, or compiled where timed."""
+    return max(figures["decode_tokens_per_s"], figures.get("decode_tokens_per_s_compiled", 0.0))
+
+
 def markdown(result: dict) -> str:
     """One device's results as Markdown: the layer table with ratios, end to end, and the targets."""
     groups = _grouped_rows(result["rows"])
@@ -423,8 +617,10 @@ def markdown(result: dict) -> str:
     lines += [f"- `{key}`: {SHAPES[key].name}" for key in sorted({k[0] for k in groups}) if key in SHAPES]
     lines += [
         "",
-        "Ratios are against the fastest full top-k of the row (`fastest`: this library's full top-k or "
-        "transformers' fastest experts implementation), what a user would otherwise run.",
+        "Ratios are against the fastest full top-k of the row (`fastest`: this library's full top-k, on the "
+        "`auto` path or through the fused kernels where they were timed, or transformers' fastest experts "
+        "implementation), what a user would otherwise run. `full/transformers`: this library's fastest full "
+        "top-k over transformers' fastest.",
         "",
         "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | fastest | "
         "ce/fastest | top-m/fastest | full/transformers | subset/fastest | slim/fastest | "
@@ -432,7 +628,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratio = lambda a, b: "-" if a is None else f"{a / b:.2f}"  # noqa: E731  (results from before the forms lack them)
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])):
+    for key in _ordered(groups):
         v = groups[key]
         t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce", "subset", "slim")}
         best = _fastest_transformers(v)["variant"].split(":")[1]
@@ -440,32 +636,13 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best}) | "
             f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {fastest} | {t['ce'] / base:.2f} | "
-            f"{t['top-m'] / base:.2f} | {t['full'] / t['transformers']:.2f} | "
+            f"{t['top-m'] / base:.2f} | {_best(v, 'full')['ms'] / t['transformers']:.2f} | "
             f"{ratio(t['subset'], base)} | {ratio(t['slim'], base)} | "
             f"{_costs(v, 'gflop_per_token')} | {_costs(v, 'expert_mb_per_token')} |"
         )
+    lines += _fused_table(groups)
     lines += _where_the_time_goes(groups)
-    e2e = result.get("end_to_end")
-    if e2e:
-        names = {
-            "transformers": "transformers' model",
-            "full": "full top-8 (this library)",
-            "ce": "compressed experts (n_ce 4)",
-        }
-        present = [k for k in names if k in e2e]
-        baseline = max((k for k in ("transformers", "full") if k in e2e), key=lambda k: e2e[k]["decode_tokens_per_s"])
-        lines += [
-            "",
-            f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
-            f"{e2e['new_tokens']} greedy tokens); ce / fastest is against the faster full top-k model at "
-            f"decoding, here {names[baseline]}:",
-            "",
-            "| | " + " | ".join(names[k] for k in present) + " | ce / fastest |",
-            "|---" * (len(present) + 2) + "|",
-        ]
-        for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            values = " | ".join(f"{e2e[k][metric]:.1f}" for k in present)
-            lines.append(f"| {metric.replace('_', ' ')} | {values} | {e2e['ce'][metric] / e2e[baseline][metric]:.2f} |")
+    lines += _end_to_end_table(result.get("end_to_end"))
     checks = targets(result)
     if checks:
         lines += [
@@ -475,66 +652,173 @@ def markdown(result: dict) -> str:
             "| target | measured | bound | met | off by |",
             "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {name} | {value:.3f} | {kind} {bound} | {'yes' if ok else 'no'} | {'' if ok else f'{value / bound - 1:+.1%}'} |"
-            for name, value, bound, kind, ok in checks
-        ]
+        for name, value, bound, kind, ok in checks:
+            measured = "not measured" if value is None else f"{value:.3f}"
+            off = "" if ok or value is None else f"{value / bound - 1:+.1%}"
+            lines.append(f"| {name} | {measured} | {kind} {bound} | {'yes' if ok else 'no'} | {off} |")
     return "\n".join(lines) + "\n"
+
+
+def _fused_table(groups: dict[tuple, dict[str, dict]]) -> list[str]:
+    """The rows where the fused kernels were timed: each variant through them against itself on the
+    ``auto`` path, and compressed experts at their best against the fastest full top-k."""
+    keys = [k for k in _ordered(groups) if any(name.endswith(":fused") for name in groups[k])]
+    if not keys:
+        return []
+    lines = [
+        "",
+        "The fused Triton kernels (path `fused`, same runs): `fused/auto` is a variant through them over the "
+        "same variant on the `auto` path (below 1: fused is faster); `best ce/fastest` is compressed experts on "
+        "the faster of the two paths over the fastest full top-k of the row.",
+        "",
+        "| shape | dtype | tokens | pass | full:fused ms | top-m:fused ms | ce:fused ms | fused/auto full | "
+        "fused/auto top-m | fused/auto ce | best ce/fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        v = groups[key]
+        ms = [f"{v[n + ':fused']['ms']:.2f}" if n + ":fused" in v else "-" for n in FUSED]
+        over = [f"{v[n + ':fused']['ms'] / v[n]['ms']:.2f}" if n + ":fused" in v else "-" for n in FUSED]
+        best = _best(v, "ce")["ms"] / _fastest_full(v)[1]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {' | '.join(ms + over)} | {best:.2f} |")
+    return lines
 
 
 def _where_the_time_goes(groups: dict[tuple, dict[str, dict]]) -> list[str]:
     """The second table: what compressed experts add over their main experts, and how far this
-    library's full top-k is from the machine's dense matmul rate at the same FLOPs."""
-    keys = [k for k in sorted(groups, key=lambda k: (k[0], k[1], k[3], k[2])) if "dense" in groups[k]]
+    library's full top-k is from the machine's dense matmul rate at the same FLOPs (the same for the
+    fused kernels, where they were timed)."""
+    keys = [k for k in _ordered(groups) if "dense" in groups[k]]
     if not keys:
         return []
+    fused = any("ce:fused" in groups[k] for k in keys)
     lines = [
         "",
         "Where the time goes (same runs). `ce extra`: (ce - top-m) / ce, the share of a compressed-experts call "
         "spent on what it adds to running the same main experts (averaging the vectors, scaling the inputs, the "
         "gate and up products apart). `GFLOP/s`: expert-matmul FLOPs per second of this library's full top-k, and "
         "of the same products through one expert's weights (`dense`: no grouping, the machine's matmul rate at "
-        "these shapes; at a few tokens both are bound by reading weights, not by FLOPs).",
+        "these shapes; at a few tokens both are bound by reading weights, not by FLOPs)."
+        + (" The `fused` columns: the same through the fused kernels." if fused else ""),
         "",
-        "| shape | dtype | tokens | pass | ce extra | full GFLOP/s | dense GFLOP/s | full / dense time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | dtype | tokens | pass | ce extra | full GFLOP/s | dense GFLOP/s | full / dense time |"
+        + (" ce:fused extra | full:fused GFLOP/s |" if fused else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if fused else ""),
     ]
+
+    def extra(v: dict[str, dict], suffix: str = "") -> str:
+        ce, top_m = v.get("ce" + suffix), v.get("top-m" + suffix)
+        return "-" if ce is None or top_m is None else f"{(ce['ms'] - top_m['ms']) / ce['ms']:.0%}"
+
+    def rate(v: dict[str, dict], name: str, tokens: int) -> str:
+        return "-" if name not in v else f"{v[name]['gflop_per_token'] * tokens / (v[name]['ms'] / 1e3):.0f}"
+
     for key in keys:
         v = groups[key]
-        rate = {n: v[n]["gflop_per_token"] * key[2] / (v[n]["ms"] / 1e3) for n in ("full", "dense")}
-        extra = (v["ce"]["ms"] - v["top-m"]["ms"]) / v["ce"]["ms"]
-        lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {extra:.0%} | {rate['full']:.0f} | {rate['dense']:.0f} | "
-            f"{v['full']['ms'] / v['dense']['ms']:.2f} |"
+        line = (
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {extra(v)} | {rate(v, 'full', key[2])} | "
+            f"{rate(v, 'dense', key[2])} | {v['full']['ms'] / v['dense']['ms']:.2f} |"
         )
+        lines.append(line + (f" {extra(v, ':fused')} | {rate(v, 'full:fused', key[2])} |" if fused else ""))
     return lines
 
 
-def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
-    """The CPU targets that this result can speak to, with the measured ratios: compressed experts
-    against the fastest full top-k (:data:`TARGETS`), this library's full top-k against transformers'
-    fastest in every row, and end-to-end decode against the faster full top-k model."""
-    if result["device"] != "cpu":  # the targets are for this project's 2-core CPU
+def _end_to_end_table(e2e: dict | None) -> list[str]:
+    """Prefill and decode tokens/s of the three models (and compiled decode, where timed)."""
+    if not e2e:
         return []
-    out = []
+    names = {
+        "transformers": "transformers' model",
+        "full": "full top-8 (this library)",
+        "ce": "compressed experts (n_ce 4)",
+    }
+    present = [k for k in names if k in e2e]
+    fulls = [k for k in ("transformers", "full") if k in e2e]
+    baseline = max(fulls, key=lambda k: e2e[k]["decode_tokens_per_s"])
+    lines = [
+        "",
+        f"End to end, 4-layer model of OLMoE-1B-7B's shape ({e2e['dtype']}, prompt {e2e['prompt']}, "
+        f"{e2e['new_tokens']} greedy tokens); ce / fastest is against the faster full top-k model at "
+        f"decoding, here {names[baseline]} (in the compiled and fastest-mode rows: the faster of that row):",
+        "",
+        "| | " + " | ".join(names[k] for k in present) + " | ce / fastest |",
+        "|---" * (len(present) + 2) + "|",
+    ]
+    for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        values = " | ".join(f"{e2e[k][metric]:.1f}" for k in present)
+        lines.append(f"| {metric.replace('_', ' ')} | {values} | {e2e['ce'][metric] / e2e[baseline][metric]:.2f} |")
+    compiled = e2e.get("compiled_decode")
+    if compiled and "error" in compiled:
+        lines += [
+            "",
+            f"Compiled decode (torch.compile mode {compiled['mode']}, static cache) failed: {compiled['error']}",
+        ]
+    elif compiled:
+        for label, speed in (
+            (
+                f"decode tokens per s, compiled ({compiled['mode']}, static cache)",
+                lambda f: f["decode_tokens_per_s_compiled"],
+            ),
+            ("decode tokens per s, fastest mode", _fastest_decode),
+        ):
+            values = " | ".join(f"{speed(e2e[k]):.1f}" for k in present)
+            lines.append(f"| {label} | {values} | {speed(e2e['ce']) / max(speed(e2e[k]) for k in fulls):.2f} |")
+        same = " | ".join("yes" if e2e[k]["compiled_same_tokens"] else "no" for k in present)
+        lines.append(f"| compiled greedy tokens = eager ones | {same} | |")
+    return lines
+
+
+def targets(result: dict) -> list[tuple[str, float | None, float, str, bool]]:
+    """The targets this result can speak to, with the measured ratios (None: a target of this device
+    whose row or run was not measured; never met).
+
+    On the CPU: compressed experts against the fastest full top-k (:data:`TARGETS`, rows not measured
+    left out) and end-to-end eager decode against the faster full top-k model (:data:`DECODE_SPEEDUP`).
+    On a CUDA device: compressed experts at their best against the fastest full top-k
+    (:data:`GPU_TARGETS`, in every shape and dtype the result holds) and end-to-end decode, each model
+    in its fastest mode (:data:`COMPILED_DECODE_SPEEDUP`). On both, this library's fastest full top-k
+    against transformers' fastest in every row."""
+    cpu, cuda = result["device"] == "cpu", result["device"].startswith("cuda")
     groups = _grouped_rows(result["rows"])
-    for what, shape, dtype, tokens, mode, variant, bound in TARGETS:
-        variants = groups.get((shape, dtype, tokens, mode))
-        if variants:
-            value = variants[variant]["ms"] / _fastest_full(variants)[1]
-            out.append((f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})", value, bound, "max", value <= bound))
-    for (shape, dtype, tokens, mode), variants in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])
-    ):
-        value = variants["full"]["ms"] / _fastest_transformers(variants)["ms"]
-        what = f"full top-k / transformers' fastest ({shape}, {dtype}, {tokens} tokens, {mode})"
-        out.append((what, value, 1.0, "max", value <= 1.0))
+    out: list[tuple[str, float | None, float, str, bool]] = []
+
+    def check(what: str, value: float | None, bound: float, kind: str = "max") -> None:
+        ok = value is not None and (value <= bound if kind == "max" else value >= bound)
+        out.append((what, value, bound, kind, ok))
+
+    if cpu:
+        for what, shape, dtype, tokens, mode, variant, bound in TARGETS:
+            variants = groups.get((shape, dtype, tokens, mode))
+            if variants:
+                check(
+                    f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})",
+                    variants[variant]["ms"] / _fastest_full(variants)[1],
+                    bound,
+                )
+    if cuda:
+        for shape, dtype in sorted({k[:2] for k in groups if k[0] in GPU_TARGET_SHAPES}):
+            for tokens, mode, bound in GPU_TARGETS:
+                variants = groups.get((shape, dtype, tokens, mode))
+                value = _best(variants, "ce")["ms"] / _fastest_full(variants)[1] if variants else None
+                what = "compressed experts at their best (auto or fused path) / fastest full top-k"
+                check(f"{what} ({shape}, {dtype}, {tokens} tokens, {mode})", value, bound)
+    if cpu or cuda:
+        for shape, dtype, tokens, mode in _ordered(groups):
+            variants = groups[(shape, dtype, tokens, mode)]
+            value = _best(variants, "full")["ms"] / _fastest_transformers(variants)["ms"]
+            check(f"full top-k / transformers' fastest ({shape}, {dtype}, {tokens} tokens, {mode})", value, 1.0)
     e2e = result.get("end_to_end")
-    if e2e:
-        fastest = max(e2e[k]["decode_tokens_per_s"] for k in ("transformers", "full") if k in e2e)
-        value = e2e["ce"]["decode_tokens_per_s"] / fastest
-        what = "decode tokens/s, compressed experts / fastest full top-k model (end to end)"
-        out.append((what, value, DECODE_SPEEDUP, "min", value >= DECODE_SPEEDUP))
+    fulls = [k for k in ("transformers", "full") if e2e and k in e2e]
+    if cpu and e2e:
+        value = e2e["ce"]["decode_tokens_per_s"] / max(e2e[k]["decode_tokens_per_s"] for k in fulls)
+        check(
+            "decode tokens/s, compressed experts / fastest full top-k model (end to end)", value, DECODE_SPEEDUP, "min"
+        )
+    if cuda and e2e:
+        timed = all("decode_tokens_per_s_compiled" in e2e[k] for k in ["ce", *fulls])
+        value = _fastest_decode(e2e["ce"]) / max(_fastest_decode(e2e[k]) for k in fulls) if timed else None
+        what = "decode tokens/s, compressed experts / fastest full top-k model, each in its fastest mode (end to end)"
+        check(what, value, COMPILED_DECODE_SPEEDUP, "min")
     return out
 
 
@@ -692,8 +976,12 @@ def run(
     progress: Callable[[str], None] = lambda _: None,
     partial: Path | None = None,
     resume: bool = False,
+    compiled_decode: bool | None = None,
 ) -> dict:
     """Run the layer benchmark (and the end-to-end one) and return the result as a JSON-ready dict.
+
+    ``compiled_decode`` (None: on CUDA only) also times end-to-end decode compiled, with a static cache
+    (:func:`bench_end_to_end`): CUDA graphs, what that mode is for, exist on CUDA only.
 
     With ``partial``, the result so far is written there (atomically) after every row and after the
     end-to-end part, so an interrupted run loses at most the row it was timing; ``resume`` takes the
@@ -729,7 +1017,13 @@ def run(
             "dtype": E2E_DTYPE,
             "prompt": E2E_PROMPT,
             "new_tokens": E2E_NEW_TOKENS,
-            **bench_end_to_end(dev, getattr(torch, E2E_DTYPE), repeats=repeats, progress=progress),
+            **bench_end_to_end(
+                dev,
+                getattr(torch, E2E_DTYPE),
+                repeats=repeats,
+                progress=progress,
+                compiled=dev.type == "cuda" if compiled_decode is None else compiled_decode,
+            ),
         }
         save()
     return result

@@ -49,6 +49,15 @@ def bench(
     end_to_end: Annotated[
         bool, typer.Option(help="Also time prefill and decode of a 4-layer OLMoE-shape model.")
     ] = True,
+    compiled_decode: Annotated[
+        bool | None,
+        typer.Option(
+            "--compiled-decode/--no-compiled-decode",
+            help="End to end: also time decode in its fastest mode, a static cache and torch.compile "
+            "(mode reduce-overhead: CUDA graphs), for every model. Default: on for CUDA, off for the CPU.",
+            show_default=False,
+        ),
+    ] = None,
     out_dir: Annotated[Path, typer.Option(help="Where <device>.json goes.")] = Path("benchmarks"),
     doc: Annotated[Path, typer.Option(help="Markdown report regenerated from every JSON in --out-dir.")] = Path(
         "BENCHMARKS.md"
@@ -119,6 +128,8 @@ def bench(
         )
         if not layer_shapes and not end_to_end:
             raise CompressedExpertsError("--shapes none with --no-end-to-end measures nothing")
+        if compiled_decode and not end_to_end:
+            raise CompressedExpertsError("--compiled-decode times the end-to-end run: leave out --no-end-to-end")
         if not doc.parent.is_dir():
             raise CompressedExpertsError(f"{doc.parent} does not exist: create it or choose another --doc")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +143,12 @@ def bench(
         partial = benchmark.partial_path(out_dir, benchmark.resolve_device(device))
         if partial.exists() and not resume:
             console.print(f"{partial} holds an interrupted run's rows: starting afresh (--resume continues it)")
+
+        def progress(text: str) -> None:
+            status.update(f"benchmarking: {text}")
+            if not console.is_terminal:  # a log: a line per step, so a run cut short shows where it was
+                console.print(f"benchmarking: {text}")
+
         with console.status("benchmarking") as status:
             result = benchmark.run(
                 device,
@@ -140,9 +157,10 @@ def bench(
                 repeats,
                 end_to_end,
                 command,
-                progress=lambda text: status.update(f"benchmarking: {text}"),
+                progress=progress,
                 partial=partial,
                 resume=resume,
+                compiled_decode=compiled_decode,
             )
         benchmark.write_report(result, out_dir, doc)
         partial.unlink(missing_ok=True)
