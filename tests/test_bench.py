@@ -26,6 +26,8 @@ FAKE_SECONDS = {
     "full:fused": 2.5e-3,
     "top-m:fused": 1.2e-3,
     "ce:fused": 0.8e-3,
+    "ce:top-p": 1.1e-3,
+    "ce:top-p:fused": 0.9e-3,
 }
 #: Where the fused kernels run on this CPU: under Triton's interpreter (conftest sets it without a GPU).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and fused.available()
@@ -47,13 +49,14 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     )
     rows = result["rows"]
     variants = {r["variant"] for r in rows}
-    fused_variants = {"full:fused", "top-m:fused", "ce:fused"} if INTERPRETED else set()
+    fused_variants = {"full:fused", "top-m:fused", "ce:fused", "ce:top-p:fused"} if INTERPRETED else set()
     assert variants == {
         "transformers:eager",
         "transformers:grouped_mm",
         "full",
         "top-m",
         "ce",
+        "ce:top-p",
         "subset",
         "slim",
         "dense",
@@ -71,7 +74,7 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     assert [r["ms"] for r in rows] == [calls[i // n][r["variant"]] * 1e3 for i, r in enumerate(rows)]
     if INTERPRETED:  # the same products on another path: the same analytic costs
         by_variant = {r["variant"]: r for r in rows[:n]}
-        for name in ("full", "top-m", "ce"):
+        for name in ("full", "top-m", "ce", "ce:top-p"):
             fields = ("gflop_per_token", "expert_mb_per_token")
             assert [by_variant[f"{name}:fused"][f] for f in fields] == [by_variant[name][f] for f in fields]
     full = next(r for r in rows if r["variant"] == "full" and r["tokens"] == 1 and r["mode"] == "forward")
@@ -79,6 +82,12 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     assert full["gflop_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e9  # k = 4 experts of 3 H x I matrices
     assert ce["gflop_per_token"] == full["gflop_per_token"] / 2  # n_ce = 2 of 4
     assert ce["expert_mb_per_token"] == 2 * 3 * 64 * 32 * 4 / 1e6  # one token: 2 experts' float32 weights
+    # Under the per-token rule: the main experts top_p keeps on this routing (1 to 4 of them, a whole
+    # number at one token), each read once.
+    ruled = next(r for r in rows if r["variant"] == "ce:top-p" and r["tokens"] == 1 and r["mode"] == "forward")
+    kept = ruled["gflop_per_token"] / (2 * 3 * 64 * 32 / 1e9)
+    assert kept == pytest.approx(round(kept)) and 1 <= round(kept) <= 4
+    assert ruled["expert_mb_per_token"] == pytest.approx(round(kept) * 3 * 64 * 32 * 4 / 1e6)
     subset = next(r for r in rows if r["variant"] == "subset" and r["tokens"] == 1 and r["mode"] == "forward")
     # 2 full experts and 2 auxiliary ones at r = I / 8 = 4 of their 32 neurons
     assert subset["gflop_per_token"] == pytest.approx(2 * 3 * 64 * 32 * (2 + 2 * 4 / 32) / 1e9)
@@ -92,19 +101,23 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     # ratios to it of ce and top-m, full/transformers, ratios to it of subset and slim;
     # GFLOP per token (toy: below 0.0005) and MB read per token of full, ce and subset (one token: the
     # float32 weights of 4, 2 and 2 + 2 x 4/32 experts: 0.098, 0.049 and 0.055 MB).
+    # ce under the rule: 1.1 / 2.0 of the fastest, its MB as measured above.
+    mb = f"{ruled['expert_mb_per_token']:.1f}"
     assert (
         "| tiny | float32 | 1 | forward | 3.00 (grouped_mm) | 2.00 | 1.50 | 1.00 | full | 0.50 | 0.75 | 0.67 | "
-        "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
+        f"0.62 | 0.38 | 0.55 | 0.000, 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1, {mb} |"
     ) in lines
     # The second call's times are twice the first's, so the same ratios.
     assert (
         "| tiny | float32 | 1 | forward+backward | 6.00 (grouped_mm) | 4.00 | 3.00 | 2.00 | full | 0.50 | 0.75 | 0.67 | "
-        "0.62 | 0.38 | 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1 |"
+        f"0.62 | 0.38 | 0.55 | 0.000, 0.000, 0.000, 0.000 | 0.1, 0.0, 0.1, {mb} |"
     ) in lines
     if INTERPRETED:
-        # ms of full, top-m and ce through the fused kernels; each over itself on the auto path; the best ce
-        # (ce:fused, 0.8) over the fastest full top-k (full on the auto path, 2.0: full:fused is 2.5).
-        assert "| tiny | float32 | 1 | forward | 2.50 | 1.20 | 0.80 | 1.25 | 0.80 | 0.80 | 0.40 |" in lines
+        # ms of full, top-m, ce and ce under the rule through the fused kernels; each over itself on the auto
+        # path; the best ce (ce:fused, 0.8) over the fastest full top-k (full on the auto path, 2.0: full:fused is 2.5).
+        assert (
+            "| tiny | float32 | 1 | forward | 2.50 | 1.20 | 0.80 | 0.90 | 1.25 | 0.80 | 0.80 | 0.82 | 0.40 |" in lines
+        )
 
 
 class FakeClock:
@@ -299,7 +312,7 @@ def test_ratios_and_targets_are_against_the_fastest_full_top_k():
     # ce 1.4 / 2.0 (transformers' grouped_mm, the fastest) = 0.70, not 1.4 / 2.5 = 0.56.
     assert (
         "| olmoe | bfloat16 | 512 | forward | 2.00 (grouped_mm) | 2.50 | 1.50 | 1.40 | transformers (grouped_mm) | "
-        "0.70 | 0.75 | 1.25 | - | - | 0.100, 0.100 | 1.0, 1.0 |" in lines
+        "0.70 | 0.75 | 1.25 | - | - | - | 0.100, 0.100 | 1.0, 1.0 |" in lines
     )
     assert "| decode tokens per s | 20.0 | 16.0 | 24.0 | 1.20 |" in lines  # 24 / 20 (transformers' model), not 24 / 16
     checks = {name: (round(value, 2), ok) for name, value, _, _, ok in bench.targets(result)}
@@ -343,7 +356,7 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     args = ["bench", "--device", "cpu", "--shapes", "tiny", "--dtypes", "float32", "--tokens", "1,8"]
     args += ["--no-end-to-end", "--out-dir", str(out), "--doc", str(doc)]
     resumed = False
-    n = 11 if INTERPRETED else 8  # variants a group times (the fused ones where the kernels run)
+    n = 13 if INTERPRETED else 9  # variants a group times (the fused ones where the kernels run)
     CliRunner().invoke(app, args)
     partial = out / "cpu.json.partial"
     saved = json.loads(partial.read_text())
@@ -497,10 +510,11 @@ def test_gpu_targets_take_each_variant_at_its_best_and_list_what_was_not_measure
     # The main table: the fastest full top-k is full:fused; ce there is the auto path's (2.5 / 2.0).
     assert (
         "| olmoe | bfloat16 | 1 | forward | 4.00 (grouped_mm) | 3.00 | 2.00 | 2.50 | full:fused | 1.25 | 1.00 | "
-        "0.50 | - | - | 0.100, 0.100 | 1.0, 1.0 |"
+        "0.50 | - | - | - | 0.100, 0.100 | 1.0, 1.0 |"
     ) in lines
-    # The fused table: rows with fused variants only; fused/auto of full, top-m (not timed) and ce; best ce.
-    assert "| olmoe | bfloat16 | 1 | forward | 2.00 | - | 1.10 | 0.67 | - | 0.44 | 0.55 |" in lines
+    # The fused table: rows with fused variants only; fused/auto of full, top-m and ce under the rule (not
+    # timed) and ce; best ce.
+    assert "| olmoe | bfloat16 | 1 | forward | 2.00 | - | 1.10 | - | 0.67 | - | 0.44 | - | 0.55 |" in lines
     assert not any(line.startswith("| olmoe | bfloat16 | 16 | forward | 2.00 | - |") for line in lines)
     # Where the time goes, with the fused columns: ce:fused has no top-m:fused to compare with.
     # (2.4 - 2.0) / 2.4 = 17%; 0.1 GFLOP x 512 tokens in 3.5, 1.0 and 3.2 ms: 14629, 51200 and 16000 GFLOP/s

@@ -34,7 +34,7 @@ from .convert import convert
 from .errors import CompressedExpertsError, first_line
 from .forms import NEURON_FORMS, TOP_M
 from .layer import CompressedExperts
-from .routing import Call
+from .routing import Call, main_slots
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ SHAPES["tiny"] = Shape(
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm")
 #: This library's variants that are also timed through the fused Triton kernels, as ``<name>:fused``,
 #: where that backend can run (a CUDA device; the CPU only under TRITON_INTERPRET=1, for the tests).
-FUSED = ("full", "top-m", "ce")
+FUSED = ("full", "top-m", "ce", "ce:top-p")
+#: The per-token rule of the ``ce:top-p`` variant (the paper's vectors, main experts by ``top_p`` instead of a
+#: fixed ``n_ce``). On these random weights routing is nearly uniform, so 0.5 keeps about half of a
+#: token's k experts, as the fixed variant does; its costs count the main experts it keeps on each call.
+RULE_TOP_P = 0.5
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -164,6 +168,9 @@ def _variants(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int)
     variants["full"] = _with_experts(block, CompressedExperts(block.experts, 0))
     variants["top-m"] = _with_experts(block, CompressedExperts(block.experts, shape.n_ce, TOP_M))
     variants["ce"] = _with_experts(block, compressed)
+    ruled = copy.copy(compressed)  # the same vectors; a per-token rule instead of n_ce
+    ruled.n_ce, ruled.top_p = None, RULE_TOP_P
+    variants["ce:top-p"] = _with_experts(block, ruled)
     for form in NEURON_FORMS:  # weight-chosen neurons: the choice changes nothing about the time
         variants[form] = _with_experts(
             block, CompressedExperts(block.experts, shape.n_ce, form, neurons(block.experts))
@@ -203,19 +210,31 @@ class Row:
 
 
 def _expert_cost(
-    block: nn.Module, router_attr: str, x: torch.Tensor, experts_per_token: int, dtype: torch.dtype
+    block: nn.Module,
+    router_attr: str,
+    x: torch.Tensor,
+    experts_per_token: int | None,
+    dtype: torch.dtype,
+    top_p: float | None = None,
 ) -> tuple[float, float]:
     """Analytic GFLOP per token of the expert matmuls, and MB of expert weights read per token
-    (the distinct experts this routing hits, shared by all tokens of the call)."""
+    (the distinct experts this routing hits, shared by all tokens of the call), for the heaviest
+    ``experts_per_token`` of each token or, with ``top_p``, the main experts that rule keeps."""
     _, two_i, hidden = block.experts.gate_up_proj.shape
     per_expert = 3 * hidden * (two_i // 2)
     router = getattr(block, router_attr)
     with torch.no_grad():
         _, weights, index = router(x)
-    top = index.gather(-1, weights.argsort(-1, descending=True))[:, :experts_per_token]
-    hit = top.unique().numel()
+    weights, order = weights.sort(dim=-1, descending=True, stable=True)
+    index = index.gather(-1, order)
+    if top_p is None:
+        main = torch.zeros_like(index, dtype=torch.bool)
+        main[:, :experts_per_token] = True
+    else:
+        main = main_slots(weights, top_p, None)
+    hit = index[main].unique().numel()
     size = torch.finfo(dtype).bits // 8
-    return 2 * per_expert * experts_per_token / 1e9, hit * per_expert * size / x.shape[0] / 1e6
+    return 2 * per_expert * main.sum(-1).float().mean().item() / 1e9, hit * per_expert * size / x.shape[0] / 1e6
 
 
 def _runner(block: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -275,6 +294,9 @@ def bench_layers(
                         n: _expert_cost(variants["full"], router_attr, x.view(-1, x.shape[-1]), n, dtype)
                         for n in (top_k, top_k - shape.n_ce)
                     }
+                    costs["top-p"] = _expert_cost(
+                        variants["full"], router_attr, x.view(-1, x.shape[-1]), None, dtype, RULE_TOP_P
+                    )
                     main, full_cost = costs[top_k - shape.n_ce], costs[top_k]
                     # Auxiliary experts at r/I of an expert (their weights read: those of the experts hit beyond the main ones).
                     share = neurons(variants["full"].experts) / variants["full"].experts.intermediate_dim
@@ -284,7 +306,9 @@ def bench_layers(
                     for name, seconds in medians.items():
                         base = name.removesuffix(":fused")  # the same products on another path
                         kind = (
-                            "neurons"
+                            "top-p"
+                            if base == "ce:top-p"
+                            else "neurons"
                             if base in NEURON_FORMS
                             else top_k - shape.n_ce
                             if base in ("top-m", "ce")
@@ -597,10 +621,11 @@ def _ms(variants: dict[str, dict], variant: str) -> float | None:
 
 
 def _costs(variants: dict[str, dict], field: str) -> str:
-    """One cost column (GFLOP or MB per token) of full top-k, compressed experts and subset."""
+    """One cost column (GFLOP or MB per token) of full top-k, compressed experts, subset and, where
+    timed, compressed experts under the per-token rule."""
     return ", ".join(
         f"{variants[n][field]:{'.3f' if 'gflop' in field else '.1f'}}"
-        for n in ("full", "ce", "subset")
+        for n in ("full", "ce", "subset", "ce:top-p")
         if n in variants
     )
 
@@ -623,21 +648,21 @@ def markdown(result: dict) -> str:
         "top-k over transformers' fastest.",
         "",
         "| shape | dtype | tokens | pass | transformers (fastest) ms | full ms | top-m ms | ce ms | fastest | "
-        "ce/fastest | top-m/fastest | full/transformers | subset/fastest | slim/fastest | "
-        "expert GFLOP/token full, ce, subset | expert MB read/token full, ce, subset |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"ce/fastest | top-m/fastest | full/transformers | subset/fastest | slim/fastest | ce top_p {RULE_TOP_P}/fastest | "
+        "expert GFLOP/token full, ce, subset, ce top_p | expert MB read/token full, ce, subset, ce top_p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratio = lambda a, b: "-" if a is None else f"{a / b:.2f}"  # noqa: E731  (results from before the forms lack them)
     for key in _ordered(groups):
         v = groups[key]
-        t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce", "subset", "slim")}
+        t = {name: _ms(v, name) for name in ("transformers", "full", "top-m", "ce", "subset", "slim", "ce:top-p")}
         best = _fastest_transformers(v)["variant"].split(":")[1]
         fastest, base = _fastest_full(v)
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {t['transformers']:.2f} ({best}) | "
             f"{t['full']:.2f} | {t['top-m']:.2f} | {t['ce']:.2f} | {fastest} | {t['ce'] / base:.2f} | "
             f"{t['top-m'] / base:.2f} | {_best(v, 'full')['ms'] / t['transformers']:.2f} | "
-            f"{ratio(t['subset'], base)} | {ratio(t['slim'], base)} | "
+            f"{ratio(t['subset'], base)} | {ratio(t['slim'], base)} | {ratio(t['ce:top-p'], base)} | "
             f"{_costs(v, 'gflop_per_token')} | {_costs(v, 'expert_mb_per_token')} |"
         )
     lines += _fused_table(groups)
@@ -671,9 +696,10 @@ def _fused_table(groups: dict[tuple, dict[str, dict]]) -> list[str]:
         "same variant on the `auto` path (below 1: fused is faster); `best ce/fastest` is compressed experts on "
         "the faster of the two paths over the fastest full top-k of the row.",
         "",
-        "| shape | dtype | tokens | pass | full:fused ms | top-m:fused ms | ce:fused ms | fused/auto full | "
-        "fused/auto top-m | fused/auto ce | best ce/fastest |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | dtype | tokens | pass | "
+        + " | ".join([f"{n}:fused ms" for n in FUSED] + [f"fused/auto {n}" for n in FUSED])
+        + " | best ce/fastest |",
+        "|---|---|---|---|" + "---|" * (2 * len(FUSED) + 1),
     ]
     for key in keys:
         v = groups[key]
