@@ -164,10 +164,14 @@ def test_per_token_rule_checkpoints_are_taken_and_unreadable_settings_refused(pl
         (ruled / "config.json").write_text(json.dumps({**config, "compressed_experts": section}))
         with pytest.raises(CompressedExpertsError, match=f"top-p: vLLM's plugin cannot serve it: .*{message}"):
             server_command(str(ruled), cpu=True)
-    planned = tmp_path / "planned"  # settings per MoE block (a plan): the plugin serves one for all blocks
+    planned = tmp_path / "planned"  # settings per MoE block (a plan): served (tests/serving/test_serving_vllm.py)
     plan = (ce.CEConfig(n_ce=2, form="ia3"), ce.CEConfig(top_p=0.7, form="none"))
     ce.convert(ce.from_pretrained("tiny:olmoe"), plan).save_pretrained(planned)
-    with pytest.raises(CompressedExpertsError, match="planned: vLLM's plugin cannot serve it: .*each MoE block"):
+    server_command(str(planned), cpu=True)  # read before vLLM starts, and taken
+    config = json.loads((planned / "config.json").read_text())
+    bad = {**config["compressed_experts"], "layers": [{"n_ce": 2, "form": "nope"}] * 2}
+    (planned / "config.json").write_text(json.dumps({**config, "compressed_experts": bad}))
+    with pytest.raises(CompressedExpertsError, match="planned: vLLM's plugin cannot serve it: .*nope"):
         server_command(str(planned), cpu=True)
 
 

@@ -84,6 +84,12 @@ def _save_converted(base: Path, form: str, out: Path, n_ce: int | None = None, *
     """``base`` converted to ``form`` with ``n_ce`` or a per-token rule (``top_p=`` or ``skip_below=``),
     its compressed experts perturbed, saved with the tiny tokenizer."""
     model = ce.from_pretrained(str(base), n_ce=n_ce, form=form, r=FORM_R[form], dtype="float32", **rule)
+    return _save_perturbed(model, out)
+
+
+def _save_perturbed(model, out: Path) -> Path:
+    """``model`` with its compressed experts perturbed (so that dropping them would show), saved with
+    the tiny tokenizer."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -197,6 +203,40 @@ def test_per_token_rule_tokens_equal_transformers(bases, tmp_path, family, form,
     assert _vllm_tokens(path) == expected
     # Which path ran: the library's block under the checkpoint's rule, for form none too.
     assert not fused_calls and library_calls and set(library_calls) == {"{}={}".format(*next(iter(rule.items())))}
+
+
+# Plans (settings per MoE block): a family whose first layer is dense (DeepSeek-V3: MoE blocks at layers
+# 1 and 2, so a block's place in the plan is not its layer's index) and one with every layer sparse.
+PLAN_CASES = [
+    ("deepseek_v3", [("ia3", {"n_ce": 1}), ("slim", {"top_p": 0.7})]),
+    ("olmoe", [("subset", {"skip_below": 0.5}), ("ia3", {"n_ce": 2})]),
+]
+
+
+@pytest.mark.parametrize(("family", "plan"), PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_a_plan_is_served_block_by_block(bases, tmp_path, family, plan):
+    """A checkpoint with one setting per MoE block (format_version 3) is served with each block's own
+    form and rule: the same tokens as transformers, and each runner holds its block's setting."""
+    configs = [ce.CEConfig(form=form, r=FORM_R[form], **rule) for form, rule in plan]
+    model = ce.convert(ce.from_pretrained(str(bases[family]), dtype="float32"), configs)
+    path = _save_perturbed(model, tmp_path / "planned")
+    assert json.loads((path / "config.json").read_text())["compressed_experts"]["format_version"] == 3
+    expected = _transformers_tokens(str(path))
+    assert expected != _transformers_tokens(str(bases[family])), "the compressed experts changed nothing"
+    built = []
+    from compressed_experts.serving import vllm_models
+
+    runner_init = vllm_models.CompressedExpertsRunner.__init__
+
+    def record(self, *, ce, **kwargs):
+        built.append((kwargs.get("prefix", ""), ce.form, ce.rule))
+        runner_init(self, ce=ce, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_models.CompressedExpertsRunner, "__init__", record)
+        assert _vllm_tokens(path) == expected
+    # One runner per MoE block, in model order, each with its own block's form and rule.
+    assert [(form, rule) for _, form, rule in built] == [(c.form, c.rule) for c in configs]
 
 
 def test_refused_without_the_plugin(bases, tmp_path):

@@ -40,7 +40,7 @@ import importlib
 import itertools
 import re
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -52,6 +52,8 @@ from vllm.distributed import (
 )
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
+from ..architectures import family_of, moe_blocks
+from ..checkpoint import skeleton
 from ..config import SECTION, CEConfig
 from ..errors import CheckpointError
 from ..forms import CE_PARAMETERS, get_form
@@ -113,10 +115,38 @@ def _(hidden_states: torch.Tensor, router_logits: torch.Tensor, runner: str) -> 
     return torch.empty_like(hidden_states)
 
 
-def ce_config_of(hf_config: Any) -> CEConfig:
-    """The compressed-experts settings a checkpoint's config carries (:func:`served_settings`: a fixed
-    ``n_ce`` or a per-token rule; refused when absent)."""
-    return served_settings(getattr(hf_config, SECTION, None))
+def settings_by_block(hf_config: Any, source: str) -> Callable[[str], CEConfig]:
+    """The compressed-experts settings of the MoE block built at ``prefix`` (``model.layers.<i>...``),
+    as the checkpoint's config carries them (:func:`served_settings`; refused when absent): one setting
+    for every block, or a plan's, one per MoE block in model order. A plan's blocks are matched by
+    their decoder layer's index, read from the model's own structure (built on the meta device from
+    ``source``): families whose first layers are dense (DeepSeek-V3) or that skip layers (Qwen2-MoE's
+    sparse step) number their MoE blocks differently from their layers."""
+    settings = served_settings(getattr(hf_config, SECTION, None))
+    if isinstance(settings, CEConfig):
+        return lambda prefix: settings
+    shape = skeleton(source)
+    layers = [_layer_index(name) for name, _ in moe_blocks(shape, family_of(shape))]
+    by_layer = dict(zip(layers, settings, strict=True))  # skeleton refused a plan of another length
+
+    def settings_at(prefix: str) -> CEConfig:
+        layer = _layer_index(prefix)
+        if layer not in by_layer:
+            raise CheckpointError(
+                f"vLLM builds a MoE block at {prefix}, but the checkpoint's plan has MoE blocks at layers "
+                f"{sorted(by_layer)}: this vLLM's model of the family places its MoE blocks differently"
+            )
+        return by_layer[layer]
+
+    return settings_at
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer a module belongs to, from its name (``model.layers.3.mlp.experts``: 3)."""
+    found = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", name)
+    if found is None:
+        raise CheckpointError(f"cannot tell which decoder layer {name!r} belongs to (no 'layers.<index>' in it)")
+    return int(found.group(1))
 
 
 class CompressedExpertsRunner(nn.Module):
@@ -350,12 +380,13 @@ def _full_shape(leaf: str, layer: CompressedExperts, ce: CEConfig, tp: int) -> t
 
 
 @contextlib.contextmanager
-def _runners_in(module: Any, ce: CEConfig, **extra: Any) -> Iterator[None]:
-    """While the family's model is built, its ``FusedMoEFactory`` builds compressed-experts blocks."""
+def _runners_in(module: Any, settings_at: Callable[[str], CEConfig], **extra: Any) -> Iterator[None]:
+    """While the family's model is built, its ``FusedMoEFactory`` builds compressed-experts blocks, each
+    with the settings of its place (``settings_at(prefix)``)."""
     original = module.FusedMoEFactory
 
     def factory(**kwargs: Any) -> CompressedExpertsRunner:
-        return CompressedExpertsRunner(ce=ce, **{**kwargs, **extra})
+        return CompressedExpertsRunner(ce=settings_at(kwargs.get("prefix", "")), **{**kwargs, **extra})
 
     module.FusedMoEFactory = factory
     try:
@@ -423,14 +454,14 @@ def model_class(base_arch: str) -> type[nn.Module]:
 
     def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
         hf_config = vllm_config.model_config.hf_config
-        ce = ce_config_of(hf_config)
+        settings_at = settings_by_block(hf_config, vllm_config.model_config.model)
         if base_arch == "DeepseekV3ForCausalLM":
             # transformers' DeepSeek-V3 always routes by sigmoid scores with the correction bias; vLLM
             # reads that from fields DeepSeek's own config.json has and transformers' config may lack.
             for key, value in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")):
                 if getattr(hf_config, key, None) is None:
                     setattr(hf_config, key, value)
-        with _runners_in(module, ce, **_family_extra(base_arch, hf_config)):
+        with _runners_in(module, settings_at, **_family_extra(base_arch, hf_config)):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
         _match_transformers(base_arch, self, hf_config)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
-from ..config import ARCHITECTURE_PREFIX, SAVED_MODEL_TYPE, SECTION, CEConfig
+from ..config import ARCHITECTURE_PREFIX, SAVED_MODEL_TYPE, SECTION, Settings, settings_from_dict
 from ..errors import CheckpointError, CompressedExpertsError
 from ..sources import local_path
 
@@ -55,17 +55,17 @@ def unserved(architectures: Iterable[str]) -> str | None:
     )
 
 
-def served_settings(section: Any) -> CEConfig:
+def served_settings(section: Any) -> Settings:
     """The compressed-experts settings the plugin serves a checkpoint with, from its config's
     ``compressed_experts`` section: a fixed ``n_ce`` or a per-token rule (``top_p``, ``skip_below``),
-    with the form and ``r``. Refused, with what is wrong, when absent or unreadable (a format newer
-    than this library's, one setting per MoE block)."""
+    with the form and ``r``, for every MoE block or (a plan) one per block. Refused, with what is
+    wrong, when absent or unreadable (a format newer than this library's)."""
     if not isinstance(section, dict):
         raise CheckpointError(
             "this config has no compressed_experts section: it is not a compressed-experts checkpoint "
             "(serve a plain model with vLLM's own architecture)"
         )
-    return CEConfig.from_dict(section)
+    return settings_from_dict(section)
 
 
 def not_loaded() -> str | None:
