@@ -14,6 +14,9 @@ from compressed_experts.backends import fused
 
 #: Fixed median times (s) per variant, scaled by the call's number, stand in for the measured ones
 #: (whose machinery is checked by the interleaved_medians tests), so that every figure and row is known.
+#: This machine's CPU results file name (``cpu-<model>``): each CPU model keeps its own section.
+CPU_KEY = bench.device_key(torch.device("cpu"))
+
 FAKE_SECONDS = {
     "transformers:eager": 4e-3,
     "transformers:grouped_mm": 3e-3,
@@ -93,10 +96,10 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
     assert subset["gflop_per_token"] == pytest.approx(2 * 3 * 64 * 32 * (2 + 2 * 4 / 32) / 1e9)
     assert subset["expert_mb_per_token"] == pytest.approx(3 * 64 * 32 * 4 * (2 + 2 * 4 / 32) / 1e6)
     bench.write_report(result, tmp_path / "benchmarks", tmp_path / "BENCHMARKS.md")
-    stored = json.loads((tmp_path / "benchmarks" / "cpu.json").read_text())
+    stored = json.loads((tmp_path / "benchmarks" / f"{CPU_KEY}.json").read_text())
     assert stored["rows"] == rows and stored["machine"] == bench.machine(torch.device("cpu"))
     lines = (tmp_path / "BENCHMARKS.md").read_text().splitlines()
-    assert f"### cpu: {bench.machine(torch.device('cpu'))}" in lines
+    assert f"### {CPU_KEY}: {bench.machine(torch.device('cpu'))}" in lines
     # ms of transformers (fastest), full, top-m and ce; the fastest full top-k (here the library's);
     # ratios to it of ce and top-m, full/transformers, ratios to it of subset and slim;
     # GFLOP per token (toy: below 0.0005) and MB read per token of full, ce and subset (one token: the
@@ -323,19 +326,39 @@ def test_ratios_and_targets_are_against_the_fastest_full_top_k():
     }
 
 
+def test_cpu_results_are_kept_per_cpu_model(tmp_path):
+    assert CPU_KEY.startswith("cpu-") and CPU_KEY != "cpu-"
+    assert bench.device_key(torch.device("cpu")) == CPU_KEY  # the same machine, the same file
+    # A result of another CPU model is a report section of its own, with the CPU targets.
+    times = {"full": 2.0, "top-m": 1.0, "ce": 1.0, "transformers:eager": 3.0, "transformers:grouped_mm": 3.0}
+    cost = {"gflop_per_token": 0.1, "expert_mb_per_token": 1.0}
+    rows = [
+        {"shape": "olmoe", "dtype": "bfloat16", "tokens": 1, "mode": "forward", "variant": v, "ms": ms, **cost}
+        for v, ms in times.items()
+    ]
+    other = {"device": "cpu-some-other-model", "machine": "Some Other Model", "command": "c", "rows": rows}
+    assert bench.targets(other)[0][:2] == (
+        "compressed experts / fastest full top-k (olmoe, bfloat16, 1 tokens, forward)",
+        0.5,
+    )
+    assert "### cpu-some-other-model: Some Other Model" in bench.markdown(other).splitlines()
+
+
 def test_a_partial_run_on_another_machine_is_refused_before_measuring(tmp_path):
     rows = [
         {"shape": "olmoe", "dtype": "bfloat16", "tokens": n, "mode": "forward", "variant": "full", "ms": 1.0}
         for n in (1, 512)
     ]
-    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "machine": "another CPU", "rows": rows}))
+    # The same CPU model with other settings (threads, torch): the same file, another machine line.
+    stored = {"device": CPU_KEY, "machine": "another CPU", "rows": rows}
+    (tmp_path / f"{CPU_KEY}.json").write_text(json.dumps(stored))
     cpu = torch.device("cpu")
     with pytest.raises(bench.CompressedExpertsError, match="measured on another CPU; this is .*two machines"):
         bench.check_mergeable(tmp_path, cpu, {("olmoe", "bfloat16", 1, "forward")}, end_to_end=False)
     # Every row the file holds: allowed, and the new run then replaces the old one whole.
     bench.check_mergeable(tmp_path, cpu, {("olmoe", "bfloat16", n, "forward") for n in (1, 512)}, end_to_end=False)
     new = {"machine": bench.machine(cpu), "repeats": 5, "rows": rows[:1]}
-    assert bench._merge(json.loads((tmp_path / "cpu.json").read_text()), new) == new
+    assert bench._merge(json.loads((tmp_path / f"{CPU_KEY}.json").read_text()), new) == new
 
 
 def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp_path, monkeypatch):
@@ -358,11 +381,11 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     resumed = False
     n = 13 if INTERPRETED else 9  # variants a group times (the fused ones where the kernels run)
     CliRunner().invoke(app, args)
-    partial = out / "cpu.json.partial"
+    partial = out / f"{CPU_KEY}.json.partial"
     saved = json.loads(partial.read_text())
     groups = [(r["tokens"], r["mode"]) for r in saved["rows"][::n]]
     assert groups == [(1, "forward"), (1, "forward+backward")] and len(saved["rows"]) == 2 * n
-    assert not (out / "cpu.json").exists() and not doc.exists()  # nothing half-done reaches the report
+    assert not (out / f"{CPU_KEY}.json").exists() and not doc.exists()  # nothing half-done reaches the report
 
     resumed = True
     with pytest.raises(bench.CompressedExpertsError, match="with 5 repeats; this run is on .* with 6"):
@@ -370,7 +393,7 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert len(timed) == 4  # two groups before the interruption, the two left after it
-    stored = json.loads((out / "cpu.json").read_text())
+    stored = json.loads((out / f"{CPU_KEY}.json").read_text())
     assert stored["rows"][: 2 * n] == saved["rows"]  # the interrupted run's rows, kept as measured
     assert [(r["tokens"], r["mode"]) for r in stored["rows"][2 * n :: n]] == [(8, "forward"), (8, "forward+backward")]
     assert "--resume" not in stored["command"] and not partial.exists()

@@ -74,17 +74,20 @@ FUSED = ("full", "top-m", "ce", "ce:top-p")
 RULE_TOP_P = 0.5
 
 
-def machine(device: torch.device | None = None) -> str:
-    """A one-line description of where the numbers were measured (the card, for a CUDA device)."""
-    cpu = platform.processor() or platform.machine()
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` says)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | None = None) -> str:
+    """A one-line description of where the numbers were measured (the card, for a CUDA device)."""
+    text = f"{_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if device is not None and device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {text}"
     return text
@@ -804,7 +807,7 @@ def targets(result: dict) -> list[tuple[str, float | None, float, str, bool]]:
     (:data:`GPU_TARGETS`, in every shape and dtype the result holds) and end-to-end decode, each model
     in its fastest mode (:data:`COMPILED_DECODE_SPEEDUP`). On both, this library's fastest full top-k
     against transformers' fastest in every row."""
-    cpu, cuda = result["device"] == "cpu", result["device"].startswith("cuda")
+    cpu, cuda = result["device"].startswith("cpu"), result["device"].startswith("cuda")
     groups = _grouped_rows(result["rows"])
     out: list[tuple[str, float | None, float, str, bool]] = []
 
@@ -937,10 +940,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def device_key(dev: torch.device) -> str:
-    """The name of a device's results file: ``cpu``, or ``cuda-<card>``."""
-    if dev.type == "cpu":
-        return "cpu"
-    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+    """The name of a device's results file: ``cpu-<model>`` or ``cuda-<card>``, so that machines of
+    different CPU models (or cards) each keep their own section of the report."""
+    name = _cpu_model() if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    return f"{dev.type}-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def check_mergeable(directory: Path, dev: torch.device, keys: set[tuple], end_to_end: bool) -> None:
