@@ -95,6 +95,8 @@ def test_frontier_rows_and_plot(planned, tmp_path):
     for row in result.frontier:
         assert row["planned"] <= row["budget"] and row["uniform_expert_equivalents"] <= row["budget"]
         assert row["planned_loss"] > 0 and row["uniform_loss"] > 0
+        layers = [ce.CEConfig.from_dict(layer) for layer in row["layers"]]  # the point's plan, applicable
+        assert len(layers) == len(result.layers) and (row["budget"] != 4.0 or layers == result.layers)
     planned_divergence = [row["planned_divergence"] for row in result.frontier]
     assert planned_divergence == sorted(planned_divergence, reverse=True)  # more budget, closer to full top-k
     frontier_plot(result, tmp_path / "frontier.png")

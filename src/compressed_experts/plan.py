@@ -248,6 +248,8 @@ def plan(
             "budget": point,
             "planned": planned.expert_equivalents,
             "planned_divergence": measured,
+            # The plan at this point, so that it can be applied (convert(model, [CEConfig.from_dict(...)])).
+            "layers": [config.to_dict() for config in planned.layers],
             **_prefixed(uniform),
         }
         if heldout is not None:
