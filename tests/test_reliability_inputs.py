@@ -139,6 +139,7 @@ def test_convert_into_the_working_directory_is_refused_before_converting(tmp_pat
         ["train", "--model", "tiny:olmoe", "--data", "d.jsonl"],
         ["demo", "--quick"],
         ["toy", "forms", "--quick"],
+        ["toy", "methods", "--quick"],
     ],
 )
 def test_an_existing_file_as_output_folder_is_refused(tmp_path, command):
@@ -148,7 +149,7 @@ def test_an_existing_file_as_output_folder_is_refused(tmp_path, command):
     assert file.read_text() == "mine"
 
 
-@pytest.mark.parametrize("command", [["demo", "--quick"], ["toy", "forms", "--quick"]])
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["toy", "forms", "--quick"], ["toy", "methods", "--quick"]])
 def test_a_report_that_is_a_folder_is_refused_before_the_run(tmp_path, command):
     _refused(*command, "--out", tmp_path / "out", "--report", tmp_path, expect="is a folder")
     assert not (tmp_path / "out").exists()

@@ -180,6 +180,8 @@ def test_demo_checks_its_out_before_writing(tmp_path, monkeypatch):
     assert not os.path.exists("/seed0")
     code, text = _cli("toy", "forms", "--out", user, "--quick", "--overwrite")
     assert code == 2 and "only replaces a forms study directory" in text, text
+    code, text = _cli("toy", "methods", "--out", user, "--quick", "--overwrite")
+    assert code == 2 and "only replaces a methods study directory" in text, text
 
 
 _HOLDER = textwrap.dedent(

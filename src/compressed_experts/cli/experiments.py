@@ -1,4 +1,4 @@
-"""``demo``, ``toy forms`` and ``toy pretrain``: the experiments and the recipe on the bundled model."""
+"""``demo``, ``toy forms``, ``toy methods`` and ``toy pretrain``: the experiments and the recipe on the bundled model."""
 
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ from ..sources import BUNDLED
 from ..toy.demo import QUICK, Plan, run_demo, table_markdown, write_report, write_section
 from ..toy.forms import BEGIN, END, QUICK_STUDY, StudyPlan, run_study
 from ..toy.forms import table_markdown as forms_table
+from ..toy.methods import BEGIN as METHODS_BEGIN
+from ..toy.methods import END as METHODS_END
+from ..toy.methods import QUICK_METHODS, MethodsPlan, check_study, run_methods
+from ..toy.methods import table_markdown as methods_table
 from ..toy.pretrain import Recipe, pretrain, ship_export
 from .app import app, toy_app
+from .bench import csv_values
 from .common import check_report_file, console, releasing, run
 
 
@@ -86,33 +91,101 @@ def toy_forms(
 
     def action() -> None:
         check_report_file(report)
-        # The library's output policy: a new or empty --out, or with --overwrite an earlier study's.
-        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces="a forms study directory"):
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "forms study")
-        results = run_study(
+        _run_study(
             out,
-            QUICK_STUDY if quick else StudyPlan(),
-            seeds,
-            finetune=finetune,
-            say=lambda text: console.print(f"[bold]forms:[/] {text}"),
+            overwrite,
+            report,
+            "forms",
+            lambda: run_study(
+                out,
+                QUICK_STUDY if quick else StudyPlan(),
+                seeds,
+                finetune=finetune,
+                say=lambda text: console.print(f"[bold]forms:[/] {text}"),
+            ),
+            forms_table,
+            ("forms_results.json", "forms_table.md", "forms_pareto.png"),
+            (BEGIN, END),
         )
-        console.print(Markdown(forms_table(results)))
-        console.print(
-            f"{results['seconds'] / 60:.1f} min; wrote {out / 'forms_results.json'}, "
-            f"{out / 'forms_table.md'} and {out / 'forms_pareto.png'}"
+
+    run(releasing(out, action))
+
+
+def _run_study(out: Path, overwrite: bool, report: Path | None, name: str, produce, table, files, markers) -> None:
+    """What the toy studies share around their run: the library's output policy (a new or empty
+    --out, or with --overwrite an earlier study's), the table printed, and --report's section."""
+    if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=f"a {name} study directory"):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, f"{name} study")
+    results = produce()
+    console.print(Markdown(table(results)))
+    console.print(f"{results['seconds'] / 60:.1f} min; wrote {', '.join(str(out / f) for f in files)}")
+    if report is not None:
+        command = f"compressed-experts toy {name} " + " ".join(sys.argv[3:])
+        write_section(report, *markers, command, results["seconds"], table(results))
+        console.print(f"updated {report}")
+
+
+@toy_app.command("methods")
+def toy_methods(
+    out: Annotated[Path, typer.Option(help="Where the models, results JSON, table and plots go.")] = Path(
+        "out/methods"
+    ),
+    quick: Annotated[
+        bool, typer.Option(help="A first look in about 3 minutes (budgets 2 and 4, little calibration, 3 steps).")
+    ] = False,
+    seeds: Annotated[
+        int, typer.Option(help="Repeat with this many seeds (calibration draw, fitting batches, fine-tuning).")
+    ] = 3,
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            help="Expert-equivalents per token and block, whole numbers from 1 to top-k, comma-separated; "
+            f"default {','.join(map(str, MethodsPlan.budgets))} ({','.join(map(str, QUICK_METHODS.budgets))} with --quick)."
+        ),
+    ] = None,
+    finetune_budgets: Annotated[
+        str | None,
+        typer.Option(
+            help="Budgets at which the main methods are also fine-tuned (the demo's domain recipe), comma-separated; "
+            f"default {','.join(map(str, MethodsPlan.finetune_budgets))}."
+        ),
+    ] = None,
+    finetune: Annotated[bool, typer.Option(help="Run the fine-tuned stage.")] = True,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the table into this Markdown file (e.g. RESULTS.md), between its methods markers."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier study.")] = False,
+) -> None:
+    """Every method at matched budgets on the bundled model: top-m, the fitted forms, top-p and
+    skipping, the planner and pruning; held-out loss, gap closed, and two Pareto plots."""
+
+    def action() -> None:
+        check_report_file(report)
+        settings = QUICK_METHODS if quick else MethodsPlan()
+        if budgets is not None:  # the default fine-tuned budgets that remain among the budgets given
+            chosen = csv_values(budgets, kind=float)
+            kept = tuple(b for b in settings.finetune_budgets if b in chosen)
+            settings = dataclasses.replace(settings, budgets=chosen, finetune_budgets=kept)
+        if finetune_budgets is not None:
+            settings = dataclasses.replace(settings, finetune_budgets=csv_values(finetune_budgets, kind=float))
+        check_study(settings, seeds, BUNDLED)
+        _run_study(
+            out,
+            overwrite,
+            report,
+            "methods",
+            lambda: run_methods(
+                out, settings, seeds, finetune=finetune, say=lambda text: console.print(f"[bold]methods:[/] {text}")
+            ),
+            methods_table,
+            ("methods_results.json", "methods_table.md", "methods_pareto_active.png", "methods_pareto_memory.png"),
+            (METHODS_BEGIN, METHODS_END),
         )
-        if report is not None:
-            write_section(
-                report,
-                BEGIN,
-                END,
-                "compressed-experts toy forms " + " ".join(sys.argv[3:]),
-                results["seconds"],
-                forms_table(results),
-            )
-            console.print(f"updated {report}")
 
     run(releasing(out, action))
 

@@ -108,7 +108,11 @@ def initial_model(recipe: Recipe, tokenizer):
 
 def lm_loss(model, tokenizer, texts: list[str], seq_len: int, blocks: int, batch_size: int = 8) -> float:
     """Mean next-token loss over the first ``blocks`` packed sequences of ``texts`` (EOS between texts)."""
-    data = token_blocks(tokenizer, texts, seq_len, blocks)
+    return blocks_loss(model, token_blocks(tokenizer, texts, seq_len, blocks), batch_size)
+
+
+def blocks_loss(model, data: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss over ``[n, seq_len]`` token ids (the methods study scores calibration blocks with it)."""
     usable = data.shape[0]
     model.eval()
     total, count = 0.0, 0

@@ -1,0 +1,578 @@
+"""The methods study on the bundled model (issue 18): every way the library makes it cheaper, side by side.
+
+Every method runs at the same budgets of expert-equivalents per token and MoE block (the
+routed-expert parameters a token runs, in units of one full expert; full top-8 is 8), so that
+they are compared at equal compute, and is scored by held-out loss on the domain's held-out
+files, as the forms study does:
+
+- ``top-m``: the ``m = budget`` heaviest experts, the rest dropped;
+- ``ia3``, ``subset``, ``slim``: the compressed-expert forms fitted training-free with
+  :func:`compressed_experts.fit`. ``ia3`` keeps ``m = budget`` (its vectors cost a hundredth of an
+  expert each). ``subset`` and ``slim`` keep fewer main experts and give the rest ``r`` neurons
+  each so that ``m + n_ce * r / I`` is as close to the budget as ``r`` allows; which ``m`` is chosen
+  on the first seed's calibration text (the ``subset`` fit of least calibration loss, cheap since
+  ``subset`` only chooses neurons), and ``slim`` takes the same split (it starts as ``subset``);
+- ``top_p``, ``skip_below``: a per-token rule whose threshold is found by bisection on the
+  calibration text so that the measured average expert-equivalents match the budget (form ``none``);
+- ``planned``: :func:`compressed_experts.plan.plan` chooses each block's setting among ``none`` and
+  ``subset`` (its cheap candidates) on the calibration text; the plan as converted, then fitted
+  (``subset`` blocks choose their neurons on the text), then with its ``subset`` blocks as ``slim``
+  fitted (the planner plans ``slim``'s starting point);
+- ``pruned``: :func:`compressed_experts.prune.prune` at several ``keep``. Pruning saves memory,
+  not compute: every token still runs 8 full experts, so its rows sit at 8 expert-equivalents and
+  belong on the second plot, against total parameters in memory.
+
+"Gap closed" is the share of the top-m -> full top-k gap in held-out loss that a method wins back
+at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting
+batches and the fine-tuning; a fine-tuned stage repeats the demo's domain fine-tuning from each
+method's training-free model, at the budgets asked for, and is held against full top-k and top-m
+fine-tuned the same way with the same seed. Rows are written to ``methods_rows.json`` as they are
+measured, so an interrupted run keeps what it did.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architectures import family_of, moe_blocks
+from ..checkpoint import from_pretrained, load_tokenizer, skeleton
+from ..config import CEConfig
+from ..convert import convert
+from ..errors import CompressedExpertsError
+from ..evaluation.report import gap_closed
+from ..fit import calibration_blocks, fit
+from ..parameters import active_parameters
+from ..plan import MIN_PLAN_TOKENS, PlanConfig, plan
+from ..prune import check_prunable, min_calibration_tokens, prune
+from ..sources import BUNDLED
+from ..text import token_blocks
+from ..training import TrainConfig
+from .demo import RECIPE_TRAINING, mean_spread
+from .pretrain import blocks_loss, lm_loss
+from .tasks import domain_split, write_domain_train
+
+#: The methods, in the table's order ("full top-k" is the reference every gap is measured to).
+METHODS = (
+    "top-m",
+    "ia3",
+    "subset",
+    "slim",
+    "top_p",
+    "skip_below",
+    "planned",
+    "planned, fitted",
+    "planned, slim fitted",
+    "pruned",
+)
+#: How far a method's measured expert-equivalents may sit from its budget: ``ia3``'s vectors cost
+#: ``(k - m)·(2H + I)/(3·H·I)`` of an expert (0.067 at most on the bundled model), ``r`` is whole
+#: (``n_ce/(2·I)`` at most, 0.037), the rules' bisection stops within 0.02 on the calibration text,
+#: and the planner rounds costs up to 1/64 of an expert per block (its plan may fall below the budget).
+TOLERANCE = 0.07
+STAGES = ("training-free", "fine-tuned")
+#: Methods a fine-tuned stage can repeat (from their training-free model); full top-k and top-m, the
+#: references of its gaps, are always fine-tuned.
+FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted", "planned, slim fitted")
+RULES = ("top_p", "skip_below")
+
+
+@dataclass(frozen=True)
+class MethodsPlan:
+    """What the study measures (the default: about 17 minutes a seed training-free on two busy CPU cores,
+    and about 5 more a seed for the fine-tuned budget-4 rows)."""
+
+    budgets: tuple[int, ...] = (2, 3, 4, 5, 6)
+    keeps: tuple[int, ...] = (48, 32, 24, 16)  # experts kept per block by pruning (of 64)
+    seq_len: int = 256
+    calib_tokens: int = 16384
+    #: The planner's calibration: the first of the calibration tokens. 8,192 (the plan command's default):
+    #: one plan for every budget takes about a minute with it.
+    plan_tokens: int = 8192
+    fit_steps: int = 200
+    eval_blocks: int = 32  # held-out sequences scored
+    search_steps: int = 14  # bisection steps of a rule's threshold
+    finetune_budgets: tuple[int, ...] = (4,)
+    #: The best of each family on the first probe (ia3 after fine-tuning: the forms study).
+    finetune_methods: tuple[str, ...] = ("slim", "top_p", "planned, slim fitted")
+    finetune_steps: int = 40  # as the demo's domain task
+    lr: float = 3e-3
+    ce_lr: float = 3e-2  # the ia3 vectors only, as in the demo
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise CompressedExpertsError("give at least one budget", settings=("budgets",))
+        for budget in self.budgets:
+            if isinstance(budget, bool) or not float(budget).is_integer() or budget < 1:
+                raise CompressedExpertsError(
+                    f"budgets are whole numbers of expert-equivalents, 1 or more (top-m runs whole experts), "
+                    f"got {budget!r}",
+                    settings=("budgets",),
+                )
+        object.__setattr__(self, "budgets", tuple(sorted({int(b) for b in self.budgets})))
+        object.__setattr__(self, "finetune_budgets", tuple(sorted({int(b) for b in self.finetune_budgets})))
+        outside = [b for b in self.finetune_budgets if b not in self.budgets]
+        if outside:
+            raise CompressedExpertsError(
+                f"fine-tuned budgets {outside} are not among the budgets {list(self.budgets)}",
+                settings=("finetune_budgets",),
+            )
+        unknown = [m for m in self.finetune_methods if m not in FINETUNABLE]
+        if unknown:
+            raise CompressedExpertsError(
+                f"cannot fine-tune {unknown}: choose from {', '.join(FINETUNABLE)}", settings=("finetune_methods",)
+            )
+        if self.plan_tokens < MIN_PLAN_TOKENS or self.plan_tokens > self.calib_tokens:
+            raise CompressedExpertsError(
+                f"plan_tokens must be from {MIN_PLAN_TOKENS} to calib_tokens ({self.calib_tokens}), "
+                f"got {self.plan_tokens}",
+                settings=("plan_tokens",),
+            )
+
+
+def check_study(settings: MethodsPlan, seeds: int, model: str) -> tuple[int, int, int]:
+    """Refuse seeds, budgets, keeps or calibration that the study or ``model`` cannot serve, before
+    any work (the model is built on the meta device, from its config); returns (top-k, experts, I)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise CompressedExpertsError(f"seeds must be a whole number, at least 1; got {seeds!r}", settings=("seeds",))
+    shape = skeleton(model)
+    top_k = shape.config.num_experts_per_tok
+    high = [b for b in settings.budgets if b > top_k]
+    if high:
+        raise CompressedExpertsError(
+            f"budget {high[0]} is above full top-k: the model runs {top_k} experts per token; "
+            f"give budgets from 1 to {top_k}",
+            settings=("budgets",),
+        )
+    for keep in settings.keeps:
+        check_prunable(shape, keep)
+    experts = next(iter(moe_blocks(shape, family_of(shape))))[1].experts
+    count = experts.gate_up_proj.shape[0]
+    least = min_calibration_tokens(count, top_k)
+    if settings.calib_tokens < least:
+        raise CompressedExpertsError(
+            f"calib_tokens {settings.calib_tokens} is too few to rank {count} experts for pruning (at least {least})",
+            settings=("calib_tokens",),
+        )
+    return top_k, count, experts.down_proj.shape[-1]
+
+
+QUICK_METHODS = MethodsPlan(
+    budgets=(2, 4),
+    keeps=(32,),
+    calib_tokens=2048,
+    plan_tokens=1024,
+    fit_steps=10,
+    eval_blocks=4,
+    search_steps=8,
+    finetune_budgets=(4,),
+    finetune_methods=("slim",),
+    finetune_steps=3,
+    batch_size=4,
+)
+
+
+def split_r(budget: int, main: int, top_k: int, intermediate: int) -> int:
+    """The neurons per auxiliary expert that bring ``main`` full experts plus ``top_k - main``
+    auxiliary ones closest to ``budget`` expert-equivalents (``main + n_ce * r / I``)."""
+    return min(intermediate, max(1, round((budget - main) * intermediate / (top_k - main))))
+
+
+def _rule_model(base, rule: str, value: float):
+    return convert(copy.deepcopy(base), CEConfig(form="none", **{rule: value}))
+
+
+def match_rule(base, rule: str, budget: float, blocks: torch.Tensor, steps: int) -> tuple[float, float]:
+    """The threshold of ``rule`` (``top_p`` or ``skip_below``, form ``none``) whose measured average
+    expert-equivalents on ``blocks`` is closest to ``budget``, by bisection; returns (threshold, measured).
+
+    More experts run as ``top_p`` rises and as ``skip_below`` falls; the measure is the converted
+    model's own (later blocks see the earlier blocks' rule)."""
+    low, high, best = 0.0, 1.0, None
+    for _ in range(steps):
+        value = (low + high) / 2
+        measured = active_parameters(_rule_model(base, rule, value), input_ids=blocks)["expert_equivalents"]
+        if best is None or abs(measured - budget) < abs(best[1] - budget):
+            best = (value, measured)
+        if abs(measured - budget) < 0.01:
+            break
+        if (measured < budget) == (rule == "top_p"):
+            low = value
+        else:
+            high = value
+    return best
+
+
+def run_methods(
+    out: Path,
+    settings: MethodsPlan = MethodsPlan(),
+    seeds: int = 3,
+    model: str | None = None,
+    finetune: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots)."""
+    from ..training import train  # the Trainer and accelerate: imported when a run starts
+
+    model = model or BUNDLED
+    top_k, num_experts, intermediate = check_study(settings, seeds, model)
+    out = Path(out)
+    base = from_pretrained(model, dtype=torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(model)
+    calibration, held = domain_split()  # calibration text: the domain's training files; scored on its held-out ones
+    held_blocks = token_blocks(tokenizer, held, settings.seq_len, settings.eval_blocks)
+    rows: list[dict[str, Any]] = []
+    results = {"settings": asdict(settings), "seeds": seeds, "model": model, "top_k": top_k, "rows": rows}
+
+    def add(stage: str, method: str, budget: int | None, seed: int | None, scored, setting: str, calib, **extra):
+        """Score ``scored``, record it, and write every row so far (an interrupted run keeps them)."""
+        counts = active_parameters(scored, input_ids=calib)
+        rows.append(
+            {
+                "stage": stage,
+                "method": method,
+                "budget": budget,
+                "seed": seed,
+                "setting": setting,
+                "loss": lm_loss(scored, tokenizer, held, settings.seq_len, settings.eval_blocks),
+                "expert_equivalents": counts["expert_equivalents"],
+                "heldout_expert_equivalents": active_parameters(scored, input_ids=held_blocks)["expert_equivalents"],
+                "total": counts["total"],
+                "added": counts["added"],
+                **extra,
+            }
+        )
+        (out / "methods_rows.json").write_text(json.dumps(results, indent=1))
+
+    def fitted(configs, blocks, seed: int):
+        converted = convert(copy.deepcopy(base), configs)
+        report = fit(converted, blocks, steps=settings.fit_steps, seed=seed, progress=False)
+        return converted, report["seconds"]
+
+    fixed = [b for b in settings.budgets if b < top_k]  # at full top-k every method is full top-k
+    say("scoring full top-k and top-m")
+    calib0 = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, 0)
+    add("training-free", "full top-k", top_k, None, base, "all experts", calib0)
+    for budget in settings.budgets:
+        add(
+            "training-free",
+            "top-m",
+            budget,
+            None,
+            convert(copy.deepcopy(base), CEConfig(top_k - budget, "none")),
+            f"n_ce {top_k - budget}",
+            calib0,
+        )
+    # Which split of each budget subset and slim take: the subset fit of least calibration loss, first seed.
+    splits = {}
+    for budget in fixed:
+        losses = {}
+        for main in range(1, budget):
+            say(f"choosing the split at budget {budget}: subset with {main} main experts")
+            config = CEConfig(top_k - main, "subset", split_r(budget, main, top_k, intermediate))
+            losses[config] = blocks_loss(fitted(config, calib0, 0)[0], calib0)
+        if losses:
+            splits[budget] = min(losses, key=losses.get)
+    results["splits"] = {str(b): {"n_ce": c.n_ce, "r": c.r} for b, c in splits.items()}
+    saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
+    thresholds: dict[tuple[str, int, int], float] = {}
+
+    def keep(method: str, budget: int, seed: int, built) -> None:
+        if finetune and budget in settings.finetune_budgets and method in settings.finetune_methods:
+            path = out / f"seed{seed}" / f"{method.replace(', ', '-').replace(' ', '-')}-{budget}"
+            built.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            saved[(method, budget, seed)] = path
+
+    for seed in range(seeds):
+        calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
+        for budget in fixed:
+            say(f"seed {seed}, budget {budget}: fitting ia3")
+            built, seconds = fitted(CEConfig(top_k - budget, "ia3"), calib, seed)
+            add("training-free", "ia3", budget, seed, built, f"n_ce {top_k - budget}", calib, fit_seconds=seconds)
+            keep("ia3", budget, seed, built)
+            if budget in splits:
+                for form in ("subset", "slim"):
+                    say(f"seed {seed}, budget {budget}: fitting {form}")
+                    config = replace(splits[budget], form=form)
+                    built, seconds = fitted(config, calib, seed)
+                    add(
+                        "training-free",
+                        form,
+                        budget,
+                        seed,
+                        built,
+                        f"n_ce {config.n_ce}, r {config.r}",
+                        calib,
+                        fit_seconds=seconds,
+                    )
+                    keep(form, budget, seed, built)
+            for rule in RULES:
+                say(f"seed {seed}, budget {budget}: matching {rule} on the calibration text")
+                value, _ = match_rule(base, rule, budget, calib, settings.search_steps)
+                thresholds[(rule, budget, seed)] = value
+                built = _rule_model(base, rule, value)
+                add("training-free", rule, budget, seed, built, f"{rule} {value:.4f}", calib, threshold=value)
+                keep(rule, budget, seed, built)
+        if fixed:
+            say(f"seed {seed}: planning every budget (none and subset candidates, {settings.plan_tokens} tokens)")
+            planned = plan(
+                copy.deepcopy(base),
+                calib[: settings.plan_tokens // settings.seq_len],
+                PlanConfig(budget=str(fixed[0])),
+                frontier=fixed[1:],
+            )
+            for row in planned.frontier:
+                budget = int(row["budget"])
+                layers = [CEConfig.from_dict(layer) for layer in row["layers"]]
+                setting = "per block: " + ", ".join(_short(c) for c in layers)
+                add("training-free", "planned", budget, seed, convert(copy.deepcopy(base), layers), setting, calib)
+                slim = [replace(c, form="slim") if c.form == "subset" else c for c in layers]
+                for method, configs in (("planned, fitted", layers), ("planned, slim fitted", slim)):
+                    say(f"seed {seed}, budget {budget}: {method}")
+                    if any(c.form != "none" and c.n_ce for c in configs):
+                        built, seconds = fitted(configs, calib, seed)
+                    else:  # a plan of top-m blocks only: nothing to fit
+                        built, seconds = convert(copy.deepcopy(base), configs), 0.0
+                    add(
+                        "training-free",
+                        method,
+                        budget,
+                        seed,
+                        built,
+                        setting,
+                        calib,
+                        fit_seconds=seconds,
+                        layers=row["layers"],
+                    )
+                    keep(method, budget, seed, built)
+        for count in settings.keeps:
+            say(f"seed {seed}: pruning to {count} experts per block")
+            pruned = copy.deepcopy(base)
+            prune(pruned, calib, keep=count)
+            add("training-free", "pruned", None, seed, pruned, f"keep {count} of {num_experts}", calib, keep=count)
+    if finetune and settings.finetune_budgets:
+        data = write_domain_train(
+            out / "data" / "domain_train.jsonl", settings.finetune_steps, settings.batch_size, settings.seq_len
+        )
+        for seed in range(seeds):
+            calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
+            runs = [("full top-k", top_k, dict(method="full"), "all experts")]
+            for budget in settings.finetune_budgets:
+                n_ce = top_k - budget
+                runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}"))
+                for method in settings.finetune_methods:
+                    if method == "ia3":  # the paper's recipe: from the vectors at 1.0, as the demo does
+                        spec = dict(method="ce", form="ia3", n_ce=n_ce, ce_lr=settings.ce_lr)
+                    elif method in RULES:
+                        spec = dict(method="top-m", **{method: thresholds[(method, budget, seed)]})
+                    elif (method, budget, seed) in saved:
+                        spec = dict(method="ce", model=str(saved[(method, budget, seed)]))
+                    else:
+                        continue  # no such model at this budget (subset and slim below 2)
+                    runs.append(
+                        (
+                            method,
+                            budget,
+                            spec,
+                            next(
+                                r["setting"]
+                                for r in rows
+                                if (r["stage"], r["method"], r["budget"], r["seed"])
+                                == ("training-free", method, budget, seed)
+                            ),
+                        )
+                    )
+            for method, budget, spec, setting in runs:
+                say(f"seed {seed}, budget {budget}: fine-tuning {method}")
+                result = train(
+                    TrainConfig(
+                        data=str(data),
+                        out=str(out / f"seed{seed}" / f"ft-{method.replace(', ', '-').replace(' ', '-')}-{budget}"),
+                        max_steps=settings.finetune_steps,
+                        lr=settings.lr,
+                        seq_len=settings.seq_len,
+                        batch_size=settings.batch_size,
+                        seed=seed,
+                        **RECIPE_TRAINING,
+                        **{"model": model, **spec},
+                    )
+                )
+                add(
+                    "fine-tuned",
+                    method,
+                    budget,
+                    seed,
+                    result.model.eval(),
+                    setting,
+                    calib,
+                    train_seconds=result.summary["seconds"],
+                )
+    results["summary"] = summarise(rows, top_k)
+    results["seconds"] = time.perf_counter() - started
+    (out / "methods_results.json").write_text(json.dumps(results, indent=1))
+    (out / "methods_table.md").write_text(table_markdown(results))
+    pareto_plots(results, out / "methods_pareto_active.png", out / "methods_pareto_memory.png")
+    return results
+
+
+def _short(config: CEConfig) -> str:
+    """A block's setting in a few characters: ``n_ce 4 subset r 24``, ``n_ce 4 none``, or ``full``."""
+    if not config.n_ce and config.n_ce is not None:
+        return "full"
+    return f"{config.rule.replace('=', ' ')} {config.form}" + (f" r {config.r}" if config.r else "")
+
+
+def _reference(rows: list[dict[str, Any]], method: str, budget: int, stage: str, seed: int | None) -> float | None:
+    """The loss of full top-k or top-m at ``budget`` that a row of ``stage`` is held against: the
+    untuned model's for training-free rows, the same seed's fine-tuned one for fine-tuned rows."""
+    tuned = stage == "fine-tuned"
+    for row in rows:
+        if (
+            row["method"] == method
+            and (method == "full top-k" or row["budget"] == budget)
+            and row["stage"] == stage
+            and (row["seed"] == seed if tuned else True)
+        ):
+            return row["loss"]
+    return None
+
+
+def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
+    """Mean and spread over seeds of each (stage, method, budget; pruning: keep), with the share of
+    the top-m -> full top-k gap closed at the row's budget."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["stage"], row["method"], row["budget"], row.get("keep")), []).append(row)
+    summary = []
+    for (stage, method, budget, kept), members in groups.items():
+        closed = []
+        if method not in ("full top-k", "top-m", "pruned") and budget is not None and budget < top_k:
+            for row in members:
+                full, top_m = (_reference(rows, m, budget, stage, row["seed"]) for m in ("full top-k", "top-m"))
+                share = (
+                    None
+                    if full is None or top_m is None
+                    else gap_closed(row["loss"], top_m, full, lower_is_better=True)
+                )
+                closed.append(float("nan") if share is None else share)
+        settings = list(dict.fromkeys(m["setting"] for m in members))
+        summary.append(
+            {
+                "stage": stage,
+                "method": method,
+                "budget": budget,
+                "keep": kept,
+                "seeds": len(members),
+                "setting": settings[0] if len(settings) == 1 else " / ".join(settings),
+                "loss": mean_spread([m["loss"] for m in members]),
+                "gap_closed": mean_spread(closed) if closed else None,
+                "expert_equivalents": mean_spread([m["expert_equivalents"] for m in members]),
+                "heldout_expert_equivalents": mean_spread([m["heldout_expert_equivalents"] for m in members]),
+                "total": mean_spread([m["total"] for m in members]),
+            }
+        )
+    order = {m: i for i, m in enumerate(("full top-k", *METHODS))}
+    summary.sort(
+        key=lambda r: (
+            STAGES.index(r["stage"]),
+            r["budget"] if r["budget"] is not None else 99,
+            order[r["method"]],
+            -(r["keep"] or 0),
+        )
+    )
+    return summary
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    """The table: one row per stage, method and budget (pruning: per keep), mean ± spread over seeds."""
+    lines = [
+        f"Seeds: {results['seeds']} (mean ± standard deviation over seeds; full top-k and top-m untuned need none).",
+        "",
+        "| stage | budget | method | setting | expert-equivalents per token: calibration (held-out) | "
+        "total parameters | held-out loss | top-m → top-k gap closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["summary"]:
+        eq, held = row["expert_equivalents"][0], row["heldout_expert_equivalents"][0]
+        loss, closed = row["loss"], row["gap_closed"]
+        lines.append(
+            f"| {row['stage']} | {row['budget'] if row['budget'] is not None else '-'} | {row['method']} | "
+            f"{row['setting']} | {eq:.2f} ({held:.2f}) | {row['total'][0] / 1e6:.2f} M | "
+            f"{loss[0]:.4f} ± {loss[1]:.4f} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+#: How each method is drawn in the plots: (marker, colour).
+STYLES = {
+    "full top-k": ("*", "black"),
+    "top-m": ("s", "grey"),
+    "ia3": ("D", "tab:green"),
+    "subset": ("^", "tab:blue"),
+    "slim": ("o", "tab:orange"),
+    "top_p": ("v", "tab:purple"),
+    "skip_below": ("<", "tab:pink"),
+    "planned": ("P", "tab:olive"),
+    "planned, fitted": ("X", "tab:cyan"),
+    "planned, slim fitted": ("h", "tab:red"),
+    "pruned": ("p", "tab:brown"),
+}
+
+
+def pareto_plots(results: dict[str, Any], active_png: Path, memory_png: Path) -> None:
+    """Training-free held-out loss (mean ± spread over seeds) against expert-equivalents per token
+    (active routed-expert parameters) and against total parameters in memory, every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["summary"] if r["stage"] == "training-free"]
+    for png, key, scale, label in (
+        (
+            active_png,
+            "expert_equivalents",
+            1,
+            f"expert-equivalents per token and block (active expert parameters, of {results['top_k']})",
+        ),
+        (memory_png, "total", 1e6, "total parameters in memory (millions)"),
+    ):
+        fig, ax = plt.subplots(figsize=(7.2, 4.6))
+        for method, (marker, color) in STYLES.items():
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key][0])
+            if not mine:
+                continue
+            ax.errorbar(
+                [r[key][0] / scale for r in mine],
+                [r["loss"][0] for r in mine],
+                yerr=[r["loss"][1] for r in mine],
+                marker=marker,
+                color=color,
+                # Against memory every compute-saving method sits at one total: only pruning's keeps make a line.
+                linestyle="-" if key == "expert_equivalents" or method == "pruned" else "none",
+                linewidth=0.8,
+                capsize=2,
+                label=method,
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss, training-free (lower is better)")
+        ax.set_title("Bundled model: every method at matched budgets")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(png, dpi=120)
+        plt.close(fig)
+
+
+BEGIN = "<!-- methods:begin (written by compressed-experts toy methods --report; edit outside) -->"
+END = "<!-- methods:end -->"

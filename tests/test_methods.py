@@ -1,0 +1,115 @@
+"""The methods study (issue 18): every method at matched budgets on the bundled model, at the smallest settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from compressed_experts.cli import app
+from compressed_experts.errors import CompressedExpertsError
+from compressed_experts.sources import BUNDLED
+from compressed_experts.toy.demo import write_section
+from compressed_experts.toy.methods import (
+    BEGIN,
+    END,
+    METHODS,
+    QUICK_METHODS,
+    TOLERANCE,
+    MethodsPlan,
+    check_study,
+    run_methods,
+    split_r,
+    table_markdown,
+)
+
+#: The quick study made smaller still: budget 2 (one split to choose), short sequences, one fine-tuning step.
+TINY = dataclasses.replace(
+    QUICK_METHODS,
+    budgets=(2, 8),
+    seq_len=64,
+    calib_tokens=1024,
+    plan_tokens=1024,
+    fit_steps=2,
+    search_steps=10,
+    finetune_budgets=(2,),
+    finetune_methods=("slim", "top_p"),
+    finetune_steps=1,
+    batch_size=2,
+)
+
+
+@pytest.mark.slow
+def test_every_method_at_its_budget_table_and_plots(tmp_path):
+    results = run_methods(tmp_path, TINY, seeds=1, say=lambda _: None)
+    for name in ("methods_results.json", "methods_rows.json", "methods_table.md"):
+        assert (tmp_path / name).is_file()
+    for name in ("methods_pareto_active.png", "methods_pareto_memory.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+    rows = results["rows"]
+    assert json.loads((tmp_path / "methods_rows.json").read_text())["rows"] == rows  # saved as it went
+    free = {r["method"] for r in rows if r["stage"] == "training-free"}
+    assert free == {"full top-k", *METHODS}
+    by = {(r["stage"], r["method"], r["budget"]): r for r in rows}
+    # Every method's measured expert-equivalents (calibration text) match its budget within the tolerance.
+    for row in rows:
+        if row["method"] in ("full top-k", "pruned"):
+            assert row["expert_equivalents"] == 8  # pruning saves memory, not compute
+        else:
+            assert abs(row["expert_equivalents"] - row["budget"]) <= TOLERANCE, row
+        if row["method"].startswith("planned"):
+            assert row["expert_equivalents"] <= row["budget"] + 1e-9  # the planner never exceeds its budget
+    # Top-m at budget 8 is full top-k; pruning cuts memory; slim adds some.
+    full = by[("training-free", "full top-k", 8)]
+    assert by[("training-free", "top-m", 8)]["loss"] == pytest.approx(full["loss"], abs=1e-6)
+    pruned = next(r for r in rows if r["method"] == "pruned")
+    assert pruned["total"] < full["total"] < by[("training-free", "slim", 2)]["total"]
+    # The split: one main expert and 7 auxiliary of r neurons, r as close to the budget as whole neurons go.
+    assert results["splits"] == {"2": {"n_ce": 7, "r": split_r(2, 1, 8, 96)}} and split_r(2, 1, 8, 96) == 14
+    # Gap closed, by hand: against top-m at the budget and full top-k, same stage (fine-tuned: same seed).
+    for stage in ("training-free", "fine-tuned"):
+        top_m, full_loss = by[(stage, "top-m", 2)]["loss"], by[(stage, "full top-k", 8)]["loss"]
+        summary = next(s for s in results["summary"] if (s["stage"], s["method"], s["budget"]) == (stage, "slim", 2))
+        expected = (top_m - by[(stage, "slim", 2)]["loss"]) / (top_m - full_loss)
+        assert summary["gap_closed"][0] == pytest.approx(expected)
+    assert {r["method"] for r in rows if r["stage"] == "fine-tuned"} == {"full top-k", "top-m", "slim", "top_p"}
+    report = tmp_path / "RESULTS.md"
+    report.write_text(f"# Results\n\nabove\n\n{BEGIN}\nold\n{END}\n\nbelow\n")
+    write_section(report, BEGIN, END, "compressed-experts toy methods", results["seconds"], table_markdown(results))
+    text = report.read_text()
+    assert (
+        "above" in text
+        and "below" in text
+        and "old" not in text
+        and "| training-free | 2 | slim | n_ce 7, r 14 |" in text
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "seeds", "expect"),
+    [
+        (dict(budgets=(0, 4)), 1, "whole numbers of expert-equivalents, 1 or more"),
+        (dict(budgets=(2.5,)), 1, "whole numbers"),
+        (dict(budgets=(9,), finetune_budgets=()), 1, "above full top-k"),
+        (dict(budgets=(2,), finetune_budgets=(4,)), 1, "not among the budgets"),
+        (dict(finetune_methods=("top-m",)), 1, "cannot fine-tune"),
+        (dict(keeps=(4,)), 1, "fewer than the 8 experts"),
+        (dict(), 0, "seeds must be a whole number, at least 1"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(change, seeds, expect):
+    with pytest.raises(CompressedExpertsError, match=expect):
+        check_study(MethodsPlan(**change), seeds, BUNDLED)
+
+
+def test_the_command_refuses_bad_budgets_before_writing(tmp_path):
+    for args, expect in (
+        (["--budgets", "9"], "budget 9 is above full top-k"),
+        (["--budgets", "0"], "1 or more"),
+        (["--seeds", "0"], "--seeds must be"),
+    ):
+        result = CliRunner().invoke(app, ["toy", "methods", "--out", str(tmp_path / "out"), *args])
+        assert result.exit_code == 2 and expect in result.output
+        assert not (tmp_path / "out").exists()
