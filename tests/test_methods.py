@@ -85,6 +85,12 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         and "old" not in text
         and "| training-free | 2 | slim | n_ce 7, r 14 |" in text
     )
+    # An interrupted run: the rows saved so far render into the same table, and --report takes it.
+    table = (tmp_path / "methods_table.md").read_text()
+    (tmp_path / "methods_table.md").unlink()
+    args = ["toy", "methods", "--report-only", "--out", str(tmp_path), "--report", str(report)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert (tmp_path / "methods_table.md").read_text() == table and table.rstrip() in report.read_text()
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from ..toy.forms import BEGIN, END, QUICK_STUDY, StudyPlan, run_study
 from ..toy.forms import table_markdown as forms_table
 from ..toy.methods import BEGIN as METHODS_BEGIN
 from ..toy.methods import END as METHODS_END
-from ..toy.methods import QUICK_METHODS, MethodsPlan, check_study, run_methods
+from ..toy.methods import QUICK_METHODS, MethodsPlan, check_study, render, run_methods, saved_rows
 from ..toy.methods import table_markdown as methods_table
 from ..toy.pretrain import Recipe, pretrain, ship_export
 from .app import app, toy_app
@@ -111,13 +111,17 @@ def toy_forms(
     run(releasing(out, action))
 
 
-def _run_study(out: Path, overwrite: bool, report: Path | None, name: str, produce, table, files, markers) -> None:
+def _run_study(
+    out: Path, overwrite: bool, report: Path | None, name: str, produce, table, files, markers, fresh: bool = True
+) -> None:
     """What the toy studies share around their run: the library's output policy (a new or empty
-    --out, or with --overwrite an earlier study's), the table printed, and --report's section."""
-    if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=f"a {name} study directory"):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, f"{name} study")
+    --out, or with --overwrite an earlier study's; not when ``fresh`` is off and the study renders
+    what is in --out), the table printed, and --report's section."""
+    if fresh:
+        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=f"a {name} study directory"):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, f"{name} study")
     results = produce()
     console.print(Markdown(table(results)))
     console.print(f"{results['seconds'] / 60:.1f} min; wrote {', '.join(str(out / f) for f in files)}")
@@ -160,6 +164,13 @@ def toy_methods(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it holds an earlier study.")] = False,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            help="Measure nothing: write the results, table, plots (and --report) from the rows a run in --out saved "
+            "as it went (one that was interrupted, too)."
+        ),
+    ] = False,
 ) -> None:
     """Every method at matched budgets on the bundled model: top-m, the fitted forms, top-p and
     skipping, the planner and pruning; held-out loss, gap closed, and two Pareto plots."""
@@ -173,18 +184,22 @@ def toy_methods(
             settings = dataclasses.replace(settings, budgets=chosen, finetune_budgets=kept)
         if finetune_budgets is not None:
             settings = dataclasses.replace(settings, finetune_budgets=csv_values(finetune_budgets, kind=float))
-        check_study(settings, seeds, BUNDLED)
+        if not report_only:
+            check_study(settings, seeds, BUNDLED)
         _run_study(
             out,
             overwrite,
             report,
             "methods",
-            lambda: run_methods(
+            (lambda: render(out, saved_rows(out)))
+            if report_only
+            else lambda: run_methods(
                 out, settings, seeds, finetune=finetune, say=lambda text: console.print(f"[bold]methods:[/] {text}")
             ),
             methods_table,
             ("methods_results.json", "methods_table.md", "methods_pareto_active.png", "methods_pareto_memory.png"),
             (METHODS_BEGIN, METHODS_END),
+            fresh=not report_only,
         )
 
     run(releasing(out, action))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..architectures import family_of, moe_blocks
-from ..checkpoint import from_pretrained, load_tokenizer, skeleton
+from ..checkpoint import MARKER, from_pretrained, load_tokenizer, skeleton
 from ..config import CEConfig
 from ..convert import convert
 from ..errors import CompressedExpertsError
@@ -82,6 +82,8 @@ STAGES = ("training-free", "fine-tuned")
 #: references of its gaps, are always fine-tuned.
 FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted", "planned, slim fitted")
 RULES = ("top_p", "skip_below")
+#: Every row so far, rewritten after each measurement.
+ROWS = "methods_rows.json"
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,8 @@ def run_methods(
                 **extra,
             }
         )
-        (out / "methods_rows.json").write_text(json.dumps(results, indent=1))
+        results["seconds"] = time.perf_counter() - started
+        (out / ROWS).write_text(json.dumps(results, indent=1))
 
     def fitted(configs, blocks, seed: int):
         converted = convert(copy.deepcopy(base), configs)
@@ -418,11 +421,29 @@ def run_methods(
                     calib,
                     train_seconds=result.summary["seconds"],
                 )
-    results["summary"] = summarise(rows, top_k)
     results["seconds"] = time.perf_counter() - started
+    return render(out, results)
+
+
+def render(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Summarise ``results``' rows and write the results JSON, the table and the two plots into ``out``."""
+    results["summary"] = summarise(results["rows"], results["top_k"])
     (out / "methods_results.json").write_text(json.dumps(results, indent=1))
     (out / "methods_table.md").write_text(table_markdown(results))
     pareto_plots(results, out / "methods_pareto_active.png", out / "methods_pareto_memory.png")
+    return results
+
+
+def saved_rows(out: Path) -> dict[str, Any]:
+    """The rows a run in ``out`` wrote as it measured them, finished or not (an interrupted run's
+    are rendered with :func:`render`). Rows of a run from before the elapsed time was saved with
+    them get the time from the study's start (its marker) to the last row."""
+    path = Path(out) / ROWS
+    if not path.is_file():
+        raise CompressedExpertsError(f"{path} does not exist: no methods study has written rows into {out}")
+    results = json.loads(path.read_text())
+    if "seconds" not in results:
+        results["seconds"] = path.stat().st_mtime - (Path(out) / MARKER).stat().st_mtime
     return results
 
 
@@ -454,6 +475,7 @@ def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["stage"], row["method"], row["budget"], row.get("keep")), []).append(row)
+    seeded = {key: len({m["seed"] for m in members if m["seed"] is not None}) for key, members in groups.items()}
     summary = []
     for (stage, method, budget, kept), members in groups.items():
         closed = []
@@ -473,7 +495,7 @@ def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
                 "method": method,
                 "budget": budget,
                 "keep": kept,
-                "seeds": len(members),
+                "seeds": seeded[(stage, method, budget, kept)],  # 0: a reference that needs no seed
                 "setting": settings[0] if len(settings) == 1 else " / ".join(settings),
                 "loss": mean_spread([m["loss"] for m in members]),
                 "gap_closed": mean_spread(closed) if closed else None,
@@ -506,10 +528,11 @@ def table_markdown(results: dict[str, Any]) -> str:
     for row in results["summary"]:
         eq, held = row["expert_equivalents"][0], row["heldout_expert_equivalents"][0]
         loss, closed = row["loss"], row["gap_closed"]
+        fewer = f" ({row['seeds']} seeds)" if 0 < row["seeds"] < results["seeds"] else ""  # an interrupted run
         lines.append(
             f"| {row['stage']} | {row['budget'] if row['budget'] is not None else '-'} | {row['method']} | "
             f"{row['setting']} | {eq:.2f} ({held:.2f}) | {row['total'][0] / 1e6:.2f} M | "
-            f"{loss[0]:.4f} ± {loss[1]:.4f} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
+            f"{loss[0]:.4f} ± {loss[1]:.4f}{fewer} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
         )
     return "\n".join(lines) + "\n"
 
