@@ -158,8 +158,8 @@ def test_compute_paths_agree_forward_and_backward(monkeypatch, n_ce, tokens, dty
         x.grad = None
         calls.clear()
         out = module(x, index, weights)
-        # With gradients on, auto takes grouped_mm at every size (the loop only serves decode-sized
-        # inference on CPU: test_auto_loops_for_decode_sized_inference_on_cpu_only).
+        # With gradients on, auto takes grouped_mm at every size (the loop only serves decode-sized and large
+        # inference on CPU: test_auto_loops_for_decode_sized_and_large_inference_on_cpu_only).
         grouped = path in ("grouped", "auto")
         assert (len(calls) > 0) == grouped
         out.float().square().sum().backward()
@@ -238,7 +238,7 @@ def test_no_tokens():
     assert out.shape == (0, H)
 
 
-def test_auto_loops_for_decode_sized_inference_on_cpu_only(monkeypatch):
+def test_auto_loops_for_decode_sized_and_large_inference_on_cpu_only(monkeypatch):
     if not products.HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
     module = layer(2)
@@ -257,3 +257,60 @@ def test_auto_loops_for_decode_sized_inference_on_cpu_only(monkeypatch):
         calls.clear()
         module(torch.randn(5, H), index, weights)
     assert calls  # 10 rows > E / 4: grouped_mm
+    for tokens, grouped in ((32 * E - 1, True), (32 * E, False)):  # large: 64 rows per expert and more
+        index, weights = routing(tokens)
+        calls.clear()
+        with torch.no_grad():
+            module(torch.randn(tokens, H), index, weights)
+        assert bool(calls) == grouped, tokens
+    calls.clear()
+    module(torch.randn(tokens, H), index, weights).sum().backward()
+    assert calls  # a training step at the large size: grouped_mm
+
+
+BY_EXPERT_CASES = [
+    dict(n_ce=0),
+    dict(n_ce=2),
+    dict(n_ce=2, form="subset", r=8),
+    dict(n_ce=1, form="slim", r=8),
+    dict(n_ce=None, top_p=0.6),
+    dict(n_ce=None, form="slim", r=8, skip_below=0.5),
+]
+
+
+@pytest.mark.parametrize("case", BY_EXPERT_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_inference_on_cpu_goes_expert_by_expert(monkeypatch, case, dtype):
+    """At 64 rows per expert and more, CPU inference runs each expert's whole MLP at once (cache, not
+    FLOPs): it must give what the projection-by-projection products give, for every form and rule
+    (the neuron limit, slim's own weights, pairs a rule skips), up to the matmul kernels' own
+    rounding (the same sums in the same order; a half of the fused weight may take another kernel)."""
+    if not products.HAS_GROUPED_MM:
+        pytest.skip("this torch build has no grouped_mm")
+    case = dict(case)
+    n_ce = case.pop("n_ce")
+    module = CompressedExperts(PlainExperts(3), n_ce, **case).to(dtype)
+    with torch.no_grad():  # the form's own parameters away from where they start
+        for name, param in module.named_parameters():
+            if name not in ("gate_up_proj", "down_proj"):
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    tokens = 64 * E  # 64 rows per expert in every run, whatever the split
+    index, weights = routing(tokens, seed=4, skip=(5,))
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(9)).to(dtype)
+    taken = []
+    real = products._by_expert
+    monkeypatch.setattr(products, "_by_expert", lambda *a: taken.append(1) or real(*a))
+    outs = {}
+    with torch.no_grad():
+        for path in ("grouped", "loop", "auto"):
+            module.path = path
+            taken.clear()
+            outs[path] = module(x, index, weights)
+            assert bool(taken) == (path != "grouped")
+    same = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)  # bf16: an ulp
+    torch.testing.assert_close(outs["loop"], outs["grouped"], **same)
+    torch.testing.assert_close(outs["auto"], outs["grouped"], **same)
+    if n_ce is not None and "form" not in case:  # and the method itself (ia3), against the reference
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        expected = reference(module.float(), x.float(), index, weights)
+        torch.testing.assert_close(outs["loop"].double(), expected, rtol=tol, atol=tol)

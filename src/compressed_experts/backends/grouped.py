@@ -5,8 +5,8 @@ on CUDA. The fastest backend from a few dozen rows up on both CPU and GPU (BENCH
 
 Forced (path ``grouped``), every run of a call goes through grouped_mm, or the call is refused.
 Under ``auto`` it is taken when grouped_mm can take at least one run, and each run goes where it
-is faster: grouped_mm if it takes the run's operands and the run is not decode-sized on CPU, the
-loop otherwise (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
+is faster: grouped_mm if it takes the run's operands and, on CPU without gradients, the run is neither
+decode-sized nor large (there the loop goes expert by expert), the loop otherwise (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
 grouped_mm).
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from ..routing import Call
 from .base import Backend
-from .products import grouped_mm_reason, run_all
+from .products import by_expert, grouped_mm_reason, run_all
 
 
 class Grouped(Backend):
@@ -29,7 +29,7 @@ class Grouped(Backend):
         return reason if all(grouped_mm_reason(call.x, [run]) for run in call.runs) else None
 
     def preferred(self, call: Call) -> bool:
-        return not _few_rows(call.x, call.main_rows, call.layer.num_experts)
+        return not _loop_faster(call.x, call.main_rows, call.layer.num_experts)
 
     def run(self, call: Call) -> torch.Tensor:
         layer, x = call.layer, call.x
@@ -37,15 +37,23 @@ class Grouped(Backend):
             choices = True
         else:
             choices = [
-                grouped_mm_reason(x, [run]) is None and not _few_rows(x, run.index.numel(), layer.num_experts)
+                grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run.index.numel(), layer.num_experts)
                 for run in call.runs
             ]
         return run_all(x, call.runs, layer.act_fn, layer.num_experts, grouped=choices)
 
 
-def _few_rows(x: torch.Tensor, rows: int, num_experts: int) -> bool:
-    """Decode-sized inference on CPU: grouped_mm there visits every expert, empty ones included, with
-    per-expert bookkeeping; looping over the experts that have rows is cheaper (one host sync). Not
-    with gradients on: a training step at one token measured 1.8x slower through the loop than
-    through grouped_mm (OLMoE layer, bfloat16, 2 threads), whose backward the loop's does not match."""
-    return x.device.type == "cpu" and rows * 4 <= num_experts and not torch.is_grad_enabled()
+def _loop_faster(x: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Where the loop beats grouped_mm: inference on CPU, at either end of the sizes.
+
+    Decode-sized (a row per 4 experts or fewer): grouped_mm visits every expert, empty ones
+    included, with per-expert bookkeeping; looping over the experts that have rows is cheaper (one
+    host sync). Large (:func:`by_expert`: 64 rows per expert or more, 512 tokens of OLMoE's top-8
+    over 64 experts): the loop runs each expert's whole MLP while its rows are in cache, which
+    grouped_mm's projection-by-projection passes cannot; at 1,024-2,048 tokens (OLMoE layer, two
+    threads) 3-5% faster in bfloat16, 15% in float32, while at 32 rows per expert the loop was 3-5%
+    slower. Not with gradients on: a training step at one token measured 1.8x slower through the
+    loop than through grouped_mm, whose backward the loop's does not match."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return False
+    return rows * 4 <= num_experts or by_expert(x, rows, num_experts)
