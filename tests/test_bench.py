@@ -38,15 +38,15 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="the fused kernel
 
 
 def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
-    real = bench.interleaved_medians
+    real = bench.interleaved_times
     calls = []
 
-    def fixed_medians(fns, device, repeats=5, warmup=2):
+    def fixed_times(fns, device, repeats=5, warmup=2):
         real(fns, device, repeats=1, warmup=0)  # every variant still runs (once: the interpreted kernels are slow)
         calls.append({name: FAKE_SECONDS[name] * (len(calls) + 1) for name in fns})
-        return calls[-1]
+        return {name: [seconds] for name, seconds in calls[-1].items()}
 
-    monkeypatch.setattr(bench, "interleaved_medians", fixed_medians)
+    monkeypatch.setattr(bench, "interleaved_times", fixed_times)
     result = bench.run(
         device="cpu", shapes=("tiny",), dtypes=("float32",), tokens=(1, 8), repeats=5, end_to_end=False, command="test"
     )
@@ -152,6 +152,9 @@ def test_interleaved_medians_time_every_function_alike(monkeypatch):
     }
     medians = bench.interleaved_medians(fns, torch.device("cpu"), repeats=5, warmup=1)
     assert medians == {"a": 3, "b": 20}
+    # The spread: interquartile range over the median (a: 2..4 of 1, 2, 3, 4, 9; b: 15..40), the range below 4.
+    assert bench.spread([9, 1, 3, 2, 4]) == pytest.approx(2 / 3) and bench.spread([40, 10, 20, 50, 15]) == 1.25
+    assert bench.spread([1.0, 3.0]) == 1.0 and bench.spread([2.0]) == 0.0
     assert calls == [
         "a",
         "b",
@@ -251,7 +254,7 @@ def test_a_failed_compile_keeps_the_eager_figures_and_says_why(monkeypatch):
     )
     # The GPU's end-to-end target is in each model's fastest mode: not measured without the compiled one.
     target = "decode tokens/s, compressed experts / fastest full top-k model, each in its fastest mode (end to end)"
-    assert f"| {target} | not measured | min 1.3 | no |  |" in lines
+    assert f"| {target} | not measured | min 1.3 | no |  |  |" in lines
 
 
 def test_compiled_generate_with_a_static_cache_gives_the_eager_tokens():
@@ -318,12 +321,44 @@ def test_ratios_and_targets_are_against_the_fastest_full_top_k():
         "0.70 | 0.75 | 1.25 | - | - | - | 0.100, 0.100 | 1.0, 1.0 |" in lines
     )
     assert "| decode tokens per s | 20.0 | 16.0 | 24.0 | 1.20 |" in lines  # 24 / 20 (transformers' model), not 24 / 16
-    checks = {name: (round(value, 2), ok) for name, value, _, _, ok in bench.targets(result)}
+    checks = {name: (round(value, 2), ok) for name, value, _, _, ok, _ in bench.targets(result)}
     assert checks == {
         "compressed experts / fastest full top-k (olmoe, bfloat16, 512 tokens, forward)": (0.7, False),
         "full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward)": (1.25, False),
         "decode tokens/s, compressed experts / fastest full top-k model (end to end)": (1.2, False),
     }
+
+
+def test_a_miss_within_the_repeat_spread_says_so():
+    rows = _row_group(
+        {"transformers:eager": 2.0, "transformers:grouped_mm": 2.2, "full": 2.1, "top-m": 1.0, "ce": 1.1}, "bfloat16"
+    )
+    spreads = {"transformers:eager": 0.03, "full": 0.08, "ce": 0.01}
+    result = {
+        "device": "cpu",
+        "machine": "m",
+        "command": "c",
+        "rows": [r | {"spread": spreads.get(r["variant"], 0.5)} for r in rows],
+    }
+    checks = {name: (round(value, 3), ok, noise) for name, value, _, _, ok, noise in bench.targets(result)}
+    assert checks["full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward)"] == (1.05, False, 0.08)
+    # ce against the fastest full top-k (transformers' eager): the larger spread of the two.
+    assert checks["compressed experts / fastest full top-k (olmoe, bfloat16, 512 tokens, forward)"] == (
+        0.55,
+        True,
+        0.03,
+    )
+    lines = bench.markdown(result).splitlines()
+    assert (
+        "| full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward) | 1.050 | max 1.0 | no | +5.0% (within the spread) | 8.0% |"
+        in lines
+    )
+    # Results from before spreads were kept: no spread, and no verdict on the noise.
+    old = {**result, "rows": rows}
+    assert (
+        "| full top-k / transformers' fastest (olmoe, bfloat16, 512 tokens, forward) | 1.050 | max 1.0 | no | +5.0% |  |"
+        in bench.markdown(old).splitlines()
+    )
 
 
 def test_cpu_results_are_kept_per_cpu_model(tmp_path):
@@ -368,13 +403,13 @@ def test_an_interrupted_run_keeps_its_rows_and_resume_measures_only_the_rest(tmp
 
     timed = []
 
-    def medians(fns, device, repeats=5, warmup=2):
+    def times(fns, device, repeats=5, warmup=2):
         if len(timed) == 2 and not resumed:
             raise KeyboardInterrupt  # the third group: as if the user pressed Ctrl-C
         timed.append(len(fns))
-        return {name: FAKE_SECONDS[name] * len(timed) for name in fns}
+        return {name: [FAKE_SECONDS[name] * len(timed)] for name in fns}
 
-    monkeypatch.setattr(bench, "interleaved_medians", medians)
+    monkeypatch.setattr(bench, "interleaved_times", times)
     out, doc = tmp_path / "benchmarks", tmp_path / "B.md"
     args = ["bench", "--device", "cpu", "--shapes", "tiny", "--dtypes", "float32", "--tokens", "1,8"]
     args += ["--no-end-to-end", "--out-dir", str(out), "--doc", str(doc)]
@@ -498,7 +533,7 @@ def test_gpu_targets_take_each_variant_at_its_best_and_list_what_was_not_measure
         e2e[k]["compiled_same_tokens"] = k != "full"
     result = {"device": "cuda-nvidia-h200", "machine": "m", "command": "c", "rows": rows, "end_to_end": e2e}
     checks = {
-        name: (value if value is None else round(value, 3), ok) for name, value, _, _, ok in bench.targets(result)
+        name: (value if value is None else round(value, 3), ok) for name, value, _, _, ok, _ in bench.targets(result)
     }
     best = "compressed experts at their best (auto or fused path) / fastest full top-k"
     expected = {
@@ -528,8 +563,8 @@ def test_gpu_targets_take_each_variant_at_its_best_and_list_what_was_not_measure
     }
     assert checks == expected
     lines = bench.markdown(result).splitlines()
-    assert f"| {best} (olmoe, bfloat16, 4096 tokens, forward) | not measured | max 0.65 | no |  |" in lines
-    assert f"| {best} (olmoe, bfloat16, 16 tokens, forward) | 0.700 | max 0.65 | no | +7.7% |" in lines
+    assert f"| {best} (olmoe, bfloat16, 4096 tokens, forward) | not measured | max 0.65 | no |  |  |" in lines
+    assert f"| {best} (olmoe, bfloat16, 16 tokens, forward) | 0.700 | max 0.65 | no | +7.7% |  |" in lines
     # The main table: the fastest full top-k is full:fused; ce there is the auto path's (2.5 / 2.0).
     assert (
         "| olmoe | bfloat16 | 1 | forward | 4.00 (grouped_mm) | 3.00 | 2.00 | 2.50 | full:fused | 1.25 | 1.00 | "

@@ -207,8 +207,8 @@ def set_compute_path(model: nn.Module, path: str) -> None:
     ``"auto"`` (the default) picks per call, in :data:`compressed_experts.backends.AUTO`'s order:
     the fused ``decode`` kernels on CUDA for inference calls of at most twice as many main
     (token, expert) rows as experts (ia3 and top-m); ``grouped`` (``grouped_mm``) where the build
-    and device take the operands, except decode-sized inference on CPU (rows at most a quarter of
-    the experts, gradients off); else ``loop``. ``"grouped"``, ``"loop"`` and ``"decode"`` force one (an error
+    and device take the operands, except for inference on CPU that is decode-sized (rows at most a
+    quarter of the experts) or large (64 rows per expert and more); else ``loop``. ``"grouped"``, ``"loop"`` and ``"decode"`` force one (an error
     where it cannot run); ``"eager"`` is the per-token reference, for checking.
     """
     backends.check_path(path)
