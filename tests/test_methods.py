@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -91,6 +92,23 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     args = ["toy", "methods", "--report-only", "--out", str(tmp_path), "--report", str(report)]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert (tmp_path / "methods_table.md").read_text() == table and table.rstrip() in report.read_text()
+    # Interrupted before its fine-tuned stage and one fit (its saved model lost too): --resume keeps the
+    # rows, measures the rest the way the first run did, and refuses other settings.
+    saved = json.loads((tmp_path / "methods_rows.json").read_text())
+    lost = lambda r: r["stage"] == "fine-tuned" or (r["method"], r["budget"]) == ("slim", 2)  # noqa: E731
+    (tmp_path / "methods_rows.json").write_text(json.dumps({**saved, "rows": [r for r in rows if not lost(r)]}))
+    shutil.rmtree(tmp_path / "seed0" / "slim-2")
+    with pytest.raises(CompressedExpertsError, match=r"other settings \(fit_steps\)"):
+        run_methods(tmp_path, dataclasses.replace(TINY, fit_steps=3), seeds=1, resume=True, say=lambda _: None)
+    resumed = run_methods(tmp_path, TINY, seeds=1, resume=True, say=lambda _: None)["rows"]
+    key = lambda r: (r["stage"], r["method"], r["budget"], r.get("keep"))  # noqa: E731
+    assert sorted(map(key, resumed)) == sorted(map(key, rows)) and (tmp_path / "seed0" / "slim-2").is_dir()
+    again = {key(r): r for r in resumed}
+    for row in rows:
+        if lost(row):  # measured again, from the same seeds: the same model
+            assert again[key(row)]["loss"] == pytest.approx(row["loss"], abs=1e-4), key(row)
+        else:
+            assert again[key(row)] == row  # kept as it was
 
 
 @pytest.mark.parametrize(

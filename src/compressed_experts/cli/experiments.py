@@ -112,13 +112,26 @@ def toy_forms(
 
 
 def _run_study(
-    out: Path, overwrite: bool, report: Path | None, name: str, produce, table, files, markers, fresh: bool = True
+    out: Path,
+    overwrite: bool,
+    report: Path | None,
+    name: str,
+    produce,
+    table,
+    files,
+    markers,
+    fresh: bool = True,
+    resume: bool = False,
 ) -> None:
     """What the toy studies share around their run: the library's output policy (a new or empty
-    --out, or with --overwrite an earlier study's; not when ``fresh`` is off and the study renders
-    what is in --out), the table printed, and --report's section."""
-    if fresh:
-        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=f"a {name} study directory"):
+    --out, or with --overwrite an earlier study's; with ``resume`` the study in --out, continued
+    under its lock; neither when ``fresh`` is off and the study renders what is in --out), the
+    table printed, and --report's section."""
+    if resume:
+        check_output_dir(out, sources={"model": BUNDLED}, keep=True)
+    elif fresh:
+        replaces = f"a {name} study directory"
+        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=replaces, resumable=True):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, f"{name} study")
@@ -171,6 +184,13 @@ def toy_methods(
             "as it went (one that was interrupted, too)."
         ),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue an interrupted study in --out: keep the rows it saved, measure the rest (same settings; "
+            "more --seeds add seeds)."
+        ),
+    ] = False,
 ) -> None:
     """Every method at matched budgets on the bundled model: top-m, the fitted forms, top-p and
     skipping, the planner and pruning; held-out loss, gap closed, and two Pareto plots."""
@@ -194,12 +214,18 @@ def toy_methods(
             (lambda: render(out, saved_rows(out)))
             if report_only
             else lambda: run_methods(
-                out, settings, seeds, finetune=finetune, say=lambda text: console.print(f"[bold]methods:[/] {text}")
+                out,
+                settings,
+                seeds,
+                finetune=finetune,
+                say=lambda text: console.print(f"[bold]methods:[/] {text}"),
+                resume=resume,
             ),
             methods_table,
             ("methods_results.json", "methods_table.md", "methods_pareto_active.png", "methods_pareto_memory.png"),
             (METHODS_BEGIN, METHODS_END),
             fresh=not report_only,
+            resume=resume and not report_only,
         )
 
     run(releasing(out, action))

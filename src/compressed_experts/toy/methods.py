@@ -37,6 +37,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,21 +223,28 @@ def run_methods(
     model: str | None = None,
     finetune: bool = True,
     say: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots)."""
+    """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots).
+
+    With ``resume``, the rows an interrupted run saved in ``out`` are kept and only the rest is
+    measured (the same settings and model; seeds may be added): a training-free model that the
+    fine-tuned stage starts from is rebuilt only if the run did not save it."""
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     model = model or BUNDLED
     top_k, num_experts, intermediate = check_study(settings, seeds, model)
     out = Path(out)
+    earlier = _resumable(out, settings, model) if resume else {}
     base = from_pretrained(model, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier.get("seconds", 0.0)
     tokenizer = load_tokenizer(model)
     calibration, held = domain_split()  # calibration text: the domain's training files; scored on its held-out ones
     held_blocks = token_blocks(tokenizer, held, settings.seq_len, settings.eval_blocks)
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(earlier.get("rows", []))
     results = {"settings": asdict(settings), "seeds": seeds, "model": model, "top_k": top_k, "rows": rows}
+    done = {_key(row) for row in rows}
 
     def add(stage: str, method: str, budget: int | None, seed: int | None, scored, setting: str, calib, **extra):
         """Score ``scored``, record it, and write every row so far (an interrupted run keeps them)."""
@@ -256,6 +264,7 @@ def run_methods(
                 **extra,
             }
         )
+        done.add(_key(rows[-1]))
         results["seconds"] = time.perf_counter() - started
         (out / ROWS).write_text(json.dumps(results, indent=1))
 
@@ -264,72 +273,103 @@ def run_methods(
         report = fit(converted, blocks, steps=settings.fit_steps, seed=seed, progress=False)
         return converted, report["seconds"]
 
+    saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
+
+    def needed(method: str, budget: int, seed: int) -> bool:
+        """Whether the fine-tuned stage starts from this training-free model (and has not run it yet)."""
+        wanted = finetune and budget in settings.finetune_budgets and method in settings.finetune_methods
+        return wanted and ("fine-tuned", method, budget, seed, None) not in done
+
+    def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
+        """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
+        has its row and, where the fine-tuned stage needs it, its saved model."""
+        path = out / f"seed{seed}" / f"{method.replace(', ', '-').replace(' ', '-')}-{budget}"
+        scored = ("training-free", method, budget, seed, None) in done
+        if scored and (not needed(method, budget, seed) or (path / "config.json").is_file()):
+            saved[(method, budget, seed)] = path
+            return
+        built, setting, extra = build()
+        if not scored:
+            add("training-free", method, budget, seed, built, setting, calib, **extra)
+        if needed(method, budget, seed):
+            built.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            saved[(method, budget, seed)] = path
+
     fixed = [b for b in settings.budgets if b < top_k]  # at full top-k every method is full top-k
     say("scoring full top-k and top-m")
     calib0 = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, 0)
-    add("training-free", "full top-k", top_k, None, base, "all experts", calib0)
+    if ("training-free", "full top-k", top_k, None, None) not in done:
+        add("training-free", "full top-k", top_k, None, base, "all experts", calib0)
     for budget in settings.budgets:
-        add(
-            "training-free",
-            "top-m",
-            budget,
-            None,
-            convert(copy.deepcopy(base), CEConfig(top_k - budget, "none")),
-            f"n_ce {top_k - budget}",
-            calib0,
-        )
+        if ("training-free", "top-m", budget, None, None) not in done:
+            config = CEConfig(top_k - budget, "none")
+            add(
+                "training-free",
+                "top-m",
+                budget,
+                None,
+                convert(copy.deepcopy(base), config),
+                f"n_ce {top_k - budget}",
+                calib0,
+            )
     # Which split of each budget subset and slim take: the subset fit of least calibration loss, first seed.
-    splits = {}
+    splits = {int(b): CEConfig(c["n_ce"], "subset", c["r"]) for b, c in earlier.get("splits", {}).items()}
     for budget in fixed:
         losses = {}
-        for main in range(1, budget):
+        for main in range(1, budget) if budget not in splits else ():
             say(f"choosing the split at budget {budget}: subset with {main} main experts")
             config = CEConfig(top_k - main, "subset", split_r(budget, main, top_k, intermediate))
             losses[config] = blocks_loss(fitted(config, calib0, 0)[0], calib0)
         if losses:
             splits[budget] = min(losses, key=losses.get)
-    results["splits"] = {str(b): {"n_ce": c.n_ce, "r": c.r} for b, c in splits.items()}
-    saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
-    thresholds: dict[tuple[str, int, int], float] = {}
+    results["splits"] = {str(b): {"n_ce": c.n_ce, "r": c.r} for b, c in sorted(splits.items())}
+    thresholds = {(r["method"], r["budget"], r["seed"]): r["threshold"] for r in rows if "threshold" in r}
 
-    def keep(method: str, budget: int, seed: int, built) -> None:
-        if finetune and budget in settings.finetune_budgets and method in settings.finetune_methods:
-            path = out / f"seed{seed}" / f"{method.replace(', ', '-').replace(' ', '-')}-{budget}"
-            built.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            saved[(method, budget, seed)] = path
+    def fitted_form(config: CEConfig, budget: int, seed: int, calib):
+        say(f"seed {seed}, budget {budget}: fitting {config.form}")
+        built, seconds = fitted(config, calib, seed)
+        return built, f"n_ce {config.n_ce}" + (f", r {config.r}" if config.r else ""), dict(fit_seconds=seconds)
 
+    def ruled(rule: str, budget: int, seed: int, calib):
+        say(f"seed {seed}, budget {budget}: matching {rule} on the calibration text")
+        value, _ = match_rule(base, rule, budget, calib, settings.search_steps)
+        thresholds[(rule, budget, seed)] = value
+        return _rule_model(base, rule, value), f"{rule} {value:.4f}", dict(threshold=value)
+
+    def planned_model(method: str, configs: list[CEConfig], layers: list[CEConfig], row: dict, seed: int, calib):
+        setting = "per block: " + ", ".join(_short(c) for c in layers)  # the plan's own, slim or not
+        if method == "planned":  # as converted
+            return convert(copy.deepcopy(base), configs), setting, {}
+        say(f"seed {seed}, budget {row['budget']}: {method}")
+        if any(c.form != "none" and c.n_ce for c in configs):
+            built, seconds = fitted(configs, calib, seed)
+        else:  # a plan of top-m blocks only: nothing to fit
+            built, seconds = convert(copy.deepcopy(base), configs), 0.0
+        return built, setting, dict(fit_seconds=seconds, layers=row["layers"])
+
+    planned_methods = ("planned", "planned, fitted", "planned, slim fitted")
     for seed in range(seeds):
         calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
         for budget in fixed:
-            say(f"seed {seed}, budget {budget}: fitting ia3")
-            built, seconds = fitted(CEConfig(top_k - budget, "ia3"), calib, seed)
-            add("training-free", "ia3", budget, seed, built, f"n_ce {top_k - budget}", calib, fit_seconds=seconds)
-            keep("ia3", budget, seed, built)
-            if budget in splits:
-                for form in ("subset", "slim"):
-                    say(f"seed {seed}, budget {budget}: fitting {form}")
-                    config = replace(splits[budget], form=form)
-                    built, seconds = fitted(config, calib, seed)
-                    add(
-                        "training-free",
-                        form,
-                        budget,
-                        seed,
-                        built,
-                        f"n_ce {config.n_ce}, r {config.r}",
-                        calib,
-                        fit_seconds=seconds,
-                    )
-                    keep(form, budget, seed, built)
+            measure(
+                "ia3", budget, seed, calib, partial(fitted_form, CEConfig(top_k - budget, "ia3"), budget, seed, calib)
+            )
+            for form in ("subset", "slim") if budget in splits else ():
+                measure(
+                    form,
+                    budget,
+                    seed,
+                    calib,
+                    partial(fitted_form, replace(splits[budget], form=form), budget, seed, calib),
+                )
             for rule in RULES:
-                say(f"seed {seed}, budget {budget}: matching {rule} on the calibration text")
-                value, _ = match_rule(base, rule, budget, calib, settings.search_steps)
-                thresholds[(rule, budget, seed)] = value
-                built = _rule_model(base, rule, value)
-                add("training-free", rule, budget, seed, built, f"{rule} {value:.4f}", calib, threshold=value)
-                keep(rule, budget, seed, built)
-        if fixed:
+                measure(rule, budget, seed, calib, partial(ruled, rule, budget, seed, calib))
+        if any(
+            ("training-free", method, budget, seed, None) not in done or needed(method, budget, seed)
+            for method in planned_methods
+            for budget in fixed
+        ):
             say(f"seed {seed}: planning every budget (none and subset candidates, {settings.plan_tokens} tokens)")
             planned = plan(
                 copy.deepcopy(base),
@@ -338,30 +378,19 @@ def run_methods(
                 frontier=fixed[1:],
             )
             for row in planned.frontier:
-                budget = int(row["budget"])
                 layers = [CEConfig.from_dict(layer) for layer in row["layers"]]
-                setting = "per block: " + ", ".join(_short(c) for c in layers)
-                add("training-free", "planned", budget, seed, convert(copy.deepcopy(base), layers), setting, calib)
                 slim = [replace(c, form="slim") if c.form == "subset" else c for c in layers]
-                for method, configs in (("planned, fitted", layers), ("planned, slim fitted", slim)):
-                    say(f"seed {seed}, budget {budget}: {method}")
-                    if any(c.form != "none" and c.n_ce for c in configs):
-                        built, seconds = fitted(configs, calib, seed)
-                    else:  # a plan of top-m blocks only: nothing to fit
-                        built, seconds = convert(copy.deepcopy(base), configs), 0.0
-                    add(
-                        "training-free",
+                for method, configs in zip(planned_methods, (layers, layers, slim)):
+                    measure(
                         method,
-                        budget,
+                        int(row["budget"]),
                         seed,
-                        built,
-                        setting,
                         calib,
-                        fit_seconds=seconds,
-                        layers=row["layers"],
+                        partial(planned_model, method, configs, layers, row, seed, calib),
                     )
-                    keep(method, budget, seed, built)
         for count in settings.keeps:
+            if ("training-free", "pruned", None, seed, count) in done:
+                continue
             say(f"seed {seed}: pruning to {count} experts per block")
             pruned = copy.deepcopy(base)
             prune(pruned, calib, keep=count)
@@ -399,6 +428,8 @@ def run_methods(
                         )
                     )
             for method, budget, spec, setting in runs:
+                if ("fine-tuned", method, budget, seed, None) in done:
+                    continue
                 say(f"seed {seed}, budget {budget}: fine-tuning {method}")
                 result = train(
                     TrainConfig(
@@ -425,6 +456,25 @@ def run_methods(
                 )
     results["seconds"] = time.perf_counter() - started
     return render(out, results)
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    """What identifies a row: stage, method, budget, seed, and for pruning the experts kept."""
+    return (row["stage"], row["method"], row["budget"], row["seed"], row.get("keep"))
+
+
+def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
+    """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else."""
+    earlier = saved_rows(out)
+    if earlier["model"] != model or earlier["settings"] != json.loads(json.dumps(asdict(settings))):
+        changed = sorted(
+            k for k, v in asdict(settings).items() if earlier["settings"].get(k) != json.loads(json.dumps(v))
+        )
+        raise CompressedExpertsError(
+            f"the study in {out} measured {earlier['model']} with other settings ({', '.join(changed) or 'model'}): "
+            "resume it with the settings it started with, or start again with --overwrite"
+        )
+    return earlier
 
 
 def render(out: Path, results: dict[str, Any]) -> dict[str, Any]:
