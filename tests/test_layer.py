@@ -283,8 +283,9 @@ BY_EXPERT_CASES = [
 def test_large_inference_on_cpu_goes_expert_by_expert(monkeypatch, case, dtype):
     """At 64 rows per expert and more, CPU inference runs each expert's whole MLP at once (cache, not
     FLOPs): it must give what the projection-by-projection products give, for every form and rule
-    (the neuron limit, slim's own weights, pairs a rule skips), up to the matmul kernels' own
-    rounding (the same sums in the same order; a half of the fused weight may take another kernel)."""
+    (ia3's scales, subset's neuron views, slim's own weights, pairs a rule skips), up to the matmul
+    kernels' own rounding (the same sums in the same order; a half of the fused weight may take
+    another kernel)."""
     if not products.HAS_GROUPED_MM:
         pytest.skip("this torch build has no grouped_mm")
     case = dict(case)
@@ -294,7 +295,7 @@ def test_large_inference_on_cpu_goes_expert_by_expert(monkeypatch, case, dtype):
         for name, param in module.named_parameters():
             if name not in ("gate_up_proj", "down_proj"):
                 param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
-    tokens = 64 * E  # 64 rows per expert in every run, whatever the split
+    tokens = 64 * E * 2  # 64 computed rows per expert in every run, whatever the split or rule
     index, weights = routing(tokens, seed=4, skip=(5,))
     x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(9)).to(dtype)
     taken = []
@@ -314,3 +315,22 @@ def test_large_inference_on_cpu_goes_expert_by_expert(monkeypatch, case, dtype):
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         expected = reference(module.float(), x.float(), index, weights)
         torch.testing.assert_close(outs["loop"].double(), expected, rtol=tol, atol=tol)
+
+
+def test_in_a_large_call_each_run_goes_where_its_own_size_is_faster(monkeypatch):
+    """subset with n_ce 1 at 200 tokens: 600 main rows (75 per expert: expert by expert) and 200
+    auxiliary ones (25 per expert: grouped_mm), both under auto, and the result is grouped's."""
+    if not products.HAS_GROUPED_MM:
+        pytest.skip("this torch build has no grouped_mm")
+    module = CompressedExperts(PlainExperts(2), 1, "subset", 8)
+    index, weights = routing(200)
+    x = torch.randn(200, H)
+    taken, calls = [], []
+    real_by_expert, real_grouped_mm = products._by_expert, products.F.grouped_mm
+    monkeypatch.setattr(products, "_by_expert", lambda *a: taken.append(1) or real_by_expert(*a))
+    monkeypatch.setattr(products.F, "grouped_mm", lambda *a, **k: calls.append(1) or real_grouped_mm(*a, **k))
+    with torch.no_grad():
+        out = module(x, index, weights)
+        assert taken == [1] and calls  # the main run expert by expert, the auxiliary one through grouped_mm
+        module.path = "grouped"
+        torch.testing.assert_close(out, module(x, index, weights), rtol=1e-6, atol=1e-7)

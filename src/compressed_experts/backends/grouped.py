@@ -1,12 +1,13 @@
 """``grouped``: every expert product of a call in one ``torch.nn.functional.grouped_mm`` each.
 
 Rows (token, expert pairs) sorted by expert, one grouped product per projection, no host sync
-on CUDA. The fastest backend from a few dozen rows up on both CPU and GPU (BENCHMARKS.md).
+on CUDA. The fastest backend from a few dozen rows up on GPU, and on CPU with gradients on or up to
+a few dozen rows per expert (BENCHMARKS.md).
 
 Forced (path ``grouped``), every run of a call goes through grouped_mm, or the call is refused.
 Under ``auto`` it is taken when grouped_mm can take at least one run, and each run goes where it
 is faster: grouped_mm if it takes the run's operands and, on CPU without gradients, the run is neither
-decode-sized nor large (there the loop goes expert by expert), the loop otherwise (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
+decode-sized nor large, the loop otherwise (which goes expert by expert for large runs) (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
 grouped_mm).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..routing import Call
+from ..routing import Call, ExpertRun
 from .base import Backend
 from .products import by_expert, grouped_mm_reason, run_all
 
@@ -29,7 +30,9 @@ class Grouped(Backend):
         return reason if all(grouped_mm_reason(call.x, [run]) for run in call.runs) else None
 
     def preferred(self, call: Call) -> bool:
-        return not _loop_faster(call.x, call.main_rows, call.layer.num_experts)
+        # Only a decode-sized call goes to the loop whole: in a large call, each run is placed by its own
+        # size in run() (a compressed-experts call's auxiliary run may be mid-sized, where grouped_mm wins).
+        return not _decode_sized(call.x, call.main_rows, call.layer.num_experts)
 
     def run(self, call: Call) -> torch.Tensor:
         layer, x = call.layer, call.x
@@ -37,23 +40,21 @@ class Grouped(Backend):
             choices = True
         else:
             choices = [
-                grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run.index.numel(), layer.num_experts)
-                for run in call.runs
+                grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run, layer.num_experts) for run in call.runs
             ]
         return run_all(x, call.runs, layer.act_fn, layer.num_experts, grouped=choices)
 
 
-def _loop_faster(x: torch.Tensor, rows: int, num_experts: int) -> bool:
-    """Where the loop beats grouped_mm: inference on CPU, at either end of the sizes.
+def _decode_sized(x: torch.Tensor, rows: int, num_experts: int) -> bool:
+    """Decode-sized inference on CPU (a row per 4 experts or fewer): grouped_mm visits every expert,
+    empty ones included, with per-expert bookkeeping; looping over the experts that have rows is
+    cheaper (one host sync). Not with gradients on: a training step at one token measured 1.8x
+    slower through the loop than through grouped_mm, whose backward the loop's does not match."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and rows * 4 <= num_experts
 
-    Decode-sized (a row per 4 experts or fewer): grouped_mm visits every expert, empty ones
-    included, with per-expert bookkeeping; looping over the experts that have rows is cheaper (one
-    host sync). Large (:func:`by_expert`: 64 rows per expert or more, 512 tokens of OLMoE's top-8
-    over 64 experts): the loop runs each expert's whole MLP while its rows are in cache, which
-    grouped_mm's projection-by-projection passes cannot; at 1,024-2,048 tokens (OLMoE layer, two
-    threads) 3-5% faster in bfloat16, 15% in float32, while at 32 rows per expert the loop was 3-5%
-    slower. Not with gradients on: a training step at one token measured 1.8x slower through the
-    loop than through grouped_mm, whose backward the loop's does not match."""
-    if x.device.type != "cpu" or torch.is_grad_enabled():
-        return False
-    return rows * 4 <= num_experts or by_expert(x, rows, num_experts)
+
+def _loop_faster(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
+    """Where the loop beats grouped_mm for one run: decode-sized inference on CPU (:func:`_decode_sized`),
+    or large (:func:`by_expert`: 64 computed rows per expert and more, where the loop runs each
+    expert's whole MLP while its rows are in cache)."""
+    return _decode_sized(x, run.index.numel(), num_experts) or by_expert(x, run, num_experts)

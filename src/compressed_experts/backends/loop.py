@@ -1,7 +1,9 @@
 """``loop``: one matmul per expert that has rows, with one host sync per call.
 
-Runs anywhere PyTorch does (any dtype, any alignment). ``auto`` takes it for decode-sized calls
-on CPU, where it beats grouped_mm, and wherever grouped_mm cannot take the operands.
+Runs anywhere PyTorch does (any dtype, any alignment). For large inference calls on CPU it runs
+each expert's whole MLP before the next (products.py). ``auto`` takes it for decode-sized calls on
+CPU, where it beats grouped_mm, and wherever grouped_mm cannot take the operands; the grouped
+backend hands it the large CPU inference runs.
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
     if down.dtype != x.dtype:  # slim's float32 master copies under --precision bf16
         gate_up = tuple(w.to(x.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(x.dtype)
         down = down.to(x.dtype)
-    if not grouped and by_expert(x, run.index.numel(), num_experts):
+    if not grouped and by_expert(x, run, num_experts):
         return _by_expert(x, run, groups, gate_up, down, act_fn)
     if run.scales is not None:
         scale_gate, scale_up, scale_down = (s.to(x.dtype) for s in run.scales)
@@ -296,11 +296,23 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
     return groups.combine(grouped_linear(inner, down, groups.offsets, grouped), run.weights)
 
 
-def by_expert(x: torch.Tensor, rows: int, num_experts: int) -> bool:
+def computed_rows(run: ExpertRun) -> int:
+    """The (token, expert) rows a run's products compute: its pairs less those a per-token rule skips
+    (counted on the host: a sync, so only for choices made on the CPU)."""
+    rows = run.index.numel()
+    return rows if run.skip is None else rows - int(run.skip.sum())
+
+
+def by_expert(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
     """Whether the loop runs each expert's whole MLP at once (:func:`_by_expert`): inference on CPU at 64
-    rows per expert or more. Below that, the per-expert steps' overheads cost more than the cache
-    saves: at one token (OLMoE layer, bfloat16) 8-10% slower than projection by projection."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and rows >= 64 * num_experts
+    computed rows per expert or more, for runs without a neuron limit (only set with gradients on). Measured on two threads (OLMoE layer): at 32 rows per expert the loop
+    was 3-5% slower than grouped_mm, at 64 (512 tokens) even in bfloat16 and 6-7% faster in float32,
+    at 128-256 3-5% faster in bfloat16 and 15% in float32. With more cores the per-expert products
+    are smaller shares of the machine, which may move the crossover up: measure with
+    ``compressed-experts bench`` there."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or run.neuron_limit is not None:
+        return False
+    return computed_rows(run) >= 64 * num_experts
 
 
 def _by_expert(x: torch.Tensor, run: ExpertRun, groups: Grouping, gate_up, down, act_fn: Callable) -> torch.Tensor:
@@ -336,9 +348,6 @@ def _by_expert(x: torch.Tensor, run: ExpertRun, groups: Grouping, gate_up, down,
         inner = act_fn(gate).mul_(up)
         if scale_down is not None:
             inner.mul_(scale_down[token])
-        if run.neuron_limit is not None:
-            slot, r = run.neuron_limit
-            inner[pairs % slots >= slot, r:] = 0
         weighted.index_copy_(0, pairs, (inner @ down[expert].T).to(wide) * weights[pairs])
     return weighted.view(tokens, slots, -1).sum(dim=1)
 

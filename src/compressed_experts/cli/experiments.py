@@ -12,6 +12,7 @@ import typer
 from rich.markdown import Markdown
 
 from ..checkpoint import check_output_dir, write_marker
+from ..errors import CompressedExpertsError
 from ..sources import BUNDLED
 from ..toy.demo import QUICK, Plan, run_demo, table_markdown, write_report, write_section
 from ..toy.forms import BEGIN, END, QUICK_STUDY, StudyPlan, run_study
@@ -121,17 +122,23 @@ def _run_study(
     files,
     markers,
     fresh: bool = True,
-    resume: bool = False,
+    resume: bool | None = None,
 ) -> None:
     """What the toy studies share around their run: the library's output policy (a new or empty
     --out, or with --overwrite an earlier study's; with ``resume`` the study in --out, continued
     under its lock; neither when ``fresh`` is off and the study renders what is in --out), the
-    table printed, and --report's section."""
+    table printed, and --report's section. ``resume`` is None for a study that cannot resume."""
+    if resume and overwrite:
+        raise CompressedExpertsError(
+            "give --resume (continue the study in --out) or --overwrite (replace it), not both"
+        )
     if resume:
         check_output_dir(out, sources={"model": BUNDLED}, keep=True)
     elif fresh:
         replaces = f"a {name} study directory"
-        if check_output_dir(out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=replaces, resumable=True):
+        if check_output_dir(
+            out, overwrite=overwrite, sources={"model": BUNDLED}, replaces=replaces, resumable=resume is not None
+        ):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, f"{name} study")

@@ -27,13 +27,15 @@ at its budget (``budget`` main experts against 8). Seeds change the calibration 
 batches and the fine-tuning; a fine-tuned stage repeats the demo's domain fine-tuning from each
 method's training-free model, at the budgets asked for, and is held against full top-k and top-m
 fine-tuned the same way with the same seed. Rows are written to ``methods_rows.json`` as they are
-measured, so an interrupted run keeps what it did.
+measured, so an interrupted run keeps what it did: ``--report-only`` renders it, ``--resume``
+measures the rest.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -44,7 +46,7 @@ from typing import Any
 import torch
 
 from ..architectures import family_of, moe_blocks
-from ..checkpoint import MARKER, from_pretrained, load_tokenizer, skeleton
+from ..checkpoint import MARKER, from_pretrained, load_tokenizer, skeleton, write_atomic
 from ..config import CEConfig
 from ..convert import convert
 from ..errors import CompressedExpertsError
@@ -228,14 +230,15 @@ def run_methods(
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots).
 
     With ``resume``, the rows an interrupted run saved in ``out`` are kept and only the rest is
-    measured (the same settings and model; seeds may be added): a training-free model that the
-    fine-tuned stage starts from is rebuilt only if the run did not save it."""
+    measured (the same settings and model; seeds may be added, never dropped): a training-free model
+    that the fine-tuned stage starts from is rebuilt only if the run did not save it whole."""
     from ..training import train  # the Trainer and accelerate: imported when a run starts
 
     model = model or BUNDLED
     top_k, num_experts, intermediate = check_study(settings, seeds, model)
     out = Path(out)
     earlier = _resumable(out, settings, model) if resume else {}
+    seeds = max(seeds, earlier.get("seeds", 0))  # the rows kept are those seeds' too
     base = from_pretrained(model, dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter() - earlier.get("seconds", 0.0)
@@ -266,7 +269,7 @@ def run_methods(
         )
         done.add(_key(rows[-1]))
         results["seconds"] = time.perf_counter() - started
-        (out / ROWS).write_text(json.dumps(results, indent=1))
+        write_atomic(out / ROWS, json.dumps(results, indent=1))  # what --resume and --report-only read
 
     def fitted(configs, blocks, seed: int):
         converted = convert(copy.deepcopy(base), configs)
@@ -276,24 +279,29 @@ def run_methods(
     saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
 
     def needed(method: str, budget: int, seed: int) -> bool:
-        """Whether the fine-tuned stage starts from this training-free model (and has not run it yet)."""
+        """Whether the fine-tuned stage starts from this saved training-free model (and has not run yet):
+        not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the rules (from their threshold)."""
         wanted = finetune and budget in settings.finetune_budgets and method in settings.finetune_methods
-        return wanted and ("fine-tuned", method, budget, seed, None) not in done
+        from_saved = method != "ia3" and method not in RULES
+        return wanted and from_saved and ("fine-tuned", method, budget, seed, None) not in done
 
     def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
         """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
         has its row and, where the fine-tuned stage needs it, its saved model."""
         path = out / f"seed{seed}" / f"{method.replace(', ', '-').replace(' ', '-')}-{budget}"
         scored = ("training-free", method, budget, seed, None) in done
-        if scored and (not needed(method, budget, seed) or (path / "config.json").is_file()):
+        if scored and (not needed(method, budget, seed) or path.is_dir()):
             saved[(method, budget, seed)] = path
             return
         built, setting, extra = build()
         if not scored:
             add("training-free", method, budget, seed, built, setting, calib, **extra)
-        if needed(method, budget, seed):
-            built.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+        if needed(method, budget, seed):  # written beside, then renamed: a folder here is a whole model
+            partial_dir = path.with_name(path.name + ".partial")
+            shutil.rmtree(partial_dir, ignore_errors=True)
+            built.save_pretrained(partial_dir)
+            tokenizer.save_pretrained(partial_dir)
+            partial_dir.rename(path)
             saved[(method, budget, seed)] = path
 
     fixed = [b for b in settings.budgets if b < top_k]  # at full top-k every method is full top-k
@@ -466,13 +474,14 @@ def _key(row: dict[str, Any]) -> tuple:
 def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
     """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else."""
     earlier = saved_rows(out)
-    if earlier["model"] != model or earlier["settings"] != json.loads(json.dumps(asdict(settings))):
-        changed = sorted(
-            k for k, v in asdict(settings).items() if earlier["settings"].get(k) != json.loads(json.dumps(v))
-        )
+    now = json.loads(json.dumps(asdict(settings)))  # as saved: tuples are lists there
+    changed = sorted(k for k in set(now) | set(earlier["settings"]) if now.get(k) != earlier["settings"].get(k))
+    if earlier["model"] != model:
+        changed.insert(0, f"model {earlier['model']}")
+    if changed:
         raise CompressedExpertsError(
-            f"the study in {out} measured {earlier['model']} with other settings ({', '.join(changed) or 'model'}): "
-            "resume it with the settings it started with, or start again with --overwrite"
+            f"the study in {out} was measured with other settings ({', '.join(changed)}): resume it with the "
+            "settings it started with, or start again with --overwrite"
         )
     return earlier
 
