@@ -208,8 +208,9 @@ def set_compute_path(model: nn.Module, path: str) -> None:
     the fused ``decode`` kernels on CUDA for inference calls of at most twice as many main
     (token, expert) rows as experts (ia3 and top-m); ``grouped`` (``grouped_mm``) where the build
     and device take the operands, except for inference on CPU that is decode-sized (rows at most a
-    quarter of the experts) or large (64 rows per expert and more); else ``loop``. ``"grouped"``, ``"loop"`` and ``"decode"`` force one (an error
-    where it cannot run); ``"eager"`` is the per-token reference, for checking.
+    quarter of the experts) or large (64 rows per expert and more); else ``loop``. ``"grouped"``,
+    ``"loop"`` and ``"decode"`` force one (an error where it cannot run); ``"eager"`` is the
+    per-token reference, for checking.
     """
     backends.check_path(path)
     layers = [m for m in model.modules() if isinstance(m, CompressedExperts)]

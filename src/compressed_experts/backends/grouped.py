@@ -6,9 +6,9 @@ a few dozen rows per expert (BENCHMARKS.md).
 
 Forced (path ``grouped``), every run of a call goes through grouped_mm, or the call is refused.
 Under ``auto`` it is taken when grouped_mm can take at least one run, and each run goes where it
-is faster: grouped_mm if it takes the run's operands and, on CPU without gradients, the run is neither
-decode-sized nor large, the loop otherwise (which goes expert by expert for large runs) (a ``slim`` form whose ``r`` gives unaligned rows keeps its main experts on
-grouped_mm).
+is faster: grouped_mm if it takes the run's operands and, on CPU without gradients, the run is
+neither decode-sized nor large; the loop otherwise, which goes expert by expert for large runs (a
+``slim`` form whose ``r`` gives unaligned rows keeps its main experts on grouped_mm).
 """
 
 from __future__ import annotations

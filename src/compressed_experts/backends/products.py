@@ -270,10 +270,11 @@ def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: 
     if down.dtype != x.dtype:  # slim's float32 master copies under --precision bf16
         gate_up = tuple(w.to(x.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(x.dtype)
         down = down.to(x.dtype)
+    scales = None if run.scales is None else tuple(s.to(x.dtype) for s in run.scales)
     if not grouped and by_expert(x, run, num_experts):
-        return _by_expert(x, run, groups, gate_up, down, act_fn)
-    if run.scales is not None:
-        scale_gate, scale_up, scale_down = (s.to(x.dtype) for s in run.scales)
+        return _by_expert(x, run, groups, gate_up, down, act_fn, scales)
+    if scales is not None:
+        scale_gate, scale_up, scale_down = scales
         # Scale once per token ([T, H]), then gather the (token, expert) rows: the scaling costs a
         # pass over T rows rather than over T * m.
         gate, up = _SplitGateUp.apply(
@@ -305,17 +306,22 @@ def computed_rows(run: ExpertRun) -> int:
 
 def by_expert(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
     """Whether the loop runs each expert's whole MLP at once (:func:`_by_expert`): inference on CPU at 64
-    computed rows per expert or more, for runs without a neuron limit (only set with gradients on). Measured on two threads (OLMoE layer): at 32 rows per expert the loop
-    was 3-5% slower than grouped_mm, at 64 (512 tokens) even in bfloat16 and 6-7% faster in float32,
-    at 128-256 3-5% faster in bfloat16 and 15% in float32. With more cores the per-expert products
-    are smaller shares of the machine, which may move the crossover up: measure with
-    ``compressed-experts bench`` there."""
+    computed rows per expert or more, for runs without a neuron limit (only set with gradients on).
+    On two threads, OLMoE layer, bfloat16 unless said (``python scripts/profile_layer.py --tokens N
+    --variants full@grouped,full@loop [--dtype float32]``, one run each): grouped_mm then the loop
+    at 512 tokens (64 rows per expert) 446 and 375 ms, at 2,048 1,466 and 1,362 ms, float32 at 1,024
+    687 and 501 ms; the machine's noise between runs is several percent. Below 64 rows per expert
+    the loop was slower than grouped_mm in the probes that set the threshold (compressed experts'
+    32-row runs at 512 tokens). With more cores the per-expert products are smaller shares of the
+    machine, which may move the crossover up: measure with ``compressed-experts bench`` there."""
     if x.device.type != "cpu" or torch.is_grad_enabled() or run.neuron_limit is not None:
         return False
     return computed_rows(run) >= 64 * num_experts
 
 
-def _by_expert(x: torch.Tensor, run: ExpertRun, groups: Grouping, gate_up, down, act_fn: Callable) -> torch.Tensor:
+def _by_expert(
+    x: torch.Tensor, run: ExpertRun, groups: Grouping, gate_up, down, act_fn: Callable, scales: tuple | None
+) -> torch.Tensor:
     """The loop for large inference calls on CPU: each expert's whole MLP (gather, gate and up, activation, down, routing
     weight) on its block of rows before the next expert's; the weighted rows are summed per token at the
     end, in slot order, as :meth:`Grouping.combine` sums them (the same sums as the other paths).
@@ -332,19 +338,20 @@ def _by_expert(x: torch.Tensor, run: ExpertRun, groups: Grouping, gate_up, down,
     weights = run.weights.reshape(-1, 1).to(wide)
     x_gate = x_up = x
     scale_down = None
-    if run.scales is not None:
-        scale_gate, scale_up, scale_down = (s.to(x.dtype) for s in run.scales)
+    if scales is not None:
+        scale_gate, scale_up, scale_down = scales
         x_gate, x_up = x * scale_gate, x * scale_up
     for expert, start, end in _blocks(groups.offsets):
         token, pairs = groups.token[start:end], groups.order[start:end]
         rows = x_gate[token]
+        rows_up = rows if x_up is x_gate else x_up[token]  # unscaled: one gather serves both
         if isinstance(gate_up, tuple):
-            gate, up = rows @ gate_up[0][expert].T, x_up[token] @ gate_up[1][expert].T
-        elif run.scales is None:
+            gate, up = rows @ gate_up[0][expert].T, rows_up @ gate_up[1][expert].T
+        elif rows_up is rows:
             gate, up = (rows @ gate_up[expert].T).chunk(2, dim=-1)
         else:
             inter = gate_up.shape[1] // 2
-            gate, up = rows @ gate_up[expert, :inter].T, x_up[token] @ gate_up[expert, inter:].T
+            gate, up = rows @ gate_up[expert, :inter].T, rows_up @ gate_up[expert, inter:].T
         inner = act_fn(gate).mul_(up)
         if scale_down is not None:
             inner.mul_(scale_down[token])
