@@ -134,6 +134,7 @@ def test_the_command_refuses_bad_budgets_before_writing(tmp_path):
         (["--budgets", "0"], "1 or more"),
         (["--seeds", "0"], "--seeds must be"),
         (["--resume", "--overwrite"], "not both"),
+        (["--resume", "--report-only"], "not both"),
     ):
         result = CliRunner().invoke(app, ["toy", "methods", "--out", str(tmp_path / "out"), *args])
         assert result.exit_code == 2 and expect in result.output

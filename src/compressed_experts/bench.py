@@ -723,7 +723,8 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             "`repeat spread`: the larger interquartile range of the two variants' repeats, relative to the "
-            "median. A ratio that misses its bound by less than that is within this run's own noise.",
+            "median. A ratio that misses its bound by less than that may be noise: rerun the row with more "
+            "--repeats before reading it as a loss.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -211,6 +211,10 @@ def toy_methods(
             settings = dataclasses.replace(settings, budgets=chosen, finetune_budgets=kept)
         if finetune_budgets is not None:
             settings = dataclasses.replace(settings, finetune_budgets=csv_values(finetune_budgets, kind=float))
+        if report_only and resume:
+            raise CompressedExpertsError(
+                "give --report-only (measure nothing) or --resume (measure the rest), not both"
+            )
         if not report_only:
             check_study(settings, seeds, BUNDLED)
         _run_study(
@@ -232,7 +236,7 @@ def toy_methods(
             ("methods_results.json", "methods_table.md", "methods_pareto_active.png", "methods_pareto_memory.png"),
             (METHODS_BEGIN, METHODS_END),
             fresh=not report_only,
-            resume=resume and not report_only,
+            resume=resume,
         )
 
     run(releasing(out, action))
