@@ -58,6 +58,8 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     for row in rows:
         if row["method"] in ("full top-k", "pruned"):
             assert row["expert_equivalents"] == 8  # pruning saves memory, not compute
+        elif row["method"] == "pruned, slim stand-ins":  # tokens routed to a removed expert run its stand-in
+            assert 1 <= row["expert_equivalents"] < 8
         elif row["method"].startswith("planned"):  # never above its budget; below it when no mix fills it
             assert row["expert_equivalents"] <= row["budget"] + 1e-9
         else:
@@ -67,6 +69,9 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     assert by[("training-free", "top-m", 8)]["loss"] == pytest.approx(full["loss"], abs=1e-6)
     pruned = next(r for r in rows if r["method"] == "pruned")
     assert pruned["total"] < full["total"] < by[("training-free", "slim", 2)]["total"]
+    # Stand-ins add their small MLPs to the pruned model's memory.
+    standing = next(r for r in rows if r["method"] == "pruned, slim stand-ins")
+    assert pruned["total"] < standing["total"] < full["total"] and standing["keep"] == pruned["keep"]
     # The split: one main expert and 7 auxiliary of r neurons, r as close to the budget as whole neurons go.
     assert results["splits"] == {"2": {"n_ce": 7, "r": split_r(2, 1, 8, 96)}} and split_r(2, 1, 8, 96) == 14
     # Gap closed, by hand: against top-m at the budget and full top-k, same stage (fine-tuned: same seed).

@@ -76,7 +76,7 @@ def loader_class(model_cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
                 )
             model_cls.__init__(self, config, *args, **kwargs)
             # The checkpoint holds the chosen neurons: nothing to select, only the blocks to swap.
-            swap_blocks(self, settings_from_dict(getattr(config, SECTION)))
+            swap_blocks(self, settings_from_dict(getattr(config, SECTION)), saved=True)
 
         @classmethod
         def from_pretrained(cls, source, *args, **kwargs):

@@ -301,7 +301,8 @@ def _plain_config(source: str, model_type: Any, fields: dict[str, Any], what: st
 def _asked(
     n_ce: int | None, form: str | None, r: int | None, top_p: float | None, skip_below: float | None
 ) -> dict[str, Any]:
-    """The compressed-experts settings a loader was given, by name (None: not given)."""
+    """The compressed-experts settings a loader was given, by name (None: not given; never
+    ``kept_experts``, which only a checkpoint pruned with stand-ins holds)."""
     return {"n_ce": n_ce, "top_p": top_p, "skip_below": skip_below, "form": form, "r": r}
 
 
@@ -312,11 +313,11 @@ def _requested(asked: dict[str, Any]) -> CEConfig | None:
     ``form`` alone is only a check against a converted checkpoint; see :func:`_resolve`.
     """
     form, r = asked["form"], asked["r"]
-    if all(asked[name] is None for name in RULES):
+    if all(asked.get(name) is None for name in RULES):
         if form is not None:
             CEConfig(0, form, r)  # raises the error that lists the forms, or says r does not apply
         return None
-    return CEConfig(form="ia3" if form is None else form, r=r, **{name: asked[name] for name in RULES})
+    return CEConfig(form="ia3" if form is None else form, r=r, **{name: asked.get(name) for name in RULES})
 
 
 def _check_plan_alone(plan, asked: dict[str, Any]) -> None:
@@ -401,7 +402,7 @@ def _skeleton(model_cls: type[PreTrainedModel], config: PretrainedConfig, ce: Se
     with torch.device("meta"):
         model = model_cls(copy.deepcopy(config))
     if ce is not None:
-        swap_blocks(model, ce)
+        swap_blocks(model, ce, saved=True)
     return model
 
 

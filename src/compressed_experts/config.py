@@ -37,9 +37,13 @@ __all__ = [
 #: still written as version 1, which every version reads.
 #: A section with settings of its own for each MoE block (a plan, :mod:`compressed_experts.plan`)
 #: is ``{"layers": [one section per block], "format_version": 3}``, written only when blocks differ.
-FORMAT_VERSION = 3
+#: One with ``kept_experts`` (pruned with stand-ins: fewer expert rows than the router picks from)
+#: is version 4, which a library from before refuses with "upgrade".
+FORMAT_VERSION = 4
 _FIXED_FORMAT_VERSION = 1
 _DYNAMIC_FORMAT_VERSION = 2
+_STAND_IN_FORMAT_VERSION = 4
+_PLAN_FORMAT_VERSION = 3
 
 
 def setting(default: Any = MISSING, help: str = "") -> Any:
@@ -84,10 +88,25 @@ class CEConfig(Ruled):
         "Instead of n_ce, per token: experts weighing less than this fraction of the token's top routing "
         "weight are compressed; in (0, 1), e.g. 0.3.",
     )
+    #: Set by :func:`compressed_experts.prune` with stand-ins (not a conversion of its own: it only
+    #: means something once the kept experts have been moved to the lowest ids), so no CLI flag.
+    kept_experts: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pruned with stand-ins: experts below this id run in full, the removed ones are compressed.",
+            "flag": False,
+        },
+    )
 
     def __post_init__(self) -> None:
-        check_rule(self.n_ce, self.top_p, self.skip_below)
+        check_rule(self.n_ce, self.top_p, self.skip_below, self.kept_experts)
         form = get_form(self.form)  # raises, listing the forms
+        if self.kept_experts is not None and not form.stands_in:
+            raise CompressedExpertsError(
+                f"form {self.form} cannot stand in for removed experts (it runs part of their own weights, which "
+                f"pruning removes): use ia3 or slim, or none to drop them",
+                settings=("form",),
+            )
         if self.r is not None:
             if not form.takes_r:
                 raise CompressedExpertsError(
@@ -134,7 +153,10 @@ class CEConfig(Ruled):
     def to_dict(self) -> dict[str, Any]:
         """The section stored under ``compressed_experts`` in a saved config.json (the rule's one
         setting, not the two left out)."""
-        version = _DYNAMIC_FORMAT_VERSION if self.dynamic else _FIXED_FORMAT_VERSION
+        if self.kept_experts is not None:
+            version = _STAND_IN_FORMAT_VERSION
+        else:
+            version = _DYNAMIC_FORMAT_VERSION if self.dynamic else _FIXED_FORMAT_VERSION
         return {**rule_of(self), "form": self.form, "r": self.r, "format_version": version}
 
     @classmethod
@@ -199,7 +221,8 @@ def settings_to_dict(settings: Settings) -> dict[str, Any]:
     settings = collapsed(settings)
     if isinstance(settings, CEConfig):
         return settings.to_dict()
-    return {"layers": [c.to_dict() for c in settings], "format_version": FORMAT_VERSION}
+    layers = [c.to_dict() for c in settings]
+    return {"layers": layers, "format_version": max(_PLAN_FORMAT_VERSION, *(c["format_version"] for c in layers))}
 
 
 def settings_from_dict(section: dict[str, Any]) -> Settings:

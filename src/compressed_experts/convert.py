@@ -53,8 +53,12 @@ def convert(model: PreTrainedModel, config: Settings | list[CEConfig]) -> PreTra
     return model
 
 
-def swap_blocks(model: PreTrainedModel, config: Settings | list[CEConfig]) -> list[CompressedExperts]:
-    """:func:`convert` without choosing neurons: for building a model whose weights a loader fills."""
+def swap_blocks(
+    model: PreTrainedModel, config: Settings | list[CEConfig], saved: bool = False
+) -> list[CompressedExperts]:
+    """:func:`convert` without choosing neurons: for building a model whose weights a loader fills
+    (``saved``: shaped as a saved checkpoint holds them, so a block pruned with stand-ins holds
+    only its kept experts' weights)."""
     if not isinstance(model, PreTrainedModel):
         raise CompressedExpertsError(f"convert takes a loaded transformers model, got {type(model).__name__}")
     family = family_of(model)
@@ -74,8 +78,16 @@ def swap_blocks(model: PreTrainedModel, config: Settings | list[CEConfig]) -> li
     configs = [c.resolved(block.experts.down_proj.shape[-1]) for c, (_, block) in zip(configs, blocks)]
     for one, (_, block) in zip(configs, blocks):
         block.experts = CompressedExperts(
-            block.experts, one.n_ce, one.form, one.r, top_p=one.top_p, skip_below=one.skip_below
+            block.experts,
+            one.n_ce,
+            one.form,
+            one.r,
+            top_p=one.top_p,
+            skip_below=one.skip_below,
+            kept_experts=one.kept_experts,
         )
+        if saved and one.kept_experts is not None:
+            block.experts.remove_experts()
     mark_config(model.config, collapsed(configs))
     return [block.experts for _, block in blocks]
 

@@ -51,7 +51,11 @@ class CompressedExperts(Ruled, nn.Module):
     Instead of ``n_ce`` (None then), a per-token rule chooses how many of each token's experts are
     main: ``top_p`` (the fewest heaviest covering that share of its routing weight) or
     ``skip_below`` (those weighing at least that fraction of its top weight); see
-    :class:`~compressed_experts.config.CEConfig`.
+    :class:`~compressed_experts.config.CEConfig`. Or ``kept_experts``, what
+    :func:`compressed_experts.prune` gives a model pruned with stand-ins: experts ``0 ..
+    kept_experts - 1`` run in full, and only the others (the removed ones) have compressed experts,
+    which stand in for them; once :meth:`remove_experts` has dropped their full weights, the block
+    holds ``kept_experts`` rows of them while its router still picks among all ``num_experts``.
 
     Parameters are the original expert weights (shared, not copied) plus what the form adds
     (:mod:`compressed_experts.forms`): ``ia3`` three vectors per expert, ``ce_gate`` ``[E, H]``,
@@ -69,22 +73,31 @@ class CompressedExperts(Ruled, nn.Module):
         *,
         top_p: float | None = None,
         skip_below: float | None = None,
+        kept_experts: int | None = None,
     ) -> None:
         super().__init__()
         self.gate_up_proj = experts.gate_up_proj  # [E, 2I, H], gate rows first
         self.down_proj = experts.down_proj  # [E, H, I]
         self.act_fn = experts.act_fn
+        # The router's expert count: the weights may hold fewer rows (remove_experts).
         self.num_experts, two_i, self.hidden_dim = self.gate_up_proj.shape
         self.intermediate_dim = two_i // 2
         self.n_ce = n_ce
         self.top_p = top_p
         self.skip_below = skip_below
+        self.kept_experts = kept_experts
         self.form = form
         spec = self.form_spec
         self.r = r if spec.takes_r else None
         if spec.takes_r and not (isinstance(r, int) and 1 <= r <= self.intermediate_dim):
             raise CompressedExpertsError(f"form {form} needs r between 1 and {self.intermediate_dim}, got {r!r}")
-        check_rule(n_ce, top_p, skip_below)
+        check_rule(n_ce, top_p, skip_below, kept_experts)
+        if kept_experts is not None and kept_experts >= self.num_experts:
+            raise CompressedExpertsError(
+                f"kept_experts={kept_experts} keeps every one of the block's {self.num_experts} experts: nothing is "
+                f"removed for compressed experts to stand in for",
+                settings=("kept_experts",),
+            )
         self.path = "auto"  # compute backend of the expert products, see set_compute_path
         # Distillation (training only): when on, each training forward also runs the full top-k
         # block without gradients and leaves the relative squared distance to it here.
@@ -121,7 +134,31 @@ class CompressedExperts(Ruled, nn.Module):
     @property
     def ce_config(self) -> CEConfig:
         """This block's settings (rule, form and ``r``) as a :class:`CEConfig` (validated)."""
-        return CEConfig(self.n_ce, self.form, self.r, top_p=self.top_p, skip_below=self.skip_below)
+        return CEConfig(
+            self.n_ce, self.form, self.r, top_p=self.top_p, skip_below=self.skip_below, kept_experts=self.kept_experts
+        )
+
+    @property
+    def removed(self) -> bool:
+        """Whether the full weights of the experts past ``kept_experts`` are gone (:meth:`remove_experts`)."""
+        return self.gate_up_proj.shape[0] < self.num_experts
+
+    @torch.no_grad()
+    def remove_experts(self) -> None:
+        """Drop the full weights of the experts that ``kept_experts`` leaves out, freeing their memory.
+
+        Their compressed experts stay (they stand in for them); what the block computes is
+        unchanged, as under ``kept_experts`` no token runs those experts in full. What needs them
+        (:meth:`full`, and so :func:`compressed_experts.fit` and distillation) is refused afterwards.
+        """
+        if self.kept_experts is None:
+            raise CompressedExpertsError(
+                "only a block under kept_experts (pruned with stand-ins) can drop experts' weights"
+            )
+        if not self.removed:
+            for name in ("gate_up_proj", "down_proj"):
+                weight = getattr(self, name)
+                setattr(self, name, nn.Parameter(weight[: self.kept_experts].clone(), weight.requires_grad))
 
     def extra_repr(self) -> str:
         neurons = f", r={self.r}" if self.r is not None else ""
@@ -178,10 +215,17 @@ class CompressedExperts(Ruled, nn.Module):
 
     def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""
+        if self.removed:
+            raise CompressedExpertsError(
+                f"this block was pruned to {self.kept_experts} of {self.num_experts} experts: the removed experts' "
+                f"weights are gone, so there is no full top-k output to fit or distill towards. Fit the stand-ins "
+                f"while pruning (compressed_experts.prune with stand_in), on the model before pruning"
+            )
         return self._compute(hidden_states, top_k_index, top_k_weights, full=True)
 
     def _compute(self, hidden_states, top_k_index, top_k_weights, full: bool = False) -> torch.Tensor:
-        rule = (0, None, None) if full else (self.n_ce, self.top_p, self.skip_below)  # n_ce, top_p, skip_below
+        # n_ce, top_p, skip_below, kept_experts
+        rule = (0, None, None, None) if full else (self.n_ce, self.top_p, self.skip_below, self.kept_experts)
         if torch.compiler.is_compiling():  # one opaque operator: no graph break, any length (traceable.py)
             vectors = [getattr(self, name) for name in self.form_spec.parameters]
             return traceable.experts(

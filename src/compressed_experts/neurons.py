@@ -46,8 +46,11 @@ class ActivationImportance:
     def update(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Add one batch of a block's expert inputs (as the block hands them to its experts)."""
         layer = self.layer
-        split = split_routing(top_k_index, top_k_weights, layer.n_ce, layer.top_p, layer.skip_below)
-        index, weights = split.aux_index, split.aux_weights
+        split = split_routing(top_k_index, top_k_weights, layer.n_ce, layer.top_p, layer.skip_below, layer.kept_experts)
+        index, weights = (
+            split.aux_index + layer.stand_in_offset,
+            split.aux_weights,
+        )  # expert ids, as the weights hold them
         auxiliary = torch.ones_like(index, dtype=torch.bool) if split.aux_skip is None else ~split.aux_skip
         weights = weights * auxiliary  # a slot its token keeps as main adds nothing
         groups = Grouping.build(index, layer.num_experts)

@@ -11,7 +11,7 @@ from .adapters import base_of, named_weights
 from .architectures import family_of, moe_blocks
 from .errors import CompressedExpertsError
 from .layer import CompressedExperts, is_compressed_expert
-from .routing import main_slots
+from .routing import split_routing
 
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
@@ -51,8 +51,8 @@ def measure_main_experts(
 
     def count(layer, args, kwargs, output) -> None:
         values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
-        weights = values[2].sort(dim=-1, descending=True).values
-        per_token = main_slots(weights, layer.top_p, layer.skip_below).sum(dim=-1)
+        split = split_routing(values[1], values[2], layer.n_ce, layer.top_p, layer.skip_below, layer.kept_experts)
+        per_token = (~split.main_skip).sum(dim=-1)
         counts[layer] += (per_token * keep.reshape(-1).to(per_token.device)).sum().to(device)
 
     handles = [layer.register_forward_hook(count, with_kwargs=True) for layer in layers]

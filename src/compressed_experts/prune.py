@@ -17,6 +17,16 @@ The result is an ordinary, smaller MoE of the same family: it saves and loads wi
 ``save_pretrained`` / transformers' own ``from_pretrained`` (and :func:`compressed_experts.from_pretrained`),
 can be converted to compressed experts and fitted like any other model, and takes less memory.
 
+With ``stand_in`` (``ia3`` or ``slim``) the removed experts leave compressed experts behind instead:
+the router keeps all its rows and still picks among every expert, the kept experts are moved to
+the lowest ids (``0 .. keep-1``, in their order; the removed ones follow), and the model is
+converted under the rule ``kept_experts = keep`` (a token runs its kept experts in full and gets
+the removed ones' compressed experts, see :class:`~compressed_experts.layer.CompressedExperts`),
+the compressed experts fitted on the calibration text (:func:`compressed_experts.fit`, against the
+unpruned block), and only then are the removed experts' weights dropped. It saves and loads with
+:func:`compressed_experts.from_pretrained` as a compressed-experts checkpoint (not by transformers
+alone: its router picks experts whose weights are gone).
+
 Routing after pruning is exactly the original router's with the removed experts' logits at
 ``-inf`` (they can never be picked): a softmax router (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE)
 then normalises over the kept experts, and renormalised top-k weights are unchanged;
@@ -41,8 +51,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .architectures import family_of, moe_blocks
-from .config import setting
+from .config import CEConfig, setting
+from .convert import convert
 from .errors import CompressedExpertsError, UnsupportedModelError
+from .fit import FitConfig, fit
+from .forms import REGISTRY
 from .layer import CompressedExperts
 
 #: How experts can be ranked; the first is the default.
@@ -52,6 +65,10 @@ PRUNABLE = ("OLMoE", "Mixtral", "Qwen2-MoE", "Qwen3-MoE", "PhiMoE")
 #: Calibration must route at least this many tokens to each expert on average (``tokens * k / E``):
 #: fewer, and the ranking of the experts is mostly noise.
 MIN_ROUTINGS_PER_EXPERT = 32
+#: Forms that can stand in for removed experts: those with parameters to fit (``none`` would leave a
+#: token routed to a removed expert with nothing, which pruning without stand-ins does better: its
+#: router renormalises over the kept experts; ``subset`` runs the removed experts' own weights).
+STAND_INS = tuple(name for name, form in REGISTRY.items() if form.stands_in and form.parameters)
 #: Config fields that hold the number of routed experts, by family.
 _EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -67,6 +84,14 @@ class PruneConfig:
         "(routing weight x expert output norm, summed) or frequency (tokens routed).",
     )
     batch_size: int = setting(8, "Calibration sequences run through the model at a time.")
+    stand_in: str | None = setting(
+        None,
+        f"Stand in for the removed experts with compressed experts of this form ({', '.join(STAND_INS)}), fitted on "
+        "the calibration text: the router still picks every expert, and a token routed to a removed one gets its "
+        "compressed expert. Default: no stand-ins (the router can no longer pick the removed experts).",
+    )
+    r: int | None = setting(None, "Neurons of each slim stand-in; default an eighth of the expert's.")
+    fit_steps: int = setting(200, "Adam steps per MoE block fitting the stand-ins.")
 
     def __post_init__(self) -> None:
         keep = self.keep
@@ -86,6 +111,29 @@ class PruneConfig:
             raise CompressedExpertsError(
                 f"batch_size must be a whole number, at least 1; got {size!r}", settings=("batch_size",)
             )
+        if self.stand_in is None:
+            if self.r is not None:
+                raise CompressedExpertsError(
+                    "r sets the slim stand-ins' neurons: give stand_in='slim' too", settings=("r",)
+                )
+            return
+        if self.stand_in not in STAND_INS:
+            raise CompressedExpertsError(
+                f"stand_in must be one of {', '.join(STAND_INS)} (compressed experts fitted to stand in for the removed "
+                f"experts), got {self.stand_in!r}; leave it out to prune without stand-ins",
+                settings=("stand_in",),
+            )
+        _ = self.stand_in_config  # r against the form: refused here, before any work
+        steps = self.fit_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise CompressedExpertsError(
+                f"fit_steps must be a whole number, 0 or more; got {steps!r}", settings=("fit_steps",)
+            )
+
+    @property
+    def stand_in_config(self) -> CEConfig:
+        """The compressed-experts settings of the pruned model's blocks (with ``stand_in``)."""
+        return CEConfig(form=self.stand_in, r=self.r, kept_experts=self.keep)
 
 
 def check_prunable(model: nn.Module, keep: int) -> tuple[int, int]:
@@ -220,17 +268,12 @@ def kept_experts(scores: torch.Tensor, keep: int) -> list[int]:
     return sorted(order[:keep].tolist())
 
 
-@torch.no_grad()
-def remove_experts(model: PreTrainedModel, kept: dict[str, list[int]]) -> PreTrainedModel:
-    """Keep only the experts ``kept[block name]`` (ids, as many in every block) of each MoE block, in place.
-
-    Drops the removed experts' router rows and weights and sets the config's expert count; the
-    kept experts are renumbered ``0..keep-1`` in the order given. Returns ``model``.
-    """
-    family = family_of(model)
-    blocks = dict(moe_blocks(model, family))
+def _checked_kept(model: PreTrainedModel, kept: dict[str, list[int]]) -> tuple[dict[str, nn.Module], int, int]:
+    """(MoE blocks by name, experts per block, experts kept), once ``kept`` is checked to name the
+    same number of distinct expert ids for every block."""
+    blocks = dict(moe_blocks(model, family_of(model)))
     if set(kept) != set(blocks):
-        raise CompressedExpertsError("remove_experts needs the experts to keep for every MoE block, by name")
+        raise CompressedExpertsError("pruning needs the experts to keep for every MoE block, by name")
     sizes = {len(ids) for ids in kept.values()}
     if len(sizes) != 1:
         raise CompressedExpertsError("every MoE block must keep the same number of experts (one config for all)")
@@ -239,14 +282,42 @@ def remove_experts(model: PreTrainedModel, kept: dict[str, list[int]]) -> PreTra
     for name, ids in kept.items():
         if len(set(ids)) != len(ids) or not all(isinstance(i, int) and 0 <= i < experts for i in ids):
             raise CompressedExpertsError(f"{name}: experts to keep must be distinct ids below {experts}, got {ids}")
+    return blocks, experts, keep
+
+
+@torch.no_grad()
+def _take_experts(model: PreTrainedModel, blocks: dict[str, nn.Module], ids: dict[str, list[int]]) -> None:
+    """Each block's experts become ``ids[block name]``, in that order: the router's rows and the
+    expert weights move together (so routing picks the same experts, now under their new ids)."""
+    router_attr = family_of(model).router_attr
     for name, block in blocks.items():
-        index = torch.tensor(kept[name], device=block.experts.gate_up_proj.device)
-        router = getattr(block, family.router_attr)
+        index = torch.tensor(ids[name], device=block.experts.gate_up_proj.device)
+        router = getattr(block, router_attr)
         for module, attr in ((block.experts, "gate_up_proj"), (block.experts, "down_proj"), (router, "weight")):
             old = getattr(module, attr)
             setattr(module, attr, nn.Parameter(old.detach().index_select(0, index), requires_grad=old.requires_grad))
         if isinstance(router, nn.Linear):
-            router.out_features = keep
+            router.out_features = len(ids[name])
+
+
+def kept_first(model: PreTrainedModel, kept: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Renumber each MoE block's experts, in place, so that ``kept[block name]`` come first (ids
+    ``0..keep-1`` in the order given) and the others follow in id order; what the model computes is
+    unchanged. Returns the others (old ids, in their new order): the experts that stand-ins replace."""
+    blocks, experts, _ = _checked_kept(model, kept)
+    others = {name: [i for i in range(experts) if i not in set(ids)] for name, ids in kept.items()}
+    _take_experts(model, blocks, {name: kept[name] + others[name] for name in blocks})
+    return others
+
+
+def remove_experts(model: PreTrainedModel, kept: dict[str, list[int]]) -> PreTrainedModel:
+    """Keep only the experts ``kept[block name]`` (ids, as many in every block) of each MoE block, in place.
+
+    Drops the removed experts' router rows and weights and sets the config's expert count; the
+    kept experts are renumbered ``0..keep-1`` in the order given. Returns ``model``.
+    """
+    blocks, experts, keep = _checked_kept(model, kept)
+    _take_experts(model, blocks, kept)
     # Every module attribute that holds the expert count (routers, experts, blocks, the LM's aux loss).
     for module in model.modules():
         for attr in _EXPERT_COUNT_FIELDS:
@@ -299,18 +370,36 @@ def prune(
         sums = scores[name]
         share = {f"{c}_kept": (sums[c][ids].sum() / sums[c].sum().clamp_min(1e-30)).item() for c in sums}
         report["blocks"].append({"block": name, "kept": ids, **share})
-    remove_experts(model, kept)
+    if config.stand_in is None:
+        remove_experts(model, kept)
+        return report
+    others = kept_first(model, kept)
+    for row in report["blocks"]:
+        row["stand_ins"] = others[row["block"]]
+    convert(model, config.stand_in_config)
+    fitted = fit(model, blocks, FitConfig(steps=config.fit_steps, batch_size=config.batch_size), progress=progress)
+    for module in model.modules():
+        if isinstance(module, CompressedExperts):
+            module.remove_experts()
+    report["stand_in"] = {"form": config.stand_in, "r": config.stand_in_config.resolved(_intermediate(model)).r}
+    report["fit"] = fitted
     return report
+
+
+def _intermediate(model: PreTrainedModel) -> int:
+    return next(m for m in model.modules() if isinstance(m, CompressedExperts)).intermediate_dim
 
 
 __all__ = [
     "CRITERIA",
     "PRUNABLE",
+    "STAND_INS",
     "PruneConfig",
     "check_calibration",
     "check_prunable",
     "expert_scores",
     "kept_experts",
+    "kept_first",
     "min_calibration_tokens",
     "prune",
     "remove_experts",

@@ -6,7 +6,10 @@ computed) both speak in these terms and know nothing of each other.
 
 Which of a token's routed experts are main is decided by a rule: a fixed number ``n_ce`` of
 auxiliary experts (the lightest), or a per-token rule, ``top_p`` or ``skip_below``
-(:func:`main_slots`), under which the number of main experts varies from token to token.
+(:func:`main_slots`), under which the number of main experts varies from token to token, or
+``kept_experts``, the rule of a model pruned with stand-ins (:func:`compressed_experts.prune`):
+the experts whose ids are below it run in full, the others were removed and their compressed
+experts stand in for them (so a token may have no main expert at all).
 """
 
 from __future__ import annotations
@@ -20,17 +23,23 @@ import torch
 from .errors import CompressedExpertsError
 
 #: The settings that choose a token's main experts; exactly one of them is given.
-RULES = ("n_ce", "top_p", "skip_below")
+RULES = ("n_ce", "top_p", "skip_below", "kept_experts")
 
 
 class Ruled:
-    """What the rule settings ``n_ce``, ``top_p`` and ``skip_below`` of a config, a block or a call mean
-    (a mixin: the class holds the three as attributes)."""
+    """What the rule settings (:data:`RULES`) of a config, a block or a call mean (a mixin: the
+    class holds them as attributes)."""
 
     @property
     def dynamic(self) -> bool:
-        """Whether the number of main experts varies per token (``top_p`` or ``skip_below``)."""
-        return self.top_p is not None or self.skip_below is not None
+        """Whether the number of main experts varies per token (``top_p``, ``skip_below`` or ``kept_experts``)."""
+        return self.top_p is not None or self.skip_below is not None or self.kept_experts is not None
+
+    @property
+    def stand_in_offset(self) -> int:
+        """The first expert id that has compressed experts of its own: ``kept_experts`` (only the removed
+        experts have them, numbered from 0), else 0 (every expert has them)."""
+        return self.kept_experts or 0
 
     @property
     def compresses(self) -> bool:
@@ -39,20 +48,28 @@ class Ruled:
 
 
 def rule_of(settings: Any) -> dict[str, Any]:
-    """The rule settings that ``settings`` (a config, a block) holds, by name: those not None."""
-    return {name: getattr(settings, name) for name in RULES if getattr(settings, name) is not None}
+    """The rule settings that ``settings`` (a config, a block, a training run's settings, which have no
+    ``kept_experts``: only pruning sets it) holds, by name: those not None."""
+    return {name: getattr(settings, name) for name in RULES if getattr(settings, name, None) is not None}
 
 
-def check_rule(n_ce: Any, top_p: Any, skip_below: Any) -> None:
+def check_rule(n_ce: Any, top_p: Any, skip_below: Any, kept_experts: Any = None) -> None:
     """Refuse anything but exactly one rule, with its value in range (``n_ce`` against a model's
-    top-k is checked later, where the top-k is known)."""
-    given = [name for name, value in zip(RULES, (n_ce, top_p, skip_below)) if value is not None]
+    top-k and ``kept_experts`` against its expert count are checked later, where they are known)."""
+    given = [name for name, value in zip(RULES, (n_ce, top_p, skip_below, kept_experts)) if value is not None]
     if len(given) != 1:
         raise CompressedExpertsError(
             f"give exactly one of n_ce (a fixed number of auxiliary experts per token), top_p or skip_below "
             f"(a per-token rule); got {' and '.join(given) if given else 'none'}",
             settings=RULES,
         )
+    if kept_experts is not None:
+        if isinstance(kept_experts, bool) or not isinstance(kept_experts, int) or kept_experts < 1:
+            raise CompressedExpertsError(
+                f"kept_experts must be a whole number of experts, 1 or more; got {kept_experts!r}",
+                settings=("kept_experts",),
+            )
+        return
     if n_ce is not None:
         if isinstance(n_ce, bool) or not isinstance(n_ce, int):
             raise CompressedExpertsError(f"n_ce must be a whole number, got {n_ce!r}", settings=("n_ce",))
@@ -99,9 +116,11 @@ class Split(NamedTuple):
     """Each token's routed experts ordered by weight, the first ``m`` main, the rest auxiliary.
 
     Under a per-token rule the halves keep fixed shapes: ``main_index`` holds all ``k`` slots and
-    ``aux_index`` slots 2..k (the heaviest is always main), and ``main_skip`` / ``aux_skip`` mark
-    the pairs that are not main / not auxiliary for their token (pairs not to compute). With a
-    fixed ``n_ce`` both are None.
+    ``aux_index`` slots 2..k (the heaviest is always main; under ``kept_experts`` all k slots, as
+    any may be a removed expert), and ``main_skip`` / ``aux_skip`` mark the pairs that are not
+    main / not auxiliary for their token (pairs not to compute). With a fixed ``n_ce`` both are
+    None. ``aux_index`` numbers the experts as their compressed experts are numbered: under
+    ``kept_experts`` from the first removed one (``id - kept_experts``; a skipped pair's is 0).
     """
 
     main_index: torch.Tensor  # [T, m]
@@ -118,13 +137,18 @@ def split_routing(
     n_ce: int | None,
     top_p: float | None = None,
     skip_below: float | None = None,
+    kept_experts: int | None = None,
 ) -> Split:
     """Each token's experts by weight, the ``n_ce`` lightest auxiliary, or under a per-token rule
-    (``top_p``, ``skip_below``: see :func:`main_slots`) as many as the rule makes auxiliary. Routers
-    do not all return their experts sorted (PhiMoE's sparsemixer and DeepSeek's grouped routing do
-    not); ties keep the router's order, so every backend makes the same split."""
+    (``top_p``, ``skip_below``: see :func:`main_slots`) as many as the rule makes auxiliary, or
+    under ``kept_experts`` those whose ids are not below it. Routers do not all return their
+    experts sorted (PhiMoE's sparsemixer and DeepSeek's grouped routing do not); ties keep the
+    router's order, so every backend makes the same split."""
     weights, order = top_k_weights.sort(dim=-1, descending=True, stable=True)
     index = top_k_index.gather(-1, order)
+    if kept_experts is not None:
+        kept = index < kept_experts
+        return Split(index, weights, (index - kept_experts).clamp_min(0), weights, ~kept, kept)
     if top_p is None and skip_below is None:
         if n_ce is None:
             raise CompressedExpertsError("split_routing needs n_ce, top_p or skip_below", settings=RULES)
@@ -153,6 +177,11 @@ class ExpertRun:
     neuron_limit: tuple[int, int] | None = None
     skip: torch.Tensor | None = None
 
+    @property
+    def experts(self) -> int:
+        """Experts this run's weights hold (its ids run from 0 to this, less one)."""
+        return self.down.shape[0]
+
     def weight_tensors(self) -> tuple[torch.Tensor, ...]:
         """Every expert weight this run multiplies by, as ``[E, out, in]``."""
         gate_up = self.gate_up if isinstance(self.gate_up, tuple) else (self.gate_up,)
@@ -162,8 +191,8 @@ class ExpertRun:
 @dataclass
 class Call(Ruled):
     """One call of a compressed-experts block: its inputs, its rule, and (computed once, on demand)
-    the runs its form asks for. ``n_ce = 0`` is the full top-k block, whatever the form; ``top_p``
-    or ``skip_below`` (with ``n_ce`` None) a per-token rule."""
+    the runs its form asks for. ``n_ce = 0`` is the full top-k block, whatever the form; ``top_p``,
+    ``skip_below`` or ``kept_experts`` (with ``n_ce`` None) a per-token rule."""
 
     layer: Any  # the CompressedExperts module (typed loosely: this module sits below it)
     x: torch.Tensor  # [T, H]
@@ -172,6 +201,7 @@ class Call(Ruled):
     n_ce: int | None
     top_p: float | None = None
     skip_below: float | None = None
+    kept_experts: int | None = None
     _runs: list[ExpertRun] | None = field(default=None, repr=False)
 
     @property
@@ -183,7 +213,9 @@ class Call(Ruled):
 
     def split(self) -> Split:
         """The routing split by this call's rule."""
-        return split_routing(self.top_k_index, self.top_k_weights, self.n_ce, self.top_p, self.skip_below)
+        return split_routing(
+            self.top_k_index, self.top_k_weights, self.n_ce, self.top_p, self.skip_below, self.kept_experts
+        )
 
     @property
     def runs(self) -> list[ExpertRun]:

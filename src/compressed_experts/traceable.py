@@ -61,12 +61,25 @@ class _Block:
 
 
 def _run(
-    x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+    x,
+    top_k_index,
+    top_k_weights,
+    gate_up_proj,
+    down_proj,
+    vectors,
+    n_ce,
+    top_p,
+    skip_below,
+    kept_experts,
+    form,
+    r,
+    path,
+    act,
 ) -> torch.Tensor:
     block = _Block(gate_up_proj, down_proj, form, r, path, act)
     for name, value in zip(block.form_spec.parameters, vectors):
         setattr(block, name, value)
-    call = Call(block, x, top_k_index, top_k_weights, n_ce, top_p, skip_below)
+    call = Call(block, x, top_k_index, top_k_weights, n_ce, top_p, skip_below, kept_experts)
     return backends.choose(path, call).run(call)
 
 
@@ -81,6 +94,7 @@ def experts(
     n_ce: int | None,
     top_p: float | None,
     skip_below: float | None,
+    kept_experts: int | None,
     form: str,
     r: int | None,
     path: str,
@@ -88,12 +102,40 @@ def experts(
 ) -> torch.Tensor:
     """The block's expert output ``[T, H]`` (what ``CompressedExperts._compute`` returns)."""
     return _run(
-        x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+        x,
+        top_k_index,
+        top_k_weights,
+        gate_up_proj,
+        down_proj,
+        vectors,
+        n_ce,
+        top_p,
+        skip_below,
+        kept_experts,
+        form,
+        r,
+        path,
+        act,
     )
 
 
 @experts.register_fake
-def _(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act):
+def _(
+    x,
+    top_k_index,
+    top_k_weights,
+    gate_up_proj,
+    down_proj,
+    vectors,
+    n_ce,
+    top_p,
+    skip_below,
+    kept_experts,
+    form,
+    r,
+    path,
+    act,
+):
     return torch.empty_like(x)
 
 
@@ -109,6 +151,7 @@ def experts_backward(
     n_ce: int | None,
     top_p: float | None,
     skip_below: float | None,
+    kept_experts: int | None,
     form: str,
     r: int | None,
     path: str,
@@ -117,7 +160,7 @@ def experts_backward(
     """Gradients of :func:`experts` for x, the routing weights, both expert weights and each vector,
     by recomputing the call with autograd on (the cost of one more forward, as in checkpointing)."""
     inputs = [t.detach().requires_grad_() for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
-    rule = (n_ce, top_p, skip_below)
+    rule = (n_ce, top_p, skip_below, kept_experts)
     stream = torch.cuda.current_stream() if grad.is_cuda else None
 
     def recompute() -> list[torch.Tensor]:
@@ -133,7 +176,21 @@ def experts_backward(
 
 @experts_backward.register_fake
 def _(
-    grad, x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, n_ce, top_p, skip_below, form, r, path, act
+    grad,
+    x,
+    top_k_index,
+    top_k_weights,
+    gate_up_proj,
+    down_proj,
+    vectors,
+    n_ce,
+    top_p,
+    skip_below,
+    kept_experts,
+    form,
+    r,
+    path,
+    act,
 ):
     return [torch.empty_like(t) for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
 

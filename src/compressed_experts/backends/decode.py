@@ -237,7 +237,7 @@ class Decode(Backend):
     def unavailable(self, call: Call) -> str | None:
         layer, x = call.layer, call.x
         if call.dynamic:
-            return "the kernels take a fixed n_ce, not a per-token rule (top_p, skip_below)"
+            return "the kernels take a fixed n_ce, not a per-token rule (top_p, skip_below, kept_experts)"
         if torch.is_grad_enabled():
             return "gradients are on (the kernels are forward only: run under torch.no_grad())"
         if x.device.type != "cuda" or not available():

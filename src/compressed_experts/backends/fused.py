@@ -789,6 +789,8 @@ class Fused(Backend):
         layer, x = call.layer, call.x
         if not available():
             return "it needs Triton (pip install triton; CUDA builds of PyTorch bring it)"
+        if call.kept_experts is not None:
+            return "its kernels hold every expert in full; a model pruned with stand-ins (kept_experts) does not"
         if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
             return "it needs a CUDA device (or, slowly, TRITON_INTERPRET=1 on the CPU)"
         return kernel_reason(layer, x) or super().unavailable(call)

@@ -39,10 +39,8 @@ class Grouped(Backend):
         if layer.path == self.name:
             choices = True
         else:
-            choices = [
-                grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run, layer.num_experts) for run in call.runs
-            ]
-        return run_all(x, call.runs, layer.act_fn, layer.num_experts, grouped=choices)
+            choices = [grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run) for run in call.runs]
+        return run_all(x, call.runs, layer.act_fn, grouped=choices)
 
 
 def _decode_sized(x: torch.Tensor, rows: int, num_experts: int) -> bool:
@@ -53,8 +51,8 @@ def _decode_sized(x: torch.Tensor, rows: int, num_experts: int) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled() and rows * 4 <= num_experts
 
 
-def _loop_faster(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
+def _loop_faster(x: torch.Tensor, run: ExpertRun) -> bool:
     """Where the loop beats grouped_mm for one run: decode-sized inference on CPU (:func:`_decode_sized`),
     or large (:func:`by_expert`: 64 computed rows per expert and more, where the loop runs each
     expert's whole MLP while its rows are in cache)."""
-    return _decode_sized(x, run.index.numel(), num_experts) or by_expert(x, run, num_experts)
+    return _decode_sized(x, run.index.numel(), run.experts) or by_expert(x, run)

@@ -20,4 +20,4 @@ class Loop(Backend):
 
     def run(self, call: Call) -> torch.Tensor:
         layer = call.layer
-        return run_all(call.x, call.runs, layer.act_fn, layer.num_experts, grouped=False)
+        return run_all(call.x, call.runs, layer.act_fn, grouped=False)

@@ -259,19 +259,19 @@ class _SplitGateUp(torch.autograd.Function):
         return d_gate, d_up, d_weight, None, None
 
 
-def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, num_experts: int, grouped: bool) -> torch.Tensor:
+def run_experts(x: torch.Tensor, run: ExpertRun, act_fn: Callable, grouped: bool) -> torch.Tensor:
     """One :class:`ExpertRun` on ``x`` ``[T, H]``, all experts at once.
 
     The result is left at the routing weights' precision (float32 for some routers), for the
     caller to sum the runs and round once.
     """
-    groups = Grouping.build(run.index, num_experts, run.skip)
+    groups = Grouping.build(run.index, run.experts, run.skip)
     gate_up, down = run.gate_up, run.down
     if down.dtype != x.dtype:  # slim's float32 master copies under --precision bf16
         gate_up = tuple(w.to(x.dtype) for w in gate_up) if isinstance(gate_up, tuple) else gate_up.to(x.dtype)
         down = down.to(x.dtype)
     scales = None if run.scales is None else tuple(s.to(x.dtype) for s in run.scales)
-    if not grouped and by_expert(x, run, num_experts):
+    if not grouped and by_expert(x, run):
         return _by_expert(x, run, groups, gate_up, down, act_fn, scales)
     if scales is not None:
         scale_gate, scale_up, scale_down = scales
@@ -304,7 +304,7 @@ def computed_rows(run: ExpertRun) -> int:
     return rows if run.skip is None else rows - int(run.skip.sum())
 
 
-def by_expert(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
+def by_expert(x: torch.Tensor, run: ExpertRun) -> bool:
     """Whether the loop runs each expert's whole MLP at once (:func:`_by_expert`): inference on CPU at 64
     computed rows per expert or more, for runs without a neuron limit (only set with gradients on).
     On two threads, OLMoE layer, bfloat16 unless said (``python scripts/profile_layer.py --tokens N
@@ -316,7 +316,7 @@ def by_expert(x: torch.Tensor, run: ExpertRun, num_experts: int) -> bool:
     machine, which may move the crossover up: measure with ``compressed-experts bench`` there."""
     if x.device.type != "cpu" or torch.is_grad_enabled() or run.neuron_limit is not None:
         return False
-    return computed_rows(run) >= 64 * num_experts
+    return computed_rows(run) >= 64 * run.experts
 
 
 def _by_expert(
@@ -359,14 +359,12 @@ def _by_expert(
     return weighted.view(tokens, slots, -1).sum(dim=1)
 
 
-def run_all(
-    x: torch.Tensor, runs: list[ExpertRun], act_fn: Callable, num_experts: int, grouped: bool | list[bool]
-) -> torch.Tensor:
+def run_all(x: torch.Tensor, runs: list[ExpertRun], act_fn: Callable, grouped: bool | list[bool]) -> torch.Tensor:
     """The sum of the runs, computed wide and rounded once to ``x``'s dtype; ``grouped`` says, for all
     runs or run by run, whether their products go through grouped_mm or the loop."""
     choices = grouped if isinstance(grouped, list) else [grouped] * len(runs)
     total = None
     for run, choice in zip(runs, choices):
-        part = run_experts(x, run, act_fn, num_experts, choice)
+        part = run_experts(x, run, act_fn, choice)
         total = part if total is None else total + part
     return total.to(x.dtype)

@@ -93,6 +93,8 @@ def settings_options(settings: type) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(settings)
     params = []
     for field in dataclasses.fields(settings):
+        if field.metadata.get("flag") is False:  # a setting the library sets, not the user
+            continue
         spelling = flag(field.name)
         if hints[field.name] is bool:  # --packing / --no-packing, as typer spells a bool it names itself
             spelling += "/--no-" + spelling[2:]

@@ -59,7 +59,9 @@ def prune(**options) -> None:
     """Remove the experts the calibration text uses least from every MoE block and save the smaller model.
 
     The result is a plain MoE of the same family with --keep experts per block (transformers
-    loads it natively); convert and fit it like any other model.
+    loads it natively); convert and fit it like any other model. With --stand-in ia3 or slim the
+    removed experts leave compressed experts behind, fitted on the same text, for the tokens the
+    router still sends to them; that model loads with compressed_experts.from_pretrained.
     """
     settings = {name: options.pop(name) for name in list(options) if name in PruneConfig.__dataclass_fields__}
     source, out, calib = options["source"], options["out"], options["calib"]
@@ -89,14 +91,18 @@ def prune(**options) -> None:
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         with console.status(f"saving to {out}"):
             save_model(model, out, tokenizer=tokenizer, extra_files={"prune_report.json": json.dumps(report, indent=2)})
-        table = Table(title=f"pruned {source} -> {out}: {experts} -> {config.keep} experts by {config.criterion}")
+        stand_ins = f", {config.stand_in} stand-ins for the rest" if config.stand_in else ""
+        table = Table(
+            title=f"pruned {source} -> {out}: {experts} -> {config.keep} experts by {config.criterion}{stand_ins}"
+        )
         measured = [c for c in CRITERIA if f"{c}_kept" in report["blocks"][0]]
         for column in ("block", *(f"{c} kept" for c in measured)):
             table.add_column(column, justify="right")
         for row in report["blocks"]:
             table.add_row(row["block"], *(f"{row[f'{c}_kept']:.1%}" for c in measured))
         console.print(table)
-        show_model(describe(model), str(out))
+        # Stand-ins make the number of full experts per token depend on the text: measured on the calibration text.
+        show_model(describe(model, blocks if config.stand_in else None), str(out))
 
     run(releasing(out, action))
 

@@ -36,6 +36,9 @@ class Form:
     selects_neurons: ClassVar[bool] = False
     #: Adam learning rate :func:`compressed_experts.fit` uses for the parameters (found on the bundled model).
     fit_lr: ClassVar[float | None] = None
+    #: Whether it can stand in for experts whose weights pruning removed (``kept_experts``): not a
+    #: form that runs part of the expert's own weights.
+    stands_in: ClassVar[bool] = True
     #: Compute backends that can run it (the ``decode`` kernels only know the ia3 vectors and top-m).
     backends: ClassVar[tuple[str, ...]] = ("eager", "grouped", "loop")
 

@@ -26,7 +26,8 @@ class IA3(Form):
     def initial_parameters(self, layer) -> dict[str, torch.Tensor]:
         like = dict(dtype=layer.gate_up_proj.dtype, device=layer.gate_up_proj.device)
         sizes = {"ce_gate": layer.hidden_dim, "ce_up": layer.hidden_dim, "ce_down": layer.intermediate_dim}
-        return {name: torch.ones(layer.num_experts, size, **like) for name, size in sizes.items()}
+        experts = layer.num_experts - layer.stand_in_offset  # under kept_experts only the removed ones have them
+        return {name: torch.ones(experts, size, **like) for name, size in sizes.items()}
 
     def runs(self, layer, split: Split) -> list[ExpertRun]:
         return [main_run(layer, split, scales=self.averaged(layer, split.aux_index, split.aux_weights, split.aux_skip))]
@@ -47,7 +48,7 @@ class IA3(Form):
         shifted = aux_weights.float() + 1e-30
         if aux_skip is not None:
             shifted = shifted.masked_fill(aux_skip, 0.0)
-        mix = aux_weights.new_zeros(aux_weights.shape[0], layer.num_experts, dtype=torch.float32)
+        mix = aux_weights.new_zeros(aux_weights.shape[0], layer.ce_gate.shape[0], dtype=torch.float32)
         mix.scatter_add_(1, aux_index, shifted)
         total = mix.sum(dim=-1, keepdim=True)
         if aux_skip is None:

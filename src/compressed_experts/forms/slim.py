@@ -25,7 +25,8 @@ class Slim(Form):
     fit_lr = 1e-3
 
     def initial_parameters(self, layer) -> dict[str, torch.Tensor]:
-        gate, up, down = first_neurons(layer)
+        # Under kept_experts only the removed experts (from the offset on) get an MLP.
+        gate, up, down = (part[layer.stand_in_offset :] for part in first_neurons(layer))
         return {"ce_gate_up_proj": torch.cat([gate, up], dim=1).detach().clone(), "ce_down_proj": down.detach().clone()}
 
     def runs(self, layer, split: Split) -> list[ExpertRun]:

@@ -26,6 +26,7 @@ class Subset(Form):
     help = "each auxiliary expert runs its own r most important neurons (no parameters added)"
     takes_r = True
     selects_neurons = True
+    stands_in = False
 
     def runs(self, layer, split: Split) -> list[ExpertRun]:
         if torch.is_grad_enabled() and (layer.gate_up_proj.requires_grad or layer.down_proj.requires_grad):

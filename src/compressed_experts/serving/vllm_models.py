@@ -189,6 +189,7 @@ class CompressedExpertsRunner(nn.Module):
             "sequence-parallel MoE": is_sequence_parallel,
             "fused shared experts": fuse_shared_experts,
             f"activation {activation!r} (the experts are SiLU-gated)": activation != "silu",
+            "a model pruned with stand-ins (kept_experts; serve it with transformers)": ce.kept_experts is not None,
         }
         for what, on in refused.items():
             if on:

@@ -20,7 +20,11 @@ files, as the forms study does:
   fitted (the planner plans ``slim``'s starting point);
 - ``pruned``: :func:`compressed_experts.prune.prune` at several ``keep``. Pruning saves memory,
   not compute: every token still runs 8 full experts, so its rows sit at 8 expert-equivalents and
-  belong on the second plot, against total parameters in memory.
+  belong on the second plot, against total parameters in memory;
+- ``pruned, slim stand-ins``: the same pruning with the removed experts standing in as ``slim``
+  MLPs of the default ``r`` (an eighth of an expert's neurons), fitted like the forms: the router
+  still picks every expert, so tokens run fewer full experts (those routed to removed experts get
+  their stand-ins) and the rows sit on both plots.
 
 "Gap closed" is the share of the top-m -> full top-k gap in held-out loss that a method wins back
 at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting
@@ -74,6 +78,7 @@ METHODS = (
     "planned, fitted",
     "planned, slim fitted",
     "pruned",
+    "pruned, slim stand-ins",
 )
 #: How far a method's measured expert-equivalents may sit from its budget: ``ia3``'s vectors cost
 #: ``(k - m)·(2H + I)/(3·H·I)`` of an expert (0.067 at most on the bundled model), ``r`` is whole
@@ -87,6 +92,8 @@ STAGES = ("training-free", "fine-tuned")
 #: references of its gaps, are always fine-tuned.
 FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted", "planned, slim fitted")
 RULES = ("top_p", "skip_below")
+#: Pruning with stand-ins, as the table names it.
+PRUNED_STAND_INS = "pruned, slim stand-ins"
 #: Every row so far, rewritten after each measurement.
 ROWS = "methods_rows.json"
 
@@ -403,6 +410,14 @@ def run_methods(
             pruned = copy.deepcopy(base)
             prune(pruned, calib, keep=count)
             add("training-free", "pruned", None, seed, pruned, f"keep {count} of {num_experts}", calib, keep=count)
+        for count in settings.keeps:
+            if ("training-free", PRUNED_STAND_INS, None, seed, count) in done:
+                continue
+            say(f"seed {seed}: pruning to {count} experts per block, fitting slim stand-ins for the rest")
+            pruned = copy.deepcopy(base)
+            report = prune(pruned, calib, keep=count, stand_in="slim", fit_steps=settings.fit_steps)
+            setting = f"keep {count} of {num_experts}, r {report['stand_in']['r']}"
+            add("training-free", PRUNED_STAND_INS, None, seed, pruned, setting, calib, keep=count)
     if finetune and settings.finetune_budgets:
         data = write_domain_train(
             out / "data" / "domain_train.jsonl", settings.finetune_steps, settings.batch_size, settings.seq_len
@@ -540,7 +555,7 @@ def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
     summary = []
     for (stage, method, budget, kept), members in groups.items():
         closed = []
-        if method not in ("full top-k", "top-m", "pruned") and budget is not None and budget < top_k:
+        if method not in ("full top-k", "top-m", "pruned", PRUNED_STAND_INS) and budget is not None and budget < top_k:
             for row in members:
                 full, top_m = (_reference(rows, m, budget, stage, row["seed"]) for m in ("full top-k", "top-m"))
                 share = (
@@ -611,6 +626,7 @@ STYLES = {
     "planned, fitted": ("X", "tab:cyan"),
     "planned, slim fitted": ("h", "tab:red"),
     "pruned": ("p", "tab:brown"),
+    PRUNED_STAND_INS: ("d", "tab:gray"),
 }
 
 
@@ -644,7 +660,7 @@ def pareto_plots(results: dict[str, Any], active_png: Path, memory_png: Path) ->
                 marker=marker,
                 color=color,
                 # Against memory every compute-saving method sits at one total: only pruning's keeps make a line.
-                linestyle="-" if key == "expert_equivalents" or method == "pruned" else "none",
+                linestyle="-" if key == "expert_equivalents" or method.startswith("pruned") else "none",
                 linewidth=0.8,
                 capsize=2,
                 label=method,

@@ -175,7 +175,7 @@ class TrainConfig:
         if self.method == "full":
             return None
         if isinstance(existing, tuple):
-            given = [name for name in (*RULES, "form", "r") if getattr(self, name) is not None]
+            given = [name for name in (*RULES, "form", "r") if getattr(self, name, None) is not None]
             if given or self.method == "top-m":
                 raise CompressedExpertsError(
                     f"the model has settings of its own per MoE block (a plan): it trains with them; leave "
