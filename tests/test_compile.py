@@ -9,6 +9,7 @@ from conftest import FAMILY_NAMES, compressed_layers, randomise_compressed_exper
 from torch.export import Dim
 
 import compressed_experts as ce
+from compressed_experts.prune import prune
 
 FORMS = [("ia3", None), ("none", None), ("subset", 2), ("slim", 2)]
 
@@ -92,3 +93,15 @@ def test_a_block_exports_with_a_dynamic_length_from_one_token(tmp_path):
 def test_an_activation_without_a_transformers_name_is_refused_by_name():
     with pytest.raises(TypeError, match="Tanhshrink has no transformers name"):
         ce.traceable.activation_name(torch.nn.Tanhshrink())
+
+
+def test_a_block_pruned_with_stand_ins_compiles_whole():
+    """The kept_experts rule reaches the operator (its removed experts' weights gone, its stand-ins numbered from 0)."""
+    model = ce.tiny_model("olmoe").eval()
+    prune(model, torch.randint(4, 128, (8, 64)), keep=16, stand_in="slim", r=4, fit_steps=0)
+    block = moe_block(model)
+    compiled = torch.compile(block, fullgraph=True, backend="eager", dynamic=True)  # any graph break raises
+    with torch.no_grad():
+        for length in (1, 17):
+            x = torch.randn(2, length, model.config.hidden_size)
+            torch.testing.assert_close(first(compiled(x)), first(block(x)), rtol=0, atol=0)
