@@ -209,3 +209,7 @@ def test_cli_prunes_with_stand_ins(tmp_path):
     assert _layers(loaded)[0].gate_up_proj.shape[0] == 5 and _layers(loaded)[0].ce_down_proj.shape[0] == 3
     bad = runner.invoke(app, ["prune", "tiny:mixtral", "--keep", "5", "--out", str(tmp_path / "bad"), "--r", "4"])
     assert bad.exit_code == 2 and "give stand_in='slim' too" in bad.output, bad.output
+    wide = [*args[:-4], "--out", str(tmp_path / "bad"), "--stand-in", "slim", "--r", "999"]
+    bad = runner.invoke(app, wide)
+    assert bad.exit_code == 2 and "r=999 is more neurons" in bad.output and "ranking" not in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()

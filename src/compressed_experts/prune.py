@@ -177,6 +177,13 @@ def check_prunable(model: nn.Module, keep: int) -> tuple[int, int]:
     return experts, top_k
 
 
+def check_stand_in(model: nn.Module, config: PruneConfig) -> None:
+    """Refuse stand-ins whose ``r`` does not fit ``model``'s experts (works on the meta device, so the
+    command line checks before reading weights)."""
+    if config.stand_in is not None:
+        config.stand_in_config.resolved(_intermediate(model))
+
+
 def min_calibration_tokens(experts: int, top_k: int) -> int:
     """The fewest calibration tokens that route :data:`MIN_ROUTINGS_PER_EXPERT` tokens to each expert on average."""
     return math.ceil(MIN_ROUTINGS_PER_EXPERT * experts / top_k)
@@ -355,6 +362,7 @@ def prune(
     except TypeError as err:  # an unknown or missing keyword
         raise CompressedExpertsError(f"prune: {err}; its settings are those of PruneConfig") from None
     experts, top_k = check_prunable(model, config.keep)
+    check_stand_in(model, config)
     check_calibration(blocks, experts, top_k)
     scores = expert_scores(model, blocks, config.batch_size, saliency=config.criterion == "saliency", progress=progress)
     kept = {name: kept_experts(sums[config.criterion], config.keep) for name, sums in scores.items()}
@@ -386,8 +394,9 @@ def prune(
     return report
 
 
-def _intermediate(model: PreTrainedModel) -> int:
-    return next(m for m in model.modules() if isinstance(m, CompressedExperts)).intermediate_dim
+def _intermediate(model: nn.Module) -> int:
+    """Neurons per expert of ``model``'s MoE blocks."""
+    return next(moe_blocks(model, family_of(model)))[1].experts.down_proj.shape[-1]
 
 
 __all__ = [
@@ -397,6 +406,7 @@ __all__ = [
     "PruneConfig",
     "check_calibration",
     "check_prunable",
+    "check_stand_in",
     "expert_scores",
     "kept_experts",
     "kept_first",

@@ -14,7 +14,7 @@ from ..config import check_dtype_name
 from ..errors import CompressedExpertsError
 from ..fit import calibration_blocks
 from ..parameters import describe
-from ..prune import CRITERIA, PruneConfig, check_calibration, check_prunable, min_calibration_tokens
+from ..prune import CRITERIA, PruneConfig, check_calibration, check_prunable, check_stand_in, min_calibration_tokens
 from ..prune import prune as prune_model
 from ..toy.tasks import domain_split
 from .app import app
@@ -72,7 +72,9 @@ def prune(**options) -> None:
         config = PruneConfig(**settings)
         where = check_device(options["device"])
         # Before any text or weight is read: the family, --keep and --tokens must make sense.
-        experts, top_k = check_prunable(skeleton(source), config.keep)
+        shape = skeleton(source)
+        experts, top_k = check_prunable(shape, config.keep)
+        check_stand_in(shape, config)
         least = min_calibration_tokens(experts, top_k)
         if options["tokens"] < least:
             raise CompressedExpertsError(
