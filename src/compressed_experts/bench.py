@@ -724,7 +724,8 @@ def markdown(result: dict) -> str:
             "",
             "`repeat spread`: the larger interquartile range of the two variants' repeats, relative to the "
             "median. A ratio that misses its bound by less than that may be noise: rerun the row with more "
-            "--repeats before reading it as a loss.",
+            "--repeats before reading it as a loss. Why a target is missed, from profiles of both sides: "
+            "docs/cpu-performance.md (CPU) and docs/kernels.md (GPU).",
         ]
     return "\n".join(lines) + "\n"
 
