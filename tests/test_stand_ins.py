@@ -14,13 +14,15 @@ from typer.testing import CliRunner
 
 import compressed_experts as ce
 from compressed_experts.architectures import family_of, moe_blocks
-from compressed_experts.checkpoint import save_model
+from compressed_experts.checkpoint import apply_compressed_experts, save_compressed_experts, save_model
 from compressed_experts.cli import app
 from compressed_experts.config import CEConfig
 from compressed_experts.errors import CompressedExpertsError
 from compressed_experts.layer import CompressedExperts, set_compute_path
 from compressed_experts.parameters import active_parameters
 from compressed_experts.prune import PruneConfig, kept_first, prune
+from compressed_experts.training import TrainConfig
+from compressed_experts.training.run import _check_structure
 
 runner = CliRunner()
 IDS = torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -162,6 +164,18 @@ def test_save_load_counts_and_what_needs_the_removed_weights(tmp_path):
         layer.full(x, torch.zeros(3, 8, dtype=torch.long), torch.ones(3, 8))
     with pytest.raises(CompressedExpertsError, match="weights are gone"):
         ce.fit(loaded, calib, steps=1, progress=False)
+    # ... refused before any text or weight is read: the fit command, and training with distillation
+    fitting = runner.invoke(app, ["fit", str(tmp_path / "pruned"), "--out", str(tmp_path / "fitted")])
+    assert fitting.exit_code == 2 and "pruned with stand-ins (kept_experts=16)" in fitting.output, fitting.output
+    run = TrainConfig(
+        model=str(tmp_path / "pruned"), data="unread.jsonl", out=str(tmp_path / "run"), distill_weight=1.0
+    )
+    with pytest.raises(CompressedExpertsError, match="pruned with stand-ins"):
+        _check_structure(run)
+    # Its stand-ins alone mean nothing on the unpruned model (experts not renumbered, not removed).
+    save_compressed_experts(loaded, tmp_path / "stand_ins.safetensors")
+    with pytest.raises(CompressedExpertsError, match="apply only to that pruned model"):
+        apply_compressed_experts(ce.tiny_model("olmoe"), tmp_path / "stand_ins.safetensors")
 
 
 @pytest.mark.parametrize(

@@ -380,7 +380,9 @@ def _resolve(
             )
         return _plain_config(source, base_type, fields, "unknown base model type"), ce
     if any(value is not None and value != getattr(ce, key) for key, value in asked.items()):
-        held = ", ".join(f"{key}={getattr(ce, key)}" for key in asked if getattr(ce, key) is not None)
+        held = ", ".join(
+            f"{key}={getattr(ce, key)}" for key in (*asked, "kept_experts") if getattr(ce, key) is not None
+        )
         given = ", ".join(f"{key}={value}" for key, value in asked.items() if value is not None)
         raise CompressedExpertsError(
             f"{source} already has compressed experts with {held}; got {given}. "
@@ -654,6 +656,12 @@ def apply_compressed_experts(model: PreTrainedModel, path: str | os.PathLike) ->
     if existing is not None and existing != ce:
         raise CompressedExpertsError(
             f"the model already has other compressed experts ({existing}); give the base model"
+        )
+    if existing is None and any(c.kept_experts is not None for c in (ce if isinstance(ce, tuple) else (ce,))):
+        raise CompressedExpertsError(
+            f"{path} holds stand-ins of a model pruned with them: they apply only to that pruned model (its kept "
+            f"experts renumbered first, the others removed), not to an unpruned one. Load the pruned model "
+            f"(compressed_experts.from_pretrained) and apply them to it"
         )
     # Names and shapes are checked on a meta-device twin first, so a mismatch changes nothing.
     twin = model if existing is not None else _skeleton(type(model), model.config, ce)

@@ -104,7 +104,7 @@ class CEConfig(Ruled):
         if self.kept_experts is not None and not form.stands_in:
             raise CompressedExpertsError(
                 f"form {self.form} cannot stand in for removed experts (it runs part of their own weights, which "
-                f"pruning removes): use ia3 or slim, or none to drop them",
+                f"pruning removes): use ia3 or slim",
                 settings=("form",),
             )
         if self.r is not None:

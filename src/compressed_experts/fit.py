@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .config import CEConfig, collapsed, setting
 from .errors import CompressedExpertsError
 from .forms import REGISTRY, get_form
-from .layer import CompressedExperts, is_compressed_expert
+from .layer import CompressedExperts, is_compressed_expert, pruned_error
 from .neurons import ActivationImportance, select_neurons
 from .text import load_records, read_text_file, segments, token_blocks
 
@@ -177,6 +177,9 @@ def fit(
             "this model has no compressed experts: convert it first (n_ce and form), then fit",
             settings=("n_ce", "form"),
         )
+    removed = [layer for layer in layers if layer.removed]
+    if removed:  # before any text runs: their full top-k targets are gone
+        raise pruned_error(removed[0].ce_config)
     if not any(layer.compresses for layer in layers):  # a RuntimeError at the first Adam step otherwise
         raise CompressedExpertsError(
             "n_ce 0 replaces no experts, so there is nothing to fit: convert with n_ce of 1 or more",

@@ -204,6 +204,15 @@ class CompressedExperts(Ruled, nn.Module):
         the adapter will name the plain checkpoint as its base, and PEFT's own loaders would put it
         back on that plain model, without compressed experts and without a word."""
         if self.converted_from is not None and hasattr(self._modules["compressed"], "modules_to_save"):
+            if self.kept_experts is not None:  # no loader can rebuild a pruning from the plain model
+                warnings.warn(
+                    f"compressed experts are being trained in a PEFT adapter on a model pruned with stand-ins in "
+                    f"memory from {self.converted_from}: the adapter will name that unpruned model as its base, "
+                    f"which nothing can load it onto. Save the pruned model first (prune --stand-in, or "
+                    f"save_pretrained) and train on that directory",
+                    stacklevel=3,
+                )
+                return
             warnings.warn(
                 f"compressed experts are being trained in a PEFT adapter on a model converted in memory from "
                 f"{self.converted_from}: the adapter will name that plain model as its base, so "
@@ -216,11 +225,7 @@ class CompressedExperts(Ruled, nn.Module):
     def full(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """The full top-k output, every routed expert run in full: what the compressed experts stand in for."""
         if self.removed:
-            raise CompressedExpertsError(
-                f"this block was pruned to {self.kept_experts} of {self.num_experts} experts: the removed experts' "
-                f"weights are gone, so there is no full top-k output to fit or distill towards. Fit the stand-ins "
-                f"while pruning (compressed_experts.prune with stand_in), on the model before pruning"
-            )
+            raise pruned_error(self.ce_config)
         return self._compute(hidden_states, top_k_index, top_k_weights, full=True)
 
     def _compute(self, hidden_states, top_k_index, top_k_weights, full: bool = False) -> torch.Tensor:
@@ -243,6 +248,16 @@ class CompressedExperts(Ruled, nn.Module):
             )
         call = Call(self, hidden_states, top_k_index, top_k_weights, *rule)
         return backends.choose(self.path, call).run(call)
+
+
+def pruned_error(config: CEConfig) -> CompressedExpertsError:
+    """What fitting or distilling a model pruned with stand-ins is refused with (the full top-k output they
+    need is gone with the removed experts' weights)."""
+    return CompressedExpertsError(
+        f"this model was pruned with stand-ins ({config.rule}): the removed experts' weights are gone, so there "
+        f"is no full top-k output to fit or distill towards. Fit the stand-ins while pruning (prune --stand-in "
+        f"--fit-steps N, on the unpruned model); fine-tuning (train, without --distill-weight) trains them further"
+    )
 
 
 def set_compute_path(model: nn.Module, path: str) -> None:

@@ -32,7 +32,7 @@ class Grouped(Backend):
     def preferred(self, call: Call) -> bool:
         # Only a decode-sized call goes to the loop whole: in a large call, each run is placed by its own
         # size in run() (a compressed-experts call's auxiliary run may be mid-sized, where grouped_mm wins).
-        return not _decode_sized(call.x, call.main_rows, call.layer.num_experts)
+        return not _decode_sized(call.x, call.main_rows, call.layer.down_proj.shape[0])  # rows held, as compiled
 
     def run(self, call: Call) -> torch.Tensor:
         layer, x = call.layer, call.x

@@ -23,6 +23,7 @@ from ..convert import ce_config_of
 from ..errors import CompressedExpertsError
 from ..fit import FitConfig, calibration_blocks, fittable_forms
 from ..fit import fit as fit_model
+from ..layer import pruned_error
 from ..parameters import describe
 from ..sources import local_dir, resolve
 from ..toy.tasks import domain_split
@@ -228,6 +229,9 @@ def fit(**options) -> None:
                 f"--plan, to convert it"
             )
         blocks = wanted if isinstance(wanted, tuple) else (wanted,)
+        pruned = [c for c in blocks if c.kept_experts is not None]  # a saved one holds its kept experts only
+        if pruned:
+            raise pruned_error(pruned[0])
         if all(c.n_ce == 0 for c in blocks):  # it failed with a RuntimeError after reading the text and the model
             raise CompressedExpertsError(
                 "n_ce 0 replaces no experts, so there is nothing to fit: give n_ce of 1 or more", settings=("n_ce",)

@@ -61,7 +61,8 @@ def prune(**options) -> None:
     The result is a plain MoE of the same family with --keep experts per block (transformers
     loads it natively); convert and fit it like any other model. With --stand-in ia3 or slim the
     removed experts leave compressed experts behind, fitted on the same text, for the tokens the
-    router still sends to them; that model loads with compressed_experts.from_pretrained.
+    router still sends to them (in float32 unless --dtype says otherwise: they are fitted); that model
+    loads with compressed_experts.from_pretrained.
     """
     settings = {name: options.pop(name) for name in list(options) if name in PruneConfig.__dataclass_fields__}
     source, out, calib = options["source"], options["out"], options["calib"]
@@ -87,8 +88,10 @@ def prune(**options) -> None:
                 tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"], seed=options["seed"]
             )
         check_calibration(blocks, experts, top_k)  # text shorter than asked for: refused before loading
+        # Stand-ins are fitted: in float32 by default, as the fit command does (Adam steps on 16-bit vectors round away).
+        dtype = "float32" if config.stand_in and options["dtype"] == "auto" else options["dtype"]
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, dtype=options["dtype"]).to(where)
+            model = from_pretrained(source, dtype=dtype).to(where)
         report = prune_model(model, blocks, config, progress=True)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         with console.status(f"saving to {out}"):

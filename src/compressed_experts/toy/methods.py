@@ -24,7 +24,8 @@ files, as the forms study does:
 - ``pruned, slim stand-ins``: the same pruning with the removed experts standing in as ``slim``
   MLPs of the default ``r`` (an eighth of an expert's neurons), fitted like the forms: the router
   still picks every expert, so tokens run fewer full experts (those routed to removed experts get
-  their stand-ins) and the rows sit on both plots.
+  their stand-ins) and the rows sit on both plots. Seeds change their calibration draw; their
+  fitting batches are ``prune``'s (seed 0) on every seed.
 
 "Gap closed" is the share of the top-m -> full top-k gap in held-out loss that a method wins back
 at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting

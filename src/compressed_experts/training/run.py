@@ -33,7 +33,7 @@ from ..checkpoint import (
 from ..config import CEConfig
 from ..convert import ce_config_of, convert, float32_compressed_experts, swap_blocks
 from ..errors import CompressedExpertsError
-from ..layer import is_compressed_expert
+from ..layer import is_compressed_expert, pruned_error
 from ..parameters import active_parameters
 from ..text import load_records
 from .config import CONFIG_FILE, TrainConfig
@@ -146,6 +146,9 @@ def _check_structure(config: TrainConfig) -> tuple[Any, int]:
         # experts, as the real conversion will, and spells out the default r.
         swap_blocks(shape, wanted)
         wanted = ce_config_of(shape)
+    pruned = [c for c in (existing if isinstance(existing, tuple) else (existing,)) if c and c.kept_experts]
+    if pruned and config.distill_weight:  # a saved model pruned with stand-ins holds its kept experts only
+        raise pruned_error(pruned[0])
     if existing is not None and existing != wanted:
         held = (
             "settings per MoE block"
