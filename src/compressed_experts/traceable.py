@@ -60,26 +60,14 @@ class _Block:
         return get_form(self.form)
 
 
-def _run(
-    x,
-    top_k_index,
-    top_k_weights,
-    gate_up_proj,
-    down_proj,
-    vectors,
-    n_ce,
-    top_p,
-    skip_below,
-    kept_experts,
-    form,
-    r,
-    path,
-    act,
-) -> torch.Tensor:
+def _run(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, *settings) -> torch.Tensor:
+    """The call, from the operator's inputs; ``settings`` are the rule (``n_ce``, ``top_p``,
+    ``skip_below``, ``kept_experts``) then ``form``, ``r``, ``path`` and ``act``, as the operator takes them."""
+    *rule, form, r, path, act = settings
     block = _Block(gate_up_proj, down_proj, form, r, path, act)
     for name, value in zip(block.form_spec.parameters, vectors):
         setattr(block, name, value)
-    call = Call(block, x, top_k_index, top_k_weights, n_ce, top_p, skip_below, kept_experts)
+    call = Call(block, x, top_k_index, top_k_weights, *rule)
     return backends.choose(path, call).run(call)
 
 
@@ -101,41 +89,12 @@ def experts(
     act: str,
 ) -> torch.Tensor:
     """The block's expert output ``[T, H]`` (what ``CompressedExperts._compute`` returns)."""
-    return _run(
-        x,
-        top_k_index,
-        top_k_weights,
-        gate_up_proj,
-        down_proj,
-        vectors,
-        n_ce,
-        top_p,
-        skip_below,
-        kept_experts,
-        form,
-        r,
-        path,
-        act,
-    )
+    settings = (n_ce, top_p, skip_below, kept_experts, form, r, path, act)
+    return _run(x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, *settings)
 
 
 @experts.register_fake
-def _(
-    x,
-    top_k_index,
-    top_k_weights,
-    gate_up_proj,
-    down_proj,
-    vectors,
-    n_ce,
-    top_p,
-    skip_below,
-    kept_experts,
-    form,
-    r,
-    path,
-    act,
-):
+def _(x, *_inputs):
     return torch.empty_like(x)
 
 
@@ -160,12 +119,12 @@ def experts_backward(
     """Gradients of :func:`experts` for x, the routing weights, both expert weights and each vector,
     by recomputing the call with autograd on (the cost of one more forward, as in checkpointing)."""
     inputs = [t.detach().requires_grad_() for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
-    rule = (n_ce, top_p, skip_below, kept_experts)
+    settings = (n_ce, top_p, skip_below, kept_experts, form, r, path, act)
     stream = torch.cuda.current_stream() if grad.is_cuda else None
 
     def recompute() -> list[torch.Tensor]:
         with torch.cuda.stream(stream) if stream is not None else nullcontext(), torch.enable_grad():
-            out = _run(inputs[0], top_k_index, inputs[1], inputs[2], inputs[3], inputs[4:], *rule, form, r, path, act)
+            out = _run(inputs[0], top_k_index, inputs[1], inputs[2], inputs[3], inputs[4:], *settings)
             grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
         return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
 
@@ -175,23 +134,7 @@ def experts_backward(
 
 
 @experts_backward.register_fake
-def _(
-    grad,
-    x,
-    top_k_index,
-    top_k_weights,
-    gate_up_proj,
-    down_proj,
-    vectors,
-    n_ce,
-    top_p,
-    skip_below,
-    kept_experts,
-    form,
-    r,
-    path,
-    act,
-):
+def _(grad, x, top_k_index, top_k_weights, gate_up_proj, down_proj, vectors, *_settings):
     return [torch.empty_like(t) for t in (x, top_k_weights, gate_up_proj, down_proj, *vectors)]
 
 
