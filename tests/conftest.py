@@ -117,3 +117,22 @@ def write_arithmetic(path, n: int = 120, seed: int = 0):
         for a, b in torch.randint(1, 60, (n, 2), generator=gen).tolist():
             handle.write(json.dumps({"instruction": f"Add {a} and {b}.", "output": f"{a} + {b} = {a + b}."}) + "\n")
     return path
+
+
+class FakeClock:
+    """perf_counter for interleaved_medians: each timed function moves it on by its own next duration."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def runner(self, name, durations, calls):
+        durations = iter(durations)
+
+        def run():
+            calls.append(name)
+            self.now += next(durations)
+
+        return run

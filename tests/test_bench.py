@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import randomise_compressed_experts, tokens
+from conftest import FakeClock, randomise_compressed_experts, tokens
 
 from compressed_experts import bench
 from compressed_experts.backends import fused
@@ -121,25 +121,6 @@ def test_layer_benchmark_on_a_toy_shape(tmp_path, monkeypatch):
         assert (
             "| tiny | float32 | 1 | forward | 2.50 | 1.20 | 0.80 | 0.90 | 1.25 | 0.80 | 0.80 | 0.82 | 0.40 |" in lines
         )
-
-
-class FakeClock:
-    """perf_counter for interleaved_medians: each timed function moves it on by its own next duration."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def runner(self, name, durations, calls):
-        durations = iter(durations)
-
-        def run():
-            calls.append(name)
-            self.now += next(durations)
-
-        return run
 
 
 def test_interleaved_medians_time_every_function_alike(monkeypatch):

@@ -20,8 +20,9 @@ from compressed_experts.parameters import active_parameters
 from compressed_experts.prune import expert_scores, kept_experts, min_calibration_tokens, prune, remove_experts
 
 runner = CliRunner()
-# family -> experts kept (at least top-k; phimoe and mixtral keep exactly top-k)
-KEEP = {"olmoe": 16, "mixtral": 4, "qwen2_moe": 5, "qwen3_moe": 7, "phimoe": 2}
+# family -> experts kept (at least top-k; phimoe and mixtral keep exactly top-k; deepseek_v3: 2 of
+# each group's 4, the fewest its grouped routing allows)
+KEEP = {"olmoe": 16, "mixtral": 4, "qwen2_moe": 5, "qwen3_moe": 7, "phimoe": 2, "deepseek_v3": 8}
 
 
 def _experts(model) -> int:
@@ -29,19 +30,53 @@ def _experts(model) -> int:
 
 
 def _random_kept(model, keep: int, seed: int = 1) -> dict[str, list[int]]:
+    """A random choice per block; for a grouped router (DeepSeek-V3) as many from each group."""
     generator = torch.Generator().manual_seed(seed)
+    groups = getattr(model.config, "n_group", None) or 1
+    size = _experts(model) // groups
     return {
-        name: sorted(torch.randperm(_experts(model), generator=generator)[:keep].tolist())
+        name: sorted(
+            g * size + i
+            for g in range(groups)
+            for i in torch.randperm(size, generator=generator)[: keep // groups].tolist()
+        )
         for name, _ in moe_blocks(model, family_of(model))
     }
+
+
+def _tiny(family: str):
+    """A tiny model of the family; DeepSeek-V3's score-correction biases made random (they start at 0),
+    so that dropping the removed experts' entries is checked too."""
+    model = ce.tiny_model(family)
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.copy_(torch.rand(module.e_score_correction_bias.shape, generator=generator))
+    return model
 
 
 def _mask_router(family: str, block, router, removed: torch.Tensor, config) -> None:
     """The reference: the unpruned router with the removed experts' logits set to -inf, routed by hand
     (softmax, top-k, the family's renormalisation; PhiMoE through transformers' own sparsemixer)."""
 
+    def grouped(hidden):  # DeepSeek-V3: sigmoid scores, bias for the choice, the best groups by their two best
+        logits = F.linear(hidden.float(), router.weight.float())
+        scores = torch.sigmoid(logits)
+        choice = (scores + router.e_score_correction_bias).masked_fill(removed, float("-inf"))
+        groups = config.n_group
+        best = choice.view(len(choice), groups, -1).topk(2, dim=-1).values.sum(-1).topk(config.topk_group).indices
+        searched = torch.zeros(len(choice), groups, dtype=torch.bool).scatter_(1, best, True)
+        searched = searched.repeat_interleave(choice.shape[1] // groups, dim=1)
+        index = choice.masked_fill(~searched, float("-inf")).topk(config.num_experts_per_tok).indices
+        weights = scores.gather(1, index)
+        if config.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights * config.routed_scaling_factor, index
+
     def forward(hidden):
         hidden = hidden.reshape(-1, router.weight.shape[1])
+        if family == "deepseek_v3":
+            return grouped(hidden)
         logits = F.linear(hidden, router.weight).masked_fill(removed, float("-inf"))
         if family == "phimoe":
             weights, index = sparsemixer(logits, jitter_eps=router.router_jitter_noise, training=False, top_k=2)
@@ -57,7 +92,7 @@ def _mask_router(family: str, block, router, removed: torch.Tensor, config) -> N
 
 @pytest.mark.parametrize("family", sorted(KEEP))
 def test_pruned_model_equals_router_masked_to_kept_experts(family):
-    reference, pruned = ce.tiny_model(family), ce.tiny_model(family)
+    reference, pruned = _tiny(family), _tiny(family)
     kept = _random_kept(pruned, KEEP[family])
     fam = family_of(reference)
     for name, block in moe_blocks(reference, fam):
@@ -71,7 +106,7 @@ def test_pruned_model_equals_router_masked_to_kept_experts(family):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert _experts(pruned) == KEEP[family]
     # and the pruning changed something: the unmasked model differs
-    assert not torch.allclose(ce.tiny_model(family)(ids).logits, got, atol=1e-3)
+    assert not torch.allclose(_tiny(family)(ids).logits, got, atol=1e-3)
 
 
 def test_one_pruned_block_by_hand():
@@ -190,8 +225,16 @@ def test_bad_input_refused_before_any_work():
         prune(model, torch.randint(4, 128, (1, least - 1)), keep=16)
     with pytest.raises(CompressedExpertsError, match="criterion must be one of"):
         prune(model, torch.randint(4, 128, (8, 64)), keep=16, criterion="random")
-    with pytest.raises(UnsupportedModelError, match="DeepSeek-V3 is not supported"):
-        prune(_no_forward(ce.tiny_model("deepseek_v3")), torch.randint(4, 128, (8, 64)), keep=8)
+    deepseek = _no_forward(ce.tiny_model("deepseek_v3"))  # 16 experts in 4 groups, 2 searched, top-4
+    for keep in (6, 4):  # not a multiple of the groups; one per group (a group's score needs two)
+        with pytest.raises(CompressedExpertsError, match="every group keeps as many experts.*keep one of 8, 12"):
+            prune(deepseek, torch.randint(4, 128, (8, 64)), keep=keep)
+    with pytest.raises(UnsupportedModelError, match="stand-ins for DeepSeek-V3 are not supported"):
+        prune(deepseek, torch.randint(4, 128, (8, 64)), keep=8, stand_in="slim")
+    with pytest.raises(CompressedExpertsError, match="same number of experts kept in each of its 4 groups"):
+        remove_experts(
+            deepseek, {name: [0, 1, 2, 3, 4, 5, 8, 9] for name, _ in moe_blocks(deepseek, family_of(deepseek))}
+        )
     with pytest.raises(CompressedExpertsError, match="prune the plain model, then convert"):
         prune(_no_forward(ce.from_pretrained("tiny:olmoe", n_ce=2)), torch.randint(4, 128, (8, 64)), keep=16)
     assert _experts(model) == 64
@@ -235,3 +278,32 @@ def test_cli_prunes_saves_and_refuses(tmp_path):
         result = runner.invoke(app, ["prune", "tiny:mixtral", "--out", str(tmp_path / "bad"), *args])
         assert result.exit_code == 2 and words in result.output, result.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_deepseek_prunes_group_balanced_and_loads_natively(tmp_path):
+    """The best experts of each routing group are kept (as many per group), and the result is a plain
+    DeepSeek-V3 that transformers loads with the same logits."""
+    model = _tiny("deepseek_v3")
+    blocks = torch.randint(4, 128, (8, 64), generator=torch.Generator().manual_seed(2))
+    mass = {name: sums["mass"] for name, sums in expert_scores(model, blocks, saliency=False).items()}
+    report = prune(model, blocks, keep=8)
+    for row in report["blocks"]:
+        scores = mass[row["block"]]
+        want = sorted(
+            g * 4 + i for g in range(4) for i in scores[g * 4 : g * 4 + 4].argsort(descending=True)[:2].tolist()
+        )
+        assert row["kept"] == want
+    assert model.config.n_routed_experts == 8 and _experts(model) == 8
+    save_model(model, tmp_path / "pruned")
+    ids = torch.randint(4, 128, (2, 16))
+    with torch.no_grad():
+        native = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+        torch.testing.assert_close(native(ids).logits, model(ids).logits)
+    biases = [m.e_score_correction_bias for m in native.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and all(b.shape == (8,) for b in biases)
+
+
+def test_kept_experts_per_group():
+    scores = torch.tensor([5.0, 1, 3, 2, 0, 9, 8, 7])
+    assert kept_experts(scores, 4) == [0, 5, 6, 7]  # the best four overall
+    assert kept_experts(scores, 4, groups=2) == [0, 2, 5, 6]  # the best two of each half

@@ -494,6 +494,32 @@ def compiled_generate(model: nn.Module, max_cache_len: int, mode: str = COMPILE_
     return generate
 
 
+def greedy(
+    generate: Callable[..., torch.Tensor], ids: torch.Tensor, count: int, pad_token_id
+) -> Callable[[], torch.Tensor]:
+    """``generate`` of exactly ``count`` greedy tokens after ``ids``, ready to time."""
+    settings = dict(max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=pad_token_id)
+    return lambda: generate(ids, **settings)
+
+
+def decode_rates(
+    generates: dict[str, Callable[..., torch.Tensor]],
+    ids: torch.Tensor,
+    new_tokens: int,
+    device: torch.device,
+    repeats: int,
+    pad_token_id,
+) -> dict[str, float]:
+    """Decode tokens/s of each ``generate`` after the prompts ``ids`` (``[batch, length]``), timed in
+    turns: ``new_tokens`` greedy tokens minus a one-token generate, so that the prompt's prefill is
+    left out; every sequence of the batch counts."""
+    first = interleaved_medians({k: greedy(g, ids, 1, pad_token_id) for k, g in generates.items()}, device, repeats)
+    whole = interleaved_medians(
+        {k: greedy(g, ids, new_tokens, pad_token_id) for k, g in generates.items()}, device, repeats
+    )
+    return {k: ids.shape[0] * (new_tokens - 1) / max(whole[k] - first[k], 1e-9) for k in generates}
+
+
 def bench_end_to_end(
     device: torch.device,
     dtype: torch.dtype,
@@ -528,44 +554,31 @@ def bench_end_to_end(
                     vec.uniform_(0.5, 1.5)
     ids = torch.randint(3, config.vocab_size, (1, prompt), device=device)
     short = ids[:, :16]
-
-    def timed(generate: dict[str, Callable], count: int) -> dict[str, Callable[[], torch.Tensor]]:
-        """Each model's greedy generate of ``count`` tokens after the short prompt, ready to time."""
-        greedy = dict(max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=config.pad_token_id)
-        return {k: (lambda g=g: g(short, **greedy)) for k, g in generate.items()}
-
-    def rate(decode: float, first: float) -> float:
-        """Decode tokens/s: the short prompt's prefill (timed as a one-token generate) left out."""
-        return (new_tokens - 1) / max(decode - first, 1e-9)
-
     eager = {k: m.generate for k, m in models.items()}
     with torch.no_grad():
         progress("end to end: prefill")
         prefill = interleaved_medians({k: (lambda m=m: m(ids)) for k, m in models.items()}, device, repeats)
         progress("end to end: decode")
-        first = interleaved_medians(timed(eager, 1), device, repeats)
-        decode = interleaved_medians(timed(eager, new_tokens), device, repeats)
-        tokens = {k: g() for k, g in timed(eager, new_tokens).items()}
-    result = {
-        k: {"prefill_tokens_per_s": prompt / prefill[k], "decode_tokens_per_s": rate(decode[k], first[k])}
-        for k in models
-    }
+        rates = decode_rates(eager, short, new_tokens, device, repeats, config.pad_token_id)
+        tokens = {k: greedy(g, short, new_tokens, config.pad_token_id)() for k, g in eager.items()}
+    result = {k: {"prefill_tokens_per_s": prompt / prefill[k], "decode_tokens_per_s": rates[k]} for k in models}
     if not compiled:
         return result
     progress(f"end to end: decode compiled ({COMPILE_MODE}, static cache; compiling first)")
     fast = {k: compiled_generate(m, short.shape[1] + new_tokens) for k, m in models.items()}
     try:
         with torch.no_grad():
-            first = interleaved_medians(timed(fast, 1), device, repeats)
-            decode = interleaved_medians(timed(fast, new_tokens), device, repeats)
-            same = {k: torch.equal(g(), tokens[k]) for k, g in timed(fast, new_tokens).items()}
+            rates = decode_rates(fast, short, new_tokens, device, repeats, config.pad_token_id)
+            same = {
+                k: torch.equal(greedy(g, short, new_tokens, config.pad_token_id)(), tokens[k]) for k, g in fast.items()
+            }
     except Exception as err:  # whatever the compiler raises: reported with the eager figures, not instead of them
         result["compiled_decode"] = {"mode": COMPILE_MODE, "error": f"{type(err).__name__}: {first_line(err)}"}
         warnings.warn(f"compiled decode failed: {result['compiled_decode']['error']}", stacklevel=2)
         return result
     result["compiled_decode"] = {"mode": COMPILE_MODE}
     for k in models:
-        result[k] |= {"decode_tokens_per_s_compiled": rate(decode[k], first[k]), "compiled_same_tokens": same[k]}
+        result[k] |= {"decode_tokens_per_s_compiled": rates[k], "compiled_same_tokens": same[k]}
     return result
 
 
@@ -941,15 +954,23 @@ def read_result(path: Path) -> dict:
     if problem is not None:
         raise CompressedExpertsError(
             f"{path} is not a result of compressed-experts bench: {problem}. The folder holds only bench "
-            f"results (every *.json goes into the report): move it, or choose another out_dir",
+            f"results (every *.json but vllm-* and models-* goes into the report): move it, or choose another out_dir",
             settings=("out_dir",),
         )
     return result
 
 
+#: Results of whole models (``bench --engine vllm`` and ``--engine transformers``) share the folder
+#: under these prefixes; the layer report is made of the other ``*.json``.
+ENGINE_RESULTS = ("vllm-", "models-")
+
+
 def stored_results(directory: Path) -> dict[Path, dict]:
-    """Every result in ``directory`` (each ``*.json``), each checked by :func:`read_result`."""
-    return {p: read_result(p) for p in sorted(directory.glob("*.json"))} if directory.is_dir() else {}
+    """Every layer result in ``directory`` (each ``*.json`` but the engines'), each checked by :func:`read_result`."""
+    if not directory.is_dir():
+        return {}
+    files = [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(ENGINE_RESULTS)]
+    return {p: read_result(p) for p in files}
 
 
 def write_report(result: dict | None, directory: Path, document: Path) -> None:

@@ -31,9 +31,13 @@ Routing after pruning is exactly the original router's with the removed experts'
 ``-inf`` (they can never be picked): a softmax router (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE)
 then normalises over the kept experts, and renormalised top-k weights are unchanged;
 PhiMoE's sparsemixer picks and weighs among the kept experts as it would with the others at
-``-inf``. DeepSeek-V3 is refused: its experts sit in fixed groups of contiguous ids (group scores,
-``topk_group``) with a score-correction bias added after the sigmoid, so removing rows changes which
-experts share a group; pruning it would have to remove the same number from every group.
+``-inf``. DeepSeek-V3 routes in fixed groups of contiguous ids (a group's score is the sum of its
+two best experts' scores, only the ``topk_group`` best groups are searched), with a score-correction
+bias added after the sigmoid: it is pruned **group-balanced**, the same number of experts kept in
+every group (the best of each group, so that the groups stay contiguous under the new ids), the bias
+entries dropped with their rows. Then each group's score is its two best kept experts', as the
+original router's with the removed experts' scores at ``-inf``; each group must keep two experts,
+and the searched groups at least top-k between them.
 
 Each block keeps the same number of experts (the config has one expert count for all blocks,
 which is what lets the pruned model load natively).
@@ -60,8 +64,9 @@ from .layer import CompressedExperts
 
 #: How experts can be ranked; the first is the default.
 CRITERIA = ("mass", "saliency", "frequency")
-#: Families whose routing stays exact for the kept experts when the removed ones' rows are dropped.
-PRUNABLE = ("OLMoE", "Mixtral", "Qwen2-MoE", "Qwen3-MoE", "PhiMoE")
+#: Families whose routing stays exact for the kept experts when the removed ones' rows are dropped
+#: (DeepSeek-V3 when as many are kept in every routing group: :func:`routing_groups`).
+PRUNABLE = ("OLMoE", "Mixtral", "Qwen2-MoE", "Qwen3-MoE", "PhiMoE", "DeepSeek-V3")
 #: Calibration must route at least this many tokens to each expert on average (``tokens * k / E``):
 #: fewer, and the ranking of the experts is mostly noise.
 MIN_ROUTINGS_PER_EXPERT = 32
@@ -145,10 +150,7 @@ def check_prunable(model: nn.Module, keep: int) -> tuple[int, int]:
         raise CompressedExpertsError(f"prune takes a loaded transformers model, got {type(model).__name__}")
     family = family_of(model)
     if family.name not in PRUNABLE:
-        raise UnsupportedModelError(
-            f"pruning {family.name} is not supported: its grouped routing keeps experts in fixed groups of "
-            f"contiguous ids, which removing experts would reshuffle; prunable families: {', '.join(PRUNABLE)}"
-        )
+        raise UnsupportedModelError(f"pruning {family.name} is not supported; prunable families: {', '.join(PRUNABLE)}")
     blocks = list(moe_blocks(model, family))
     if not blocks:
         raise UnsupportedModelError(f"found no {family.block_class} in this {family.name} model")
@@ -174,14 +176,39 @@ def check_prunable(model: nn.Module, keep: int) -> tuple[int, int]:
             f"keep={keep} prunes nothing: the model has {experts} experts per block; keep {top_k} to {experts - 1}",
             settings=("keep",),
         )
+    groups, searched = routing_groups(model)
+    if groups > 1:
+        per = keep // groups
+        fits = [k for k in range(2 * groups, experts, groups) if searched * (k // groups) >= top_k]
+        if keep % groups or per < 2 or searched * per < top_k:
+            raise CompressedExpertsError(
+                f"keep={keep} does not fit {family.name}'s grouped routing ({experts} experts in {groups} groups, "
+                f"the best {searched} groups searched for top-{top_k}): every group keeps as many experts, at "
+                f"least 2 (a group's score is its two best), and the searched groups at least {top_k} between "
+                f"them; keep one of {', '.join(map(str, fits)) or 'none: this model cannot be pruned'}",
+                settings=("keep",),
+            )
     return experts, top_k
+
+
+def routing_groups(model: nn.Module) -> tuple[int, int]:
+    """(routing groups, groups searched per token) of a grouped router (DeepSeek-V3: ``n_group``,
+    ``topk_group``); (1, 1) for a router that picks among all experts at once."""
+    groups = getattr(model.config, "n_group", None) or 1
+    return groups, (getattr(model.config, "topk_group", None) or 1) if groups > 1 else 1
 
 
 def check_stand_in(model: nn.Module, config: PruneConfig) -> None:
     """Refuse stand-ins whose ``r`` does not fit ``model``'s experts (works on the meta device, so the
     command line checks before reading weights)."""
-    if config.stand_in is not None:
-        config.stand_in_config.resolved(_intermediate(model))
+    if config.stand_in is None:
+        return
+    if routing_groups(model)[0] > 1:
+        raise UnsupportedModelError(
+            f"stand-ins for {family_of(model).name} are not supported: they need the kept experts renumbered "
+            "first, which would move experts between its routing groups; prune it without a stand-in"
+        )
+    config.stand_in_config.resolved(_intermediate(model))
 
 
 def min_calibration_tokens(experts: int, top_k: int) -> int:
@@ -269,10 +296,15 @@ def expert_scores(
     return {name: scorer.sums for name, scorer in scorers.items()}
 
 
-def kept_experts(scores: torch.Tensor, keep: int) -> list[int]:
-    """The ids of the ``keep`` highest-scoring experts, in id order (ties: the lower id is kept)."""
-    order = torch.argsort(-scores, stable=True)
-    return sorted(order[:keep].tolist())
+def kept_experts(scores: torch.Tensor, keep: int, groups: int = 1) -> list[int]:
+    """The ids of the ``keep`` highest-scoring experts, in id order (ties: the lower id is kept); with
+    ``groups`` routing groups of contiguous ids, the ``keep / groups`` highest of each group."""
+    size, per = len(scores) // groups, keep // groups
+    kept = []
+    for start in range(0, len(scores), size):
+        order = torch.argsort(-scores[start : start + size], stable=True)
+        kept += (order[:per] + start).tolist()
+    return sorted(kept)
 
 
 def _checked_kept(model: PreTrainedModel, kept: dict[str, list[int]]) -> tuple[dict[str, nn.Module], int, int]:
@@ -286,9 +318,16 @@ def _checked_kept(model: PreTrainedModel, kept: dict[str, list[int]]) -> tuple[d
         raise CompressedExpertsError("every MoE block must keep the same number of experts (one config for all)")
     keep = sizes.pop()
     experts = check_prunable(model, keep)[0]
+    groups = routing_groups(model)[0]
     for name, ids in kept.items():
         if len(set(ids)) != len(ids) or not all(isinstance(i, int) and 0 <= i < experts for i in ids):
             raise CompressedExpertsError(f"{name}: experts to keep must be distinct ids below {experts}, got {ids}")
+        per_group = [sum(i * groups // experts == g for i in ids) for g in range(groups)]
+        if groups > 1 and (len(set(per_group)) > 1 or ids != sorted(ids)):
+            raise CompressedExpertsError(
+                f"{name}: a grouped router needs the same number of experts kept in each of its {groups} groups, "
+                f"in id order (so that the groups stay contiguous); got {per_group} per group"
+            )
     return blocks, experts, keep
 
 
@@ -303,6 +342,9 @@ def _take_experts(model: PreTrainedModel, blocks: dict[str, nn.Module], ids: dic
         for module, attr in ((block.experts, "gate_up_proj"), (block.experts, "down_proj"), (router, "weight")):
             old = getattr(module, attr)
             setattr(module, attr, nn.Parameter(old.detach().index_select(0, index), requires_grad=old.requires_grad))
+        bias = getattr(router, "e_score_correction_bias", None)  # DeepSeek-V3: one entry per expert, a buffer
+        if bias is not None:
+            router.e_score_correction_bias = bias.index_select(0, index)
         if isinstance(router, nn.Linear):
             router.out_features = len(ids[name])
 
@@ -365,7 +407,8 @@ def prune(
     check_stand_in(model, config)
     check_calibration(blocks, experts, top_k)
     scores = expert_scores(model, blocks, config.batch_size, saliency=config.criterion == "saliency", progress=progress)
-    kept = {name: kept_experts(sums[config.criterion], config.keep) for name, sums in scores.items()}
+    groups = routing_groups(model)[0]
+    kept = {name: kept_experts(sums[config.criterion], config.keep, groups) for name, sums in scores.items()}
     report: dict[str, Any] = {
         "criterion": config.criterion,
         "experts_before": experts,

@@ -76,14 +76,29 @@ def bench(
         str,
         typer.Option(
             help="layers: the library's blocks as above; vllm: output tokens/s of whole models served by vLLM "
-            "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json)."
+            "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json); transformers: whole saved "
+            "models side by side, memory and prefill/decode speed (--model A,B,..., --requests as batch sizes, "
+            "--new-tokens, --text; writes --out-dir/models-<device>.json)."
         ),
     ] = "layers",
     model: Annotated[
-        str, typer.Option(help="--engine vllm: the model whose three variants (five with a rule) are served.")
+        str,
+        typer.Option(
+            help="--engine vllm: the model whose three variants (five with a rule) are served; --engine "
+            "transformers: the models to compare, comma-separated, the reference first (e.g. bundled,out/pruned)."
+        ),
     ] = "bundled",
-    requests: Annotated[str, typer.Option(help="--engine vllm: concurrent requests.")] = "1,8,64",
-    new_tokens: Annotated[int, typer.Option(help="--engine vllm: tokens generated per request.")] = 64,
+    requests: Annotated[
+        str, typer.Option(help="--engine vllm: concurrent requests; --engine transformers: batch sizes.")
+    ] = "1,8,64",
+    new_tokens: Annotated[int, typer.Option(help="--engine vllm/transformers: tokens generated per request.")] = 64,
+    text: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine transformers: text the prompts are cut from (a .txt, .json/.jsonl/.parquet file or "
+            "dataset name, as fit's --calib). Default: the bundled corpus's held-out files."
+        ),
+    ] = None,
     top_p: Annotated[
         float | None,
         typer.Option(help="--engine vllm: also time top-m and compressed experts under this per-token top_p rule."),
@@ -98,9 +113,19 @@ def bench(
     """Time transformers' MoE block, full top-k, top-m and compressed experts side by side."""
 
     def action() -> None:
-        if engine not in ("layers", "vllm"):
-            raise CompressedExpertsError(f"--engine must be layers or vllm, not {engine!r}")
+        if engine not in ("layers", "vllm", "transformers"):
+            raise CompressedExpertsError(f"--engine must be layers, vllm or transformers, not {engine!r}")
+        if text is not None and engine != "transformers":
+            raise CompressedExpertsError("--text is for --engine transformers (the prompts of the models compared)")
         rule = {name: value for name, value in (("top_p", top_p), ("skip_below", skip_below)) if value is not None}
+        if engine == "transformers":
+            if rule:
+                raise CompressedExpertsError(
+                    "--top-p and --skip-below are for --engine vllm; with --engine transformers, save the model "
+                    "under the rule (convert --top-p) and name it in --model"
+                )
+            _compared(device, csv_values(model), csv_values(requests, kind=int), new_tokens, repeats, text, out_dir)
+            return
         if engine == "vllm":
             if len(rule) > 1:
                 raise CompressedExpertsError("give --top-p or --skip-below, not both: one rule variant is timed")
@@ -195,3 +220,43 @@ def _served(
     name = "vllm-" + "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower() + ".json"
     write_atomic(out_dir / name, json.dumps(result, indent=1) + "\n")
     console.print(f"wrote {out_dir / name}")
+
+
+def _compared(
+    device: str,
+    sources: tuple[str, ...],
+    batches: tuple[int, ...],
+    new_tokens: int,
+    repeats: int,
+    text: str | None,
+    out_dir: Path,
+) -> None:
+    """``bench --engine transformers``: whole saved models side by side (:mod:`..models_bench`)."""
+    from ..checkpoint import write_atomic
+    from ..fit import calibration_texts
+    from ..models_bench import check_sources, models_benchmark, models_table, results_name
+    from ..toy.tasks import domain_split
+
+    check_sources(sources)
+    check_device(device)
+    if repeats < 5:
+        raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise CompressedExpertsError(f"cannot write to {out_dir}")
+    with console.status("benchmarking whole models") as status:
+        texts = calibration_texts(text) if text is not None else domain_split()[1]
+        result = models_benchmark(
+            sources,
+            texts,
+            device,
+            batches,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            progress=lambda step: status.update(f"benchmarking whole models: {step}"),
+        )
+    result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
+    result["text"] = text or "bundled corpus, held-out files"
+    console.print(Markdown(models_table(result)))
+    write_atomic(out_dir / results_name(result), json.dumps(result, indent=1) + "\n")
+    console.print(f"wrote {out_dir / results_name(result)}")
