@@ -227,3 +227,22 @@ def test_cli_prunes_with_stand_ins(tmp_path):
     bad = runner.invoke(app, wide)
     assert bad.exit_code == 2 and "r=999 is more neurons" in bad.output and "ranking" not in bad.output, bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_fits_stand_ins_in_float32_and_saves_them_in_the_sources_dtype(tmp_path):
+    """A bfloat16 model pruned with stand-ins is saved in bfloat16 (not the float32 they were fitted in:
+    pruning must not make the checkpoint larger); --dtype float32 keeps float32."""
+    source = tmp_path / "bf16"
+    save_model(ce.tiny_model("olmoe").to(torch.bfloat16), source, tokenizer=ce.tiny_tokenizer())
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(200)))
+    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
+        out = tmp_path / dtype
+        args = ["prune", str(source), "--keep", "16", "--out", str(out), "--calib", str(calib), "--tokens", "512"]
+        result = runner.invoke(
+            app, [*args, "--seq-len", "64", "--stand-in", "slim", "--fit-steps", "2", "--dtype", dtype]
+        )
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
+        layer = _layers(ce.from_pretrained(out, dtype="auto"))[0]
+        assert layer.gate_up_proj.dtype == layer.ce_gate_up_proj.dtype == want

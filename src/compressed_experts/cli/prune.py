@@ -61,8 +61,8 @@ def prune(**options) -> None:
     The result is a plain MoE of the same family with --keep experts per block (transformers
     loads it natively); convert and fit it like any other model. With --stand-in ia3 or slim the
     removed experts leave compressed experts behind, fitted on the same text, for the tokens the
-    router still sends to them (in float32 unless --dtype says otherwise: they are fitted); that model
-    loads with compressed_experts.from_pretrained.
+    router still sends to them (fitted in float32 and saved in the source's dtype, unless --dtype says
+    otherwise); that model loads with compressed_experts.from_pretrained.
     """
     settings = {name: options.pop(name) for name in list(options) if name in PruneConfig.__dataclass_fields__}
     source, out, calib = options["source"], options["out"], options["calib"]
@@ -88,11 +88,14 @@ def prune(**options) -> None:
                 tokenizer, texts, seq_len=options["seq_len"], tokens=options["tokens"], seed=options["seed"]
             )
         check_calibration(blocks, experts, top_k)  # text shorter than asked for: refused before loading
-        # Stand-ins are fitted: in float32 by default, as the fit command does (Adam steps on 16-bit vectors round away).
-        dtype = "float32" if config.stand_in and options["dtype"] == "auto" else options["dtype"]
+        # Stand-ins are fitted: in float32 by default, as the fit command does (Adam steps on 16-bit vectors round
+        # away), then saved in the source's own dtype, so that pruning never makes a bfloat16 model larger.
+        fitted_apart = config.stand_in is not None and options["dtype"] == "auto"
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, dtype=dtype).to(where)
+            model = from_pretrained(source, dtype="float32" if fitted_apart else options["dtype"]).to(where)
         report = prune_model(model, blocks, config, progress=True)
+        if fitted_apart and shape.config.dtype is not None:
+            model.to(shape.config.dtype)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         with console.status(f"saving to {out}"):
             save_model(model, out, tokenizer=tokenizer, extra_files={"prune_report.json": json.dumps(report, indent=2)})
