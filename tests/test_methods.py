@@ -20,9 +20,11 @@ from compressed_experts.toy.methods import (
     QUICK_METHODS,
     TOLERANCE,
     MethodsPlan,
+    _resumable,
     check_study,
     run_methods,
     split_r,
+    summarise_math,
     table_markdown,
 )
 
@@ -39,6 +41,9 @@ TINY = dataclasses.replace(
     finetune_methods=("slim", "top_p"),
     finetune_steps=1,
     batch_size=2,
+    math_steps=1,
+    math_train=16,
+    math_test=4,
 )
 
 
@@ -55,7 +60,7 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     assert free == {"full top-k", *METHODS}
     by = {(r["stage"], r["method"], r["budget"]): r for r in rows}
     # Every method's measured expert-equivalents (calibration text) match its budget within the tolerance.
-    for row in rows:
+    for row in (r for r in rows if r["stage"] != "math"):  # math rows are scored by exact match only
         if row["method"] in ("full top-k", "pruned"):
             assert row["expert_equivalents"] == 8  # pruning saves memory, not compute
         elif row["method"] == "pruned, slim stand-ins":  # tokens routed to a removed expert run its stand-in
@@ -81,6 +86,14 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         expected = (top_m - by[(stage, "slim", 2)]["loss"]) / (top_m - full_loss)
         assert summary["gap_closed"][0] == pytest.approx(expected)
     assert {r["method"] for r in rows if r["stage"] == "fine-tuned"} == {"full top-k", "top-m", "slim", "top_p"}
+    # The math stage: the same runs fine-tuned on the math task, each scored by exact match on the test problems.
+    math = [r for r in rows if r["stage"] == "math"]
+    assert {r["method"] for r in math} == {"full top-k", "top-m", "slim", "top_p"}
+    assert all(0 <= r["exact_match"] <= 1 for r in math) and "loss" not in math[0]
+    for run in ("math-slim-2", "math-top_p-2"):  # each run's model, and its evaluation beside it
+        assert (tmp_path / "seed0" / run).is_dir() and (tmp_path / "seed0" / f"{run}-eval.json").is_file()
+    assert {(r["method"], r["budget"]) for r in results["math_summary"]} == {(r["method"], r["budget"]) for r in math}
+    assert "| budget | method | setting | seeds | math exact match |" in table_markdown(results)
     report = tmp_path / "RESULTS.md"
     report.write_text(f"# Results\n\nabove\n\n{BEGIN}\nold\n{END}\n\nbelow\n")
     write_section(report, BEGIN, END, "compressed-experts toy methods", results["seconds"], table_markdown(results))
@@ -110,7 +123,9 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     assert sorted(map(key, resumed)) == sorted(map(key, rows)) and (tmp_path / "seed0" / "slim-2").is_dir()
     again = {key(r): r for r in resumed}
     for row in rows:
-        if lost(row):  # measured again, from the same seeds: the same model
+        if lost(row) and row["stage"] == "math":  # fine-tuned again over its interrupted run's files
+            assert again[key(row)]["exact_match"] == row["exact_match"], key(row)
+        elif lost(row):  # measured again, from the same seeds: the same model
             assert again[key(row)]["loss"] == pytest.approx(row["loss"], abs=1e-4), key(row)
         else:
             assert again[key(row)] == row  # kept as it was
@@ -144,3 +159,35 @@ def test_the_command_refuses_bad_budgets_before_writing(tmp_path):
         result = CliRunner().invoke(app, ["toy", "methods", "--out", str(tmp_path / "out"), *args])
         assert result.exit_code == 2 and expect in result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_math_summary_gap_closed_by_hand():
+    """Exact match per seed against the same seed's full top-k and top-m; higher is better."""
+    rows = [
+        {"stage": "math", "method": m, "budget": b, "seed": seed, "setting": "x", "exact_match": v}
+        for m, b, values in (
+            ("full top-k", 8, (0.80, 0.90)),
+            ("top-m", 4, (0.60, 0.80)),
+            ("slim", 4, (0.75, 0.80)),
+        )
+        for seed, v in enumerate(values)
+    ]
+    rows.append({"stage": "training-free", "method": "slim", "budget": 4, "seed": 0, "setting": "x", "loss": 3.0})
+    summary = {r["method"]: r for r in summarise_math(rows, top_k=8)}
+    assert set(summary) == {"full top-k", "top-m", "slim"}  # the training-free row is not a math row
+    closed = summary["slim"]["gap_closed"]
+    # seed 0: (0.75 - 0.60) / (0.80 - 0.60) = 0.75; seed 1: (0.80 - 0.80) / (0.90 - 0.80) = 0
+    assert closed[0] == pytest.approx(0.375) and closed[1] == pytest.approx(0.5303, abs=1e-4)
+    assert summary["slim"]["exact_match"][0] == pytest.approx(0.775) and summary["full top-k"]["gap_closed"] is None
+
+
+def test_a_study_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """Rows saved before the math stage's settings existed resume with them at their defaults, not otherwise."""
+    settings = dataclasses.asdict(MethodsPlan())
+    older = {k: v for k, v in settings.items() if not k.startswith("math_")}
+    (tmp_path / "methods_rows.json").write_text(
+        json.dumps({"settings": older, "model": BUNDLED, "seeds": 1, "rows": [], "seconds": 1.0})
+    )
+    assert _resumable(tmp_path, MethodsPlan(), BUNDLED)["rows"] == []
+    with pytest.raises(CompressedExpertsError, match=r"other settings \(math_steps\)"):
+        _resumable(tmp_path, dataclasses.replace(MethodsPlan(), math_steps=300), BUNDLED)

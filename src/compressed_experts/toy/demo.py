@@ -126,18 +126,7 @@ def _run_demo(out: Path, plan: Plan, seeds: int, model: str, say: Callable[[str]
                 )
             )
             say(f"seed {seed}, {LABELS[method]}: evaluating math")
-            result = evaluate(
-                fitted.model.eval(),
-                tokenizer,
-                "gsm8k",
-                data=math_test,
-                batch_size=32,
-                max_new_tokens=128,
-                prompt="alpaca",
-                out=run_dir.parent / f"eval_{method}.json",  # beside the model: an output never goes inside an input
-                source=str(run_dir),
-                progress=False,
-            )
+            result = score_math(fitted.model, tokenizer, math_test, run_dir, run_dir.parent / f"eval_{method}.json")
             say(f"seed {seed}, {LABELS[method]}: fine-tuning on the held-out domain")
             domain_dir = out / f"seed{seed}" / "domain" / method
             adapted = train(
@@ -171,6 +160,25 @@ def _run_demo(out: Path, plan: Plan, seeds: int, model: str, say: Callable[[str]
     plot(results["summary"], out / "demo_plot.png")
     (out / "demo_table.md").write_text(table_markdown(results))
     return results
+
+
+def score_math(model, tokenizer, data: Path, run_dir: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Exact match of a model fine-tuned on the math task (in ``run_dir``) on the test problems in ``data``:
+    greedy, through ``eval``'s GSM8K scorer, every problem written to ``out`` (beside the model: an output
+    never goes inside an input)."""
+    return evaluate(
+        model.eval(),
+        tokenizer,
+        "gsm8k",
+        data=data,
+        batch_size=32,
+        max_new_tokens=128,
+        prompt="alpaca",
+        out=out,
+        overwrite=overwrite,
+        source=str(run_dir),
+        progress=False,
+    )
 
 
 def _decode_speed(models: dict[str, Any], tokenizer, plan: Plan) -> dict[str, float]:

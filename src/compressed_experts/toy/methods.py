@@ -31,7 +31,10 @@ files, as the forms study does:
 at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting
 batches and the fine-tuning; a fine-tuned stage repeats the demo's domain fine-tuning from each
 method's training-free model, at the budgets asked for, and is held against full top-k and top-m
-fine-tuned the same way with the same seed. Rows are written to ``methods_rows.json`` as they are
+fine-tuned the same way with the same seed. The math stage does the same with the demo's math task
+(``math_steps`` of fine-tuning on generated word problems from each training-free model, then exact
+match on held-out problems, greedy, through ``eval``'s GSM8K scorer): the task on which the demo
+separates full top-8 from top-4, and the issue's second measure. Rows are written to ``methods_rows.json`` as they are
 measured, so an interrupted run keeps what it did: ``--report-only`` renders it, ``--resume``
 measures the rest.
 """
@@ -63,9 +66,9 @@ from ..prune import check_prunable, min_calibration_tokens, prune
 from ..sources import BUNDLED
 from ..text import token_blocks
 from ..training import TrainConfig
-from .demo import RECIPE_TRAINING, mean_spread
+from .demo import RECIPE_TRAINING, mean_spread, score_math
 from .pretrain import blocks_loss, lm_loss
-from .tasks import domain_split, write_domain_train
+from .tasks import domain_split, math_problems, write_domain_train, write_math, write_math_eval
 
 #: The methods, in the table's order ("full top-k" is the reference every gap is measured to).
 METHODS = (
@@ -89,6 +92,8 @@ METHODS = (
 #: at budget 2 on one seed of the study).
 TOLERANCE = 0.07
 STAGES = ("training-free", "fine-tuned")
+#: The math stage's rows (exact match, not held-out loss: their own table).
+MATH = "math"
 #: Methods a fine-tuned stage can repeat (from their training-free model); full top-k and top-m, the
 #: references of its gaps, are always fine-tuned.
 FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted", "planned, slim fitted")
@@ -121,6 +126,10 @@ class MethodsPlan:
     lr: float = 3e-3
     ce_lr: float = 3e-2  # the ia3 vectors only, as in the demo
     batch_size: int = 16
+    #: The math stage, as the demo's table runs it (RESULTS.md: at 300 steps the methods do not separate).
+    math_steps: int = 600
+    math_train: int = 4000  # problems
+    math_test: int = 400
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -192,6 +201,9 @@ QUICK_METHODS = MethodsPlan(
     finetune_methods=("slim",),
     finetune_steps=3,
     batch_size=4,
+    math_steps=3,
+    math_train=64,
+    math_test=8,
 )
 
 
@@ -234,8 +246,12 @@ def run_methods(
     finetune: bool = True,
     say: Callable[[str], None] = print,
     resume: bool = False,
+    math: bool = True,
 ) -> dict[str, Any]:
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots).
+
+    ``finetune`` runs the domain fine-tuned stage, ``math`` the math stage (both at ``finetune_budgets``,
+    for ``finetune_methods`` and their references).
 
     With ``resume``, the rows an interrupted run saved in ``out`` are kept and only the rest is
     measured (the same settings and model; seeds may be added, never dropped): a training-free model
@@ -289,9 +305,11 @@ def run_methods(
     def needed(method: str, budget: int, seed: int) -> bool:
         """Whether the fine-tuned stage starts from this saved training-free model (and has not run yet):
         not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the rules (from their threshold)."""
-        wanted = finetune and budget in settings.finetune_budgets and method in settings.finetune_methods
+        wanted = (finetune or math) and budget in settings.finetune_budgets and method in settings.finetune_methods
         from_saved = method != "ia3" and method not in RULES
-        return wanted and from_saved and ("fine-tuned", method, budget, seed, None) not in done
+        stages = [stage for stage, on in (("fine-tuned", finetune), (MATH, math)) if on]
+        pending = any((stage, method, budget, seed, None) not in done for stage in stages)
+        return wanted and from_saved and pending
 
     def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
         """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
@@ -419,55 +437,59 @@ def run_methods(
             report = prune(pruned, calib, keep=count, stand_in="slim", fit_steps=settings.fit_steps)
             setting = f"keep {count} of {num_experts}, r {report['stand_in']['r']}"
             add("training-free", PRUNED_STAND_INS, None, seed, pruned, setting, calib, keep=count)
+
+    def tuned_runs(seed: int) -> list[tuple[str, int, dict[str, Any], str]]:
+        """(method, budget, training spec, setting) of every run a tuned stage makes for ``seed``: full
+        top-k, and at each fine-tuned budget top-m and the fine-tuned methods, each from its training-free model."""
+        runs = [("full top-k", top_k, dict(method="full"), "all experts")]
+        for budget in settings.finetune_budgets:
+            n_ce = top_k - budget
+            runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}"))
+            for method in settings.finetune_methods:
+                if method == "ia3":  # the paper's recipe: from the vectors at 1.0, as the demo does
+                    spec = dict(method="ce", form="ia3", n_ce=n_ce, ce_lr=settings.ce_lr)
+                elif method in RULES:
+                    spec = dict(method="top-m", **{method: thresholds[(method, budget, seed)]})
+                elif (method, budget, seed) in saved:
+                    spec = dict(method="ce", model=str(saved[(method, budget, seed)]))
+                else:
+                    continue  # no such model at this budget (subset and slim below 2)
+                setting = next(
+                    r["setting"]
+                    for r in rows
+                    if (r["stage"], r["method"], r["budget"], r["seed"]) == ("training-free", method, budget, seed)
+                )
+                runs.append((method, budget, spec, setting))
+        return runs
+
+    def tuned(stage: str, method: str, budget: int, seed: int, spec: dict[str, Any], data: Path, steps: int, **extra):
+        """Fine-tune one run of a tuned stage (its model beside the others of the seed)."""
+        name = f"{'ft' if stage == 'fine-tuned' else stage}-{method.replace(', ', '-').replace(' ', '-')}-{budget}"
+        config = TrainConfig(
+            data=str(data),
+            out=str(out / f"seed{seed}" / name),
+            max_steps=steps,
+            lr=settings.lr,
+            seq_len=settings.seq_len,
+            batch_size=settings.batch_size,
+            seed=seed,
+            **RECIPE_TRAINING,
+            **{"model": model, **spec},
+            **extra,
+        )
+        return train(config), Path(config.out)
+
     if finetune and settings.finetune_budgets:
         data = write_domain_train(
             out / "data" / "domain_train.jsonl", settings.finetune_steps, settings.batch_size, settings.seq_len
         )
         for seed in range(seeds):
             calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
-            runs = [("full top-k", top_k, dict(method="full"), "all experts")]
-            for budget in settings.finetune_budgets:
-                n_ce = top_k - budget
-                runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}"))
-                for method in settings.finetune_methods:
-                    if method == "ia3":  # the paper's recipe: from the vectors at 1.0, as the demo does
-                        spec = dict(method="ce", form="ia3", n_ce=n_ce, ce_lr=settings.ce_lr)
-                    elif method in RULES:
-                        spec = dict(method="top-m", **{method: thresholds[(method, budget, seed)]})
-                    elif (method, budget, seed) in saved:
-                        spec = dict(method="ce", model=str(saved[(method, budget, seed)]))
-                    else:
-                        continue  # no such model at this budget (subset and slim below 2)
-                    runs.append(
-                        (
-                            method,
-                            budget,
-                            spec,
-                            next(
-                                r["setting"]
-                                for r in rows
-                                if (r["stage"], r["method"], r["budget"], r["seed"])
-                                == ("training-free", method, budget, seed)
-                            ),
-                        )
-                    )
-            for method, budget, spec, setting in runs:
+            for method, budget, spec, setting in tuned_runs(seed):
                 if ("fine-tuned", method, budget, seed, None) in done:
                     continue
                 say(f"seed {seed}, budget {budget}: fine-tuning {method}")
-                result = train(
-                    TrainConfig(
-                        data=str(data),
-                        out=str(out / f"seed{seed}" / f"ft-{method.replace(', ', '-').replace(' ', '-')}-{budget}"),
-                        max_steps=settings.finetune_steps,
-                        lr=settings.lr,
-                        seq_len=settings.seq_len,
-                        batch_size=settings.batch_size,
-                        seed=seed,
-                        **RECIPE_TRAINING,
-                        **{"model": model, **spec},
-                    )
-                )
+                result, _ = tuned("fine-tuned", method, budget, seed, spec, data, settings.finetune_steps)
                 add(
                     "fine-tuned",
                     method,
@@ -478,6 +500,37 @@ def run_methods(
                     calib,
                     train_seconds=result.summary["seconds"],
                 )
+    if math and settings.finetune_budgets:
+        data_dir = out / "data"
+        math_train = write_math(data_dir / "math_train.jsonl", math_problems(settings.math_train, "train"))
+        math_test = write_math_eval(data_dir / "math_test.jsonl", math_problems(settings.math_test, "test"))
+        for seed in range(seeds):
+            for method, budget, spec, setting in tuned_runs(seed):
+                if (MATH, method, budget, seed, None) in done:
+                    continue
+                say(f"seed {seed}, budget {budget}: fine-tuning {method} on math")
+                result, run_dir = tuned(
+                    MATH, method, budget, seed, spec, math_train, settings.math_steps, response_only=True
+                )
+                say(f"seed {seed}, budget {budget}: scoring {method} on math")
+                # overwrite: an evaluation left by a run interrupted before its row was saved
+                scored = score_math(
+                    result.model, tokenizer, math_test, run_dir, run_dir.with_name(run_dir.name + "-eval.json"), True
+                )
+                rows.append(
+                    {
+                        "stage": MATH,
+                        "method": method,
+                        "budget": budget,
+                        "seed": seed,
+                        "setting": setting,
+                        "exact_match": scored["score"],
+                        "train_seconds": result.summary["seconds"],
+                    }
+                )
+                done.add(_key(rows[-1]))
+                results["seconds"] = time.perf_counter() - started
+                write_atomic(out / ROWS, json.dumps(results, indent=1))
     results["seconds"] = time.perf_counter() - started
     return render(out, results)
 
@@ -491,7 +544,10 @@ def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
     """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else."""
     earlier = saved_rows(out)
     now = json.loads(json.dumps(asdict(settings)))  # as saved: tuples are lists there
-    changed = sorted(k for k in set(now) | set(earlier["settings"]) if now.get(k) != earlier["settings"].get(k))
+    defaults = json.loads(json.dumps(asdict(MethodsPlan())))
+    # A setting added to the study since that run started (the math stage's) counts as unchanged at its default.
+    then = {k: earlier["settings"].get(k, defaults.get(k)) for k in set(now) | set(earlier["settings"])}
+    changed = sorted(k for k in then if now.get(k) != then[k])
     if earlier["model"] != model:
         changed.insert(0, f"model {earlier['model']}")
     if changed:
@@ -505,6 +561,7 @@ def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
 def render(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Summarise ``results``' rows and write the results JSON, the table and the two plots into ``out``."""
     results["summary"] = summarise(results["rows"], results["top_k"])
+    results["math_summary"] = summarise_math(results["rows"], results["top_k"])
     (out / "methods_results.json").write_text(json.dumps(results, indent=1))
     (out / "methods_table.md").write_text(table_markdown(results))
     pareto_plots(results, out / "methods_pareto_active.png", out / "methods_pareto_memory.png")
@@ -549,6 +606,7 @@ def _reference(rows: list[dict[str, Any]], method: str, budget: int, stage: str,
 def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
     """Mean and spread over seeds of each (stage, method, budget; pruning: keep), with the share of
     the top-m -> full top-k gap closed at the row's budget."""
+    rows = [row for row in rows if row["stage"] != MATH]  # exact match, not loss: summarise_math
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["stage"], row["method"], row["budget"], row.get("keep")), []).append(row)
@@ -593,6 +651,37 @@ def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
     return summary
 
 
+def summarise_math(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
+    """The math stage per (method, budget): exact match, mean and spread over seeds, and the share of
+    the top-m -> full top-k gap in exact match closed, each seed against its own references."""
+    mine = [row for row in rows if row["stage"] == MATH]
+    score = {(r["method"], r["budget"], r["seed"]): r["exact_match"] for r in mine}
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in mine:
+        groups.setdefault((row["method"], row["budget"]), []).append(row)
+    summary = []
+    for (method, budget), members in groups.items():
+        closed = []
+        if method not in ("full top-k", "top-m"):
+            for row in members:
+                full, top_m = score.get(("full top-k", top_k, row["seed"])), score.get(("top-m", budget, row["seed"]))
+                share = None if full is None or top_m is None else gap_closed(row["exact_match"], top_m, full)
+                closed.append(float("nan") if share is None else share)
+        summary.append(
+            {
+                "method": method,
+                "budget": budget,
+                "seeds": len(members),
+                "setting": " / ".join(dict.fromkeys(m["setting"] for m in members)),
+                "exact_match": mean_spread([m["exact_match"] for m in members]),
+                "gap_closed": mean_spread(closed) if closed else None,
+            }
+        )
+    order = {m: i for i, m in enumerate(("full top-k", *METHODS))}
+    summary.sort(key=lambda r: (-r["budget"], order[r["method"]]))
+    return summary
+
+
 def table_markdown(results: dict[str, Any]) -> str:
     """The table: one row per stage, method and budget (pruning: per keep), mean ± spread over seeds."""
     lines = [
@@ -611,6 +700,23 @@ def table_markdown(results: dict[str, Any]) -> str:
             f"{row['setting']} | {eq:.2f} ({held:.2f}) | {row['total'][0] / 1e6:.2f} M | "
             f"{loss[0]:.4f} ± {loss[1]:.4f}{fewer} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
         )
+    if results.get("math_summary"):
+        settings = results["settings"]
+        lines += [
+            "",
+            f"The math task: each method fine-tuned {settings['math_steps']} steps on {settings['math_train']:,} "
+            f"generated word problems from its training-free model, then exact match on {settings['math_test']} "
+            "held-out problems (greedy, GSM8K scorer).",
+            "",
+            "| budget | method | setting | seeds | math exact match | top-m → top-k gap closed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in results["math_summary"]:
+            match, closed = row["exact_match"], row["gap_closed"]
+            lines.append(
+                f"| {row['budget']} | {row['method']} | {row['setting']} | {row['seeds']} | "
+                f"{match[0]:.1%} ± {match[1]:.1%} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
