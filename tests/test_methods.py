@@ -139,6 +139,7 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         (dict(budgets=(9,), finetune_budgets=()), 1, "above full top-k"),
         (dict(budgets=(2,), finetune_budgets=(4,)), 1, "not among the budgets"),
         (dict(finetune_methods=("top-m",)), 1, "cannot fine-tune"),
+        (dict(math_steps=0), 1, "math_steps must be a whole number, 1 or more"),
         (dict(keeps=(4,)), 1, "fewer than the 8 experts"),
         (dict(), 0, "seeds must be a whole number, at least 1"),
     ],
@@ -179,15 +180,28 @@ def test_math_summary_gap_closed_by_hand():
     # seed 0: (0.75 - 0.60) / (0.80 - 0.60) = 0.75; seed 1: (0.80 - 0.80) / (0.90 - 0.80) = 0
     assert closed[0] == pytest.approx(0.375) and closed[1] == pytest.approx(0.5303, abs=1e-4)
     assert summary["slim"]["exact_match"][0] == pytest.approx(0.775) and summary["full top-k"]["gap_closed"] is None
+    # A seed where top-m is level with full top-k has no gap: left out of the mean and said in the table,
+    # and with no gap on any seed there is none to report (not a NaN, not a crash).
+    tied = [dict(r, exact_match=0.9) if (r["method"], r["seed"]) == ("top-m", 1) else r for r in rows]
+    (slim,) = [r for r in summarise_math(tied, top_k=8) if r["method"] == "slim"]
+    assert slim["gap_closed"] == (pytest.approx(0.75), 0.0) and slim["gap_seeds"] == 1
+    table = table_markdown(
+        {"seeds": 2, "summary": [], "settings": dataclasses.asdict(MethodsPlan()), "math_summary": [slim]}
+    )
+    assert "| 4 | slim | x | 2 | 77.5% ± 3.5% | 75% ± 0% (1 of 2 seeds had a gap) |" in table
+    zeros = [dict(r, exact_match=0.0) for r in rows]
+    assert all(r["gap_closed"] is None for r in summarise_math(zeros, top_k=8))
 
 
-def test_a_study_saved_before_a_setting_existed_resumes_at_its_default(tmp_path):
-    """Rows saved before the math stage's settings existed resume with them at their defaults, not otherwise."""
+def test_a_study_saved_before_a_setting_existed_resumes(tmp_path):
+    """Rows saved before the math stage's settings existed resume with those settings as now asked
+    (they measured nothing then); a setting the run did save must still match."""
     settings = dataclasses.asdict(MethodsPlan())
     older = {k: v for k, v in settings.items() if not k.startswith("math_")}
     (tmp_path / "methods_rows.json").write_text(
         json.dumps({"settings": older, "model": BUNDLED, "seeds": 1, "rows": [], "seconds": 1.0})
     )
     assert _resumable(tmp_path, MethodsPlan(), BUNDLED)["rows"] == []
-    with pytest.raises(CompressedExpertsError, match=r"other settings \(math_steps\)"):
-        _resumable(tmp_path, dataclasses.replace(MethodsPlan(), math_steps=300), BUNDLED)
+    assert _resumable(tmp_path, dataclasses.replace(MethodsPlan(), math_steps=300), BUNDLED)["rows"] == []
+    with pytest.raises(CompressedExpertsError, match=r"other settings \(fit_steps\)"):
+        _resumable(tmp_path, dataclasses.replace(MethodsPlan(), fit_steps=300), BUNDLED)

@@ -82,6 +82,23 @@ def test_models_side_by_side_counted_by_hand(saved):
     assert "decode tokens/s, batch 2" in table
 
 
+def test_prefill_rate_counts_every_prompt_token_of_the_batch(saved, monkeypatch):
+    calls = []
+
+    def medians(fns, device, repeats):  # each timed function run once; every model "takes" 0.5 s
+        for fn in fns.values():
+            calls.append(fn())
+        return {name: 0.5 for name in fns}
+
+    monkeypatch.setattr(models_bench, "interleaved_medians", medians)
+    monkeypatch.setattr(models_bench, "decode_rates", lambda generates, *a: {name: 1.0 for name in generates})
+    sources = [str(saved / "full"), str(saved / "pruned")]
+    result = models_bench.models_benchmark(sources, TEXT, "cpu", batches=(1, 3), prompt=16, new_tokens=2)
+    # 3 prompts of 16 tokens in 0.5 s: 96 tokens/s; and generate's prefill: the last position's logits only
+    assert [m["prefill_tokens_per_s"] for m in result["models"]] == [{"1": 32.0, "3": 96.0}] * 2
+    assert {tuple(out.logits.shape) for out in calls} == {(1, 1, 128), (3, 1, 128)}
+
+
 def test_models_load_in_the_references_dtype_and_rules_are_measured_on_the_prompts(saved, tmp_path):
     ruled = tmp_path / "ruled"
     bf16 = ce.from_pretrained(saved / "full", top_p=0.5, dtype=torch.bfloat16)
@@ -131,6 +148,7 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
         (["--model", str(saved / "full")], "at least two models"),
         (["--model", models, "--top-p", "0.5"], "save the model under the rule"),
         (["--model", models, "--repeats", "3"], "at least 5"),
+        (["--model", models, "--report-only"], "leave out --engine"),
     ):
         result = CliRunner().invoke(app, ["bench", "--engine", "transformers", "--device", "cpu", *extra])
         assert result.exit_code == 2 and words in result.output, result.output

@@ -17,7 +17,14 @@ from compressed_experts.checkpoint import save_model
 from compressed_experts.cli import app
 from compressed_experts.errors import CompressedExpertsError, UnsupportedModelError
 from compressed_experts.parameters import active_parameters
-from compressed_experts.prune import expert_scores, kept_experts, min_calibration_tokens, prune, remove_experts
+from compressed_experts.prune import (
+    expert_scores,
+    kept_experts,
+    kept_first,
+    min_calibration_tokens,
+    prune,
+    remove_experts,
+)
 
 runner = CliRunner()
 # family -> experts kept (at least top-k; phimoe and mixtral keep exactly top-k; deepseek_v3: 2 of
@@ -231,6 +238,10 @@ def test_bad_input_refused_before_any_work():
             prune(deepseek, torch.randint(4, 128, (8, 64)), keep=keep)
     with pytest.raises(UnsupportedModelError, match="stand-ins for DeepSeek-V3 are not supported"):
         prune(deepseek, torch.randint(4, 128, (8, 64)), keep=8, stand_in="slim")
+    with pytest.raises(UnsupportedModelError, match="would move experts between groups"):
+        kept_first(
+            deepseek, {name: [0, 1, 4, 5, 8, 9, 12, 13] for name, _ in moe_blocks(deepseek, family_of(deepseek))}
+        )
     with pytest.raises(CompressedExpertsError, match="same number of experts kept in each of its 4 groups"):
         remove_experts(
             deepseek, {name: [0, 1, 2, 3, 4, 5, 8, 9] for name, _ in moe_blocks(deepseek, family_of(deepseek))}

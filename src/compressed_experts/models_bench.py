@@ -9,8 +9,7 @@ they can be timed in turns (:func:`~compressed_experts.bench.interleaved_medians
 a shared machine falls on every model alike, and each ratio is of figures measured in one run.
 
 The first model is the reference: it loads in the dtype it was saved in and the others in its dtype
-(a model pruned with stand-ins saves in float32, its original often in bfloat16), and every ratio is
-to it. Per model: total parameters and the bytes its weights take in memory (tied tensors counted once),
+(a float32 model is not timed against a bfloat16 original), and every ratio is to it. Per model: total parameters and the bytes its weights take in memory (tied tensors counted once),
 the checkpoint's bytes on disk (a local folder), active parameters and expert-equivalents per
 token (measured on the prompts where they depend on the text), prefill tokens/s of ``prompt``
 tokens, and greedy decode tokens/s at each batch size; each also as a ratio to the first model.
@@ -103,7 +102,7 @@ def models_benchmark(
         progress(f"loading {source}")
         dtype = "auto" if not models else next(iter(models.values())).dtype
         models[source] = from_pretrained(source, dtype=dtype).to(dev).eval()
-        if models[source].config.vocab_size < tokenizer.vocab_size:
+        if models[source].config.vocab_size < len(tokenizer):  # added tokens too
             raise CompressedExpertsError(
                 f"{source} has a vocabulary of {models[source].config.vocab_size} tokens, smaller than the "
                 f"tokenizer of {sources[0]}: compare models that share a tokenizer",
@@ -129,8 +128,8 @@ def models_benchmark(
         for batch in batches:
             piece = ids[:batch]
             progress(f"prefill, batch {batch}")
-            prefill = interleaved_medians(
-                {s: (lambda m=m, piece=piece: m(piece)) for s, m in models.items()}, dev, repeats
+            prefill = interleaved_medians(  # the last position's logits only, as generate's prefill
+                {s: (lambda m=m, piece=piece: m(piece, logits_to_keep=1)) for s, m in models.items()}, dev, repeats
             )
             progress(f"decode, batch {batch}")
             rates = decode_rates(generates, piece, new_tokens, dev, repeats, pad)

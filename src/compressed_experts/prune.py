@@ -354,6 +354,11 @@ def kept_first(model: PreTrainedModel, kept: dict[str, list[int]]) -> dict[str, 
     ``0..keep-1`` in the order given) and the others follow in id order; what the model computes is
     unchanged. Returns the others (old ids, in their new order): the experts that stand-ins replace."""
     blocks, experts, _ = _checked_kept(model, kept)
+    if routing_groups(model)[0] > 1:
+        raise UnsupportedModelError(
+            f"{family_of(model).name}'s experts sit in routing groups of contiguous ids: renumbering the kept "
+            "ones first would move experts between groups and change what the model computes"
+        )
     others = {name: sorted(set(range(experts)) - set(ids)) for name, ids in kept.items()}
     _take_experts(model, blocks, {name: kept[name] + others[name] for name in blocks})
     return others

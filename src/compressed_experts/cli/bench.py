@@ -115,6 +115,8 @@ def bench(
     def action() -> None:
         if engine not in ("layers", "vllm", "transformers"):
             raise CompressedExpertsError(f"--engine must be layers, vllm or transformers, not {engine!r}")
+        if report_only and engine != "layers":
+            raise CompressedExpertsError("--report-only regenerates the layer report: leave out --engine")
         if text is not None and engine != "transformers":
             raise CompressedExpertsError("--text is for --engine transformers (the prompts of the models compared)")
         rule = {name: value for name, value in (("top_p", top_p), ("skip_below", skip_below)) if value is not None}

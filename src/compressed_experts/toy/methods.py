@@ -154,6 +154,12 @@ class MethodsPlan:
             raise CompressedExpertsError(
                 f"cannot fine-tune {unknown}: choose from {', '.join(FINETUNABLE)}", settings=("finetune_methods",)
             )
+        for name in ("math_steps", "math_train", "math_test"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CompressedExpertsError(
+                    f"{name} must be a whole number, 1 or more; got {value!r}", settings=(name,)
+                )
         if self.plan_tokens < MIN_PLAN_TOKENS or self.plan_tokens > self.calib_tokens:
             raise CompressedExpertsError(
                 f"plan_tokens must be from {MIN_PLAN_TOKENS} to calib_tokens ({self.calib_tokens}), "
@@ -303,8 +309,9 @@ def run_methods(
     saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
 
     def needed(method: str, budget: int, seed: int) -> bool:
-        """Whether the fine-tuned stage starts from this saved training-free model (and has not run yet):
-        not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the rules (from their threshold)."""
+        """Whether a tuned stage (domain fine-tuning, math) that runs starts from this saved training-free
+        model and has not run yet: not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the
+        rules (from their threshold)."""
         wanted = (finetune or math) and budget in settings.finetune_budgets and method in settings.finetune_methods
         from_saved = method != "ia3" and method not in RULES
         stages = [stage for stage, on in (("fine-tuned", finetune), (MATH, math)) if on]
@@ -544,9 +551,9 @@ def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
     """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else."""
     earlier = saved_rows(out)
     now = json.loads(json.dumps(asdict(settings)))  # as saved: tuples are lists there
-    defaults = json.loads(json.dumps(asdict(MethodsPlan())))
-    # A setting added to the study since that run started (the math stage's) counts as unchanged at its default.
-    then = {k: earlier["settings"].get(k, defaults.get(k)) for k in set(now) | set(earlier["settings"])}
+    # A setting added to the study since that run started (the math stage's) measured nothing in it: it
+    # takes the value asked for now.
+    then = {k: earlier["settings"].get(k, now.get(k)) for k in set(now) | set(earlier["settings"])}
     changed = sorted(k for k in then if now.get(k) != then[k])
     if earlier["model"] != model:
         changed.insert(0, f"model {earlier['model']}")
@@ -622,7 +629,8 @@ def summarise(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
                     if full is None or top_m is None
                     else gap_closed(row["loss"], top_m, full, lower_is_better=True)
                 )
-                closed.append(float("nan") if share is None else share)
+                if share is not None:  # None: no reference, or top-m does not trail on this seed
+                    closed.append(share)
         settings = list(dict.fromkeys(m["setting"] for m in members))
         summary.append(
             {
@@ -666,7 +674,8 @@ def summarise_math(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any
             for row in members:
                 full, top_m = score.get(("full top-k", top_k, row["seed"])), score.get(("top-m", budget, row["seed"]))
                 share = None if full is None or top_m is None else gap_closed(row["exact_match"], top_m, full)
-                closed.append(float("nan") if share is None else share)
+                if share is not None:  # None: a reference missing, or top-m level with full top-k on this seed
+                    closed.append(share)
         summary.append(
             {
                 "method": method,
@@ -675,6 +684,7 @@ def summarise_math(rows: list[dict[str, Any]], top_k: int) -> list[dict[str, Any
                 "setting": " / ".join(dict.fromkeys(m["setting"] for m in members)),
                 "exact_match": mean_spread([m["exact_match"] for m in members]),
                 "gap_closed": mean_spread(closed) if closed else None,
+                "gap_seeds": len(closed),  # the seeds on which top-m trailed full top-k: a gap to close
             }
         )
     order = {m: i for i, m in enumerate(("full top-k", *METHODS))}
@@ -713,9 +723,12 @@ def table_markdown(results: dict[str, Any]) -> str:
         ]
         for row in results["math_summary"]:
             match, closed = row["exact_match"], row["gap_closed"]
+            gap = "-" if closed is None else f"{closed[0]:.0%} ± {closed[1]:.0%}"
+            if closed is not None and row["gap_seeds"] < row["seeds"]:
+                gap += f" ({row['gap_seeds']} of {row['seeds']} seeds had a gap)"
             lines.append(
                 f"| {row['budget']} | {row['method']} | {row['setting']} | {row['seeds']} | "
-                f"{match[0]:.1%} ± {match[1]:.1%} | {f'{closed[0]:.0%} ± {closed[1]:.0%}' if closed else '-'} |"
+                f"{match[0]:.1%} ± {match[1]:.1%} | {gap} |"
             )
     return "\n".join(lines) + "\n"
 
