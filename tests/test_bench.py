@@ -238,6 +238,7 @@ def test_a_failed_compile_keeps_the_eager_figures_and_says_why(monkeypatch):
     assert f"| {target} | not measured | min 1.3 | no |  |  |" in lines
 
 
+@pytest.mark.compiles
 def test_compiled_generate_with_a_static_cache_gives_the_eager_tokens():
     """The route bench times as decode's fastest mode: transformers' static cache and torch.compile
     (mode reduce-overhead; on the CPU without CUDA graphs), this library's blocks compiled whole

@@ -11,6 +11,8 @@ from torch.export import Dim
 import compressed_experts as ce
 from compressed_experts.prune import prune
 
+pytestmark = pytest.mark.compiles  # run last: conftest.py says why
+
 FORMS = [("ia3", None), ("none", None), ("subset", 2), ("slim", 2)]
 
 

@@ -496,6 +496,7 @@ def test_fit_works_under_a_per_token_rule():
         assert row["relative_error_after"] <= row["relative_error_converted"]
 
 
+@pytest.mark.compiles
 def test_a_block_with_a_rule_compiles_whole():
     model = ce.from_pretrained("tiny:olmoe", skip_below=0.4).eval()
     randomise_compressed_experts(model)
@@ -513,6 +514,7 @@ def test_a_block_with_a_rule_compiles_whole():
         torch._dynamo.reset()
 
 
+@pytest.mark.compiles
 def test_compiled_training_of_a_block_with_a_rule_gives_the_eager_gradients():
     model = ce.from_pretrained("tiny:olmoe", top_p=0.6)
     randomise_compressed_experts(model)
