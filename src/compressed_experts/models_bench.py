@@ -67,7 +67,7 @@ def check_sources(sources: Sequence[str]) -> None:
 
 def prompts(tokenizer, texts: Sequence[str], batch: int, length: int) -> torch.Tensor:
     """``[batch, length]`` token ids cut from ``texts`` (no padding), or a clear error if they are too short."""
-    ids = token_blocks(tokenizer, texts, length)
+    ids = token_blocks(tokenizer, texts, length, batch)  # stops reading once the batch is full
     if ids.shape[0] < batch:
         raise CompressedExpertsError(
             f"the prompt text holds {ids.shape[0]} pieces of {length} tokens, and the largest batch needs "
