@@ -279,10 +279,17 @@ def run_methods(
     results = {"settings": asdict(settings), "seeds": seeds, "model": model, "top_k": top_k, "rows": rows}
     done = {_key(row) for row in rows}
 
+    def record(row: dict[str, Any]) -> None:
+        """Keep ``row`` and write every row so far (an interrupted run keeps them)."""
+        rows.append(row)
+        done.add(_key(row))
+        results["seconds"] = time.perf_counter() - started
+        write_atomic(out / ROWS, json.dumps(results, indent=1))  # what --resume and --report-only read
+
     def add(stage: str, method: str, budget: int | None, seed: int | None, scored, setting: str, calib, **extra):
-        """Score ``scored``, record it, and write every row so far (an interrupted run keeps them)."""
+        """Score ``scored`` by held-out loss and :func:`record` it."""
         counts = active_parameters(scored, input_ids=calib)
-        rows.append(
+        record(
             {
                 "stage": stage,
                 "method": method,
@@ -297,9 +304,6 @@ def run_methods(
                 **extra,
             }
         )
-        done.add(_key(rows[-1]))
-        results["seconds"] = time.perf_counter() - started
-        write_atomic(out / ROWS, json.dumps(results, indent=1))  # what --resume and --report-only read
 
     def fitted(configs, blocks, seed: int):
         converted = convert(copy.deepcopy(base), configs)
@@ -321,7 +325,7 @@ def run_methods(
     def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
         """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
         has its row and, where the fine-tuned stage needs it, its saved model."""
-        path = out / f"seed{seed}" / f"{method.replace(', ', '-').replace(' ', '-')}-{budget}"
+        path = out / f"seed{seed}" / f"{_slug(method)}-{budget}"
         scored = ("training-free", method, budget, seed, None) in done
         if scored and (not needed(method, budget, seed) or path.is_dir()):
             saved[(method, budget, seed)] = path
@@ -471,7 +475,7 @@ def run_methods(
 
     def tuned(stage: str, method: str, budget: int, seed: int, spec: dict[str, Any], data: Path, steps: int, **extra):
         """Fine-tune one run of a tuned stage (its model beside the others of the seed)."""
-        name = f"{'ft' if stage == 'fine-tuned' else stage}-{method.replace(', ', '-').replace(' ', '-')}-{budget}"
+        name = f"{'ft' if stage == 'fine-tuned' else stage}-{_slug(method)}-{budget}"
         config = TrainConfig(
             data=str(data),
             out=str(out / f"seed{seed}" / name),
@@ -524,7 +528,7 @@ def run_methods(
                 scored = score_math(
                     result.model, tokenizer, math_test, run_dir, run_dir.with_name(run_dir.name + "-eval.json"), True
                 )
-                rows.append(
+                record(
                     {
                         "stage": MATH,
                         "method": method,
@@ -535,11 +539,13 @@ def run_methods(
                         "train_seconds": result.summary["seconds"],
                     }
                 )
-                done.add(_key(rows[-1]))
-                results["seconds"] = time.perf_counter() - started
-                write_atomic(out / ROWS, json.dumps(results, indent=1))
     results["seconds"] = time.perf_counter() - started
     return render(out, results)
+
+
+def _slug(method: str) -> str:
+    """A method's name as a folder name (``planned, slim fitted``: ``planned-slim-fitted``)."""
+    return method.replace(", ", "-").replace(" ", "-")
 
 
 def _key(row: dict[str, Any]) -> tuple:
