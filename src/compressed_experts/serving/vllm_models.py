@@ -12,6 +12,8 @@ which takes the same arguments and:
   so each family's routing is vLLM's, unchanged;
 - computes the routed experts with :class:`compressed_experts.layer.CompressedExperts` (the
   library's forms, per-token rules and compute backends: the same math as ``ce.from_pretrained``);
+  a model pruned with stand-ins (``kept_experts``) holds the kept experts' weights and the removed
+  ones' compressed experts only, while the router still picks among all its experts;
   for form ``none`` with a fixed ``n_ce`` on vLLM's CPU build, with vLLM's own fused CPU MoE kernel
   over each token's ``m`` heaviest experts instead (:meth:`CompressedExpertsRunner.prepare_fused`:
   the same top-m; a per-token rule stays on the library's block), inside a
@@ -189,7 +191,6 @@ class CompressedExpertsRunner(nn.Module):
             "sequence-parallel MoE": is_sequence_parallel,
             "fused shared experts": fuse_shared_experts,
             f"activation {activation!r} (the experts are SiLU-gated)": activation != "silu",
-            "a model pruned with stand-ins (kept_experts; serve it with transformers)": ce.kept_experts is not None,
         }
         for what, on in refused.items():
             if on:
@@ -216,17 +217,11 @@ class CompressedExpertsRunner(nn.Module):
         # Not submodules of this block: vLLM's model owns them and loads their weights.
         self.__dict__["gate"] = gate
         self.__dict__["shared_experts"] = shared_experts
-        # The library's block over this rank's shard of the experts.
-        local = intermediate_size // self.tp_size
-        experts = nn.Module()
-        experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
-        experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
-        experts.act_fn = nn.SiLU()
         # The rule as the checkpoint gives it: a fixed n_ce, or top_p / skip_below chosen per token from
-        # the router's weights (replicated on every rank, so every rank's mask is the same).
-        self.ce = CompressedExperts(
-            experts, ce.n_ce, form=form, r=r, top_p=ce.top_p, skip_below=ce.skip_below
-        ).requires_grad_(False)
+        # the router's weights (replicated on every rank, so every rank's mask is the same), or
+        # kept_experts (pruned with stand-ins): the router picks among all num_experts, the block holds
+        # the kept ones' weights and the removed ones' compressed experts.
+        self.ce = _library_block(ce, form, r, num_experts, hidden_size, intermediate_size // self.tp_size)
         self.ce_names = set(get_form(self.ce_config.form).parameters)  # what the checkpoint must hold
         self.name = f"{prefix}#{next(_COUNTER)}"
         self.__dict__["fused"] = None  # (cpu_fused_moe, packed w13, packed w2) once prepare_fused sets it
@@ -367,9 +362,35 @@ class CompressedExpertsRunner(nn.Module):
             target.copy_(piece)
 
 
+def _library_block(
+    ce: CEConfig, form: str, r: int | None, num_experts: int, hidden: int, local: int
+) -> CompressedExperts:
+    """The library's block over one rank's shard (``local`` neurons per expert), its weights to be loaded.
+
+    Under ``kept_experts`` it is built on the meta device with all ``num_experts`` rows (the router's
+    count, which the block keeps), then holds real storage for the kept experts' rows and the removed
+    ones' compressed experts only: a pruned model never allocates the weights pruning removed."""
+    kept = ce.kept_experts
+    device = torch.device("meta") if kept is not None else None
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden, device=device), requires_grad=False)
+    experts.down_proj = nn.Parameter(torch.empty(num_experts, hidden, local, device=device), requires_grad=False)
+    experts.act_fn = nn.SiLU()
+    block = CompressedExperts(
+        experts, ce.n_ce, form=form, r=r, top_p=ce.top_p, skip_below=ce.skip_below, kept_experts=kept
+    ).requires_grad_(False)
+    if kept is not None:
+        block.gate_up_proj = nn.Parameter(torch.empty(kept, 2 * local, hidden), requires_grad=False)
+        block.down_proj = nn.Parameter(torch.empty(kept, hidden, local), requires_grad=False)
+        for name, param in list(block.compressed.named_parameters()):
+            setattr(block.compressed, name, nn.Parameter(torch.empty(param.shape), requires_grad=False))
+    return block
+
+
 def _full_shape(leaf: str, layer: CompressedExperts, ce: CEConfig, tp: int) -> tuple[int, ...]:
-    """The unsharded shape of compressed-expert parameter ``leaf`` for ``ce`` (as the checkpoint holds it)."""
-    E, H, inter = layer.num_experts, layer.hidden_dim, layer.intermediate_dim * tp
+    """The unsharded shape of compressed-expert parameter ``leaf`` for ``ce`` (as the checkpoint holds it):
+    one row per expert that has compressed experts (under ``kept_experts``, the removed ones only)."""
+    E, H, inter = layer.num_experts - layer.stand_in_offset, layer.hidden_dim, layer.intermediate_dim * tp
     r = ce.r or 0
     return {
         "ce_gate": (E, H),
