@@ -131,6 +131,17 @@ def test_layer_report_leaves_engine_results_alone(tmp_path):
     assert bench.stored_results(tmp_path) == {}
 
 
+def test_engine_results_are_named_for_the_device_and_the_models_compared():
+    assert bench.engine_results_name("vllm", "cpu: Intel(R) Xeon(R)") == "vllm-cpu-intel-r-xeon-r.json"
+    name = bench.engine_results_name("transformers", "cuda-h200", ["bundled", "out/keep 32+slim/", "/abs/Pruned"])
+    assert name == "models-cuda-h200-bundled-keep-32-slim-pruned.json"
+    assert name != bench.engine_results_name("transformers", "cuda-h200", ["bundled", "out/keep32"])
+    assert all(
+        bench.engine_results_name(e, "d").startswith(tuple(bench.ENGINE_RESULTS.values()))
+        for e in ("vllm", "transformers")
+    )
+
+
 def test_command_compares_and_writes_its_result(saved, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(TEXT * 4))
@@ -140,6 +151,9 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (written,) = (tmp_path / "out").glob("models-*.json")
+    assert written.name.endswith(
+        "-full-pruned.json"
+    )  # named for the models compared: no other comparison overwrites it
     stored = json.loads(written.read_text())
     assert [m["source"] for m in stored["models"]] == models.split(",") and stored["text"] == str(text)
     assert "weights in memory" in result.output

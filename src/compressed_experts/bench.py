@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -960,16 +960,25 @@ def read_result(path: Path) -> dict:
     return result
 
 
-#: Results of whole models (``bench --engine vllm`` and ``--engine transformers``) share the folder
-#: under these prefixes; the layer report is made of the other ``*.json``.
-ENGINE_RESULTS = ("vllm-", "models-")
+#: Results of whole models share the folder under these prefixes, by engine (``bench --engine vllm``:
+#: one model's variants; ``--engine transformers``: saved models compared); the layer report is made
+#: of the other ``*.json``.
+ENGINE_RESULTS = {"vllm": "vllm-", "transformers": "models-"}
+
+
+def engine_results_name(engine: str, device: str, models: Sequence[str] = ()) -> str:
+    """The file a whole-model result is saved as: ``vllm-<device>.json``, or with the compared models'
+    folder names after the device (``models-<device>-<model>-<model>.json``), so that comparing other
+    models does not overwrite an earlier comparison."""
+    parts = [device, *(Path(m.rstrip("/\\")).name or m for m in models)]
+    return ENGINE_RESULTS[engine] + "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts) + ".json"
 
 
 def stored_results(directory: Path) -> dict[Path, dict]:
     """Every layer result in ``directory`` (each ``*.json`` but the engines'), each checked by :func:`read_result`."""
     if not directory.is_dir():
         return {}
-    files = [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(ENGINE_RESULTS)]
+    files = [p for p in sorted(directory.glob("*.json")) if not p.name.startswith(tuple(ENGINE_RESULTS.values()))]
     return {p: read_result(p) for p in files}
 
 

@@ -183,9 +183,3 @@ def models_table(result: dict) -> str:
     for batch in map(str, result["batches"]):
         lines.append(row(f"decode tokens/s, batch {batch}", lambda m, b=batch: m["decode_tokens_per_s"][b], whole))
     return "\n".join(lines) + "\n"
-
-
-def results_name(result: dict) -> str:
-    """The file a result is saved as: ``models-<device>.json``, beside the layer results, which the
-    layer report leaves alone."""
-    return f"models-{result['device']}.json"

@@ -78,7 +78,7 @@ def bench(
             help="layers: the library's blocks as above; vllm: output tokens/s of whole models served by vLLM "
             "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json); transformers: whole saved "
             "models side by side, memory and prefill/decode speed (--model A,B,..., --requests as batch sizes, "
-            "--new-tokens, --text; writes --out-dir/models-<device>.json)."
+            "--new-tokens, --text; writes --out-dir/models-<device>-<models>.json)."
         ),
     ] = "layers",
     model: Annotated[
@@ -219,7 +219,7 @@ def _served(
         )
     result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
     console.print(Markdown(engine_table(result)))
-    name = "vllm-" + "".join(c if c.isalnum() else "-" for c in result["device"]).strip("-").lower() + ".json"
+    name = benchmark.engine_results_name("vllm", result["device"])
     write_atomic(out_dir / name, json.dumps(result, indent=1) + "\n")
     console.print(f"wrote {out_dir / name}")
 
@@ -236,7 +236,7 @@ def _compared(
     """``bench --engine transformers``: whole saved models side by side (:mod:`..models_bench`)."""
     from ..checkpoint import write_atomic
     from ..fit import calibration_texts
-    from ..models_bench import check_sources, models_benchmark, models_table, results_name
+    from ..models_bench import check_sources, models_benchmark, models_table
     from ..toy.tasks import domain_split
 
     check_sources(sources)
@@ -260,5 +260,6 @@ def _compared(
     result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
     result["text"] = text or "bundled corpus, held-out files"
     console.print(Markdown(models_table(result)))
-    write_atomic(out_dir / results_name(result), json.dumps(result, indent=1) + "\n")
-    console.print(f"wrote {out_dir / results_name(result)}")
+    name = benchmark.engine_results_name("transformers", result["device"], sources)
+    write_atomic(out_dir / name, json.dumps(result, indent=1) + "\n")
+    console.print(f"wrote {out_dir / name}")
