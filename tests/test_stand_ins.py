@@ -6,6 +6,7 @@ stand-ins at their start), and a hand-computed block."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -231,13 +232,24 @@ def test_cli_prunes_with_stand_ins(tmp_path):
 
 def test_cli_fits_stand_ins_in_float32_and_saves_them_in_the_sources_dtype(tmp_path):
     """A bfloat16 model pruned with stand-ins is saved in bfloat16 (not the float32 they were fitted in:
-    pruning must not make the checkpoint larger); --dtype float32 keeps float32."""
-    source = tmp_path / "bf16"
-    save_model(ce.tiny_model("olmoe").to(torch.bfloat16), source, tokenizer=ce.tiny_tokenizer())
+    pruning must not make the checkpoint larger), also when its config names no dtype (the weights'
+    then); --dtype float32 keeps float32."""
+    named = tmp_path / "bf16"
+    save_model(ce.tiny_model("olmoe").to(torch.bfloat16), named, tokenizer=ce.tiny_tokenizer())
+    unnamed = tmp_path / "bf16-no-dtype"
+    shutil.copytree(named, unnamed)
+    config = json.loads((unnamed / "config.json").read_text())
+    del config["dtype"]
+    (unnamed / "config.json").write_text(json.dumps(config))
+    (unnamed / "compressed_experts_manifest.json").unlink()  # as another tool would have saved it
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"def f{i}(x):\n    return x * {i} + {i * i}" for i in range(200)))
-    for dtype, want in (("auto", torch.bfloat16), ("float32", torch.float32)):
-        out = tmp_path / dtype
+    for source, dtype, want in (
+        (named, "auto", torch.bfloat16),
+        (unnamed, "auto", torch.bfloat16),
+        (named, "float32", torch.float32),
+    ):
+        out = tmp_path / f"{source.name}-{dtype}"
         args = ["prune", str(source), "--keep", "16", "--out", str(out), "--calib", str(calib), "--tokens", "512"]
         result = runner.invoke(
             app, [*args, "--seq-len", "64", "--stand-in", "slim", "--fit-steps", "2", "--dtype", dtype]

@@ -90,12 +90,15 @@ def prune(**options) -> None:
         check_calibration(blocks, experts, top_k)  # text shorter than asked for: refused before loading
         # Stand-ins are fitted: in float32 by default, as the fit command does (Adam steps on 16-bit vectors round
         # away), then saved in the source's own dtype, so that pruning never makes a bfloat16 model larger.
+        # The source's dtype is the one transformers loads it in ("auto": its config's, else its weights').
         fitted_apart = config.stand_in is not None and options["dtype"] == "auto"
         with console.status(f"loading {source}"):
-            model = from_pretrained(source, dtype="float32" if fitted_apart else options["dtype"]).to(where)
+            model = from_pretrained(source, dtype=options["dtype"]).to(where)
+        saved_dtype = next(model.parameters()).dtype
+        if fitted_apart:
+            model.float()
         report = prune_model(model, blocks, config, progress=True)
-        if fitted_apart and shape.config.dtype is not None:
-            model.to(shape.config.dtype)
+        model.to(saved_dtype)
         report["source"], report["calibration"] = source, calib or "bundled held-out corpus"
         with console.status(f"saving to {out}"):
             save_model(model, out, tokenizer=tokenizer, extra_files={"prune_report.json": json.dumps(report, indent=2)})
