@@ -161,10 +161,11 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
     for extra, words in (
         (["--model", str(saved / "full")], "at least two models"),
         (["--model", models, "--top-p", "0.5"], "save the model under the rule"),
+        (["--model", models, "--engine", "vllm", "--top-p", "0.5"], "save the model under the rule"),
         (["--model", models, "--repeats", "3"], "at least 5"),
         (["--model", models, "--report-only"], "leave out --engine"),
     ):
         result = CliRunner().invoke(app, ["bench", "--engine", "transformers", "--device", "cpu", *extra])
         assert result.exit_code == 2 and words in result.output, result.output
     result = CliRunner().invoke(app, ["bench", "--text", str(text)])
-    assert result.exit_code == 2 and "--text is for --engine transformers" in result.output
+    assert result.exit_code == 2 and "--text is for comparing saved models" in result.output

@@ -15,6 +15,13 @@ token (measured on the prompts where they depend on the text), prefill tokens/s 
 tokens, and greedy decode tokens/s at each batch size; each also as a ratio to the first model.
 The prompts are real text (so that the routing, and with it what stand-ins and per-token rules
 run, is that of text), cut into equal-length pieces so that a batch needs no padding.
+
+``bench --engine vllm --model A,B,...`` (:func:`served_models_benchmark`) compares the same way where
+the models are served: each through vLLM (the plugin serves compressed-experts checkpoints, pruned
+ones with stand-ins too), in the first model's dtype, on the same real-text prompts, output tokens/s
+at each number of concurrent requests. vLLM holds one model at a time, so the models are timed one
+after another (each count's median of ``repeats``), not in turns; their weights are counted from
+their structure (parameters times the dtype's bytes), without loading them twice.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .bench import decode_rates, device_key, interleaved_medians, machine, resolve_device
-from .checkpoint import from_pretrained, load_tokenizer
+from .checkpoint import from_pretrained, load_tokenizer, skeleton
 from .errors import CompressedExpertsError
 from .parameters import describe
 from .sources import local_path
@@ -147,6 +154,60 @@ def models_benchmark(
     }
 
 
+def served_models_benchmark(
+    sources: Sequence[str],
+    texts: Sequence[str],
+    requests: Sequence[int] = (1, 8, 64),
+    prompt: int = PROMPT,
+    new_tokens: int = NEW_TOKENS,
+    repeats: int = 3,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Serve every model of ``sources`` through vLLM in turn and time it on the same prompts cut from
+    ``texts`` (the first model's tokenizer): output tokens/s at each count of concurrent ``requests``,
+    with parameters, weight bytes in the served dtype (the first model's) and checkpoint bytes. Returns
+    the same JSON-ready dict as :func:`models_benchmark`, with ``engine: vllm`` and ``requests``."""
+    from .serving.bench import vllm_rates
+    from .serving.engine import check_engine
+
+    check_sources(sources)
+    if not requests or min(requests) < 1 or new_tokens < 1 or repeats < 1:
+        raise CompressedExpertsError("requests, new_tokens and repeats must be 1 or more")
+    for source in sources:  # what vLLM would refuse, refused before any model is served
+        check_engine("vllm", source)
+    shapes = {source: skeleton(source) for source in sources}
+    saved = shapes[sources[0]].config.dtype
+    dtype = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    ids = prompts(load_tokenizer(sources[0]), texts, max(requests), prompt).tolist()
+    entries = []
+    for source, shape in shapes.items():
+        progress(f"serving {source}")
+        rates, _ = vllm_rates(local_path(source) or source, requests, new_tokens, repeats, dtype, lambda n: ids[:n])
+        parameters = sum(p.numel() for p in shape.parameters())
+        entries.append(
+            {
+                "source": source,
+                "dtype": dtype,
+                "parameters": parameters,
+                "weight_bytes": parameters * getattr(torch, dtype).itemsize,
+                "checkpoint_bytes": checkpoint_bytes(source),
+                "active_parameters": None,  # per token on text: --engine transformers measures them
+                "expert_equivalents": None,
+                "output_tokens_per_s": {str(n): rates[n] for n in requests},
+            }
+        )
+    return {
+        "engine": "vllm",
+        "device": device_key(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "machine": machine(torch.device("cuda") if torch.cuda.is_available() else None),
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "requests": list(requests),
+        "repeats": repeats,
+        "models": entries,
+    }
+
+
 def _ratio(value: float | None, reference: float | None) -> str:
     return "" if value is None or not reference else f" ({value / reference:.2f}x)"
 
@@ -157,7 +218,9 @@ def models_table(result: dict) -> str:
     models = result["models"]
     first = models[0]
 
-    def row(name: str, value: Callable[[dict], float | None], text: Callable[[float], str]) -> str:
+    def row(name: str, value: Callable[[dict], float | None], text: Callable[[float], str]) -> str | None:
+        if all(value(m) is None for m in models):  # not measured by this engine
+            return None
         cells = [text(value(first))] if value(first) is not None else ["-"]
         for m in models[1:]:
             v = value(m)
@@ -166,9 +229,15 @@ def models_table(result: dict) -> str:
 
     whole = lambda v: f"{v:,.0f}"  # noqa: E731
     mb = lambda v: f"{v / 2**20:,.1f} MB"  # noqa: E731
+    served = result.get("engine") == "vllm"
+    how = (
+        f"served by vLLM one after another, medians of {result['repeats']} runs"
+        if served
+        else (f"medians of {result['repeats']} turns")
+    )
     lines = [
         f"Machine: {result['machine']}. Prompts of {result['prompt']} tokens, {result['new_tokens']} greedy "
-        f"tokens each; medians of {result['repeats']} turns. In brackets: over the first model.",
+        f"tokens each; {how}. In brackets: over the first model.",
         "",
         "| | " + " | ".join(f"`{m['source']}` ({m['dtype']})" for m in models) + " |",
         "|---|" + "---|" * len(models),
@@ -178,8 +247,14 @@ def models_table(result: dict) -> str:
         row("active parameters / token", lambda m: m["active_parameters"], whole),
         row("expert-equivalents / token", lambda m: m["expert_equivalents"], lambda v: f"{v:.2f}"),
     ]
-    for batch in map(str, result["batches"]):
-        lines.append(row(f"prefill tokens/s, batch {batch}", lambda m, b=batch: m["prefill_tokens_per_s"][b], whole))
-    for batch in map(str, result["batches"]):
-        lines.append(row(f"decode tokens/s, batch {batch}", lambda m, b=batch: m["decode_tokens_per_s"][b], whole))
-    return "\n".join(lines) + "\n"
+    if served:
+        for n in map(str, result["requests"]):
+            lines.append(row(f"vLLM output tokens/s, {n} requests", lambda m, n=n: m["output_tokens_per_s"][n], whole))
+    else:
+        for batch in map(str, result["batches"]):
+            lines.append(
+                row(f"prefill tokens/s, batch {batch}", lambda m, b=batch: m["prefill_tokens_per_s"][b], whole)
+            )
+        for batch in map(str, result["batches"]):
+            lines.append(row(f"decode tokens/s, batch {batch}", lambda m, b=batch: m["decode_tokens_per_s"][b], whole))
+    return "\n".join(line for line in lines if line is not None) + "\n"

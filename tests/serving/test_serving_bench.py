@@ -1,4 +1,5 @@
-"""``bench --engine vllm``: the three variants of a model served by vLLM, timed side by side in one run.
+"""``bench --engine vllm``: the three variants of a model served by vLLM, timed side by side in one run;
+and saved models compared (``--model A,B``).
 
 Runs in the serving environment only (scripts/serve_env.sh); skipped where vLLM is not installed.
 Times are not checked (they are measurements, not behaviour): the run's shape and its ratios are.
@@ -10,6 +11,7 @@ import json
 import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 pytest.importorskip("vllm")
@@ -49,3 +51,38 @@ def test_bench_engine_vllm_times_every_variant_and_writes_its_json(tmp_path):
         "rule": {"top_p": 0.7},
     }
     assert run["command"].startswith("compressed-experts bench")  # the command line that made it (sys.argv)
+
+
+def test_bench_engine_vllm_compares_saved_models(tmp_path):
+    """--model A,B: the bundled model and the same pruned to half its experts with slim stand-ins, each
+    served by vLLM on the same real-text prompts; parameters and bytes from their structure, the second
+    model's figures over the first's in the table."""
+    import compressed_experts as ce
+    from compressed_experts.checkpoint import save_model
+    from compressed_experts.models_bench import models_table
+    from compressed_experts.prune import prune
+
+    model = ce.from_pretrained("bundled", dtype="float32")
+    calibration = torch.randint(4, 1000, (4, 128), generator=torch.Generator().manual_seed(0))
+    prune(model, calibration, keep=32, stand_in="slim", fit_steps=2)
+    model.to(torch.bfloat16)  # the bundled model's dtype, as prune --stand-in saves it
+    save_model(model, tmp_path / "pruned", tokenizer=ce.load_tokenizer("bundled"))
+    sources = ["bundled", str(tmp_path / "pruned")]
+    argv = ["bench", "--engine", "vllm", "--model", ",".join(sources), "--requests", "1,2", "--new-tokens", "4"]
+    result = CliRunner().invoke(app, [*argv, "--repeats", "1", "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "out").glob("vllm-*-bundled-pruned.json")
+    run = json.loads(written.read_text())
+    assert run["engine"] == "vllm" and run["requests"] == [1, 2] and run["new_tokens"] == 4
+    full, pruned = run["models"]
+    assert [full["source"], pruned["source"]] == sources and full["dtype"] == pruned["dtype"]
+    assert pruned["parameters"] < full["parameters"]  # 32 of 64 experts' weights gone, stand-ins added
+    assert pruned["parameters"] == sum(p.numel() for p in model.parameters())
+    assert full["weight_bytes"] == full["parameters"] * getattr(torch, full["dtype"]).itemsize
+    assert pruned["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert all(m["output_tokens_per_s"][n] > 0 for m in run["models"] for n in ("1", "2"))
+    table = models_table(run)  # what the command prints
+    assert "served by vLLM one after another" in table and "active parameters" not in table  # not measured here
+    ratio = pruned["output_tokens_per_s"]["2"] / full["output_tokens_per_s"]["2"]
+    assert f"| vLLM output tokens/s, 2 requests | {full['output_tokens_per_s']['2']:,.0f} |" in table
+    assert f"({ratio:.2f}x) |" in table and str(written) in result.output.replace("\n", "")

@@ -76,16 +76,18 @@ def bench(
         str,
         typer.Option(
             help="layers: the library's blocks as above; vllm: output tokens/s of whole models served by vLLM "
-            "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json); transformers: whole saved "
-            "models side by side, memory and prefill/decode speed (--model A,B,..., --requests as batch sizes, "
-            "--new-tokens, --text; writes --out-dir/models-<device>-<models>.json)."
+            "(--model, --requests, --new-tokens; writes --out-dir/vllm-<device>.json), or of saved models "
+            "compared (--model A,B,..., --text; writes --out-dir/vllm-<device>-<models>.json); transformers: "
+            "whole saved models side by side, memory and prefill/decode speed (--model A,B,..., --requests as "
+            "batch sizes, --new-tokens, --text; writes --out-dir/models-<device>-<models>.json)."
         ),
     ] = "layers",
     model: Annotated[
         str,
         typer.Option(
-            help="--engine vllm: the model whose three variants (five with a rule) are served; --engine "
-            "transformers: the models to compare, comma-separated, the reference first (e.g. bundled,out/pruned)."
+            help="--engine vllm: the model whose three variants (five with a rule) are served, or several to "
+            "compare; --engine transformers or vllm: the models to compare, comma-separated, the reference first "
+            "(e.g. bundled,out/pruned)."
         ),
     ] = "bundled",
     requests: Annotated[
@@ -95,7 +97,7 @@ def bench(
     text: Annotated[
         str | None,
         typer.Option(
-            help="--engine transformers: text the prompts are cut from (a .txt, .json/.jsonl/.parquet file or "
+            help="Comparing saved models: text the prompts are cut from (a .txt, .json/.jsonl/.parquet file or "
             "dataset name, as fit's --calib). Default: the bundled corpus's held-out files."
         ),
     ] = None,
@@ -117,16 +119,20 @@ def bench(
             raise CompressedExpertsError(f"--engine must be layers, vllm or transformers, not {engine!r}")
         if report_only and engine != "layers":
             raise CompressedExpertsError("--report-only regenerates the layer report: leave out --engine")
-        if text is not None and engine != "transformers":
-            raise CompressedExpertsError("--text is for --engine transformers (the prompts of the models compared)")
+        sources = csv_values(model)
+        comparing = engine == "transformers" or (engine == "vllm" and len(sources) > 1)
+        if text is not None and not comparing:
+            raise CompressedExpertsError(
+                "--text is for comparing saved models (--engine transformers or vllm, --model A,B,...): the prompts"
+            )
         rule = {name: value for name, value in (("top_p", top_p), ("skip_below", skip_below)) if value is not None}
-        if engine == "transformers":
+        if comparing:
             if rule:
                 raise CompressedExpertsError(
-                    "--top-p and --skip-below are for --engine vllm; with --engine transformers, save the model "
-                    "under the rule (convert --top-p) and name it in --model"
+                    "--top-p and --skip-below time one model's rule variants through vLLM; to compare saved models, "
+                    "save the model under the rule (convert --top-p) and name it in --model"
                 )
-            _compared(device, csv_values(model), csv_values(requests, kind=int), new_tokens, repeats, text, out_dir)
+            _compared(engine, device, sources, csv_values(requests, kind=int), new_tokens, repeats, text, out_dir)
             return
         if engine == "vllm":
             if len(rule) > 1:
@@ -225,6 +231,7 @@ def _served(
 
 
 def _compared(
+    engine: str,
     device: str,
     sources: tuple[str, ...],
     batches: tuple[int, ...],
@@ -233,33 +240,39 @@ def _compared(
     text: str | None,
     out_dir: Path,
 ) -> None:
-    """``bench --engine transformers``: whole saved models side by side (:mod:`..models_bench`)."""
+    """``bench --engine transformers`` (or ``vllm`` with several models): whole saved models side by side
+    (:mod:`..models_bench`)."""
     from ..checkpoint import write_atomic
     from ..fit import calibration_texts
-    from ..models_bench import check_sources, models_benchmark, models_table
+    from ..models_bench import check_sources, models_benchmark, models_table, served_models_benchmark
+    from ..serving.engine import check_engine
     from ..toy.tasks import domain_split
 
     check_sources(sources)
-    check_device(device)
-    if repeats < 5:
-        raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
+    if engine == "vllm":  # as for one model's variants: vLLM's own device, its runs are long ones
+        for source in sources:
+            check_engine("vllm", source)
+    else:
+        check_device(device)
+        if repeats < 5:
+            raise CompressedExpertsError("--repeats must be at least 5: a median of fewer runs is noise")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise CompressedExpertsError(f"cannot write to {out_dir}")
     with console.status("benchmarking whole models") as status:
         texts = calibration_texts(text) if text is not None else domain_split()[1]
-        result = models_benchmark(
-            sources,
-            texts,
-            device,
-            batches,
-            new_tokens=new_tokens,
-            repeats=repeats,
-            progress=lambda step: status.update(f"benchmarking whole models: {step}"),
-        )
+        say = lambda step: status.update(f"benchmarking whole models: {step}")  # noqa: E731
+        if engine == "vllm":
+            result = served_models_benchmark(
+                sources, texts, batches, new_tokens=new_tokens, repeats=repeats, progress=say
+            )
+        else:
+            result = models_benchmark(
+                sources, texts, device, batches, new_tokens=new_tokens, repeats=repeats, progress=say
+            )
     result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
     result["text"] = text or "bundled corpus, held-out files"
     console.print(Markdown(models_table(result)))
-    name = benchmark.engine_results_name("transformers", result["device"], sources)
+    name = benchmark.engine_results_name(engine, result["device"], sources)
     write_atomic(out_dir / name, json.dumps(result, indent=1) + "\n")
     console.print(f"wrote {out_dir / name}")

@@ -22,7 +22,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,17 @@ def _prompts(count: int, vocab: int) -> list[list[int]]:
     return torch.randint(4, min(vocab, 4000), (count, PROMPT_TOKENS), generator=generator).tolist()
 
 
-def _vllm_rates(path: Path, requests: Sequence[int], new_tokens: int, repeats: int, dtype: str, vocab: int):
-    """Tokens/s by request count, and the sequences served at the largest (prompt and generated ids)."""
+def vllm_rates(
+    path: Path,
+    requests: Sequence[int],
+    new_tokens: int,
+    repeats: int,
+    dtype: str,
+    prompts: Callable[[int], list[list[int]]],
+):
+    """Output tokens/s of the model saved at ``path`` served by vLLM, by request count (``prompts(count)``
+    gives that many prompts, greedy, ``new_tokens`` each, median of ``repeats``), and the sequences served
+    at the largest count (prompt and generated ids)."""
     from vllm import LLM, SamplingParams
 
     cpu = not torch.cuda.is_available()
@@ -88,16 +97,16 @@ def _vllm_rates(path: Path, requests: Sequence[int], new_tokens: int, repeats: i
         str(path),
         dtype=dtype,
         enforce_eager=cpu,
-        max_model_len=PROMPT_TOKENS + new_tokens,
+        max_model_len=max(len(p) for p in prompts(max(requests))) + new_tokens,
         max_num_seqs=max(requests),
         skip_tokenizer_init=True,
     )
     try:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
-        llm.generate([{"prompt_token_ids": _prompts(1, vocab)[0]}], params, use_tqdm=False)  # warm-up
+        llm.generate([{"prompt_token_ids": prompts(1)[0]}], params, use_tqdm=False)  # warm-up
         rates = {}
         for count in requests:
-            batch = [{"prompt_token_ids": p} for p in _prompts(count, vocab)]
+            batch = [{"prompt_token_ids": p} for p in prompts(count)]
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -167,7 +176,7 @@ def engine_benchmark(
         top_k = skeleton(source).config.num_experts_per_tok
         for name, path in paths.items():
             say(f"{name}: vLLM")
-            rates, sequences = _vllm_rates(path, requests, new_tokens, repeats, dtype, vocab)
+            rates, sequences = vllm_rates(path, requests, new_tokens, repeats, dtype, lambda n: _prompts(n, vocab))
             form, ruled = variants(rule)[name]
             if ruled:
                 say(f"{name}: main experts per token")
