@@ -147,7 +147,7 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
     text.write_text("\n\n".join(TEXT * 4))
     models = f"{saved / 'full'},{saved / 'pruned'}"
     args = ["bench", "--engine", "transformers", "--device", "cpu", "--model", models, "--requests", "1"]
-    args += ["--new-tokens", "2", "--text", str(text), "--out-dir", str(tmp_path / "out")]
+    args += ["--new-tokens", "2", "--prompt-tokens", "16", "--text", str(text), "--out-dir", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (written,) = (tmp_path / "out").glob("models-*.json")
@@ -156,6 +156,7 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
     )  # named for the models compared: no other comparison overwrites it
     stored = json.loads(written.read_text())
     assert [m["source"] for m in stored["models"]] == models.split(",") and stored["text"] == str(text)
+    assert stored["prompt"] == 16 and stored["batches"] == [1] and stored["new_tokens"] == 2
     assert "weights in memory" in result.output
 
     for extra, words in (
@@ -163,9 +164,11 @@ def test_command_compares_and_writes_its_result(saved, tmp_path):
         (["--model", models, "--top-p", "0.5"], "save the model under the rule"),
         (["--model", models, "--engine", "vllm", "--top-p", "0.5"], "save the model under the rule"),
         (["--model", models, "--repeats", "3"], "at least 5"),
+        (["--model", models, "--prompt-tokens", "0", "--text", str(text)], "at least 1 token"),
         (["--model", models, "--report-only"], "leave out --engine"),
     ):
         result = CliRunner().invoke(app, ["bench", "--engine", "transformers", "--device", "cpu", *extra])
         assert result.exit_code == 2 and words in result.output, result.output
-    result = CliRunner().invoke(app, ["bench", "--text", str(text)])
-    assert result.exit_code == 2 and "--text is for comparing saved models" in result.output
+    for extra in (["--text", str(text)], ["--engine", "vllm", "--prompt-tokens", "32"]):
+        result = CliRunner().invoke(app, ["bench", *extra])
+        assert result.exit_code == 2 and "are for comparing saved models" in result.output, result.output

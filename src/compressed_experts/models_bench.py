@@ -74,6 +74,8 @@ def check_sources(sources: Sequence[str]) -> None:
 
 def prompts(tokenizer, texts: Sequence[str], batch: int, length: int) -> torch.Tensor:
     """``[batch, length]`` token ids cut from ``texts`` (no padding), or a clear error if they are too short."""
+    if length < 1:
+        raise CompressedExpertsError(f"prompts need at least 1 token each, not {length}", settings=("prompt_tokens",))
     ids = token_blocks(tokenizer, texts, length, batch)  # stops reading once the batch is full
     if ids.shape[0] < batch:
         raise CompressedExpertsError(

@@ -14,6 +14,7 @@ from rich.markdown import Markdown
 from .. import bench as benchmark
 from ..config import CEConfig
 from ..errors import CompressedExpertsError
+from ..models_bench import NEW_TOKENS, PROMPT
 from .app import app
 from .common import DEVICE_HELP, check_device, console, run
 
@@ -91,9 +92,19 @@ def bench(
         ),
     ] = "bundled",
     requests: Annotated[
-        str, typer.Option(help="--engine vllm: concurrent requests; --engine transformers: batch sizes.")
-    ] = "1,8,64",
-    new_tokens: Annotated[int, typer.Option(help="--engine vllm/transformers: tokens generated per request.")] = 64,
+        str | None,
+        typer.Option(
+            help="--engine vllm: concurrent requests (default 1,8,64); --engine transformers: batch sizes "
+            "(default 1,8)."
+        ),
+    ] = None,
+    new_tokens: Annotated[
+        int | None,
+        typer.Option(help="--engine vllm/transformers: tokens generated per request (default 64 / 32)."),
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option(help="Comparing saved models: tokens per prompt, cut from --text.")
+    ] = PROMPT,
     text: Annotated[
         str | None,
         typer.Option(
@@ -121,10 +132,13 @@ def bench(
             raise CompressedExpertsError("--report-only regenerates the layer report: leave out --engine")
         sources = csv_values(model)
         comparing = engine == "transformers" or (engine == "vllm" and len(sources) > 1)
-        if text is not None and not comparing:
+        if not comparing and (text is not None or prompt_tokens != PROMPT):
             raise CompressedExpertsError(
-                "--text is for comparing saved models (--engine transformers or vllm, --model A,B,...): the prompts"
+                "--text and --prompt-tokens are for comparing saved models (--engine transformers or vllm, "
+                "--model A,B,...): the prompts"
             )
+        counts = csv_values(requests or ("1,8" if engine == "transformers" else "1,8,64"), kind=int)
+        generated = new_tokens if new_tokens is not None else (NEW_TOKENS if engine == "transformers" else 64)
         rule = {name: value for name, value in (("top_p", top_p), ("skip_below", skip_below)) if value is not None}
         if comparing:
             if rule:
@@ -132,14 +146,14 @@ def bench(
                     "--top-p and --skip-below time one model's rule variants through vLLM; to compare saved models, "
                     "save the model under the rule (convert --top-p) and name it in --model"
                 )
-            _compared(engine, device, sources, csv_values(requests, kind=int), new_tokens, repeats, text, out_dir)
+            _compared(engine, device, sources, counts, generated, prompt_tokens, repeats, text, out_dir)
             return
         if engine == "vllm":
             if len(rule) > 1:
                 raise CompressedExpertsError("give --top-p or --skip-below, not both: one rule variant is timed")
             if rule:  # a valid value: before anything is converted or timed
                 CEConfig(**rule)
-            _served(model, csv_values(requests, kind=int), new_tokens, repeats, out_dir, rule or None)
+            _served(model, counts, generated, repeats, out_dir, rule or None)
             return
         if rule:
             raise CompressedExpertsError(
@@ -236,6 +250,7 @@ def _compared(
     sources: tuple[str, ...],
     batches: tuple[int, ...],
     new_tokens: int,
+    prompt: int,
     repeats: int,
     text: str | None,
     out_dir: Path,
@@ -263,13 +278,9 @@ def _compared(
         texts = calibration_texts(text) if text is not None else domain_split()[1]
         say = lambda step: status.update(f"benchmarking whole models: {step}")  # noqa: E731
         if engine == "vllm":
-            result = served_models_benchmark(
-                sources, texts, batches, new_tokens=new_tokens, repeats=repeats, progress=say
-            )
+            result = served_models_benchmark(sources, texts, batches, prompt, new_tokens, repeats, progress=say)
         else:
-            result = models_benchmark(
-                sources, texts, device, batches, new_tokens=new_tokens, repeats=repeats, progress=say
-            )
+            result = models_benchmark(sources, texts, device, batches, prompt, new_tokens, repeats, progress=say)
     result["command"] = "compressed-experts bench " + " ".join(sys.argv[2:])
     result["text"] = text or "bundled corpus, held-out files"
     console.print(Markdown(models_table(result)))
