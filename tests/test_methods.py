@@ -44,6 +44,7 @@ TINY = dataclasses.replace(
     math_steps=1,
     math_train=16,
     math_test=2,
+    math_methods=("slim", "top_p"),
 )
 
 
@@ -139,6 +140,7 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         (dict(budgets=(9,), finetune_budgets=()), 1, "above full top-k"),
         (dict(budgets=(2,), finetune_budgets=(4,)), 1, "not among the budgets"),
         (dict(finetune_methods=("top-m",)), 1, "cannot fine-tune"),
+        (dict(finetune_methods=("slim", "ia3")), 1, r"math_methods \['top_p', 'planned, slim fitted'\] are not among"),
         (dict(math_steps=0), 1, "math_steps must be a whole number, 1 or more"),
         (dict(keeps=(4,)), 1, "fewer than the 8 experts"),
         (dict(), 0, "seeds must be a whole number, at least 1"),
@@ -205,3 +207,19 @@ def test_a_study_saved_before_a_setting_existed_resumes(tmp_path):
     assert _resumable(tmp_path, dataclasses.replace(MethodsPlan(), math_steps=300), BUNDLED)["rows"] == []
     with pytest.raises(CompressedExpertsError, match=r"other settings \(fit_steps\)"):
         _resumable(tmp_path, dataclasses.replace(MethodsPlan(), fit_steps=300), BUNDLED)
+
+
+def test_a_resumed_study_may_add_methods_to_its_tuned_stages(tmp_path):
+    """A study that fine-tuned three methods resumes with every method asked for (more rows, none
+    changed); asking for fewer than it measured is refused, as another setting is."""
+    three = ("slim", "top_p", "planned, slim fitted")
+    settings = {**dataclasses.asdict(MethodsPlan()), "finetune_methods": list(three)}
+    del settings["math_methods"]  # saved before the setting existed
+    (tmp_path / "methods_rows.json").write_text(
+        json.dumps({"settings": settings, "model": BUNDLED, "seeds": 1, "rows": [], "seconds": 1.0})
+    )
+    assert set(MethodsPlan().finetune_methods) > set(three)
+    assert _resumable(tmp_path, MethodsPlan(), BUNDLED)["rows"] == []
+    fewer = dataclasses.replace(MethodsPlan(), finetune_methods=("slim", "top_p"), math_methods=("slim",))
+    with pytest.raises(CompressedExpertsError, match=r"other settings \(finetune_methods\)"):
+        _resumable(tmp_path, fewer, BUNDLED)

@@ -172,7 +172,8 @@ def toy_methods(
     finetune_budgets: Annotated[
         str | None,
         typer.Option(
-            help="Budgets at which the main methods are also fine-tuned (the demo's domain recipe), comma-separated; "
+            help="Budgets at which every method but pruning is also fine-tuned (the demo's domain recipe), "
+            "comma-separated; "
             f"default {','.join(map(str, MethodsPlan.finetune_budgets))}."
         ),
     ] = None,
@@ -180,8 +181,10 @@ def toy_methods(
     math: Annotated[
         bool,
         typer.Option(
-            help="Run the math stage: the fine-tuned budgets' methods fine-tuned on the demo's math task, scored by "
-            "exact match (about 8 minutes a run here: 5 runs a seed by default)."
+            help="Run the math stage: at the fine-tuned budgets, the best method of each family ("
+            + ", ".join(MethodsPlan.math_methods)
+            + ") and the references fine-tuned on the demo's math task, scored by exact match (about 8 minutes a "
+            "run here: 5 runs a seed by default)."
         ),
     ] = True,
     report: Annotated[

@@ -30,8 +30,9 @@ files, as the forms study does:
 "Gap closed" is the share of the top-m -> full top-k gap in held-out loss that a method wins back
 at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting
 batches and the fine-tuning; a fine-tuned stage repeats the demo's domain fine-tuning from each
-method's training-free model, at the budgets asked for, and is held against full top-k and top-m
-fine-tuned the same way with the same seed. The math stage does the same with the demo's math task
+method's training-free model (every method but pruning, at the budgets asked for), and is held
+against full top-k and top-m fine-tuned the same way with the same seed. The math stage does the
+same for ``math_methods`` (the best of each family; 600 steps a run) with the demo's math task
 (``math_steps`` of fine-tuning on generated word problems from each training-free model, then exact
 match on held-out problems, greedy, through ``eval``'s GSM8K scorer): the task on which the demo
 separates full top-8 from top-4, and the issue's second measure. Rows are written to ``methods_rows.json`` as they are
@@ -100,6 +101,8 @@ FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted"
 RULES = ("top_p", "skip_below")
 #: Pruning with stand-ins, as the table names it.
 PRUNED_STAND_INS = "pruned, slim stand-ins"
+#: Settings a resumed study may extend (more methods through a tuned stage) without remeasuring.
+ADDITIVE = ("finetune_methods", "math_methods")
 #: Every row so far, rewritten after each measurement.
 ROWS = "methods_rows.json"
 
@@ -120,8 +123,8 @@ class MethodsPlan:
     eval_blocks: int = 32  # held-out sequences scored
     search_steps: int = 14  # bisection steps of a rule's threshold
     finetune_budgets: tuple[int, ...] = (4,)
-    #: The best of each family on the first probe (ia3 after fine-tuning: the forms study).
-    finetune_methods: tuple[str, ...] = ("slim", "top_p", "planned, slim fitted")
+    #: Every method that fine-tunes from its training-free model or setting (pruning is not among them).
+    finetune_methods: tuple[str, ...] = FINETUNABLE
     finetune_steps: int = 40  # as the demo's domain task
     lr: float = 3e-3
     ce_lr: float = 3e-2  # the ia3 vectors only, as in the demo
@@ -130,6 +133,9 @@ class MethodsPlan:
     math_steps: int = 600
     math_train: int = 4000  # problems
     math_test: int = 400
+    #: The fine-tuned methods also taken through the math stage (600 steps each: about 9 minutes here), the
+    #: best of each family at budget 4 training-free (ia3 after fine-tuning: the forms study).
+    math_methods: tuple[str, ...] = ("slim", "top_p", "planned, slim fitted")
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -153,6 +159,12 @@ class MethodsPlan:
         if unknown:
             raise CompressedExpertsError(
                 f"cannot fine-tune {unknown}: choose from {', '.join(FINETUNABLE)}", settings=("finetune_methods",)
+            )
+        untuned = [m for m in self.math_methods if m not in self.finetune_methods]
+        if untuned:
+            raise CompressedExpertsError(
+                f"math_methods {untuned} are not among the fine-tuned methods ({', '.join(self.finetune_methods)})",
+                settings=("math_methods",),
             )
         for name in ("math_steps", "math_train", "math_test"):
             value = getattr(self, name)
@@ -210,6 +222,7 @@ QUICK_METHODS = MethodsPlan(
     math_steps=3,
     math_train=64,
     math_test=8,
+    math_methods=("slim",),
 )
 
 
@@ -257,7 +270,7 @@ def run_methods(
     """Run the study into ``out`` and return its rows and summary (also written as JSON, Markdown and two plots).
 
     ``finetune`` runs the domain fine-tuned stage, ``math`` the math stage (both at ``finetune_budgets``,
-    for ``finetune_methods`` and their references).
+    for ``finetune_methods``, the math stage only ``math_methods`` of them, and their references).
 
     With ``resume``, the rows an interrupted run saved in ``out`` are kept and only the rest is
     measured (the same settings and model; seeds may be added, never dropped): a training-free model
@@ -316,11 +329,17 @@ def run_methods(
         """Whether a tuned stage (domain fine-tuning, math) that runs starts from this saved training-free
         model and has not run yet: not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the
         rules (from their threshold)."""
-        wanted = (finetune or math) and budget in settings.finetune_budgets and method in settings.finetune_methods
+        stages = [
+            stage
+            for stage, on, methods in (
+                ("fine-tuned", finetune, settings.finetune_methods),
+                (MATH, math, settings.math_methods),
+            )
+            if on and method in methods
+        ]
         from_saved = method != "ia3" and method not in RULES
-        stages = [stage for stage, on in (("fine-tuned", finetune), (MATH, math)) if on]
         pending = any((stage, method, budget, seed, None) not in done for stage in stages)
-        return wanted and from_saved and pending
+        return budget in settings.finetune_budgets and from_saved and pending
 
     def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
         """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
@@ -449,14 +468,14 @@ def run_methods(
             setting = f"keep {count} of {num_experts}, r {report['stand_in']['r']}"
             add("training-free", PRUNED_STAND_INS, None, seed, pruned, setting, calib, keep=count)
 
-    def tuned_runs(seed: int) -> list[tuple[str, int, dict[str, Any], str]]:
+    def tuned_runs(seed: int, methods: tuple[str, ...]) -> list[tuple[str, int, dict[str, Any], str]]:
         """(method, budget, training spec, setting) of every run a tuned stage makes for ``seed``: full
-        top-k, and at each fine-tuned budget top-m and the fine-tuned methods, each from its training-free model."""
+        top-k, and at each fine-tuned budget top-m and ``methods``, each from its training-free model."""
         runs = [("full top-k", top_k, dict(method="full"), "all experts")]
         for budget in settings.finetune_budgets:
             n_ce = top_k - budget
             runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}"))
-            for method in settings.finetune_methods:
+            for method in methods:
                 if method == "ia3":  # the paper's recipe: from the vectors at 1.0, as the demo does
                     spec = dict(method="ce", form="ia3", n_ce=n_ce, ce_lr=settings.ce_lr)
                 elif method in RULES:
@@ -496,7 +515,7 @@ def run_methods(
         )
         for seed in range(seeds):
             calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
-            for method, budget, spec, setting in tuned_runs(seed):
+            for method, budget, spec, setting in tuned_runs(seed, settings.finetune_methods):
                 if ("fine-tuned", method, budget, seed, None) in done:
                     continue
                 say(f"seed {seed}, budget {budget}: fine-tuning {method}")
@@ -516,7 +535,7 @@ def run_methods(
         math_train = write_math(data_dir / "math_train.jsonl", math_problems(settings.math_train, "train"))
         math_test = write_math_eval(data_dir / "math_test.jsonl", math_problems(settings.math_test, "test"))
         for seed in range(seeds):
-            for method, budget, spec, setting in tuned_runs(seed):
+            for method, budget, spec, setting in tuned_runs(seed, settings.math_methods):
                 if (MATH, method, budget, seed, None) in done:
                     continue
                 say(f"seed {seed}, budget {budget}: fine-tuning {method} on math")
@@ -554,13 +573,16 @@ def _key(row: dict[str, Any]) -> tuple:
 
 
 def _resumable(out: Path, settings: MethodsPlan, model: str) -> dict[str, Any]:
-    """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else."""
+    """The rows of the run in ``out`` that ``resume`` continues; refused if it measured something else
+    (methods added to a tuned stage are measured, not refused)."""
     earlier = saved_rows(out)
     now = json.loads(json.dumps(asdict(settings)))  # as saved: tuples are lists there
     # A setting added to the study since that run started (the math stage's) measured nothing in it: it
     # takes the value asked for now.
     then = {k: earlier["settings"].get(k, now.get(k)) for k in set(now) | set(earlier["settings"])}
-    changed = sorted(k for k in then if now.get(k) != then[k])
+    # Methods added to a tuned stage add rows and change none: the rows measured stay valid.
+    grown = {k for k in ADDITIVE if isinstance(now.get(k), list) and set(then[k] or ()) <= set(now[k])}
+    changed = sorted(k for k in then if now.get(k) != then[k] and k not in grown)
     if earlier["model"] != model:
         changed.insert(0, f"model {earlier['model']}")
     if changed:
