@@ -17,7 +17,10 @@ from compressed_experts.toy.methods import (
     BEGIN,
     END,
     METHODS,
+    PRUNED,
+    PRUNED_STAND_INS,
     QUICK_METHODS,
+    STAGES,
     TOLERANCE,
     MethodsPlan,
     _resumable,
@@ -86,7 +89,13 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         summary = next(s for s in results["summary"] if (s["stage"], s["method"], s["budget"]) == (stage, "slim", 2))
         expected = (top_m - by[(stage, "slim", 2)]["loss"]) / (top_m - full_loss)
         assert summary["gap_closed"][0] == pytest.approx(expected)
-    assert {r["method"] for r in rows if r["stage"] == "fine-tuned"} == {"full top-k", "top-m", "slim", "top_p"}
+    tuned = {r["method"] for r in rows if r["stage"] == "fine-tuned"}
+    assert tuned == {"full top-k", "top-m", "slim", "top_p", *PRUNED}
+    # The pruned models are fine-tuned as saved: the same experts, the stand-ins kept (not converted back).
+    for method in PRUNED:
+        free, ft = (next(r for r in rows if (r["stage"], r["method"]) == (stage, method)) for stage in STAGES[:2])
+        assert ft["keep"] == free["keep"] == 32 and ft["total"] == free["total"] and ft["budget"] is None
+        assert (tmp_path / "seed0" / f"ft-{method.replace(', ', '-').replace(' ', '-')}-keep32").is_dir()
     # The math stage: the same runs fine-tuned on the math task, each scored by exact match on the test problems.
     math = [r for r in rows if r["stage"] == "math"]
     assert {r["method"] for r in math} == {"full top-k", "top-m", "slim", "top_p"}
@@ -114,14 +123,17 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
     # Interrupted with slim's rows of every stage lost (and its saved model): --resume keeps the other
     # rows, measures the rest the way the first run did, and refuses other settings.
     saved = json.loads((tmp_path / "methods_rows.json").read_text())
-    lost = lambda r: (r["method"], r["budget"]) == ("slim", 2)  # noqa: E731  (every stage's slim row)
+    # Likewise the stand-ins model's rows, both stages, and its saved model: pruned and fitted again.
+    lost = lambda r: (r["method"], r["budget"]) == ("slim", 2) or r["method"] == PRUNED_STAND_INS  # noqa: E731
     (tmp_path / "methods_rows.json").write_text(json.dumps({**saved, "rows": [r for r in rows if not lost(r)]}))
     shutil.rmtree(tmp_path / "seed0" / "slim-2")
+    shutil.rmtree(tmp_path / "seed0" / "pruned-slim-stand-ins-keep32")
     with pytest.raises(CompressedExpertsError, match=r"other settings \(fit_steps\)"):
         run_methods(tmp_path, dataclasses.replace(TINY, fit_steps=3), seeds=1, resume=True, say=lambda _: None)
     resumed = run_methods(tmp_path, TINY, seeds=1, resume=True, say=lambda _: None)["rows"]
     key = lambda r: (r["stage"], r["method"], r["budget"], r.get("keep"))  # noqa: E731
     assert sorted(map(key, resumed)) == sorted(map(key, rows)) and (tmp_path / "seed0" / "slim-2").is_dir()
+    assert (tmp_path / "seed0" / "pruned-slim-stand-ins-keep32").is_dir()
     again = {key(r): r for r in resumed}
     for row in rows:
         if lost(row) and row["stage"] == "math":  # fine-tuned again over its interrupted run's files
@@ -142,7 +154,8 @@ def test_every_method_at_its_budget_table_and_plots(tmp_path):
         (dict(finetune_methods=("top-m",)), 1, "cannot fine-tune"),
         (dict(finetune_methods=("slim", "ia3")), 1, r"math_methods \['top_p', 'planned, slim fitted'\] are not among"),
         (dict(math_steps=0), 1, "math_steps must be a whole number, 1 or more"),
-        (dict(keeps=(4,)), 1, "fewer than the 8 experts"),
+        (dict(keeps=(4,), finetune_keeps=()), 1, "fewer than the 8 experts"),
+        (dict(finetune_keeps=(20,)), 1, r"finetune_keeps \[20\] are not among the keeps"),
         (dict(), 0, "seeds must be a whole number, at least 1"),
     ],
 )
@@ -155,6 +168,8 @@ def test_the_command_refuses_bad_budgets_before_writing(tmp_path):
     for args, expect in (
         (["--budgets", "9"], "budget 9 is above full top-k"),
         (["--budgets", "0"], "1 or more"),
+        (["--finetune-keeps", "20"], "--finetune-keeps [20] are not among the keeps [48, 32, 24, 16]"),
+        (["--finetune-keeps", "32.5"], "--finetune-keeps [32.5] are not among"),
         (["--seeds", "0"], "--seeds must be"),
         (["--resume", "--overwrite"], "not both"),
         (["--resume", "--report-only"], "not both"),

@@ -86,3 +86,28 @@ def test_bench_engine_vllm_compares_saved_models(tmp_path):
     ratio = pruned["output_tokens_per_s"]["2"] / full["output_tokens_per_s"]["2"]
     assert f"| vLLM output tokens/s, 2 requests | {full['output_tokens_per_s']['2']:,.0f} |" in table
     assert f"({ratio:.2f}x) |" in table and str(written) in result.output.replace("\n", "")
+
+
+def test_every_vllm_benchmark_gives_the_cpu_build_a_kv_cache_size(monkeypatch, tmp_path):
+    """vLLM's CPU build reserves a share of the NUMA node's memory unless given a KV-cache size, and fails to
+    start when other processes hold some: a saved models' comparison (``bench --engine vllm --model A,B``)
+    started it without one. The size is now set where the benchmarks build their engine."""
+    import vllm
+
+    from compressed_experts.serving.bench import vllm_rates
+    from compressed_experts.serving.server import CPU_KV_CACHE_GIB
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_llm(*args, **kwargs):
+        seen["space"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        raise Started
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(Started):
+        vllm_rates(tmp_path, (1,), 2, 1, "float32", lambda n: [[5, 6, 7]] * n)
+    assert seen["space"] == (None if torch.cuda.is_available() else str(CPU_KV_CACHE_GIB))

@@ -177,6 +177,15 @@ def toy_methods(
             f"default {','.join(map(str, MethodsPlan.finetune_budgets))}."
         ),
     ] = None,
+    finetune_keeps: Annotated[
+        str | None,
+        typer.Option(
+            help="Experts kept per block whose pruned models (plain and with slim stand-ins) are also fine-tuned, "
+            f"comma-separated, among {','.join(map(str, MethodsPlan.keeps))}; default "
+            f"{','.join(map(str, MethodsPlan.finetune_keeps))} ({','.join(map(str, QUICK_METHODS.finetune_keeps))} "
+            "with --quick)."
+        ),
+    ] = None,
     finetune: Annotated[bool, typer.Option(help="Run the fine-tuned stage.")] = True,
     math: Annotated[
         bool,
@@ -221,6 +230,8 @@ def toy_methods(
             settings = dataclasses.replace(settings, budgets=chosen, finetune_budgets=kept)
         if finetune_budgets is not None:
             settings = dataclasses.replace(settings, finetune_budgets=csv_values(finetune_budgets, kind=float))
+        if finetune_keeps is not None:
+            settings = dataclasses.replace(settings, finetune_keeps=csv_values(finetune_keeps, kind=float))
         if report_only and resume:
             raise CompressedExpertsError(
                 "give --report-only (measure nothing) or --resume (measure the rest), not both"

@@ -33,8 +33,7 @@ from ..config import CEConfig
 from ..errors import CompressedExpertsError
 from ..layer import is_compressed_expert
 from ..parameters import active_parameters
-from .engine import check_engine, engine_device
-from .server import CPU_KV_CACHE_GIB
+from .engine import check_engine, engine_device, vllm_on_cpu
 
 #: The variants, and the form each is converted to (None: the model as given).
 VARIANTS = {"full top-k": None, "top-m": "none", "compressed experts": "ia3"}
@@ -92,7 +91,7 @@ def vllm_rates(
     at the largest count (prompt and generated ids)."""
     from vllm import LLM, SamplingParams
 
-    cpu = not torch.cuda.is_available()
+    cpu = vllm_on_cpu()  # every caller: vLLM's CPU build fails to start without a KV-cache size when memory is in use
     llm = LLM(
         str(path),
         dtype=dtype,
@@ -166,8 +165,6 @@ def engine_benchmark(
                 f"rule is one per-token rule, {{'top_p': p}} or {{'skip_below': s}}, not {rule!r}"
             )
         CEConfig(**rule)  # a valid value
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
     say = progress or (lambda message: None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,7 +76,7 @@ def generate_with_vllm(
     path = local_path(model)
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     longest = max((len(ids) for ids in encoded), default=1) + max_new_tokens
-    cpu = _on_cpu()
+    cpu = vllm_on_cpu()
     llm = LLM(
         str(path) if path is not None else model,
         dtype=dtype,
@@ -100,7 +100,7 @@ def generate_with_vllm(
     return texts
 
 
-def _on_cpu() -> bool:
+def vllm_on_cpu() -> bool:
     """Whether vLLM runs on the CPU here; if so, give it the KV-cache size its CPU build fails to
     start without when other processes hold memory (unless the user set one)."""
     import torch
@@ -138,5 +138,8 @@ def lm_eval_model(source: str, dtype: str = "auto", batch_size: int = 8) -> Any:
     model = resolve(source)
     path = local_path(model)
     return VLLM(
-        pretrained=str(path) if path is not None else model, dtype=dtype, batch_size=batch_size, enforce_eager=_on_cpu()
+        pretrained=str(path) if path is not None else model,
+        dtype=dtype,
+        batch_size=batch_size,
+        enforce_eager=vllm_on_cpu(),
     )

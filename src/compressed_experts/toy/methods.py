@@ -30,8 +30,10 @@ files, as the forms study does:
 "Gap closed" is the share of the top-m -> full top-k gap in held-out loss that a method wins back
 at its budget (``budget`` main experts against 8). Seeds change the calibration draw, the fitting
 batches and the fine-tuning; a fine-tuned stage repeats the demo's domain fine-tuning from each
-method's training-free model (every method but pruning, at the budgets asked for), and is held
-against full top-k and top-m fine-tuned the same way with the same seed. The math stage does the
+method's training-free model (at the budgets asked for; pruning plain and with stand-ins at
+``finetune_keeps``), and is held against full top-k and top-m fine-tuned the same way with the same
+seed (a plainly pruned model trains every weight, as full top-k does; one with stand-ins trains as a
+converted model, its stand-ins at ``ce_lr``'s default). The math stage does the
 same for ``math_methods`` (the best of each family; 600 steps a run) with the demo's math task
 (``math_steps`` of fine-tuning on generated word problems from each training-free model, then exact
 match on held-out problems, greedy, through ``eval``'s GSM8K scorer): the task on which the demo
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -55,7 +56,7 @@ from typing import Any
 import torch
 
 from ..architectures import family_of, moe_blocks
-from ..checkpoint import MARKER, from_pretrained, load_tokenizer, skeleton, write_atomic
+from ..checkpoint import MARKER, from_pretrained, load_tokenizer, save_model, skeleton, write_atomic
 from ..config import CEConfig
 from ..convert import convert
 from ..errors import CompressedExpertsError
@@ -101,8 +102,9 @@ FINETUNABLE = ("ia3", "subset", "slim", "top_p", "skip_below", "planned, fitted"
 RULES = ("top_p", "skip_below")
 #: Pruning with stand-ins, as the table names it.
 PRUNED_STAND_INS = "pruned, slim stand-ins"
+PRUNED = ("pruned", PRUNED_STAND_INS)
 #: Settings a resumed study may extend (more methods through a tuned stage) without remeasuring.
-ADDITIVE = ("finetune_methods", "math_methods")
+ADDITIVE = ("finetune_methods", "math_methods", "finetune_keeps")
 #: Every row so far, rewritten after each measurement.
 ROWS = "methods_rows.json"
 
@@ -123,8 +125,10 @@ class MethodsPlan:
     eval_blocks: int = 32  # held-out sequences scored
     search_steps: int = 14  # bisection steps of a rule's threshold
     finetune_budgets: tuple[int, ...] = (4,)
-    #: Every method that fine-tunes from its training-free model or setting (pruning is not among them).
+    #: Every method that fine-tunes from its training-free model or setting (pruning: ``finetune_keeps``).
     finetune_methods: tuple[str, ...] = FINETUNABLE
+    #: The keeps whose pruned models, plain and with stand-ins, the fine-tuned stage fine-tunes too.
+    finetune_keeps: tuple[int, ...] = (32, 16)
     finetune_steps: int = 40  # as the demo's domain task
     lr: float = 3e-3
     ce_lr: float = 3e-2  # the ia3 vectors only, as in the demo
@@ -160,6 +164,13 @@ class MethodsPlan:
             raise CompressedExpertsError(
                 f"cannot fine-tune {unknown}: choose from {', '.join(FINETUNABLE)}", settings=("finetune_methods",)
             )
+        unpruned = [int(k) if float(k).is_integer() else k for k in self.finetune_keeps if k not in self.keeps]
+        if unpruned:
+            raise CompressedExpertsError(
+                f"finetune_keeps {unpruned} are not among the keeps {list(self.keeps)}",
+                settings=("finetune_keeps",),
+            )
+        object.__setattr__(self, "finetune_keeps", tuple(int(k) for k in dict.fromkeys(self.finetune_keeps)))
         untuned = [m for m in self.math_methods if m not in self.finetune_methods]
         if untuned:
             raise CompressedExpertsError(
@@ -217,6 +228,7 @@ QUICK_METHODS = MethodsPlan(
     search_steps=8,
     finetune_budgets=(4,),
     finetune_methods=("slim",),
+    finetune_keeps=(32,),
     finetune_steps=3,
     batch_size=4,
     math_steps=3,
@@ -323,12 +335,15 @@ def run_methods(
         report = fit(converted, blocks, steps=settings.fit_steps, seed=seed, progress=False)
         return converted, report["seconds"]
 
-    saved: dict[tuple[str, int, int], Path] = {}  # (method, budget, seed) -> a training-free model to fine-tune
+    # (method, budget, seed, keep) -> a training-free model to fine-tune
+    saved: dict[tuple[str, int | None, int, int | None], Path] = {}
 
-    def needed(method: str, budget: int, seed: int) -> bool:
+    def needed(method: str, budget: int | None, seed: int, keep: int | None = None) -> bool:
         """Whether a tuned stage (domain fine-tuning, math) that runs starts from this saved training-free
         model and has not run yet: not ia3 (fine-tuned from vectors at 1.0, the paper's recipe) nor the
-        rules (from their threshold)."""
+        rules (from their threshold); a pruned model (``keep``) only in the domain fine-tuning."""
+        if keep is not None:
+            return finetune and keep in settings.finetune_keeps and ("fine-tuned", method, None, seed, keep) not in done
         stages = [
             stage
             for stage, on, methods in (
@@ -341,24 +356,27 @@ def run_methods(
         pending = any((stage, method, budget, seed, None) not in done for stage in stages)
         return budget in settings.finetune_budgets and from_saved and pending
 
-    def measure(method: str, budget: int, seed: int, calib, build: Callable[[], tuple[Any, str, dict]]) -> None:
-        """Build, score and (for the fine-tuned stage) save one training-free model, unless a resumed run
-        has its row and, where the fine-tuned stage needs it, its saved model."""
-        path = out / f"seed{seed}" / f"{_slug(method)}-{budget}"
-        scored = ("training-free", method, budget, seed, None) in done
-        if scored and (not needed(method, budget, seed) or path.is_dir()):
-            saved[(method, budget, seed)] = path
+    def measure(
+        method: str,
+        budget: int | None,
+        seed: int,
+        calib,
+        build: Callable[[], tuple[Any, str, dict]],
+        keep: int | None = None,
+    ) -> None:
+        """Build, score and (for a tuned stage) save one training-free model, unless a resumed run has
+        its row and, where a tuned stage needs it, its saved model. Pruned models go by ``keep``."""
+        path = out / f"seed{seed}" / f"{_slug(method)}-{budget if keep is None else f'keep{keep}'}"
+        scored = ("training-free", method, budget, seed, keep) in done
+        if scored and (not needed(method, budget, seed, keep) or path.is_dir()):
+            saved[(method, budget, seed, keep)] = path
             return
         built, setting, extra = build()
         if not scored:
             add("training-free", method, budget, seed, built, setting, calib, **extra)
-        if needed(method, budget, seed):  # written beside, then renamed: a folder here is a whole model
-            partial_dir = path.with_name(path.name + ".partial")
-            shutil.rmtree(partial_dir, ignore_errors=True)
-            built.save_pretrained(partial_dir)
-            tokenizer.save_pretrained(partial_dir)
-            partial_dir.rename(path)
-            saved[(method, budget, seed)] = path
+        if needed(method, budget, seed, keep):  # staged beside, then moved: a folder here is a whole model
+            save_model(built, path, tokenizer=tokenizer)
+            saved[(method, budget, seed, keep)] = path
 
     fixed = [b for b in settings.budgets if b < top_k]  # at full top-k every method is full top-k
     say("scoring full top-k and top-m")
@@ -412,6 +430,16 @@ def run_methods(
             built, seconds = convert(copy.deepcopy(base), configs), 0.0
         return built, setting, dict(fit_seconds=seconds, layers=row["layers"])
 
+    def pruned_model(method: str, count: int, seed: int, calib):
+        built = copy.deepcopy(base)
+        if method == PRUNED_STAND_INS:
+            say(f"seed {seed}: pruning to {count} experts per block, fitting slim stand-ins for the rest")
+            report = prune(built, calib, keep=count, stand_in="slim", fit_steps=settings.fit_steps)
+            return built, f"keep {count} of {num_experts}, r {report['stand_in']['r']}", dict(keep=count)
+        say(f"seed {seed}: pruning to {count} experts per block")
+        prune(built, calib, keep=count)
+        return built, f"keep {count} of {num_experts}", dict(keep=count)
+
     planned_methods = ("planned", "planned, fitted", "planned, slim fitted")
     for seed in range(seeds):
         calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
@@ -452,49 +480,56 @@ def run_methods(
                         calib,
                         partial(planned_model, method, configs, layers, row, seed, calib),
                     )
-        for count in settings.keeps:
-            if ("training-free", "pruned", None, seed, count) in done:
-                continue
-            say(f"seed {seed}: pruning to {count} experts per block")
-            pruned = copy.deepcopy(base)
-            prune(pruned, calib, keep=count)
-            add("training-free", "pruned", None, seed, pruned, f"keep {count} of {num_experts}", calib, keep=count)
-        for count in settings.keeps:
-            if ("training-free", PRUNED_STAND_INS, None, seed, count) in done:
-                continue
-            say(f"seed {seed}: pruning to {count} experts per block, fitting slim stand-ins for the rest")
-            pruned = copy.deepcopy(base)
-            report = prune(pruned, calib, keep=count, stand_in="slim", fit_steps=settings.fit_steps)
-            setting = f"keep {count} of {num_experts}, r {report['stand_in']['r']}"
-            add("training-free", PRUNED_STAND_INS, None, seed, pruned, setting, calib, keep=count)
+        for method in PRUNED:
+            for count in settings.keeps:
+                measure(method, None, seed, calib, partial(pruned_model, method, count, seed, calib), keep=count)
 
-    def tuned_runs(seed: int, methods: tuple[str, ...]) -> list[tuple[str, int, dict[str, Any], str]]:
-        """(method, budget, training spec, setting) of every run a tuned stage makes for ``seed``: full
-        top-k, and at each fine-tuned budget top-m and ``methods``, each from its training-free model."""
-        runs = [("full top-k", top_k, dict(method="full"), "all experts")]
+    def setting_of(method: str, budget: int | None, seed: int, keep: int | None = None) -> str:
+        """The setting its training-free row names."""
+        key = ("training-free", method, budget, seed, keep)
+        return next(r["setting"] for r in rows if _key(r) == key)
+
+    def tuned_runs(
+        seed: int, methods: tuple[str, ...], keeps: tuple[int, ...] = ()
+    ) -> list[tuple[str, int | None, dict[str, Any], str, int | None]]:
+        """(method, budget, training spec, setting, keep) of every run a tuned stage makes for ``seed``:
+        full top-k, at each fine-tuned budget top-m and ``methods``, each from its training-free model,
+        and the models pruned to ``keeps`` (plain: every weight trained, as full top-k; with stand-ins:
+        as a converted model)."""
+        runs = [("full top-k", top_k, dict(method="full"), "all experts", None)]
         for budget in settings.finetune_budgets:
             n_ce = top_k - budget
-            runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}"))
+            runs.append(("top-m", budget, dict(method="top-m", n_ce=n_ce), f"n_ce {n_ce}", None))
             for method in methods:
                 if method == "ia3":  # the paper's recipe: from the vectors at 1.0, as the demo does
                     spec = dict(method="ce", form="ia3", n_ce=n_ce, ce_lr=settings.ce_lr)
                 elif method in RULES:
                     spec = dict(method="top-m", **{method: thresholds[(method, budget, seed)]})
-                elif (method, budget, seed) in saved:
-                    spec = dict(method="ce", model=str(saved[(method, budget, seed)]))
+                elif (method, budget, seed, None) in saved:
+                    spec = dict(method="ce", model=str(saved[(method, budget, seed, None)]))
                 else:
                     continue  # no such model at this budget (subset and slim below 2)
-                setting = next(
-                    r["setting"]
-                    for r in rows
-                    if (r["stage"], r["method"], r["budget"], r["seed"]) == ("training-free", method, budget, seed)
-                )
-                runs.append((method, budget, spec, setting))
+                runs.append((method, budget, spec, setting_of(method, budget, seed), None))
+        for method in PRUNED:
+            for keep in keeps:
+                spec = dict(method="full" if method == "pruned" else "ce", model=str(saved[(method, None, seed, keep)]))
+                runs.append((method, None, spec, setting_of(method, None, seed, keep), keep))
         return runs
 
-    def tuned(stage: str, method: str, budget: int, seed: int, spec: dict[str, Any], data: Path, steps: int, **extra):
+    def tuned(
+        stage: str,
+        method: str,
+        budget: int | None,
+        seed: int,
+        spec: dict[str, Any],
+        data: Path,
+        steps: int,
+        keep: int | None = None,
+        **extra,
+    ):
         """Fine-tune one run of a tuned stage (its model beside the others of the seed)."""
-        name = f"{'ft' if stage == 'fine-tuned' else stage}-{_slug(method)}-{budget}"
+        size = budget if keep is None else f"keep{keep}"
+        name = f"{'ft' if stage == 'fine-tuned' else stage}-{_slug(method)}-{size}"
         config = TrainConfig(
             data=str(data),
             out=str(out / f"seed{seed}" / name),
@@ -515,11 +550,14 @@ def run_methods(
         )
         for seed in range(seeds):
             calib = calibration_blocks(tokenizer, calibration, settings.seq_len, settings.calib_tokens, seed)
-            for method, budget, spec, setting in tuned_runs(seed, settings.finetune_methods):
-                if ("fine-tuned", method, budget, seed, None) in done:
+            for method, budget, spec, setting, keep in tuned_runs(
+                seed, settings.finetune_methods, settings.finetune_keeps
+            ):
+                if ("fine-tuned", method, budget, seed, keep) in done:
                     continue
-                say(f"seed {seed}, budget {budget}: fine-tuning {method}")
-                result, _ = tuned("fine-tuned", method, budget, seed, spec, data, settings.finetune_steps)
+                say(f"seed {seed}, {f'budget {budget}' if keep is None else f'keep {keep}'}: fine-tuning {method}")
+                result, _ = tuned("fine-tuned", method, budget, seed, spec, data, settings.finetune_steps, keep)
+                kept = {} if keep is None else dict(keep=keep)
                 add(
                     "fine-tuned",
                     method,
@@ -529,13 +567,14 @@ def run_methods(
                     setting,
                     calib,
                     train_seconds=result.summary["seconds"],
+                    **kept,
                 )
     if math and settings.finetune_budgets:
         data_dir = out / "data"
         math_train = write_math(data_dir / "math_train.jsonl", math_problems(settings.math_train, "train"))
         math_test = write_math_eval(data_dir / "math_test.jsonl", math_problems(settings.math_test, "test"))
         for seed in range(seeds):
-            for method, budget, spec, setting in tuned_runs(seed, settings.math_methods):
+            for method, budget, spec, setting, _ in tuned_runs(seed, settings.math_methods):
                 if (MATH, method, budget, seed, None) in done:
                     continue
                 say(f"seed {seed}, budget {budget}: fine-tuning {method} on math")
