@@ -36,11 +36,12 @@ class Grouped(Backend):
 
     def run(self, call: Call) -> torch.Tensor:
         layer, x = call.layer, call.x
-        if layer.path == self.name:
-            choices = True
-        else:
-            choices = [grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run) for run in call.runs]
-        return run_all(x, call.runs, layer.act_fn, grouped=choices)
+        return run_all(x, call.runs, layer.act_fn, grouped=True if layer.path == self.name else placed(x, call.runs))
+
+
+def placed(x: torch.Tensor, runs: list[ExpertRun]) -> list[bool]:
+    """Where ``auto`` puts each run: grouped_mm (True) where it takes the run and is faster, else the loop."""
+    return [grouped_mm_reason(x, [run]) is None and not _loop_faster(x, run) for run in runs]
 
 
 def _decode_sized(x: torch.Tensor, rows: int, num_experts: int) -> bool:

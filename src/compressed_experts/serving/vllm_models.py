@@ -14,9 +14,10 @@ which takes the same arguments and:
   library's forms, per-token rules and compute backends: the same math as ``ce.from_pretrained``);
   a model pruned with stand-ins (``kept_experts``) holds the kept experts' weights and the removed
   ones' compressed experts only, while the router still picks among all its experts;
-  for form ``none`` with a fixed ``n_ce`` on vLLM's CPU build, with vLLM's own fused CPU MoE kernel
-  over each token's ``m`` heaviest experts instead (:meth:`CompressedExpertsRunner.prepare_fused`:
-  the same top-m; a per-token rule stays on the library's block), inside a
+  on vLLM's CPU build, the main experts of forms ``none``, ``slim`` and ``subset`` under a fixed
+  ``n_ce`` or ``kept_experts`` go through vLLM's own fused CPU MoE kernel instead, the auxiliary
+  experts through the library's products (:meth:`CompressedExpertsRunner.prepare_fused`; a per-token
+  rule stays on the library's block), inside a
   ``torch.library`` custom op with a fake implementation, so that vLLM's torch.compile treats it
   as one opaque call (its shapes inside depend on the routing);
 - runs the family's shared experts (built by vLLM) beside it, applies the scaling vLLM would,
@@ -55,6 +56,8 @@ from vllm.distributed import (
 from vllm.model_executor.layers.fused_moe.router.router_factory import create_fused_moe_router
 
 from ..architectures import family_of, moe_blocks
+from ..backends.grouped import placed
+from ..backends.products import run_all
 from ..checkpoint import skeleton
 from ..config import SECTION, CEConfig
 from ..errors import CheckpointError
@@ -88,6 +91,8 @@ _COUNTER = itertools.count()
 _FUSED_ISA = "vec"
 _FUSED_ALIGN = 32
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+#: The forms whose main experts run plain, as the fused kernel computes them.
+_FUSED_FORMS = ("none", "slim", "subset")
 
 
 def _on_cpu() -> bool:
@@ -233,46 +238,60 @@ class CompressedExpertsRunner(nn.Module):
     def routed(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """The routed experts' output on this rank (before the all-reduce)."""
         weights, index = self.router.select_experts(hidden_states, router_logits)
-        fused = self.fused
-        if fused is not None and hidden_states.dtype == fused[1].dtype and hidden_states.device.type == "cpu":
-            # Form none, fixed n_ce (prepare_fused): the m heaviest of the top-k, weights as the router
-            # gave them (the library's split).
-            kernel, w13, w2 = fused
-            split = split_routing(index, weights.to(hidden_states.dtype), self.ce.n_ce)
-            x = hidden_states.contiguous()
-            out = torch.empty_like(x)
-            if x.shape[0]:
-                kernel(
-                    out,
-                    x,
-                    w13,
-                    w2,
-                    None,
-                    None,
-                    split.main_weights.float().contiguous(),
-                    split.main_index.to(torch.int32).contiguous(),
-                    "silu",
-                    _FUSED_ISA,
-                    False,
-                )
+        fused, layer = self.fused, self.ce
+        weights, index = weights.to(hidden_states.dtype), index.long()
+        if fused is None:
+            return layer(hidden_states, index, weights)
+        # The main experts through vLLM's fused kernel (prepare_fused), weights as the router gave them
+        # (the library's split): a fixed n_ce's m heaviest; under kept_experts every slot, a removed
+        # expert's with weight 0 (its stand-in computes it). The form's other runs (slim's or subset's
+        # auxiliary experts) through the library's products, each where auto would put it.
+        kernel, w13, w2 = fused
+        split = split_routing(index, weights, layer.n_ce, kept_experts=layer.kept_experts)
+        main_index, main_weights = split.main_index, split.main_weights
+        if split.main_skip is not None:
+            main_index, main_weights = (
+                main_index.masked_fill(split.main_skip, 0),
+                main_weights.masked_fill(split.main_skip, 0.0),
+            )
+        x = hidden_states.contiguous()
+        out = torch.empty_like(x)
+        if not x.shape[0]:
             return out
-        return self.ce(hidden_states, index.long(), weights.to(hidden_states.dtype))
+        kernel(
+            out,
+            x,
+            w13,
+            w2,
+            None,
+            None,
+            main_weights.float().contiguous(),
+            main_index.to(torch.int32).contiguous(),
+            "silu",
+            _FUSED_ISA,
+            False,
+        )
+        others = layer.form_spec.runs(layer, split)[1:]
+        return out + run_all(x, others, layer.act_fn, grouped=placed(x, others)) if others else out
 
     def prepare_fused(self) -> None:
-        """After the weights load: for form ``none`` with a fixed ``n_ce > 0`` (top-m) on vLLM's CPU build,
-        pack this rank's expert weights for vLLM's fused CPU MoE kernel, which :meth:`routed` then runs
-        on each token's ``m`` heaviest experts (as vLLM runs full top-k). Anything else keeps the
-        library's block, a per-token rule (``top_p``, ``skip_below``) too: the kernel takes the same
-        number of experts for every token. The packed copy is zero-padded along the intermediate
-        dimension (exact: padded neurons give SiLU(0) * 0 = 0)."""
+        """After the weights load, on vLLM's CPU build: pack this rank's expert weights for vLLM's fused CPU
+        MoE kernel, which :meth:`routed` then runs on each token's main experts (as vLLM runs full
+        top-k), for the forms whose main experts run plain (``none``, ``slim``, ``subset``; ``ia3``
+        scales them per token) under a fixed ``n_ce > 0`` or ``kept_experts`` (pruned with stand-ins:
+        every routed slot, a removed expert's at weight 0). A per-token rule (``top_p``,
+        ``skip_below``) keeps the library's block: the kernel runs the same number of experts for every
+        token, so it would run all k. The packed copy is zero-padded along the intermediate dimension
+        (exact: padded neurons give SiLU(0) * 0 = 0)."""
         self.__dict__["fused"] = None
         layer = self.ce
         ops = _cpu_fused_moe_ops()
         weight = layer.gate_up_proj
         if (
             ops is None
-            or layer.form != "none"
-            or layer.dynamic  # a per-token number of main experts: the kernel takes a fixed one
+            or layer.form not in _FUSED_FORMS
+            or layer.top_p is not None
+            or layer.skip_below is not None
             or layer.n_ce == 0
             or weight.device.type != "cpu"
             or weight.dtype not in _FUSED_DTYPES
@@ -281,7 +300,8 @@ class CompressedExpertsRunner(nn.Module):
         ):
             return
         kernel, prepack = ops
-        num_experts, inter, hidden = layer.num_experts, layer.intermediate_dim, layer.hidden_dim
+        # The rows held: under kept_experts the kept experts only (the router's ids below kept_experts).
+        num_experts, inter, hidden = weight.shape[0], layer.intermediate_dim, layer.hidden_dim
         padded = -(-inter // _FUSED_ALIGN) * _FUSED_ALIGN
         with torch.no_grad():
             w13 = weight.new_zeros(num_experts, 2 * padded, hidden)
@@ -290,6 +310,10 @@ class CompressedExpertsRunner(nn.Module):
             w2 = weight.new_zeros(num_experts, hidden, padded)
             w2[:, :, :inter] = layer.down_proj
             self.__dict__["fused"] = (kernel, prepack(w13, _FUSED_ISA), prepack(w2, _FUSED_ISA))
+        if layer.form != "subset":  # subset's auxiliary experts read the first neurons of these weights
+            # Held once, packed, as vLLM holds its own experts: the plain copies keep their shapes, no storage.
+            layer.gate_up_proj = nn.Parameter(weight.to("meta"), requires_grad=False)
+            layer.down_proj = nn.Parameter(layer.down_proj.to("meta"), requires_grad=False)
 
     def forward(
         self,
