@@ -288,11 +288,12 @@ def test_a_pruned_model_is_served(bases, tmp_path, family, stand_in):
         return
     assert built and all(r.ce.kept_experts == keep and r.ce.num_experts == experts for r in built)
     # Only the kept experts' weights are held, and compressed experts for the removed ones alone. Under slim
-    # the kept experts run through vLLM's fused kernel, held once, packed (the plain copies have no storage).
+    # both run through vLLM's fused kernel, each held once, packed (the plain copies have no storage).
     fused = stand_in == "slim"
-    assert all((r.fused is not None) == fused and r.ce.gate_up_proj.is_meta == fused for r in built)
-    assert all(r.ce.gate_up_proj.shape[0] == keep for r in built)
-    assert all(p.shape[0] == experts - keep and not p.is_meta for r in built for p in r.ce.compressed.parameters())
+    assert all((r.fused is not None) == fused for r in built)
+    assert all(r.fused.auxiliary is not None for r in built if fused)
+    assert all(r.ce.gate_up_proj.shape[0] == keep and r.ce.gate_up_proj.is_meta == fused for r in built)
+    assert all(p.shape[0] == experts - keep and p.is_meta == fused for r in built for p in r.ce.compressed.parameters())
 
 
 def _rotary_in_pytorch(patch: pytest.MonkeyPatch) -> None:

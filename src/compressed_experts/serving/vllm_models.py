@@ -44,7 +44,7 @@ import itertools
 import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -156,6 +156,57 @@ def _layer_index(name: str) -> int:
     return int(found.group(1))
 
 
+class _Fused(NamedTuple):
+    """What :meth:`CompressedExpertsRunner.prepare_fused` packs: vLLM's kernel and (w13, w2) packed for it,
+    of the main experts and of ``slim``'s auxiliary MLPs (None: the library's products run those)."""
+
+    kernel: Callable[..., None]
+    main: tuple[torch.Tensor, torch.Tensor]
+    auxiliary: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _packed(prepack: Callable, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU-gated experts ``gate_up [E, 2n, H]`` (gate rows first) and ``down [E, H, n]`` packed for vLLM's
+    fused CPU kernel, ``n`` zero-padded to its alignment (exact: a padded neuron adds SiLU(0) * 0)."""
+    experts, hidden, inter = down.shape
+    padded = -(-inter // _FUSED_ALIGN) * _FUSED_ALIGN
+    with torch.no_grad():
+        w13 = gate_up.new_zeros(experts, 2 * padded, hidden)
+        w13[:, :inter] = gate_up[:, :inter]
+        w13[:, padded : padded + inter] = gate_up[:, inter:]
+        w2 = down.new_zeros(experts, hidden, padded)
+        w2[:, :, :inter] = down
+    return prepack(w13, _FUSED_ISA), prepack(w2, _FUSED_ISA)
+
+
+def _fused_run(
+    kernel: Callable[..., None],
+    x: torch.Tensor,
+    packed: tuple[torch.Tensor, torch.Tensor],
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    skip: torch.Tensor | None,
+) -> torch.Tensor:
+    """``sum_i w_i expert_i(x)`` over each token's slots through vLLM's kernel; slots in ``skip`` add nothing
+    (weight 0, an id in range): the kernel runs the same number of slots for every token."""
+    if skip is not None:
+        index, weights = index.masked_fill(skip, 0), weights.masked_fill(skip, 0.0)
+    out = torch.empty_like(x)
+    kernel(
+        out,
+        x,
+        *packed,
+        None,
+        None,
+        weights.float().contiguous(),
+        index.to(torch.int32).contiguous(),
+        "silu",
+        _FUSED_ISA,
+        False,
+    )
+    return out
+
+
 class CompressedExpertsRunner(nn.Module):
     """Stands where vLLM's fused MoE runner stands (``block.experts``), with the same call:
     ``forward(hidden_states, router_logits)`` returns the routed experts' output plus the shared
@@ -229,7 +280,7 @@ class CompressedExpertsRunner(nn.Module):
         self.ce = _library_block(ce, form, r, num_experts, hidden_size, intermediate_size // self.tp_size)
         self.ce_names = set(get_form(self.ce_config.form).parameters)  # what the checkpoint must hold
         self.name = f"{prefix}#{next(_COUNTER)}"
-        self.__dict__["fused"] = None  # (cpu_fused_moe, packed w13, packed w2) once prepare_fused sets it
+        self.__dict__["fused"] = None  # a _Fused once prepare_fused packs the weights
         _RUNNERS[self.name] = self
 
     def extra_repr(self) -> str:
@@ -242,35 +293,19 @@ class CompressedExpertsRunner(nn.Module):
         weights, index = weights.to(hidden_states.dtype), index.long()
         if fused is None:
             return layer(hidden_states, index, weights)
-        # The main experts through vLLM's fused kernel (prepare_fused), weights as the router gave them
-        # (the library's split): a fixed n_ce's m heaviest; under kept_experts every slot, a removed
-        # expert's with weight 0 (its stand-in computes it). The form's other runs (slim's or subset's
-        # auxiliary experts) through the library's products, each where auto would put it.
-        kernel, w13, w2 = fused
+        # vLLM's fused kernel (prepare_fused) on the main experts, weights as the router gave them (the
+        # library's split): a fixed n_ce's m heaviest; under kept_experts every slot, a removed expert's
+        # at weight 0. Then slim's auxiliary MLPs through the same kernel (their own packed weights, the
+        # pairs that are not auxiliary at weight 0), or subset's through the library's products.
         split = split_routing(index, weights, layer.n_ce, kept_experts=layer.kept_experts)
-        main_index, main_weights = split.main_index, split.main_weights
-        if split.main_skip is not None:
-            main_index, main_weights = (
-                main_index.masked_fill(split.main_skip, 0),
-                main_weights.masked_fill(split.main_skip, 0.0),
-            )
         x = hidden_states.contiguous()
-        out = torch.empty_like(x)
         if not x.shape[0]:
-            return out
-        kernel(
-            out,
-            x,
-            w13,
-            w2,
-            None,
-            None,
-            main_weights.float().contiguous(),
-            main_index.to(torch.int32).contiguous(),
-            "silu",
-            _FUSED_ISA,
-            False,
-        )
+            return torch.empty_like(x)
+        out = _fused_run(fused.kernel, x, fused.main, split.main_index, split.main_weights, split.main_skip)
+        if fused.auxiliary is not None:
+            return out + _fused_run(
+                fused.kernel, x, fused.auxiliary, split.aux_index, split.aux_weights, split.aux_skip
+            )
         others = layer.form_spec.runs(layer, split)[1:]
         return out + run_all(x, others, layer.act_fn, grouped=placed(x, others)) if others else out
 
@@ -279,10 +314,11 @@ class CompressedExpertsRunner(nn.Module):
         MoE kernel, which :meth:`routed` then runs on each token's main experts (as vLLM runs full
         top-k), for the forms whose main experts run plain (``none``, ``slim``, ``subset``; ``ia3``
         scales them per token) under a fixed ``n_ce > 0`` or ``kept_experts`` (pruned with stand-ins:
-        every routed slot, a removed expert's at weight 0). A per-token rule (``top_p``,
+        every routed slot, a removed expert's at weight 0). ``slim``'s auxiliary experts are small
+        MLPs of the same shape, so they are packed and run the same way. A per-token rule (``top_p``,
         ``skip_below``) keeps the library's block: the kernel runs the same number of experts for every
-        token, so it would run all k. The packed copy is zero-padded along the intermediate dimension
-        (exact: padded neurons give SiLU(0) * 0 = 0)."""
+        token, so it would run all k. The packed copies are zero-padded along the intermediate
+        dimension (exact: padded neurons give SiLU(0) * 0 = 0)."""
         self.__dict__["fused"] = None
         layer = self.ce
         ops = _cpu_fused_moe_ops()
@@ -301,15 +337,13 @@ class CompressedExpertsRunner(nn.Module):
             return
         kernel, prepack = ops
         # The rows held: under kept_experts the kept experts only (the router's ids below kept_experts).
-        num_experts, inter, hidden = weight.shape[0], layer.intermediate_dim, layer.hidden_dim
-        padded = -(-inter // _FUSED_ALIGN) * _FUSED_ALIGN
-        with torch.no_grad():
-            w13 = weight.new_zeros(num_experts, 2 * padded, hidden)
-            w13[:, :inter] = weight[:, :inter]
-            w13[:, padded : padded + inter] = weight[:, inter:]
-            w2 = weight.new_zeros(num_experts, hidden, padded)
-            w2[:, :, :inter] = layer.down_proj
-            self.__dict__["fused"] = (kernel, prepack(w13, _FUSED_ISA), prepack(w2, _FUSED_ISA))
+        main = _packed(prepack, weight, layer.down_proj)
+        auxiliary = None
+        if layer.form == "slim" and layer.ce_gate_up_proj.dtype == weight.dtype:
+            auxiliary = _packed(prepack, layer.ce_gate_up_proj, layer.ce_down_proj)
+            layer.ce_gate_up_proj = nn.Parameter(layer.ce_gate_up_proj.to("meta"), requires_grad=False)
+            layer.ce_down_proj = nn.Parameter(layer.ce_down_proj.to("meta"), requires_grad=False)
+        self.__dict__["fused"] = _Fused(kernel, main, auxiliary)
         if layer.form != "subset":  # subset's auxiliary experts read the first neurons of these weights
             # Held once, packed, as vLLM holds its own experts: the plain copies keep their shapes, no storage.
             layer.gate_up_proj = nn.Parameter(weight.to("meta"), requires_grad=False)
