@@ -294,6 +294,9 @@ def test_a_pruned_model_is_served(bases, tmp_path, family, stand_in):
     assert all(r.fused.auxiliary is not None for r in built if fused)
     assert all(r.ce.gate_up_proj.shape[0] == keep and r.ce.gate_up_proj.is_meta == fused for r in built)
     assert all(p.shape[0] == experts - keep and p.is_meta == fused for r in built for p in r.ce.compressed.parameters())
+    if fused:  # weights loaded again into packed experts would be lost without a word: refused instead
+        with pytest.raises(CheckpointError, match="loaded again after they were packed"):
+            built[0].load_one("0.down_proj.weight", torch.zeros(1))
 
 
 def _rotary_in_pytorch(patch: pytest.MonkeyPatch) -> None:

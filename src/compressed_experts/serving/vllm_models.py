@@ -319,7 +319,8 @@ class CompressedExpertsRunner(nn.Module):
         ``skip_below``) keeps the library's block: the kernel runs the same number of experts for every
         token, so it would run all k. The packed copies are zero-padded along the intermediate
         dimension (exact: padded neurons give SiLU(0) * 0 = 0)."""
-        self.__dict__["fused"] = None
+        if self.fused is not None:  # packed already: the plain weights are gone to the meta device
+            return
         layer = self.ce
         ops = _cpu_fused_moe_ops()
         weight = layer.gate_up_proj
@@ -374,6 +375,13 @@ class CompressedExpertsRunner(nn.Module):
         """Load the checkpoint tensor ``experts.<name>`` into this rank's block; the parameter's name
         (relative to this module), or None when ``name`` is no expert weight."""
         layer = self.ce
+        if self.fused is not None and (_EXPERT_WEIGHT.match(name) or name.rsplit(".", 1)[-1] in self.ce_names):
+            # The experts were packed for the fused kernel and their plain copies dropped: new values would
+            # land nowhere and the engine would go on serving the old ones.
+            raise CheckpointError(
+                f"{self.prefix}: expert weights loaded again after they were packed for vLLM's fused CPU kernel "
+                f"({name}); reloading weights into a running engine is not supported: start a new engine"
+            )
         found = _EXPERT_WEIGHT.match(name)
         if found:
             e, part = int(found.group(1)), _PART[found.group(2)]
