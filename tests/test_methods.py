@@ -238,3 +238,13 @@ def test_a_resumed_study_may_add_methods_to_its_tuned_stages(tmp_path):
     fewer = dataclasses.replace(MethodsPlan(), finetune_methods=("slim", "top_p"), math_methods=("slim",))
     with pytest.raises(CompressedExpertsError, match=r"other settings \(finetune_methods\)"):
         _resumable(tmp_path, fewer, BUNDLED)
+
+
+@pytest.mark.slow
+def test_pruned_models_are_fine_tuned_without_a_fine_tuned_budget(tmp_path):
+    """With no budget to fine-tune at, the fine-tuned stage still runs for the pruned models (and full top-k,
+    their reference): the models saved for it are fine-tuned, not left behind."""
+    settings = dataclasses.replace(TINY, budgets=(8,), finetune_budgets=(), finetune_methods=(), math_methods=())
+    rows = run_methods(tmp_path, settings, seeds=1, math=False, say=lambda _: None)["rows"]
+    tuned = {(r["method"], r.get("keep")) for r in rows if r["stage"] == "fine-tuned"}
+    assert tuned == {("full top-k", None), ("pruned", 32), (PRUNED_STAND_INS, 32)}

@@ -512,8 +512,11 @@ def run_methods(
                 runs.append((method, budget, spec, setting_of(method, budget, seed), None))
         for method in PRUNED:
             for keep in keeps:
-                spec = dict(method="full" if method == "pruned" else "ce", model=str(saved[(method, None, seed, keep)]))
-                runs.append((method, None, spec, setting_of(method, None, seed, keep), keep))
+                if (method, None, seed, keep) in saved:  # else its fine-tuned row was kept from an earlier run
+                    spec = dict(
+                        method="full" if method == "pruned" else "ce", model=str(saved[(method, None, seed, keep)])
+                    )
+                    runs.append((method, None, spec, setting_of(method, None, seed, keep), keep))
         return runs
 
     def tuned(
@@ -544,7 +547,7 @@ def run_methods(
         )
         return train(config), Path(config.out)
 
-    if finetune and settings.finetune_budgets:
+    if finetune and (settings.finetune_budgets or settings.finetune_keeps):  # what needed() saved models for
         data = write_domain_train(
             out / "data" / "domain_train.jsonl", settings.finetune_steps, settings.batch_size, settings.seq_len
         )
